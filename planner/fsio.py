@@ -1,0 +1,86 @@
+"""Atomic file writes: write to a temporary file in the same directory, then rename.
+
+A reader never sees a half-written plan, trace or checkpoint, and a crash leaves the previous
+version intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from planner.errors import ChunkftError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ChunkftError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, separators=(",", ":")) + "\n")
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file"):
+    """Read a JSON file; a missing or malformed file is a one-line ChunkftError."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ChunkftError(f"{what} {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChunkftError(f"cannot read {what} {str(path)!r}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ChunkftError(f"{what} {str(path)!r} is not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def read_jsonl(path: str | os.PathLike, *, what: str = "JSON Lines file") -> list[dict]:
+    """Read a JSON Lines file; a bad line is reported by its number."""
+    rows: list[dict] = []
+    try:
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ChunkftError(f"{what} {str(path)!r} line {lineno} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise ChunkftError(f"{what} {str(path)!r} line {lineno} is not a JSON object")
+                rows.append(row)
+    except FileNotFoundError:
+        raise ChunkftError(f"{what} {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChunkftError(f"cannot read {what} {str(path)!r}: {e}") from None
+    return rows
