@@ -1,0 +1,269 @@
+"""Search the strategy space for the best plan that fits every tier of a budget.
+
+The space (`SearchSpace`) is a finite product of the choices DESIGN.md lists, reduced to the
+combinations that mean something (`SearchSpace.strategies`). The solver is exact over it: the
+answer is the minimum of the objective over every strategy that fits, the same answer brute
+force gives (`solve(..., prune=False)` is that brute force, and the tests hold them equal).
+
+Objective (printed with every plan):
+  memory (default): fit every tier, then the fewest chunks (closest to full fine-tuning), then
+                    the shortest predicted step time;
+  speed:            fit every tier, then the shortest predicted step time, then fewest chunks.
+Remaining ties go to the smaller update interval (the chunk rotates more often, closer to
+cyclic block-coordinate descent), then the smaller GPU, host and disk peaks, then the label, so
+the answer never depends on enumeration order.
+
+Pruning: the solver skips a strategy only when a rule proves it cannot change the answer.
+  [R0] Lexicographic order (memory objective). Chunk count is compared first, so once some
+       strategy with C chunks fits, no strategy with more chunks can win: levels with more
+       chunks are not evaluated.
+  [R1] The update interval changes no byte count. It says how often the active chunk switches,
+       not what is alive at any moment (a switch moves the same bytes whenever it happens), so
+       strategies differing only in `update_interval` have identical peaks on every tier. If
+       one of them does not fit, none does: the rest of the group is skipped.
+  [R2] Prefetch depth only adds bytes. Depth d+1 keeps every buffer of depth d plus one more
+       chunk's state in flight, so each tier's peak is non-decreasing in depth. If depth d does
+       not fit, no deeper prefetch of the same strategy fits, and none is needed to report the
+       smallest budget that would work (it is dominated on every tier).
+  R1 and R2 are properties of the cost model; tests check them on the real evaluator, and the
+  brute-force test checks the pruned answer. No rule assumes that more chunks, checkpointing or
+  chunked loss lower the peak: those are often true but not always (a chunk that straddles a
+  layer can keep more activations than a coarser chunk that does not), so they are evaluated.
+
+Infeasible is an answer, not an error: `Solution.status` is INFEASIBLE, `closest` is the
+strategy missing the fewest bytes (summed over tiers) with its per-tier shortfall, and
+`needed_bytes[tier]` is the smallest budget on that tier that would work with the other tiers'
+budgets unchanged (None if nothing in the space fits the other tiers).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
+
+from planner.schema import Tier
+from planner.strategy import Budget, Estimate, OptimizerDevice, Strategy, WeightResidency
+
+
+class Objective(str, enum.Enum):
+    """What the solver minimizes among the strategies that fit."""
+
+    MEMORY = "memory"
+    SPEED = "speed"
+
+    def describe(self) -> str:
+        return OBJECTIVE_TEXT[self]
+
+
+OBJECTIVE_TEXT = {
+    Objective.MEMORY: "fit every tier, then fewest chunks, then shortest predicted step time",
+    Objective.SPEED: "fit every tier, then shortest predicted step time, then fewest chunks",
+}
+
+
+class SolveStatus(str, enum.Enum):
+    FITS = "fits"
+    INFEASIBLE = "infeasible"
+
+
+# Default chunk-count cap: the reference ChunkFT code reaches 13.72 GiB at 7B with ~128 chunks
+# (DESIGN.md); one doubling beyond it leaves room for longer sequences and larger models.
+MAX_CHUNKS = 256
+# Loss-chunk size offered to the solver: 256 tokens keeps the fp32 logits copies of a 128K
+# vocabulary at 128 MiB each (256 x 128256 x 4 B), small next to any 7B+ model's weights.
+LOSS_CHUNK_TOKENS = 256
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SearchSpace:
+    """The finite set of strategies the solver chooses from (before validity rules)."""
+
+    chunk_counts: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    """Chunk counts C; 1 is plain full fine-tuning."""
+    update_intervals: tuple[int, ...] = (1, 4, 16)
+    """Optimizer steps on one chunk before switching (only meaningful for C > 1)."""
+    optimizer_devices: tuple[OptimizerDevice, ...] = (OptimizerDevice.GPU, OptimizerDevice.HOST)
+    state_tiers: tuple[Tier, ...] = (Tier.GPU, Tier.HOST, Tier.DISK)
+    """Where fp32 masters and moments rest while their chunk is inactive."""
+    grad_stagings: tuple[Tier | None, ...] = (None, Tier.HOST, Tier.DISK)
+    checkpointing: tuple[bool, ...] = (False, True)
+    weights: tuple[WeightResidency, ...] = (WeightResidency.GPU, WeightResidency.STREAM)
+    loss_chunk_tokens: tuple[int, ...] = (0, LOSS_CHUNK_TOKENS)
+    prefetch_depths: tuple[int, ...] = (0, 1, 2)
+
+    def strategies(self) -> list[Strategy]:
+        """Every meaningful strategy, each once, in a fixed order (chunks ascending).
+
+        Validity rules (a combination outside them is either contradictory or a duplicate of
+        one inside, with a field that has no effect pinned to one value):
+        - C = 1 has nothing to switch: update_interval 1.
+        - An optimizer on the GPU reads its state on the GPU: with C = 1 the state stays there;
+          gradients are not staged off the GPU (staging feeds a host-side optimizer).
+        - A host optimizer keeps its state on host or disk, never on the GPU.
+        - Prefetch depth matters only when a chunk switch moves state (`Strategy.moves_state`,
+          C > 1); elsewhere it is pinned to the default, 1.
+        """
+        out: dict[Strategy, None] = {}
+        for c in sorted(set(self.chunk_counts)):
+            intervals = (1,) if c == 1 else tuple(sorted(set(self.update_intervals)))
+            for device in self.optimizer_devices:
+                for tier in self.state_tiers:
+                    if device == OptimizerDevice.HOST and tier == Tier.GPU:
+                        continue
+                    if device == OptimizerDevice.GPU and c == 1 and tier != Tier.GPU:
+                        continue
+                    stagings = self.grad_stagings if device == OptimizerDevice.HOST else (None,)
+                    for staging in stagings:
+                        for ckpt in self.checkpointing:
+                            for weights in self.weights:
+                                for loss in self.loss_chunk_tokens:
+                                    base = Strategy(chunks=c, optimizer_device=device, state_tier=tier,
+                                                    grad_staging=staging, checkpointing=ckpt,
+                                                    weights=weights, loss_chunk_tokens=loss)
+                                    depths = (tuple(sorted(set(self.prefetch_depths)))
+                                              if c > 1 and base.moves_state else (1,))
+                                    for depth in depths:
+                                        for interval in intervals:
+                                            out[replace(base, prefetch_depth=depth,
+                                                        update_interval=interval)] = None
+        return list(out)
+
+
+def default_space(*, num_layers: int | None, tokens: int, max_chunks: int = MAX_CHUNKS) -> SearchSpace:
+    """The solver's default space for a model of `num_layers` decoder layers and a step of
+    `tokens` tokens (batch x sequence length).
+
+    Chunk counts: 1, powers of two up to `max_chunks`, and the divisors of the layer count
+    (a chunk count that divides the layers puts chunk cuts near layer boundaries, and gives the
+    memory objective finer steps than doubling: 70B's 80 layers add 5, 10, 20, 40, 80).
+    The chunked loss is offered only when the step has more tokens than one loss chunk.
+    """
+    counts = {1} | {2**i for i in range(1, int(math.log2(max_chunks)) + 1)}
+    if num_layers:
+        counts |= {d for d in range(2, min(num_layers, max_chunks) + 1) if num_layers % d == 0}
+    losses = (0, LOSS_CHUNK_TOKENS) if tokens > LOSS_CHUNK_TOKENS else (0,)
+    return SearchSpace(chunk_counts=tuple(sorted(counts)), loss_chunk_tokens=losses)
+
+
+def objective_key(est: Estimate, objective: Objective) -> tuple:
+    """Sort key: smaller is better (see the module docstring for the order and its reasons)."""
+    s = est.strategy
+    first = (s.chunks, est.step_time_s) if objective == Objective.MEMORY else (est.step_time_s, s.chunks)
+    peaks = tuple(est.peak_bytes.get(t, 0) for t in (Tier.GPU, Tier.HOST, Tier.DISK))
+    return first + (s.update_interval,) + peaks + (s.label(),)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Solution:
+    """What the solver found: the best plan, or why there is none."""
+
+    status: SolveStatus
+    objective: Objective
+    budget: Budget
+    best: Estimate | None
+    """The winner (None when infeasible)."""
+    closest: Estimate | None = None
+    """Infeasible only: the strategy missing the fewest bytes over all tiers."""
+    missing_bytes: dict[Tier, int] = field(default_factory=dict)
+    """Infeasible only: bytes `closest` lacks per tier (tiers that fit are omitted)."""
+    needed_bytes: dict[Tier, int | None] = field(default_factory=dict)
+    """Infeasible only: per limited tier, the smallest budget that works with the other tiers'
+    budgets unchanged (None: nothing in the space fits the other tiers)."""
+    estimates: tuple[Estimate, ...] = ()
+    """Every strategy evaluated, in evaluation order."""
+    space_size: int = 0
+    pruned: int = 0
+    """Strategies skipped by a proven rule (R0-R2)."""
+
+    @property
+    def fits(self) -> bool:
+        return self.status == SolveStatus.FITS
+
+
+EvaluateFn = Callable[[Strategy], Estimate]
+
+
+def _memory_group(s: Strategy) -> Strategy:
+    """Strategies with the same key have the same peaks except for prefetch (R1, R2)."""
+    return replace(s, update_interval=1, prefetch_depth=0)
+
+
+def solve(strategies: Iterable[Strategy] | SearchSpace, evaluate_fn: EvaluateFn, budget: Budget, *,
+          objective: Objective = Objective.MEMORY, prune: bool = True) -> Solution:
+    """The best strategy under `objective` that fits `budget`, or the infeasibility report.
+
+    `evaluate_fn` maps a strategy to its Estimate (planner.evaluate.evaluate bound to a model,
+    shape and hardware, or a hand-made cost function in tests). With `prune=False` every
+    strategy is evaluated: brute force.
+    """
+    if isinstance(strategies, SearchSpace):
+        strategies = strategies.strategies()
+    strategies = list(dict.fromkeys(strategies))
+    cache: dict[Strategy, Estimate] = {}
+
+    def ev(s: Strategy) -> Estimate:
+        if s not in cache:
+            cache[s] = evaluate_fn(s)
+            assert cache[s].strategy == s, f"evaluate returned an estimate for {cache[s].strategy}, not {s}"
+        return cache[s]
+
+    fitting: list[Estimate] = []
+    pruned = 0
+    if not prune:
+        for s in strategies:
+            if ev(s).fits(budget):
+                fitting.append(ev(s))
+    else:
+        levels: dict[int, dict[Strategy, list[Strategy]]] = {}
+        for s in strategies:
+            levels.setdefault(s.chunks, {}).setdefault(_memory_group(s), []).append(s)
+        for c in sorted(levels):
+            for members in levels[c].values():
+                by_depth: dict[int, list[Strategy]] = {}
+                for s in members:
+                    by_depth.setdefault(s.prefetch_depth, []).append(s)
+                blocked = False
+                for depth in sorted(by_depth):
+                    group = sorted(by_depth[depth], key=lambda s: s.update_interval)
+                    if blocked:  # [R2] a shallower prefetch already did not fit
+                        pruned += len(group)
+                        continue
+                    if not ev(group[0]).fits(budget):
+                        pruned += len(group) - 1  # [R1] same peaks for every update interval
+                        blocked = True
+                        continue
+                    fitting.extend(ev(s) for s in group)
+            if fitting and objective == Objective.MEMORY:  # [R0] more chunks cannot win
+                pruned += sum(len(m) for later in levels if later > c for m in levels[later].values())
+                break
+
+    estimates = tuple(cache.values())
+    if fitting:
+        best = min(fitting, key=lambda e: objective_key(e, objective))
+        return Solution(status=SolveStatus.FITS, objective=objective, budget=budget, best=best,
+                        estimates=estimates, space_size=len(strategies), pruned=pruned)
+    return _infeasible(estimates, budget, objective, len(strategies), pruned)
+
+
+def _infeasible(estimates: tuple[Estimate, ...], budget: Budget, objective: Objective,
+                space_size: int, pruned: int) -> Solution:
+    limits = {Tier.GPU: budget.gpu_bytes, Tier.HOST: budget.host_bytes, Tier.DISK: budget.disk_bytes}
+    missing = {e: {t: b for t, b in e.missing(budget).items() if b > 0} for e in estimates}
+    # Closest: fewest bytes missing, then the objective's order on what R1 leaves unchanged
+    # (chunks, then the smallest update interval): the step time of a plan that does not fit
+    # is not compared, so the pruned and the brute-force search report the same strategy.
+    closest = min(estimates, key=lambda e: (sum(missing[e].values()), e.strategy.chunks,
+                                            e.strategy.update_interval, e.strategy.prefetch_depth,
+                                            objective_key(e, objective)))
+    needed: dict[Tier, int | None] = {}
+    for tier, limit in limits.items():
+        if limit is None:
+            continue
+        # Only this tier falls short: this tier's budget plus the shortfall is enough for it.
+        options = [limit + m.get(tier, 0) for e, m in missing.items() if set(m) <= {tier}]
+        needed[tier] = min(options) if options else None
+    return Solution(status=SolveStatus.INFEASIBLE, objective=objective, budget=budget, best=None,
+                    closest=closest, missing_bytes=missing[closest], needed_bytes=needed,
+                    estimates=estimates, space_size=space_size, pruned=pruned)
