@@ -16,6 +16,8 @@ from planner.errors import ChunkftError
 # subcommand -> module that implements it (imported lazily: `chunkft fit` must start fast).
 SUBCOMMANDS: dict[str, str] = {
     "fit": "planner.fit",
+    "compare": "analysis.cli",
+    "report": "analysis.cli",
 }
 
 

@@ -1,0 +1,84 @@
+"""`chunkft compare` (predicted timeline vs measured trace) and `chunkft report` (what fits a
+budget for one model): figures, tables and a report in one output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+COMMANDS = ("compare", "report")
+
+
+def add_parser(subparsers) -> None:
+    """Register the subcommands not registered yet (planner.cli calls this once per entry)."""
+    if "compare" not in subparsers.choices:
+        p = subparsers.add_parser("compare", help="predicted timeline vs measured trace: figures and a report",
+                                  description="Align a simulator timeline with a runtime trace and report the errors.")
+        p.add_argument("timeline", help="predicted timeline (chunkft simulate -o ...)")
+        p.add_argument("trace", help="measured trace (chunkft run --trace ...)")
+        p.add_argument("-o", "--out", default="report", help="output directory (default: report/)")
+        p.add_argument("--step", type=int, default=None,
+                       help="compare the timeline against this step of the trace (default: all steps by number)")
+        p.add_argument("--perfetto", default=None, metavar="OUT.json",
+                       help="also export the timeline as Chrome trace JSON (chrome://tracing, ui.perfetto.dev)")
+        p.set_defaults(run=run_compare)
+    if "report" not in subparsers.choices:
+        p = subparsers.add_parser("report", help="fit map, chunk sweep and GPU sizing for one model",
+                                  description="What fits a GPU budget: per strategy, sequence length and batch.")
+        p.add_argument("model", nargs="?", default="llama3-8b", help="preset, HF dir, config.json or pkg.mod:fn")
+        p.add_argument("--gpu", default="24GiB", help="GPU memory budget (default 24GiB)")
+        p.add_argument("--host-ram", default=None, help="host memory budget (default: unlimited)")
+        p.add_argument("--seq", default="512,1024,2048,4096", help="comma-separated sequence lengths")
+        p.add_argument("--batch", default="1,2,4", help="comma-separated batch sizes")
+        p.add_argument("--chunks", default="1,2,4,8,16,32", help="chunk counts for the chunk sweep")
+        p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+        p.add_argument("--hardware", default="rtx4090", help="GPU profile for step times (planner.hardware)")
+        p.add_argument("-o", "--out", default="report", help="output directory (default: report/)")
+        p.set_defaults(run=run_report)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.run(args)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from analysis.compare import compare
+    from analysis.load import load_pair
+    from analysis.perfetto import write_chrome_trace
+    from analysis.report import write_compare_report
+
+    predicted, measured = load_pair(args.timeline, args.trace)
+    comparison = compare(predicted, measured, measured_step=args.step)
+    html_path, md_path = write_compare_report(comparison, Path(args.out))
+    print(f"wrote {html_path} and {md_path}")
+    for line in comparison_summary(comparison):
+        print(line)
+    if args.perfetto:
+        write_chrome_trace(predicted, args.perfetto)
+        print(f"wrote {args.perfetto} (open in ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
+def comparison_summary(comparison) -> list[str]:
+    from planner.units import format_bytes
+
+    lines = []
+    for r in comparison.peaks.itertuples(index=False):
+        if r.predicted_bytes is None or r.measured_bytes is None:
+            continue
+        try:
+            rel = f"{r.relative_error * 100:+.1f}%"
+            lines.append(f"{r.tier} {r.metric} peak: predicted {format_bytes(int(r.predicted_bytes))}, "
+                         f"measured {format_bytes(int(r.measured_bytes))} ({rel})")
+        except (TypeError, ValueError):  # a tier only one side has
+            lines.append(f"{r.tier} {r.metric} peak: only one side records this tier")
+    return lines
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from analysis.sweep import write_plan_report
+
+    html_path, md_path = write_plan_report(args)
+    print(f"wrote {html_path} and {md_path}")
+    return 0

@@ -1,0 +1,254 @@
+"""Predicted against measured: align the events of a timeline and a trace, tabulate errors.
+
+A timeline counts time in ops and a trace in seconds, so events are never matched by `t`.
+They are matched by position: within one tier, the k-th event of a kind in a given (step,
+phase, layer) of the timeline is paired with the k-th such event of the trace (the
+"ordinal"). Events one side has and the other lacks stay unmatched and are counted.
+
+Error convention: `error_bytes = measured - predicted` (positive: the plan under-predicted,
+the dangerous direction) and `relative_error = error_bytes / predicted`, i.e. how much the
+prediction must grow to cover what was measured. Predicted 10 GiB, measured 10.5 GiB: +5.0%.
+
+Peaks are taken over every event of the compared steps, not only the matched ones: a
+measured event the timeline has no counterpart for can still hold the real peak. A trace's
+`peak` column (the allocator's peak since the previous event) counts, so a short-lived spike
+between two samples is not missed.
+
+Known limitations: when the two sides record different numbers of ops inside one layer
+(fake-tensor trace and real run decompose an op differently), ordinal matching inside that
+group pairs neighbouring ops, not identical ones; `positions_on_predicted` spreads such
+groups proportionally for plotting, and the phase and peak tables do not depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.load import COMPONENT_COLUMNS, Recording, phases_in_order
+from planner.errors import ChunkftError
+
+ALIGN_KEYS: tuple[str, ...] = ("tier", "step", "phase", "layer", "event", "ordinal")
+
+PEAK_COLUMNS: tuple[str, ...] = (
+    "tier", "metric", "predicted_bytes", "measured_bytes", "error_bytes", "relative_error",
+    "predicted_t", "predicted_event", "predicted_phase", "predicted_layer", "predicted_name",
+    "measured_t", "measured_event", "measured_phase", "measured_layer", "measured_name",
+)
+PHASE_COLUMNS: tuple[str, ...] = (
+    "tier", "phase", "predicted_bytes", "measured_bytes", "error_bytes", "relative_error",
+    "matched_events", "mean_abs_error_bytes",
+)
+
+
+def _with_ordinal(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the k-th-of-its-kind ordinal within (tier, step, phase, layer, event)."""
+    out = df.copy()
+    out["_row"] = np.arange(len(out))
+    keys = list(ALIGN_KEYS[:-1])
+    # groupby drops NaN keys unless told not to; an op outside any layer is a group of its own.
+    out["ordinal"] = out.groupby(keys, dropna=False, sort=False).cumcount()
+    return out
+
+
+def align(predicted: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
+    """Pair events by (tier, step, phase, layer, event, ordinal).
+
+    Returns one row per matched pair: the keys, then every other event column twice, with
+    suffixes `_pred` and `_meas`, in the timeline's order.
+    """
+    p = _with_ordinal(predicted)
+    m = _with_ordinal(measured)
+    keys = list(ALIGN_KEYS)
+    for frame in (p, m):  # merge cannot match <NA> layers with each other; -1 stands for "none"
+        frame["layer"] = frame["layer"].fillna(-1)
+        frame["phase"] = frame["phase"].fillna("")
+    merged = p.merge(m, on=keys, how="inner", suffixes=("_pred", "_meas"))
+    merged = merged.sort_values("_row_pred", kind="stable").reset_index(drop=True)
+    merged["layer"] = merged["layer"].astype("Int64").replace(-1, pd.NA)
+    merged["phase"] = merged["phase"].replace("", None)
+    return merged.drop(columns=["_row_pred", "_row_meas"])
+
+
+def positions_on_predicted(predicted: pd.DataFrame, measured: pd.DataFrame) -> np.ndarray:
+    """For each measured row, the predicted `t` of its counterpart (NaN where none).
+
+    Inside each (tier, step, phase, layer, event) group, measured event j of n_m maps to
+    predicted event floor(j * n_p / n_m) of n_p: ordinal matching when the counts agree, a
+    proportional spread when they do not. This puts a trace in seconds on a timeline's op
+    axis, for drawing both on one figure.
+    """
+    keys = list(ALIGN_KEYS[:-1])
+
+    def key_frame(df: pd.DataFrame) -> pd.DataFrame:
+        k = df[keys].copy()
+        k["layer"] = k["layer"].fillna(-1).astype("int64")
+        k["phase"] = k["phase"].fillna("")
+        return k
+
+    pk, mk = key_frame(predicted), key_frame(measured)
+    pred_t = predicted["t"].to_numpy()
+    groups: dict[tuple, np.ndarray] = {
+        key: pred_t[np.asarray(idx)] for key, idx in pk.groupby(keys, sort=False).indices.items()
+    }
+    out = np.full(len(measured), np.nan)
+    for key, idx in mk.groupby(keys, sort=False).indices.items():
+        targets = groups.get(key)
+        if targets is None:
+            continue
+        n_p, n_m = len(targets), len(idx)
+        picks = (np.arange(n_m) * n_p) // n_m
+        out[np.asarray(idx)] = targets[picks]
+    return out
+
+
+def _peak_row(df: pd.DataFrame, column: str) -> pd.Series:
+    return df.loc[df[column].idxmax()]
+
+
+def _nullable_layer(value):
+    return None if pd.isna(value) else int(value)
+
+
+def peak_table(predicted: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
+    """Per tier (and "reserved" where an allocator caches): both peaks, the error, and when.
+
+    The time and event of each peak are those of the event at which it was recorded (for a
+    trace with a `peak` column: the first event after the spike).
+    """
+    rows = []
+    tiers = list(dict.fromkeys([*predicted["tier"], *measured["tier"]]))
+    for tier in tiers:
+        p = predicted[predicted["tier"] == tier]
+        m = measured[measured["tier"] == tier]
+        metrics = [("allocated", "peak")]
+        caching = any((d["reserved"] != d["allocated"]).any() for d in (p, m) if len(d))
+        if caching:
+            metrics.append(("reserved", "reserved"))
+        for metric, column in metrics:
+            row: dict = {"tier": tier, "metric": metric}
+            for side, d in (("predicted", p), ("measured", m)):
+                if len(d) == 0:
+                    row.update({f"{side}_bytes": pd.NA, f"{side}_t": np.nan, f"{side}_event": None,
+                                f"{side}_phase": None, f"{side}_layer": None, f"{side}_name": None})
+                    continue
+                at = _peak_row(d, column)
+                row.update({
+                    f"{side}_bytes": int(at[column]),
+                    f"{side}_t": float(at["t"]),
+                    f"{side}_event": at["event"],
+                    f"{side}_phase": at["phase"],
+                    f"{side}_layer": _nullable_layer(at["layer"]),
+                    f"{side}_name": at["name"],
+                })
+            row.update(_errors(row["predicted_bytes"], row["measured_bytes"]))
+            rows.append(row)
+    table = pd.DataFrame(rows, columns=list(PEAK_COLUMNS))
+    for col in ("predicted_bytes", "measured_bytes", "error_bytes"):
+        table[col] = table[col].astype("Int64")
+    return table
+
+
+def _errors(predicted_bytes, measured_bytes) -> dict:
+    if pd.isna(predicted_bytes) or pd.isna(measured_bytes):
+        return {"error_bytes": pd.NA, "relative_error": np.nan}
+    error = int(measured_bytes) - int(predicted_bytes)
+    relative = error / predicted_bytes if predicted_bytes else (0.0 if error == 0 else np.inf)
+    return {"error_bytes": error, "relative_error": relative}
+
+
+def phase_table(predicted: pd.DataFrame, measured: pd.DataFrame, aligned: pd.DataFrame) -> pd.DataFrame:
+    """Per tier and phase: the phase's peak on each side, its error, and the mean absolute
+    error of `allocated` over the events matched in that phase."""
+    rows = []
+    tiers = list(dict.fromkeys([*predicted["tier"], *measured["tier"]]))
+    phases = list(dict.fromkeys([*phases_in_order(predicted), *phases_in_order(measured)]))
+    for tier in tiers:
+        for phase in phases:
+            p = predicted[(predicted["tier"] == tier) & (predicted["phase"] == phase)]
+            m = measured[(measured["tier"] == tier) & (measured["phase"] == phase)]
+            if len(p) == 0 and len(m) == 0:
+                continue
+            a = aligned[(aligned["tier"] == tier) & (aligned["phase"] == phase)]
+            pb = int(p["peak"].max()) if len(p) else pd.NA
+            mb = int(m["peak"].max()) if len(m) else pd.NA
+            mae = float((a["allocated_meas"] - a["allocated_pred"]).abs().mean()) if len(a) else np.nan
+            rows.append({"tier": tier, "phase": phase, "predicted_bytes": pb, "measured_bytes": mb,
+                         **_errors(pb, mb), "matched_events": len(a), "mean_abs_error_bytes": mae})
+    table = pd.DataFrame(rows, columns=list(PHASE_COLUMNS))
+    for col in ("predicted_bytes", "measured_bytes", "error_bytes"):
+        table[col] = table[col].astype("Int64")
+    return table
+
+
+def components_at_peak(predicted: pd.DataFrame, measured: pd.DataFrame, tier: str) -> pd.DataFrame:
+    """Bytes per component at each side's `allocated` peak on `tier`: index Component value,
+    columns predicted_bytes, measured_bytes (0 where a side does not break its bytes down)."""
+    out = {}
+    for side, d in (("predicted", predicted), ("measured", measured)):
+        d = d[d["tier"] == tier]
+        out[f"{side}_bytes"] = (
+            d.loc[d["allocated"].idxmax(), list(COMPONENT_COLUMNS)].astype("int64")
+            if len(d) else pd.Series(0, index=list(COMPONENT_COLUMNS), dtype="int64")
+        )
+    return pd.DataFrame(out)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Comparison:
+    """Everything `chunkft compare` reports about one timeline/trace pair."""
+
+    predicted: Recording
+    measured: Recording
+    predicted_events: pd.DataFrame
+    """The timeline's events of the compared steps (all of `predicted.events` by default)."""
+    measured_events: pd.DataFrame
+    """The trace's events of the compared steps, renumbered to the timeline's step numbers."""
+    aligned: pd.DataFrame
+    """`align(predicted_events, measured_events)`."""
+    peaks: pd.DataFrame
+    """`peak_table`: one row per tier (and reserved), columns PEAK_COLUMNS."""
+    phases: pd.DataFrame
+    """`phase_table`: one row per tier and phase, columns PHASE_COLUMNS."""
+
+    def match_counts(self) -> dict[str, int]:
+        """How many events each side has and how many were paired."""
+        return {"predicted": len(self.predicted_events), "measured": len(self.measured_events),
+                "matched": len(self.aligned)}
+
+
+def compare(predicted: Recording, measured: Recording, *, measured_step: int | None = None) -> Comparison:
+    """Compare a timeline with a trace.
+
+    `measured_step`: compare the timeline (which must then hold one step) against this one
+    step of the trace, e.g. a step after warm-up; default: every step, matched by number.
+    """
+    p, m = predicted.events, measured.events
+    if measured_step is not None:
+        steps = sorted(set(p["step"]))
+        if len(steps) != 1:
+            raise ChunkftError(f"--step needs a timeline of one step; {predicted.path!r} has steps {steps}")
+        available = sorted(set(m["step"]))
+        if measured_step not in available:
+            raise ChunkftError(f"trace {measured.path!r} has no step {measured_step}; it has steps {available}")
+        m = m[m["step"] == measured_step].copy()
+        m["step"] = steps[0]
+        m = m.reset_index(drop=True)
+    aligned = align(p, m)
+    return Comparison(
+        predicted=predicted,
+        measured=measured,
+        predicted_events=p,
+        measured_events=m,
+        aligned=aligned,
+        peaks=peak_table(p, m),
+        phases=phase_table(p, m, aligned),
+    )
+
+
+__all__ = [
+    "ALIGN_KEYS", "PEAK_COLUMNS", "PHASE_COLUMNS", "Comparison", "align", "compare",
+    "components_at_peak", "peak_table", "phase_table", "positions_on_predicted",
+]

@@ -1,0 +1,343 @@
+"""Analysis: loading, alignment, error tables, Perfetto export, the compare/report CLI.
+
+Timelines and traces are generated here by hand (`synthetic_step`), with known peaks, so the
+numbers behind every figure are checked exactly; pixels are not.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis.compare import align, compare, positions_on_predicted
+from analysis.load import COMPONENT_COLUMNS, EVENT_COLUMNS, load_pair, load_recording, write_recording
+from analysis.perfetto import to_chrome_trace
+from planner import cli
+from planner.errors import ChunkftError
+from planner.schema import TIMELINE_SCHEMA_VERSION, Component, Event, EventKind, Phase, Tier
+
+GIB = 2**30
+MIB = 2**20
+
+
+def header(kind: str, *, model: str = "m" * 64, plan: str = "p" * 64) -> dict:
+    return {"event": "header", "schema_version": TIMELINE_SCHEMA_VERSION, "kind": kind,
+            "t_unit": "op" if kind == "timeline" else "s", "model_fingerprint": model, "plan_fingerprint": plan}
+
+
+def synthetic_step(*, layers: int = 4, ops_per_layer: int = 3, scale: float = 1.0, seconds: bool = False,
+                   extra_op_in_layer: int | None = None, switch: bool = True) -> list[Event]:
+    """One ChunkFT-like training step on GPU and host, with a chunk switch.
+
+    GPU: 2 GiB weights; forward adds 256 MiB of activations per op; the loss adds 1 GiB of
+    logits; backward frees activations and builds 512 MiB of gradients; the optimizer holds
+    384 MiB of moments and masters; the switch moves them to the host and brings the next
+    chunk's in. `scale` multiplies every transient byte (measured vs predicted), `seconds`
+    gives t in seconds (1 ms per op) as a runtime trace has it, `extra_op_in_layer` adds one
+    op to that forward layer (a real run that decomposes an op differently).
+    """
+    events: list[Event] = []
+    t = 0
+    gpu = {Component.WEIGHTS: 2 * GIB}
+    host = {Component.MASTER: 1 * GIB, Component.OPTIMIZER: 2 * GIB}
+
+    def emit(kind, phase, tier=Tier.GPU, layer=None, name=None, chunk=0):
+        nonlocal t
+        state = gpu if tier == Tier.GPU else host
+        b = {c: (v if c == Component.WEIGHTS else int(v * scale)) for c, v in state.items() if v}
+        alloc = sum(b.values())
+        events.append(Event(t=t * 1e-3 if seconds else t, event=kind, tier=tier, allocated=alloc,
+                            reserved=alloc + (64 * MIB if tier == Tier.GPU else 0), bytes=b, phase=phase,
+                            layer=layer, chunk=chunk, name=name))
+        t += 1
+
+    emit(EventKind.PHASE, Phase.FORWARD)
+    emit(EventKind.PHASE, Phase.FORWARD, tier=Tier.HOST)
+    for layer in range(layers):
+        emit(EventKind.LAYER, Phase.FORWARD, layer=layer)
+        for _ in range(ops_per_layer + (1 if layer == extra_op_in_layer else 0)):
+            gpu[Component.ACTIVATIONS] = gpu.get(Component.ACTIVATIONS, 0) + 256 * MIB
+            emit(EventKind.OP, Phase.FORWARD, layer=layer, name="aten::mm")
+    emit(EventKind.PHASE, Phase.LOSS)
+    gpu[Component.LOGITS] = 1 * GIB
+    emit(EventKind.OP, Phase.LOSS, name="aten::_log_softmax")
+    emit(EventKind.PHASE, Phase.BACKWARD)
+    per_op = gpu[Component.ACTIVATIONS] // (layers * ops_per_layer)
+    for layer in reversed(range(layers)):
+        emit(EventKind.LAYER, Phase.BACKWARD, layer=layer)
+        for _ in range(ops_per_layer):
+            gpu[Component.LOGITS] = 0
+            gpu[Component.ACTIVATIONS] -= per_op
+            gpu[Component.GRADIENTS] = gpu.get(Component.GRADIENTS, 0) + 512 * MIB // (layers * ops_per_layer)
+            emit(EventKind.OP, Phase.BACKWARD, layer=layer, name="aten::mm")
+    gpu[Component.ACTIVATIONS] = 0
+    emit(EventKind.PHASE, Phase.OPTIMIZER)
+    gpu[Component.OPTIMIZER], gpu[Component.MASTER] = 256 * MIB, 128 * MIB
+    emit(EventKind.OPTIMIZER_STEP, Phase.OPTIMIZER, name="adamw chunk 0")
+    gpu[Component.GRADIENTS] = 0
+    if switch:
+        emit(EventKind.PHASE, Phase.CHUNK_SWITCH)
+        emit(EventKind.CHUNK_SWITCH, Phase.CHUNK_SWITCH, chunk=1)
+        gpu[Component.OPTIMIZER], gpu[Component.MASTER] = 0, 0
+        emit(EventKind.TRANSFER, Phase.CHUNK_SWITCH, name="chunk 0 state gpu->host", chunk=1)
+        host[Component.OPTIMIZER] += 256 * MIB
+        host[Component.MASTER] += 128 * MIB
+        emit(EventKind.TRANSFER, Phase.CHUNK_SWITCH, tier=Tier.HOST, name="chunk 0 state gpu->host", chunk=1)
+        host[Component.OPTIMIZER] -= 256 * MIB
+        host[Component.MASTER] -= 128 * MIB
+        emit(EventKind.TRANSFER, Phase.CHUNK_SWITCH, tier=Tier.HOST, name="chunk 1 state host->gpu", chunk=1)
+        gpu[Component.OPTIMIZER], gpu[Component.MASTER] = 256 * MIB, 128 * MIB
+        emit(EventKind.TRANSFER, Phase.CHUNK_SWITCH, name="chunk 1 state host->gpu", chunk=1)
+    emit(EventKind.STEP_END, Phase.OPTIMIZER)
+    return events
+
+
+def write_pair(tmp_path: Path, *, scale: float = 1.05, **kwargs) -> tuple[Path, Path]:
+    tl, tr = tmp_path / "timeline.jsonl", tmp_path / "trace.jsonl"
+    write_recording(tl, header("timeline"), synthetic_step())
+    write_recording(tr, header("trace"), synthetic_step(scale=scale, seconds=True, **kwargs))
+    return tl, tr
+
+
+def hand_made(tmp_path: Path, name: str, kind: str, points: list[tuple[Phase, int]], **kw) -> Path:
+    """A GPU-only file with one op per (phase, bytes) point, all bytes as activations."""
+    events = [Event(t=i if kind == "timeline" else i * 0.5, event=EventKind.OP, tier=Tier.GPU, allocated=b,
+                    reserved=b, bytes={Component.ACTIVATIONS: b}, phase=ph, name=f"op{i}", **kw)
+              for i, (ph, b) in enumerate(points)]
+    path = tmp_path / name
+    write_recording(path, header(kind), events)
+    return path
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def test_load_schema_and_phase_inheritance(tmp_path):
+    tl, tr = write_pair(tmp_path)
+    p, m = load_pair(tl, tr)
+    assert tuple(p.events.columns) == EVENT_COLUMNS == tuple(m.events.columns)
+    assert (p.kind, p.t_unit, m.kind, m.t_unit) == ("timeline", "op", "trace", "s")
+    assert str(p.events["layer"].dtype) == "Int64" and p.events["allocated"].dtype == "int64"
+    first = p.events.iloc[0]
+    assert first["phase"] == "forward" and first["weights"] == 2 * GIB and first["activations"] == 0
+    # every component column exists; missing components read as 0
+    assert set(COMPONENT_COLUMNS) <= set(p.events.columns) and (p.events["rounding"] == 0).all()
+    # a trace row without a phase inherits the last phase event's
+    rows = [header("trace"),
+            {"t": 0, "event": "phase", "tier": "gpu", "allocated": 1, "reserved": 1, "phase": "backward"},
+            {"t": 1, "event": "op", "tier": "gpu", "allocated": 5, "reserved": 8, "peak": 9}]
+    path = tmp_path / "nophase.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    events = load_recording(path).events
+    assert events["phase"].tolist() == ["backward", "backward"]
+    assert events["peak"].tolist() == [1, 9]  # peak defaults to allocated, else the measured one
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("", "is empty"),
+    ("\n\n", "is empty"),
+    (json.dumps(header("trace")) + "\n", "has a header but no events"),
+    (json.dumps(header("trace")) + "\n" + '{"t": 0, "event": "op", "tier": "gp', "is truncated"),
+    (json.dumps(header("trace")) + "\n{oops\n" + json.dumps(
+        {"t": 0, "event": "op", "tier": "gpu", "allocated": 1, "reserved": 1}) + "\n", "line 2 is not valid JSON"),
+    ('{"t": 0, "event": "op", "tier": "gpu", "allocated": 1, "reserved": 1}\n', "has no header"),
+    (json.dumps({**header("trace"), "schema_version": 99}) + "\n", "schema_version 99"),
+    (json.dumps({**header("trace"), "kind": "plan"}) + "\n", "kind 'plan'"),
+    (json.dumps({**header("trace"), "t_unit": "ms"}) + "\n", "t_unit 'ms'"),
+    (json.dumps({k: v for k, v in header("trace").items() if k != "plan_fingerprint"}) + "\n",
+     "lacks plan_fingerprint"),
+    (json.dumps(header("trace")) + "\n" + json.dumps(
+        {"t": 0, "event": "op", "tier": "vram", "allocated": 1, "reserved": 1}) + "\n", "line 2 has a bad value"),
+    (json.dumps(header("trace")) + "\n" + json.dumps({"t": 0, "event": "op", "tier": "gpu"}) + "\n",
+     "line 2 lacks field 'allocated'"),
+])
+def test_load_bad_files_say_which_and_why(tmp_path, content, reason):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(ChunkftError) as e:
+        load_recording(path)
+    message = str(e.value)
+    assert reason in message and str(path) in message and "\n" not in message
+
+
+def test_load_missing_file_and_wrong_kind(tmp_path):
+    with pytest.raises(ChunkftError, match="does not exist"):
+        load_recording(tmp_path / "nope.jsonl")
+    tl, tr = write_pair(tmp_path)
+    with pytest.raises(ChunkftError, match="is a trace, but a timeline was expected"):
+        load_pair(tr, tl)
+
+
+@pytest.mark.parametrize("field, subject", [("model", "model"), ("plan", "plan")])
+def test_mismatched_pair_is_refused(tmp_path, field, subject):
+    tl = tmp_path / "timeline.jsonl"
+    tr = tmp_path / "trace.jsonl"
+    write_recording(tl, header("timeline"), synthetic_step())
+    write_recording(tr, header("trace", **{field: "x" * 64}), synthetic_step(seconds=True))
+    with pytest.raises(ChunkftError, match=f"trace .*trace.jsonl' is of another {subject} than timeline"):
+        load_pair(tl, tr)
+
+
+# -- alignment and error tables ------------------------------------------------------------
+
+def test_known_peak_error(tmp_path):
+    """Predicted peak 10 GiB at op 5, measured 10.5 GiB: +0.5 GiB, +5.0%."""
+    pred = [(Phase.FORWARD, 2 * GIB), (Phase.FORWARD, 4 * GIB), (Phase.FORWARD, 6 * GIB),
+            (Phase.LOSS, 8 * GIB), (Phase.BACKWARD, 9 * GIB), (Phase.BACKWARD, 10 * GIB),
+            (Phase.OPTIMIZER, 7 * GIB)]
+    meas = [(ph, b) for ph, b in pred]
+    meas[5] = (Phase.BACKWARD, int(10.5 * GIB))
+    meas[3] = (Phase.LOSS, int(8.8 * GIB))  # loss phase: +10%
+    tl = hand_made(tmp_path, "tl.jsonl", "timeline", pred)
+    tr = hand_made(tmp_path, "tr.jsonl", "trace", meas)
+    c = compare(*load_pair(tl, tr))
+    (row,) = c.peaks.to_dict("records")  # GPU only; reserved == allocated so no reserved row
+    assert (row["tier"], row["metric"]) == ("gpu", "allocated")
+    assert row["predicted_bytes"] == 10 * GIB and row["measured_bytes"] == int(10.5 * GIB)
+    assert row["error_bytes"] == GIB // 2
+    assert round(row["relative_error"] * 100, 1) == 5.0
+    assert (row["predicted_t"], row["predicted_event"], row["predicted_phase"], row["predicted_name"]) == (
+        5.0, "op", "backward", "op5")
+    assert (row["measured_t"], row["measured_phase"]) == (2.5, "backward")
+    phases = c.phases.set_index("phase")
+    assert list(phases.index) == ["forward", "loss", "backward", "optimizer"]
+    assert phases.loc["forward", "error_bytes"] == 0 and phases.loc["forward", "relative_error"] == 0.0
+    assert math.isclose(phases.loc["loss", "relative_error"], 0.1, rel_tol=1e-6)
+    assert math.isclose(phases.loc["backward", "relative_error"], 0.05)
+    # mean |error| over the two matched backward events: (0 + 0.5 GiB) / 2
+    assert phases.loc["backward", "matched_events"] == 2
+    assert phases.loc["backward", "mean_abs_error_bytes"] == GIB / 4
+
+
+def test_measured_spike_between_samples_counts(tmp_path):
+    """A trace's `peak` (allocator peak since the last event) is the measured peak."""
+    pred = [(Phase.FORWARD, 4 * GIB), (Phase.BACKWARD, 8 * GIB)]
+    tl = hand_made(tmp_path, "tl.jsonl", "timeline", pred)
+    tr = hand_made(tmp_path, "tr.jsonl", "trace", pred)
+    lines = tr.read_text().splitlines()
+    row = json.loads(lines[1])
+    row["peak"] = 9 * GIB  # a 9 GiB spike during the forward op, freed before the sample
+    tr.write_text("\n".join([lines[0], json.dumps(row), *lines[2:]]) + "\n")
+    c = compare(*load_pair(tl, tr))
+    peak = c.peaks.iloc[0]
+    assert peak["measured_bytes"] == 9 * GIB and peak["measured_phase"] == "forward"
+    assert math.isclose(peak["relative_error"], 1 / 8)
+
+
+def test_alignment_by_ordinal_not_time(tmp_path):
+    tl, tr = write_pair(tmp_path, scale=1.0, extra_op_in_layer=1)
+    p, m = load_pair(tl, tr)
+    a = align(p.events, m.events)
+    # every predicted event has a counterpart; the measured extra op in layer 1 has none
+    assert len(p.events) == len(a) == len(m.events) - 1
+    fwd = a[(a["event"] == "op") & (a["phase"] == "forward") & (a["tier"] == "gpu")]
+    assert (fwd["layer_pred" if "layer_pred" in fwd else "layer"].value_counts() == 3).all()
+    # within layer 0 the same ops pair (same bytes); t differs (ops vs seconds)
+    l0 = fwd[fwd["layer"] == 0]
+    assert (l0["allocated_pred"] == l0["allocated_meas"]).all()
+    assert l0["t_pred"].tolist() == [3.0, 4.0, 5.0] and l0["t_meas"].tolist() == [0.003, 0.004, 0.005]
+    # plotting positions: equal-count groups map 1:1, the 4-op layer spreads over 3 predicted ops
+    x = positions_on_predicted(p.events, m.events)
+    assert not any(math.isnan(v) for v in x)
+    layer1 = m.events[(m.events["layer"] == 1) & (m.events["event"] == "op") & (m.events["phase"] == "forward")]
+    assert x[layer1.index].tolist() == [7.0, 7.0, 8.0, 9.0]
+
+
+def test_compare_synthetic_step_peaks_and_reserved(tmp_path):
+    tl, tr = write_pair(tmp_path, scale=1.05)
+    c = compare(*load_pair(tl, tr))
+    peaks = c.peaks.set_index(["tier", "metric"])
+    # GPU peak: 2 GiB weights + 12 x 256 MiB activations + 1 GiB logits, at the loss op
+    assert peaks.loc[("gpu", "allocated"), "predicted_bytes"] == 6 * GIB
+    assert peaks.loc[("gpu", "allocated"), "predicted_phase"] == "loss"
+    assert peaks.loc[("gpu", "allocated"), "measured_bytes"] == 2 * GIB + int(3 * GIB * 1.05) + int(GIB * 1.05)
+    assert peaks.loc[("gpu", "reserved"), "predicted_bytes"] == 6 * GIB + 64 * MIB
+    assert ("host", "reserved") not in peaks.index  # no caching allocator on the host: reserved == allocated
+    assert peaks.loc[("host", "allocated"), "predicted_bytes"] == 3 * GIB + 384 * MIB
+    assert c.match_counts() == {"predicted": len(c.predicted_events), "measured": len(c.measured_events),
+                                "matched": len(c.predicted_events)}
+
+
+def test_measured_step_selection(tmp_path):
+    tl = tmp_path / "timeline.jsonl"
+    tr = tmp_path / "trace.jsonl"
+    write_recording(tl, header("timeline"), synthetic_step())
+    steps = synthetic_step(seconds=True)
+    later = synthetic_step(seconds=True, scale=1.5)
+    for e in later:
+        e.step = 1
+    write_recording(tr, header("trace"), steps + later)
+    c = compare(*load_pair(tl, tr), measured_step=1)
+    assert set(c.measured_events["step"]) == {0}
+    assert c.peaks.set_index(["tier", "metric"]).loc[("gpu", "allocated"), "measured_bytes"] == 2 * GIB + int(
+        3 * GIB * 1.5) + int(GIB * 1.5)
+    with pytest.raises(ChunkftError, match="has no step 7"):
+        compare(*load_pair(tl, tr), measured_step=7)
+
+
+# -- Perfetto ------------------------------------------------------------------------------
+
+def test_perfetto_export_structure(tmp_path):
+    tl, _ = write_pair(tmp_path)
+    rec = load_recording(tl)
+    trace = to_chrome_trace(rec)
+    events = trace["traceEvents"]
+    json.dumps(trace)  # serialisable
+    counters = [e for e in events if e["ph"] == "C"]
+    assert len(counters) == 2 * len(rec.events)
+    first_gpu = next(e for e in counters if e["name"] == "gpu memory by component (MiB)")
+    assert first_gpu["ts"] == 0 and first_gpu["args"] == {"weights": 2048.0}
+    spans = [e for e in events if e["ph"] == "X"]
+    phases = [(e["name"], e["ts"], e["dur"]) for e in spans if e["cat"] == "phase"]
+    assert [p[0] for p in phases] == ["forward", "loss", "backward", "optimizer", "chunk_switch", "optimizer"]
+    assert phases[0][1:] == (0, 18)  # 2 phase events + 4 x (layer + 3 ops) before the loss
+    layers = [e for e in spans if e["cat"] == "layer"]
+    assert [e["name"] for e in layers] == [f"layer {i}" for i in (0, 1, 2, 3, 3, 2, 1, 0)]
+    assert all(e["dur"] == 4 for e in layers[:3])
+    instants = [e for e in events if e["ph"] == "i"]
+    assert [e["cat"] for e in instants].count("transfer") == 4
+    assert {e["name"] for e in events if e["ph"] == "M"} == {"process_name", "thread_name"}
+    assert all(isinstance(e["ts"], (int, float)) for e in events if e["ph"] != "M")
+    # a timeline spread over a predicted step time: the last event lands at the step's end
+    spread = to_chrome_trace(rec, step_time_s=0.5)
+    assert max(e["ts"] for e in spread["traceEvents"] if e["ph"] == "C") == pytest.approx(0.5e6)
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+@pytest.fixture
+def main(monkeypatch):
+    """planner.cli.main with only this module's subcommands (others may not have landed)."""
+    monkeypatch.setattr(cli, "SUBCOMMANDS", {"compare": "analysis.cli", "report": "analysis.cli"})
+    return cli.main
+
+
+def test_cli_compare_writes_report(tmp_path, capsys, main):
+    tl, tr = write_pair(tmp_path)
+    out = tmp_path / "report"
+    assert main(["compare", str(tl), str(tr), "-o", str(out), "--perfetto", str(tmp_path / "p.json")]) == 0
+    for name in ("error_table.png", "errors.png", "memory_gpu.png", "memory_host.png", "chunk_switch.png",
+                 "report.md", "report.html", "peaks.csv", "phases.csv"):
+        assert (out / name).is_file(), name
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "src='error_table.png'" not in html
+    png = html.split("data:image/png;base64,")[1].split("'")[0]
+    assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](memory_gpu.png)" in (out / "report.md").read_text()
+    peaks = pd.read_csv(out / "peaks.csv")
+    assert peaks.loc[0, "predicted_bytes"] == 6 * GIB
+    assert "traceEvents" in json.loads((tmp_path / "p.json").read_text())
+    assert "gpu allocated peak: predicted 6.00 GiB" in capsys.readouterr().out
+
+
+def test_cli_compare_bad_input_exits_2(tmp_path, capsys, main):
+    tl, tr = write_pair(tmp_path)
+    tr.write_text(tr.read_text()[:-40])
+    assert main(["compare", str(tl), str(tr), "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is truncated" in err and "trace.jsonl" in err
+    assert not (tmp_path / "r").exists()
