@@ -3,7 +3,6 @@ hand-solved binding / slack / infeasible cases come out as computed on paper."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
 import pytest
@@ -78,6 +77,7 @@ def toy_cost(s: Strategy) -> Estimate:
 
 
 SMALL = SearchSpace(chunk_counts=(1, 2, 3, 4, 6, 8), update_intervals=(1, 4), loss_chunk_tokens=(0, 256))
+SMALL_LIST = SMALL.strategies()
 
 
 def test_space_has_only_valid_distinct_strategies():
@@ -105,8 +105,8 @@ def test_default_space_chunk_counts():
 
 
 BUDGETS = [Budget(gpu_bytes=g * GIB // 4, host_bytes=h, disk_bytes=d)
-           for g in (8, 10, 12, 14, 16, 20, 24, 40, 64)
-           for h in (None, 6 * GIB, 13 * GIB, 20 * GIB)
+           for g in (8, 12, 14, 20, 64)
+           for h in (None, 6 * GIB, 13 * GIB)
            for d in (None, 2 * GIB)]
 
 
@@ -119,8 +119,8 @@ def test_pruned_solver_equals_brute_force(objective):
         return toy_cost(s)
 
     for budget in BUDGETS:
-        fast = solve(SMALL, counting, budget, objective=objective)
-        brute = solve(SMALL, toy_cost, budget, objective=objective, prune=False)
+        fast = solve(SMALL_LIST, counting, budget, objective=objective)
+        brute = solve(SMALL_LIST, toy_cost, budget, objective=objective, prune=False)
         assert fast.status == brute.status, budget
         if brute.fits:
             assert fast.best.strategy == brute.best.strategy, budget
@@ -131,17 +131,17 @@ def test_pruned_solver_equals_brute_force(objective):
             assert fast.missing_bytes == brute.missing_bytes, budget
             assert fast.needed_bytes == brute.needed_bytes, budget
             assert fast.closest.strategy == brute.closest.strategy
-        assert len(brute.estimates) == brute.space_size == len(SMALL.strategies())
+        assert len(brute.estimates) == brute.space_size == len(SMALL_LIST)
         assert fast.pruned + len(fast.estimates) <= fast.space_size
-    assert calls["n"] < len(BUDGETS) * len(SMALL.strategies())  # pruning did prune
+    assert calls["n"] < len(BUDGETS) * len(SMALL_LIST)  # pruning did prune
 
 
 @pytest.mark.parametrize("objective", list(Objective))
 def test_more_budget_never_gives_a_worse_plan(objective):
-    for host, disk in itertools.product((None, 6 * GIB, 13 * GIB), (None, 2 * GIB)):
+    for host, disk in ((None, None), (6 * GIB, 2 * GIB), (13 * GIB, None)):
         previous = None
-        for g in range(6, 70, 2):
-            sol = solve(SMALL, toy_cost, Budget(gpu_bytes=g * GIB // 4, host_bytes=host, disk_bytes=disk),
+        for g in range(6, 70, 3):
+            sol = solve(SMALL_LIST, toy_cost, Budget(gpu_bytes=g * GIB // 4, host_bytes=host, disk_bytes=disk),
                         objective=objective)
             if previous is not None and previous.fits:
                 assert sol.fits
@@ -149,8 +149,8 @@ def test_more_budget_never_gives_a_worse_plan(objective):
             previous = sol
     # and more host RAM at a fixed GPU budget
     previous = None
-    for h in range(1, 30):
-        sol = solve(SMALL, toy_cost, Budget(gpu_bytes=3 * GIB, host_bytes=h * GIB), objective=objective)
+    for h in range(1, 30, 2):
+        sol = solve(SMALL_LIST, toy_cost, Budget(gpu_bytes=3 * GIB, host_bytes=h * GIB), objective=objective)
         if previous is not None and previous.fits:
             assert sol.fits and objective_key(sol.best, objective) <= objective_key(previous.best, objective)
         previous = sol
