@@ -217,7 +217,8 @@ class Estimate:
     components: dict[Tier, dict[Component, int]]
     """Breakdown at each tier's peak; sums to `peak_bytes[tier]`."""
     reserved_bytes: int
-    """Predicted `torch.cuda.memory_reserved` at the GPU peak (>= peak_bytes[GPU])."""
+    """Predicted `torch.cuda.max_memory_reserved` over the step (>= peak_bytes[GPU]): what the
+    caching allocator must be able to hold, so what a GPU budget is held against."""
     step_time_s: float
     """Predicted seconds per optimizer step (chunk switches amortised)."""
     worst_chunk: int | None
