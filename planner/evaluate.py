@@ -1,0 +1,560 @@
+"""Predict what a Strategy costs: peaks per tier and component, CUDA reserved, step time.
+
+The GPU side starts from a replay of the traced step (planner.trace + planner.memory with the
+CUDA allocator model): weights, gradients, activations, temporaries, logits, block rounding and
+the cuBLAS workspace, op by op, for exactly the parameters that need gradients (all of them for
+C = 1, the active chunk's sub-tensors otherwise), with or without checkpointing and chunked
+loss. Onto that timeline go the bytes the trace does not hold (see `_gpu_statics`):
+
+  - fp32 master weights and AdamW moments on the GPU: all of them for the GPU optimizer with
+    state on the GPU; the active chunk's plus `prefetch_depth` upcoming chunks' when inactive
+    state rests on host or disk; none for a host optimizer. C = 1 keeps one master / m / v
+    tensor per parameter (torch.optim.AdamW); C > 1 keeps one flat buffer each per chunk.
+  - the optimizer step (GPU optimizer only), after backward: fp32 copies of the step's
+    gradients and the foreach path's sqrt(v) temporary, 4 + 4 bytes per updated parameter
+    (torch/optim/adam.py `_multi_tensor_adam`: `exp_avg_sq_sqrt = torch._foreach_sqrt(...)`,
+    the default on CUDA when `fused` is not requested).
+  - gradients that leave the GPU: with grad staging (NVMSA) only a double buffer of the
+    largest gradient stays (`STAGING_BUFFERS`); a host optimizer without staging copies in
+    DeepSpeed-style buckets (`DEEPSPEED_BUCKET_ELEMENTS`).
+  - streamed weights: only `STREAM_RESIDENT_LAYERS` decoder layers resident.
+
+Host: pinned fp32 master + moments of every chunk when state rests on host (the active chunk's
+slot stays allocated so a switch writes back in place), staged 16-bit gradients, or fp32
+gradients for the DeepSpeed-style baseline, per-tensor buffers of the host AdamW, disk bounce
+buffers, pinned layer weights when streaming. Disk: state and staged gradients on the disk tier.
+
+For C > 1 the chunks are grouped by layer pattern (`chunk_groups`): chunks whose spans name the
+same parameters at the same offsets from their first layer, whole or sliced alike, behave alike
+except for position, and the earliest of a group keeps the most activations (every layer after
+the first trained one saves what its backward needs), so only each group's first chunk is traced.
+The worst of those is reported.
+
+Known limitations: the CUDA context is reported (`CUDA_CONTEXT_BYTES`), not measured; reserved
+bytes of the static buffers are their own segments (no reuse of freed activation blocks by the
+optimizer temporaries: pessimistic); chunks of one group differ slightly in gradient bytes
+(slices of different lengths) and the representative's are used; pinned host memory is counted
+at its exact size (torch's CachingHostAllocator rounds each block to a power of two; a runtime
+that allocates per chunk pays that rounding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from planner.errors import ChunkftError
+from planner.memory import (COMPONENTS, K_LARGE_BUFFER, K_MIN_LARGE_ALLOC, K_SMALL_BUFFER, K_SMALL_SIZE,
+                            round_size, segment_size)
+from planner.schema import Component, Event, EventKind, Phase, Tier
+from planner.steptime import StepWork, predict_step_time
+from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidency
+
+if TYPE_CHECKING:
+    from planner.chunks import ChunkTable, NamedShape
+    from planner.model import ModelSpec
+    from planner.trace import StepShape
+
+# The CUDA context (driver, kernels of torch's loaded modules with lazy loading) sits outside
+# PyTorch's allocator: 300-600 MiB on recent drivers; 512 MiB is a round, conservative figure.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+# fp32 AdamW moments (exp_avg, exp_avg_sq) per parameter; fp32 master per parameter when the
+# training dtype is 16-bit.
+MOMENT_BYTES_PER_PARAM = 8
+MASTER_BYTES_PER_PARAM = 4
+FP32_BYTES = 4
+# NVMSA instant offload: a gradient is copied out while the next is produced: two buffers of
+# the largest gradient stay on the GPU.
+STAGING_BUFFERS = 2
+# DeepSpeed ZeRO stage-1/2 default reduce_bucket_size (5e8 elements; deepspeed/runtime/zero/
+# config.py), double-buffered with overlap_comm.
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
+DEEPSPEED_BUCKETS = 2
+# Weight streaming: the layer computing plus the layer being fetched.
+STREAM_RESIDENT_LAYERS = 2
+# Pinned bounce buffers between disk and GPU (large sequential blocks): two of 64 MiB.
+DISK_BOUNCE_BYTES = 2 * 64 * 2**20
+# cuBLAS workspace size in planner.memory depends on the architecture: Hopper (sm90) parts.
+_HOPPER = re.compile(r"^(h100|h200|h800|h20|gh200)")
+
+_CI = {c: i for i, c in enumerate(COMPONENTS)}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ParamLayout:
+    """The model's parameters as the optimizer sees them."""
+
+    named_shapes: tuple
+    """(name, shape, elem_bytes) in module order, each parameter once (tied weights once)."""
+    elem_bytes: int
+    layer_prefix: str | None
+    num_layers: int
+    layer_weight_bytes: int
+    """Bytes of one decoder layer's parameters (0 when the model has no layer list)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(np.prod(s)) * e for _, s, e in self.named_shapes)
+
+    @property
+    def total_params(self) -> int:
+        return self.total_bytes // self.elem_bytes
+
+    @property
+    def tensor_bytes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s)) * e for _, s, e in self.named_shapes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TracedStep:
+    """What evaluate needs from one traced and replayed (CUDA allocator) step."""
+
+    live: np.ndarray
+    """(len(COMPONENTS), num_ops) allocated bytes per component after every op."""
+    reserved: np.ndarray
+    """(num_ops,) allocator-held bytes after every op."""
+    flops: int
+    phases: tuple[Phase, ...] = ()
+    layers: tuple[int | None, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ActiveSet:
+    """What one step trains: the tensors (or spans) the optimizer updates, in 16-bit bytes."""
+
+    chunk: int | None
+    tensor_bytes: tuple[int, ...]
+    prefetch_bytes: tuple[int, ...] = ()
+    """16-bit bytes of each upcoming chunk whose state is being brought to the GPU."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model layout, chunk tables and traces (cached: fit evaluates many strategies of one model)
+
+_LAYOUTS: dict[tuple, ParamLayout] = {}
+_TABLES: dict[tuple, "ChunkTable"] = {}
+_TRACES: dict[tuple, TracedStep] = {}
+_TRACE_CACHE_SIZE = 96
+
+
+def _elem_bytes(dtype: str) -> int:
+    return {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+
+
+def param_layout(model: "ModelSpec", dtype: str = "bf16") -> ParamLayout:
+    """Parameters in module order. Built from a one-layer template and replicated by name
+    (decoder layers are identical), so 405B takes milliseconds; factories build in full."""
+    key = (model.fingerprint(), dtype)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    import torch
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    depth = model.num_layers
+    use_template = model.config is not None and depth is not None and depth > 1
+    module = model.build(num_layers=1 if use_template else None, dtype=torch_dtype, device="meta")
+    from planner.model import _find_layer_list
+
+    found = _find_layer_list(module)
+    prefix = None if found is None else found[0]
+    base = [(n, tuple(p.shape), p.element_size()) for n, p in module.named_parameters()]
+    layer0 = f"{prefix}.0." if prefix else None
+    template = [(n[len(layer0):], s, e) for n, s, e in base if layer0 and n.startswith(layer0)]
+    layer_bytes = sum(int(np.prod(s)) * e for _, s, e in template)
+    if use_template and prefix:
+        shapes: list = []
+        placed = False
+        for n, s, e in base:
+            if n.startswith(layer0):
+                if not placed:
+                    shapes += [(f"{prefix}.{i}.{t}", ts, te) for i in range(depth) for t, ts, te in template]
+                    placed = True
+            else:
+                shapes.append((n, s, e))
+        num_layers = depth
+    else:
+        shapes = base
+        num_layers = len(found[1]) if found else 0
+    layout = ParamLayout(named_shapes=tuple(shapes), elem_bytes=_elem_bytes(dtype), layer_prefix=prefix,
+                         num_layers=num_layers, layer_weight_bytes=layer_bytes)
+    _LAYOUTS[key] = layout
+    return layout
+
+
+def chunk_table(model: "ModelSpec", dtype: str, chunks: int) -> "ChunkTable":
+    from planner.chunks import make_chunk_table
+
+    key = (model.fingerprint(), dtype, chunks)
+    if key not in _TABLES:
+        _TABLES[key] = make_chunk_table(param_layout(model, dtype).named_shapes, chunks)
+    return _TABLES[key]
+
+
+def chunk_groups(table: "ChunkTable", layer_prefix: str | None) -> list[list[int]]:
+    """Chunks grouped by layer pattern, each group in chunk order, groups by first chunk.
+
+    A chunk's pattern is its spans' parameter names with the decoder-layer index replaced by
+    the offset from the chunk's first layer, each marked whole or sliced."""
+    rx = re.compile(re.escape(layer_prefix) + r"\.(\d+)\.(.*)") if layer_prefix else None
+    groups: dict[tuple, list[int]] = {}
+    for k, chunk in enumerate(table.chunks):
+        first = None
+        sig = []
+        for span in chunk:
+            m = rx.match(span.param) if rx else None
+            if m:
+                i = int(m.group(1))
+                first = i if first is None else first
+                name = f"+{i - first}.{m.group(2)}"
+            else:
+                name = span.param
+            sig.append((name, table.is_whole(span)))
+        groups.setdefault(tuple(sig), []).append(k)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def _sm(hw: Any) -> int:
+    return 90 if _HOPPER.match(hw.gpu.name.lower()) else 80
+
+
+def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, checkpointing: bool,
+                loss_chunk_tokens: int, sm: int) -> TracedStep:
+    """trace_step + replay(allocator="cuda"), cached per model, shape and trace options."""
+    from planner.trace import TraceOptions, trace_step
+
+    options = TraceOptions(grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens)
+    key = (model.fingerprint(), shape, options.key(), sm)
+    if key in _TRACES:
+        return _TRACES[key]
+    graph = trace_step(model, shape, options)
+    tl = graph.replay(allocator="cuda", sm=sm)
+    live = np.stack([tl.live_bytes[c] for c in COMPONENTS])
+    step = TracedStep(live=live, reserved=np.asarray(tl.reserved_bytes, dtype=np.int64),
+                      flops=int(graph.total_flops()), phases=tuple(op.phase for op in graph.ops),
+                      layers=tuple(op.layer for op in graph.ops))
+    if len(_TRACES) >= _TRACE_CACHE_SIZE:
+        _TRACES.pop(next(iter(_TRACES)))
+    _TRACES[key] = step
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# The cost model proper: pure functions of a traced step, a layout and a strategy
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Alloc:
+    component: Component
+    nbytes: int
+
+
+def _state_per_param(elem_bytes: int) -> tuple[int, int]:
+    """(master, moments) bytes per parameter: no master when training in fp32."""
+    return (MASTER_BYTES_PER_PARAM if elem_bytes < FP32_BYTES else 0), MOMENT_BYTES_PER_PARAM
+
+
+def _state_allocs(tensor_bytes: tuple[int, ...], elem: int, *, flat: bool) -> list[_Alloc]:
+    """fp32 master and moments for tensors of these 16-bit sizes (one flat buffer each if flat)."""
+    master, moments = _state_per_param(elem)
+    sizes = [sum(tensor_bytes)] if flat else list(tensor_bytes)
+    out = []
+    for nbytes in sizes:
+        n = nbytes // elem
+        if master:
+            out.append(_Alloc(component=Component.MASTER, nbytes=master * n))
+        out += [_Alloc(component=Component.OPTIMIZER, nbytes=FP32_BYTES * n)] * (moments // FP32_BYTES)
+    return out
+
+
+def _gpu_statics(strategy: Strategy, layout: ParamLayout, active: ActiveSet,
+                 all_chunks: tuple[int, ...]) -> list[_Alloc]:
+    """Allocations resident on the GPU for the whole step that the trace does not hold."""
+    if strategy.optimizer_device == OptimizerDevice.HOST:
+        return []
+    elem = layout.elem_bytes
+    if strategy.chunks == 1:
+        return _state_allocs(layout.tensor_bytes, elem, flat=False)
+    if strategy.state_tier == Tier.GPU:
+        return [a for c in all_chunks for a in _state_allocs((c,), elem, flat=True)]
+    out = _state_allocs(active.tensor_bytes, elem, flat=True)
+    for nbytes in active.prefetch_bytes:
+        out += _state_allocs((nbytes,), elem, flat=True)
+    return out
+
+
+def _optimizer_temps(strategy: Strategy, layout: ParamLayout, active: ActiveSet) -> list[_Alloc]:
+    """GPU temporaries of the AdamW step (foreach path): fp32 grad copies and sqrt(v)."""
+    if strategy.optimizer_device == OptimizerDevice.HOST:
+        return []
+    elem = layout.elem_bytes
+    sizes = active.tensor_bytes if strategy.chunks == 1 else (sum(active.tensor_bytes),)
+    out = []
+    for nbytes in sizes:
+        n = nbytes // elem
+        if elem < FP32_BYTES:
+            out.append(_Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n))
+        out.append(_Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n))
+    return out
+
+
+def _grad_cap(strategy: Strategy, layout: ParamLayout, active: ActiveSet) -> int | None:
+    """Most gradient bytes on the GPU at once when gradients leave it (None: they stay)."""
+    if strategy.grad_staging is not None:
+        return STAGING_BUFFERS * max(active.tensor_bytes, default=0)
+    if strategy.optimizer_device == OptimizerDevice.HOST:
+        return DEEPSPEED_BUCKETS * DEEPSPEED_BUCKET_ELEMENTS * layout.elem_bytes
+    return None
+
+
+def _add(comps: dict[Component, int], allocs: list[_Alloc]) -> None:
+    for a in allocs:
+        r = round_size(a.nbytes)
+        comps[a.component] = comps.get(a.component, 0) + a.nbytes
+        comps[Component.ROUNDING] = comps.get(Component.ROUNDING, 0) + r - a.nbytes
+
+
+def _segments(allocs: list[_Alloc]) -> int:
+    """Reserved bytes for allocations made back to back into fresh segments: small ones
+    (<= 1 MiB) pack into 2 MiB segments, 1-10 MiB ones into 20 MiB segments, larger ones get
+    their own segment rounded up to 2 MiB (planner.memory.segment_size)."""
+    small = mid = large = 0
+    for a in allocs:
+        r = round_size(a.nbytes)
+        if r <= K_SMALL_SIZE:
+            small += r
+        elif r < K_MIN_LARGE_ALLOC:
+            mid += r
+        else:
+            large += segment_size(r)
+    return _ceil_to(small, K_SMALL_BUFFER) + _ceil_to(mid, K_LARGE_BUFFER) + large
+
+
+def _ceil_to(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def adjusted_gpu_live(traced: TracedStep, strategy: Strategy, layout: ParamLayout,
+                      active: ActiveSet) -> tuple[np.ndarray, np.ndarray]:
+    """(live per component, reserved) after every op once gradients leave and weights stream."""
+    live = traced.live.copy()
+    removed = np.zeros(live.shape[1], dtype=np.int64)
+    cap = _grad_cap(strategy, layout, active)
+    if cap is not None:
+        g = live[_CI[Component.GRADIENTS]]
+        kept = np.minimum(g, cap)
+        removed += g - kept
+        live[_CI[Component.GRADIENTS]] = kept
+    if strategy.weights == WeightResidency.STREAM and layout.num_layers > STREAM_RESIDENT_LAYERS:
+        drop = (layout.num_layers - STREAM_RESIDENT_LAYERS) * layout.layer_weight_bytes
+        w = live[_CI[Component.WEIGHTS]]
+        kept = np.maximum(w - drop, 0)
+        removed += w - kept
+        live[_CI[Component.WEIGHTS]] = kept
+    reserved = np.maximum(traced.reserved - removed, live.sum(axis=0))
+    return live, reserved
+
+
+def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet
+                   ) -> tuple[dict[Component, int], dict[Component, int]]:
+    host: dict[Component, int] = {}
+    disk: dict[Component, int] = {}
+    elem = layout.elem_bytes
+    master, moments = _state_per_param(elem)
+    total_params = layout.total_params
+    step_params = sum(active.tensor_bytes) // elem
+    largest = max(active.tensor_bytes, default=0) // elem
+
+    def put(d: dict, c: Component, n: int) -> None:
+        if n:
+            d[c] = d.get(c, 0) + n
+
+    off_gpu = strategy.optimizer_device == OptimizerDevice.HOST or strategy.state_tier != Tier.GPU
+    if off_gpu and strategy.state_tier == Tier.HOST:
+        put(host, Component.MASTER, master * total_params)
+        put(host, Component.OPTIMIZER, moments * total_params)
+    if off_gpu and strategy.state_tier == Tier.DISK:
+        put(disk, Component.MASTER, master * total_params)
+        put(disk, Component.OPTIMIZER, moments * total_params)
+        if strategy.optimizer_device == OptimizerDevice.HOST:  # per-tensor state window
+            put(host, Component.TEMPORARIES, (1 + strategy.prefetch_depth) * (master + moments) * largest)
+        else:
+            put(host, Component.TEMPORARIES, DISK_BOUNCE_BYTES)
+    if strategy.optimizer_device == OptimizerDevice.HOST:
+        if strategy.grad_staging is None:  # DeepSpeed-style: fp32 gradients gathered on host
+            put(host, Component.GRADIENTS, FP32_BYTES * step_params)
+            put(host, Component.TEMPORARIES, elem * largest)  # 16-bit weight copy back
+        else:
+            if strategy.grad_staging == Tier.HOST:
+                put(host, Component.GRADIENTS, elem * step_params)
+            else:
+                put(disk, Component.GRADIENTS, elem * step_params)
+                put(host, Component.TEMPORARIES, DISK_BOUNCE_BYTES)
+            # fp32 cast at the optimizer, one tensor at a time, and the 16-bit weight copy back
+            put(host, Component.TEMPORARIES, (FP32_BYTES + elem) * largest)
+    if strategy.weights == WeightResidency.STREAM:
+        put(host, Component.WEIGHTS, layout.num_layers * layout.layer_weight_bytes)
+    return host, disk
+
+
+def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active: ActiveSet,
+            hw: Any, *, dtype: str = "bf16", all_chunks: tuple[int, ...] = ()) -> Estimate:
+    """The Estimate of one step (one active chunk) from its traced step: see the module doc."""
+    live, reserved = adjusted_gpu_live(traced, strategy, layout, active)
+    statics = _gpu_statics(strategy, layout, active, all_chunks)
+    static_comps: dict[Component, int] = {}
+    _add(static_comps, statics)
+    static_total = sum(static_comps.values())
+    static_reserved = _segments(statics)
+
+    total = live.sum(axis=0)
+    t = int(np.argmax(total))
+    gpu = {c: int(live[i, t]) for i, c in enumerate(COMPONENTS)}
+    for c, b in static_comps.items():
+        gpu[c] = gpu.get(c, 0) + b
+    gpu_peak = int(total[t]) + static_total
+    gpu_reserved = int(reserved.max()) + static_reserved  # reserved only grows: its high-water mark
+
+    temps = _optimizer_temps(strategy, layout, active)
+    if temps:  # the optimizer step after backward: what is left at the end, plus temporaries
+        end = {c: int(live[i, -1]) for i, c in enumerate(COMPONENTS)}
+        for c, b in static_comps.items():
+            end[c] = end.get(c, 0) + b
+        _add(end, temps)
+        opt_peak = sum(end.values())
+        gpu_reserved = max(gpu_reserved, int(reserved.max()) + static_reserved + _segments(temps))
+        if opt_peak > gpu_peak:
+            gpu, gpu_peak = end, opt_peak
+    gpu = {c: b for c, b in gpu.items() if b}
+    assert sum(gpu.values()) == gpu_peak
+
+    host, disk = _host_and_disk(strategy, layout, active)
+    elem = layout.elem_bytes
+    master, moments = _state_per_param(elem)
+    step_params = sum(active.tensor_bytes) // elem
+    work = StepWork(
+        flops=traced.flops,
+        params_step=step_params,
+        elem_bytes=elem,
+        switch_state_bytes=2 * (master + moments) * step_params,
+        stream_weight_bytes=layout.num_layers * layout.layer_weight_bytes,
+        state_bytes_step=(master + moments) * step_params,
+        dtype=dtype,
+    )
+    parts = predict_step_time(work, strategy, hw)
+    return Estimate(
+        strategy=strategy,
+        peak_bytes={Tier.GPU: gpu_peak, Tier.HOST: sum(host.values()), Tier.DISK: sum(disk.values())},
+        components={Tier.GPU: gpu, Tier.HOST: host, Tier.DISK: disk},
+        reserved_bytes=max(gpu_reserved, gpu_peak),
+        step_time_s=float(sum(parts.values())),
+        step_time_parts_s=parts,
+        worst_chunk=active.chunk,
+        context_bytes=CUDA_CONTEXT_BYTES,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _active_sets(model: "ModelSpec", shape: "StepShape", strategy: Strategy, layout: ParamLayout
+                 ) -> tuple[list[tuple[ActiveSet, dict | None, int]], tuple[int, ...]]:
+    """(active set, grad spec, weight = chunks it stands for) per chunk to trace; chunk sizes."""
+    if strategy.chunks == 1:
+        return [(ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes), None, 1)], (layout.total_bytes,)
+    table = chunk_table(model, shape.dtype, strategy.chunks)
+    sizes = tuple(table.chunk_bytes(k) for k in range(table.num_chunks))
+    depth = min(strategy.prefetch_depth, strategy.chunks - 1) if strategy.moves_state else 0
+    out = []
+    for group in chunk_groups(table, layout.layer_prefix):
+        k = group[0]
+        nxt = tuple(sizes[(k + i) % table.num_chunks] for i in range(1, depth + 1))
+        active = ActiveSet(chunk=k, tensor_bytes=tuple(s.nbytes for s in table.chunks[k]), prefetch_bytes=nxt)
+        out.append((active, table.grad_spec(k), len(group)))
+    return out, sizes
+
+
+def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any) -> Estimate:
+    """Predicted peaks (GPU, host, disk), component breakdowns, reserved bytes and step time.
+
+    For C > 1 the reported estimate is the worst traced chunk's (highest GPU need); its step
+    time is the mean over all chunks (each group's representative standing for its members)."""
+    if not isinstance(strategy, Strategy):
+        raise ChunkftError(f"expected a Strategy, got {type(strategy).__name__}")
+    layout = param_layout(model, shape.dtype)
+    sets, sizes = _active_sets(model, shape, strategy, layout)
+    sm = _sm(hw)
+    estimates = []
+    for active, grad, weight in sets:
+        traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
+                             loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm)
+        estimates.append((combine(traced, strategy, layout, active, hw, dtype=shape.dtype, all_chunks=sizes), weight))
+    worst = max(estimates, key=lambda ew: (ew[0].need_bytes(Tier.GPU), -(ew[0].worst_chunk or 0)))[0]
+    if len(estimates) == 1:
+        return worst
+    n = sum(w for _, w in estimates)
+    parts: dict[str, float] = {}
+    for e, w in estimates:
+        for k, v in e.step_time_parts_s.items():
+            parts[k] = parts.get(k, 0.0) + v * w / n
+    return dataclasses.replace(worst, step_time_s=float(sum(parts.values())), step_time_parts_s=parts)
+
+
+def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any,
+                 chunk: int | None = None) -> list[Event]:
+    """GPU events of one step: one OP event per traced op, then the optimizer step, then the end.
+
+    `chunk` picks the active chunk (C > 1; default: the worst one evaluate reports)."""
+    layout = param_layout(model, shape.dtype)
+    sets, sizes = _active_sets(model, shape, strategy, layout)
+    if strategy.chunks > 1:
+        if chunk is None:
+            chunk = evaluate(model, shape, strategy, hw).worst_chunk
+        table = chunk_table(model, shape.dtype, strategy.chunks)
+        if not 0 <= chunk < table.num_chunks:
+            raise ChunkftError(f"chunk {chunk} does not exist; valid chunks are 0..{table.num_chunks - 1}")
+        depth = min(strategy.prefetch_depth, strategy.chunks - 1) if strategy.moves_state else 0
+        nxt = tuple(sizes[(chunk + i) % table.num_chunks] for i in range(1, depth + 1))
+        active = ActiveSet(chunk=chunk, tensor_bytes=tuple(s.nbytes for s in table.chunks[chunk]),
+                           prefetch_bytes=nxt)
+        grad = table.grad_spec(chunk)
+    else:
+        active, grad, _ = sets[0]
+    traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
+                         loss_chunk_tokens=strategy.loss_chunk_tokens, sm=_sm(hw))
+    return timeline_events(traced, strategy, layout, active, all_chunks=sizes)
+
+
+def timeline_events(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active: ActiveSet,
+                    *, all_chunks: tuple[int, ...] = ()) -> list[Event]:
+    live, reserved = adjusted_gpu_live(traced, strategy, layout, active)
+    statics = _gpu_statics(strategy, layout, active, all_chunks)
+    static_comps: dict[Component, int] = {}
+    _add(static_comps, statics)
+    static_reserved = _segments(statics)
+    events = []
+    run_reserved = 0
+    for t in range(live.shape[1]):
+        comps = {c: int(live[i, t]) + static_comps.get(c, 0) for i, c in enumerate(COMPONENTS)}
+        run_reserved = max(run_reserved, int(reserved[t]) + static_reserved)
+        alloc = sum(comps.values())
+        events.append(Event(t=float(t), event=EventKind.OP, tier=Tier.GPU, allocated=alloc,
+                            reserved=max(run_reserved, alloc), bytes={c: b for c, b in comps.items() if b},
+                            phase=traced.phases[t] if traced.phases else None,
+                            layer=traced.layers[t] if traced.layers else None, chunk=active.chunk))
+    n = live.shape[1]
+    end = {c: int(live[i, -1]) + static_comps.get(c, 0) for i, c in enumerate(COMPONENTS)}
+    temps = _optimizer_temps(strategy, layout, active)
+    opt = dict(end)
+    _add(opt, temps)
+    opt_reserved = max(run_reserved + _segments(temps), sum(opt.values()))
+    events.append(Event(t=float(n), event=EventKind.OPTIMIZER_STEP, tier=Tier.GPU, allocated=sum(opt.values()),
+                        reserved=opt_reserved, bytes={c: b for c, b in opt.items() if b},
+                        phase=Phase.OPTIMIZER, chunk=active.chunk, name="AdamW"))
+    events.append(Event(t=float(n + 1), event=EventKind.STEP_END, tier=Tier.GPU, allocated=sum(end.values()),
+                        reserved=opt_reserved, bytes={c: b for c, b in end.items() if b},
+                        chunk=active.chunk))
+    return events
