@@ -76,9 +76,42 @@ def comparison_summary(comparison) -> list[str]:
     return lines
 
 
-def run_report(args: argparse.Namespace) -> int:
-    from analysis.sweep import write_plan_report
+def _int_list(text: str, what: str) -> list[int]:
+    from planner.errors import ChunkftError
 
-    html_path, md_path = write_plan_report(args)
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise ChunkftError(f"invalid {what} {text!r}: expected comma-separated positive integers, e.g. 512,1024")
+    return values
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_plan_report
+    from analysis.sweep import gpu_catalogue, run_sweep
+    from planner.evaluate import evaluate
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.strategy import Budget
+    from planner.trace import StepShape
+    from planner.units import parse_bytes
+
+    seq_lens = _int_list(args.seq, "--seq")
+    batches = _int_list(args.batch, "--batch")
+    chunks = _int_list(args.chunks, "--chunks")
+    budget = Budget(gpu_bytes=parse_bytes(args.gpu, what="--gpu"),
+                    host_bytes=parse_bytes(args.host_ram, what="--host-ram") if args.host_ram else None)
+    model = resolve_model(args.model)
+    hw = hardware(args.hardware)
+
+    def make_shape(*, seq_len: int, batch: int):
+        return StepShape(seq_len=seq_len, batch=batch, dtype=args.dtype)
+
+    sweep = run_sweep(lambda shape, strategy: evaluate(model, shape, strategy, hw), make_shape,
+                      model=args.model, budget=budget, gpu_profile=hw.gpu.name, catalogue=gpu_catalogue(),
+                      seq_lens=seq_lens, batches=batches, chunk_counts=chunks)
+    html_path, md_path = write_plan_report(sweep, Path(args.out))
     print(f"wrote {html_path} and {md_path}")
     return 0

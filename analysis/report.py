@@ -181,4 +181,31 @@ def _fmt(value, format_bytes) -> str:
         return "n/a"
 
 
-__all__ = ["Report", "write_compare_report"]
+def write_plan_report(sweep, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Fit map, chunk sweep and sizing figures, their tables (also as CSV) and the report."""
+    from analysis import plan_plots
+    from planner.units import format_bytes
+
+    report = Report(Path(out_dir), f"chunkft: what fits for {sweep.model}")
+    report.text(f"Budget: {format_bytes(sweep.budget.gpu_bytes)} GPU (what the caching allocator may "
+                f"reserve), host {format_bytes(sweep.budget.host_bytes) if sweep.budget.host_bytes else 'unlimited'}. "
+                f"Step times predicted for {sweep.gpu_profile}.")
+    report.heading("Fit map")
+    report.figure("fit_map", plan_plots.fit_map(sweep), "Green: every tier fits the budget.")
+    report.heading("Chunk count")
+    report.figure("chunk_sweep", plan_plots.chunk_sweep(sweep))
+    report.table(["family", "chunks", "GPU need", "host", "step time", "fits"],
+                 [[r.family, str(r.chunks), format_bytes(r.gpu_need_bytes), format_bytes(r.host_bytes),
+                   f"{r.step_time_s:.3g} s", "yes" if r.fits else "no"]
+                  for r in sweep.chunk_sweep.itertuples(index=False)])
+    report.heading("Sizing across the GPU catalogue")
+    report.figure("sizing", plan_plots.sizing(sweep))
+    report.table(["strategy", "card needs", "host", "step time", "catalogue GPUs that suffice"],
+                 [[r.strategy, format_bytes(r.card_bytes), format_bytes(r.host_bytes), f"{r.step_time_s:.3g} s",
+                   r.gpus_that_fit or "none (shard across GPUs)"] for r in sweep.sizing.itertuples(index=False)])
+    for name in ("fit_map", "chunk_sweep", "sizing"):
+        atomic_write_text(report.out_dir / f"{name}.csv", getattr(sweep, name).to_csv(index=False))
+    return report.write()
+
+
+__all__ = ["Report", "write_compare_report", "write_plan_report"]

@@ -341,3 +341,79 @@ def test_cli_compare_bad_input_exits_2(tmp_path, capsys, main):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is truncated" in err and "trace.jsonl" in err
     assert not (tmp_path / "r").exists()
+
+
+# -- the planning report -------------------------------------------------------------------
+
+def fake_evaluate(shape, strategy):
+    """A hand-checkable cost model: 10 GiB fixed, 1 MiB per token (a quarter with
+    checkpointing), 8 GiB of optimizer state split over the chunks (only the active one on
+    the GPU unless state rests on the GPU), 0.5 GiB of CUDA context; 0.1 s per 1K tokens."""
+    from planner.strategy import Estimate, OptimizerDevice
+
+    tokens = shape.seq_len * shape.batch
+    act = tokens * MIB // (4 if strategy.checkpointing else 1)
+    state = 8 * GIB
+    if strategy.optimizer_device == OptimizerDevice.HOST:
+        on_gpu, on_host = 0, state
+    elif strategy.state_tier == Tier.GPU:
+        on_gpu, on_host = state, 0
+    else:
+        on_gpu, on_host = state // strategy.chunks, state - state // strategy.chunks
+    gpu = 10 * GIB + act + on_gpu
+    return Estimate(strategy=strategy, peak_bytes={Tier.GPU: gpu, Tier.HOST: on_host},
+                    components={Tier.GPU: {Component.WEIGHTS: gpu}, Tier.HOST: {Component.OPTIMIZER: on_host}},
+                    reserved_bytes=gpu, step_time_s=0.1 * tokens / 1024 + 0.01 * strategy.chunks,
+                    worst_chunk=None, context_bytes=GIB // 2)
+
+
+def fake_sweep():
+    from analysis.sweep import run_sweep
+    from planner.strategy import Budget
+    from planner.trace import StepShape
+
+    catalogue = pd.DataFrame({"gpu": ["small", "mid", "big"], "memory_bytes": [16 * GIB, 24 * GIB, 80 * GIB]})
+    calls = []
+
+    def counting(shape, strategy):
+        calls.append((shape, strategy))
+        return fake_evaluate(shape, strategy)
+
+    sweep = run_sweep(counting, lambda **kw: StepShape(**kw), model="fake-8b", budget=Budget(gpu_bytes=24 * GIB),
+                      gpu_profile="rtx4090", catalogue=catalogue, seq_lens=[1024, 4096, 8192], batches=[1, 2],
+                      chunk_counts=[1, 4, 16])
+    return sweep, calls
+
+
+def test_sweep_tables():
+    sweep, calls = fake_sweep()
+    assert len(calls) == len(set(calls))  # each (shape, strategy) evaluated once
+    fm = sweep.fit_map.set_index(["strategy", "seq_len", "batch"])
+    assert len(fm) == 6 * 3 * 2
+    # full FT: 10 + 8 GiB + 1 MiB/token -> fits at 4K (22 GiB), not at 8K (26 GiB) within 24 GiB
+    assert fm.loc[("full FT", 4096, 1), "gpu_need_bytes"] == 22 * GIB and fm.loc[("full FT", 4096, 1), "fits"]
+    assert not fm.loc[("full FT", 8192, 1), "fits"] and not fm.loc[("full FT", 4096, 2), "fits"]
+    # ChunkFT C=8 with checkpointing: 10 + 1 + 8192 tokens / 4 MiB = 13 GiB at 8K
+    c8 = "ChunkFT C=8, state host, ckpt"
+    assert fm.loc[(c8, 8192, 1), "gpu_need_bytes"] == 13 * GIB and fm.loc[(c8, 8192, 1), "host_bytes"] == 7 * GIB
+    # reference shape: middle sequence length, smallest batch
+    assert (sweep.reference_seq_len, sweep.reference_batch) == (4096, 1)
+    cs = sweep.chunk_sweep.set_index(["family", "chunks"])
+    assert cs.loc[("ChunkFT, state host", 1), "gpu_need_bytes"] == 22 * GIB
+    assert cs.loc[("ChunkFT, state host", 16), "gpu_need_bytes"] == 14 * GIB + GIB // 2
+    assert cs.loc[("ChunkFT, state host, ckpt", 4), "step_time_s"] == pytest.approx(0.44)
+    sz = sweep.sizing.set_index("strategy")
+    # full FT at 4K: 22 GiB + 0.5 GiB context -> not the 16 GiB card
+    assert sz.loc["full FT", "card_bytes"] == 22 * GIB + GIB // 2 and sz.loc["full FT", "gpus_that_fit"] == "mid, big"
+    assert sz.loc["ChunkFT C=32, state host, ckpt", "gpus_that_fit"] == "small, mid, big"
+
+
+def test_write_plan_report(tmp_path):
+    from analysis.report import write_plan_report
+
+    sweep, _ = fake_sweep()
+    html_path, md_path = write_plan_report(sweep, tmp_path / "r")
+    assert html_path.read_text().count("data:image/png;base64,") == 3
+    for name in ("fit_map.png", "chunk_sweep.png", "sizing.png", "fit_map.csv", "sizing.csv"):
+        assert (tmp_path / "r" / name).is_file()
+    assert "| full FT | 22.50 GiB |" in md_path.read_text()
