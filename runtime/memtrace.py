@@ -1,0 +1,130 @@
+"""The runtime's measured memory trace, in the simulator's event schema (planner.schema).
+
+Every event records, for the compute tier (Tier.GPU, which is the CPU itself in a CPU-only run),
+what the process allocator says and what the runtime's own accounting says:
+  - on CUDA: `allocated` = torch.cuda.memory_allocated, `reserved` = memory_reserved, `peak` =
+    max_memory_allocated since the previous event (the counter is reset after each read);
+  - on CPU: `allocated` = glibc mallinfo2 (uordblks + hblkhd) minus the baseline taken when the
+    trace started, `reserved` = the same (no caching allocator), `peak` = None (sampled only
+    at events; an op-level peak needs planner.measure's dispatch-mode sampler).
+`bytes` is the runtime's accounting per Component on that tier (weights, gradients, masters,
+moments). Host and disk tiers get their own events whenever their accounted bytes change
+(chunk switches, transfers): `allocated` there is the accounted total.
+
+Events come from module hooks (a decoder layer starts, in forward, recompute or backward) and
+from the training loop (phase starts, optimizer step, chunk switch, step end). The file is
+written atomically at the end and whenever `flush()` is called.
+
+Known limitations: CPU events sample between ops, so a CPU trace's `allocated` misses the
+transient peak inside an op; host-tier bytes are accounted, not measured.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+
+from planner.fsio import atomic_write_jsonl
+from planner.schema import TIMELINE_SCHEMA_VERSION, Component, Event, EventKind, Phase, Tier
+
+Accounting = Callable[[], dict[Tier, dict[Component, int]]]
+"""Returns the runtime's live bytes per tier and component (the trainer provides it)."""
+
+
+def _cpu_allocated_bytes() -> int:
+    """Bytes the process has allocated through malloc (planner.measure's reading)."""
+    from planner.measure import malloc_in_use_bytes
+
+    return malloc_in_use_bytes()
+
+
+class TraceWriter:
+    """Collects `Event`s for one run and writes them as a trace file (header + events)."""
+
+    def __init__(self, path: str | os.PathLike | None, *, device: torch.device, accounting: Accounting,
+                 model_fingerprint: str, plan_fingerprint: str | None, extra_header: dict | None = None) -> None:
+        self.path = path
+        self.device = torch.device(device)
+        self.accounting = accounting
+        self.events: list[Event] = []
+        self.header = {"event": EventKind.HEADER.value, "schema_version": TIMELINE_SCHEMA_VERSION, "kind": "trace",
+                       "t_unit": "s", "model_fingerprint": model_fingerprint, "plan_fingerprint": plan_fingerprint,
+                       "device": str(self.device),
+                       "allocator": "cuda" if self.device.type == "cuda" else "cpu", **(extra_header or {})}
+        self.step = 0
+        self.phase: Phase | None = None
+        self.chunk: int | None = None
+        self._t0 = time.perf_counter()
+        self._last_offtier: dict[Tier, dict[Component, int]] = {}
+        self._hooks: list = []
+        self._layer_index: dict[int, int] = {}
+        self.cpu_baseline_bytes = 0 if self.device.type == "cuda" else _cpu_allocated_bytes()
+        self.header["cpu_baseline_bytes"] = self.cpu_baseline_bytes
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _measure(self) -> tuple[int, int, int | None]:
+        if self.device.type == "cuda":
+            allocated = torch.cuda.memory_allocated(self.device)
+            reserved = torch.cuda.memory_reserved(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return allocated, reserved, peak
+        allocated = _cpu_allocated_bytes() - self.cpu_baseline_bytes
+        return allocated, allocated, None
+
+    def record(self, kind: EventKind, *, phase: Phase | None = None, layer: int | None = None,
+               name: str | None = None) -> None:
+        """Append one compute-tier event, plus host/disk events where their bytes changed."""
+        if phase is not None:
+            self.phase = phase
+        allocated, reserved, peak = self._measure()
+        tiers = self.accounting()
+        t = time.perf_counter() - self._t0
+        self.events.append(Event(t=t, event=kind, tier=Tier.GPU, allocated=allocated, reserved=reserved,
+                                 bytes=dict(tiers.get(Tier.GPU, {})), phase=self.phase, step=self.step,
+                                 layer=layer, chunk=self.chunk, name=name, peak=peak))
+        for tier in (Tier.HOST, Tier.DISK):
+            now = dict(tiers.get(tier, {}))
+            if now != self._last_offtier.get(tier, {}):
+                total = sum(now.values())
+                self.events.append(Event(t=t, event=EventKind.TRANSFER if kind == EventKind.CHUNK_SWITCH else kind,
+                                         tier=tier, allocated=total, reserved=total, bytes=now, phase=self.phase,
+                                         step=self.step, chunk=self.chunk, name=name))
+                self._last_offtier[tier] = now
+
+    # -- module hooks -------------------------------------------------------------------------
+    def attach(self, layers: list[torch.nn.Module]) -> None:
+        """Record a LAYER event when each decoder layer starts: in forward, in recompute
+        (activation checkpointing re-runs the forward inside backward) and in backward."""
+        for index, layer in enumerate(layers):
+            self._hooks.append(layer.register_forward_pre_hook(self._forward_hook(index)))
+            self._hooks.append(layer.register_full_backward_pre_hook(self._backward_hook(index)))
+
+    def _forward_hook(self, index: int):
+        def hook(module, args):
+            in_backward = self.phase in (Phase.BACKWARD, Phase.RECOMPUTE)
+            self.record(EventKind.LAYER, phase=Phase.RECOMPUTE if in_backward else Phase.FORWARD, layer=index)
+        return hook
+
+    def _backward_hook(self, index: int):
+        def hook(module, grad_output):
+            self.record(EventKind.LAYER, phase=Phase.BACKWARD, layer=index)
+        return hook
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # -- output -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write the whole trace so far, atomically (a reader never sees half a file)."""
+        if self.path is not None:
+            atomic_write_jsonl(self.path, [self.header] + [e.to_json() for e in self.events])
+
+    def peak(self, tier: Tier = Tier.GPU) -> int:
+        """Largest measured (`peak`, else `allocated`) bytes over the events of `tier`."""
+        return max((e.peak if e.peak is not None else e.allocated) for e in self.events if e.tier == tier)
