@@ -1,0 +1,552 @@
+"""Trace one real training step of a causal LM under FakeTensorMode into an OpGraph.
+
+The model is built on the meta device (no storage), materialised as fake *cpu* tensors, and
+one step (`planner.step.step_loss` plus `backward()`) of the real transformers code runs under
+a recording TorchDispatchMode. Fake tensors carry shapes, dtypes and storages but no data, and
+Python frees them exactly when it would free real ones, so the recording is the real order of
+allocations and frees. For every aten op we keep its name, module, phase, decoder layer,
+input/output storages, allocated bytes and flops; for every storage its bytes, the op that
+allocated it, the op after which it died (weak-reference callbacks on the untyped storage, as
+torch.distributed._tools.mem_tracker does), whether autograd saved it
+(`torch.autograd.graph.saved_tensors_hooks`) and its memory Component.
+
+Why fake cpu and not meta or fake cuda: on meta, SDPA falls back to a math path that keeps
+full attention-score tensors that no GPU run keeps; fake cuda tensors abort in backward on a
+CPU-only torch build. CUDA's differences (caching allocator, cuBLAS workspace) are modelled in
+planner.memory.
+
+Known limitations: scratch buffers a kernel allocates and frees inside one op are invisible
+(to the real per-op CPU measurement as well); ops run by autograd in another thread (CUDA
+devices) are not a concern on fake cpu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from planner.errors import ChunkftError
+
+if TYPE_CHECKING:
+    import torch
+
+    from planner.model import ModelSpec
+    from planner.opgraph import OpGraph
+
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StepShape:
+    """The shape of one training step's batch."""
+
+    batch: int = 1
+    seq_len: int = 1024
+    dtype: str = "bf16"
+    """Training dtype of weights and activations: "bf16" | "fp16" | "fp32"."""
+
+    def __post_init__(self):
+        if not isinstance(self.batch, int) or self.batch <= 0:
+            raise ChunkftError(f"invalid batch size {self.batch!r}: must be a positive integer")
+        if not isinstance(self.seq_len, int) or self.seq_len <= 0:
+            raise ChunkftError(f"invalid sequence length {self.seq_len!r}: must be a positive integer")
+        if self.dtype not in DTYPES:
+            raise ChunkftError(f"invalid dtype {self.dtype!r}: valid dtypes are {', '.join(DTYPES)}")
+
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TraceOptions:
+    """What the traced step does besides forward and backward."""
+
+    grad: dict[str, Any] | None = None
+    """GradSpec: parameter name -> True (full grad) / False (none) / SliceSpec (sub-tensor grad).
+    None = every parameter gets a full gradient; names missing from a dict get none."""
+    checkpointing: bool = False
+    """Per-decoder-layer activation checkpointing (HF gradient checkpointing, non-reentrant)."""
+    loss_chunk_tokens: int = 0
+    """0 = HF's own loss; > 0 = lm_head + cross-entropy over chunks of this many tokens."""
+    replicate: bool = True
+    """Trace template layers and replicate them to full depth (else trace every layer)."""
+
+    def __post_init__(self):
+        if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
+            raise ChunkftError(f"invalid loss_chunk_tokens {self.loss_chunk_tokens!r}: "
+                               "must be 0 (no chunking) or a positive token count")
+
+    def key(self) -> tuple:
+        """Hashable identity (GradSpec dicts are not hashable)."""
+        grad = None if self.grad is None else tuple(sorted((k, _grad_key(v)) for k, v in self.grad.items()))
+        return (grad, self.checkpointing, self.loss_chunk_tokens, self.replicate)
+
+
+def _grad_key(v: Any) -> Any:
+    if isinstance(v, bool):
+        return v
+    return ("slice", v.dim, v.start, v.end)
+
+
+def trace_step(model: "ModelSpec", shape: StepShape, options: TraceOptions = TraceOptions()) -> "OpGraph":
+    """The op graph of one training step of `model` at `shape` under `options`.
+
+    With `options.replicate` (the default) a few template decoder layers are traced and
+    replicated to full depth (planner.replicate); without it every layer is traced.
+    """
+    if options.replicate:
+        from planner.replicate import replicated_trace
+
+        return replicated_trace(model, shape, options)
+    return trace_full(model, shape, options)
+
+
+def trace_full(model: "ModelSpec", shape: StepShape, options: TraceOptions, *,
+               num_layers: int | None = None, grad: dict[str, Any] | None | bool = False) -> "OpGraph":
+    """Trace every layer of `model` (built with `num_layers` layers if given).
+
+    `grad` overrides `options.grad` when given (used for templates, whose parameter names
+    differ from the full model's); False = use `options.grad`.
+    """
+    module = model.build(num_layers=num_layers, dtype=shape.torch_dtype(), device="meta")
+    layer_prefix = _layer_prefix(module)
+    return trace_module(module, shape, options, layer_prefix=layer_prefix,
+                        grad=options.grad if grad is False else grad)
+
+
+def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOptions, *,
+                 layer_prefix: str | None, grad: dict[str, Any] | None) -> "OpGraph":
+    """Trace one step of an already built (meta) module. Consumes the module."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from planner.step import enable_checkpointing, step_loss
+
+    # The meta parameters are the one non-fake input: empty_like turns them into fake cpu tensors.
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        module.to_empty(device="cpu")
+        fake_mode.allow_non_fake_inputs = False
+        assert all(isinstance(p, FakeTensor) for p in module.parameters()), "parameters must be fake"
+        handle = _apply_grad_spec(module, grad)
+        if options.checkpointing:
+            enable_checkpointing(module)
+        module.train()
+        vocab = _vocab_size(module)
+        input_ids = torch.randint(0, vocab, (shape.batch, shape.seq_len))
+        labels = torch.randint(0, vocab, (shape.batch, shape.seq_len))
+
+        recorder = StepRecorder(module, layer_prefix=layer_prefix)
+        with recorder.recording(inputs=(input_ids, labels)):
+            loss = step_loss(module, input_ids, labels, loss_chunk_tokens=options.loss_chunk_tokens)
+            recorder.start_backward(loss)
+            if loss.requires_grad:
+                loss.backward()
+            del loss
+            grads = _final_grads(module, handle)
+            recorder.mark_gradients(grads)
+            del grads
+        if handle is not None:
+            handle.remove()
+    return recorder.to_opgraph()
+
+
+def _layer_prefix(module: "torch.nn.Module") -> str | None:
+    """Path of the ModuleList of identical blocks holding the most parameters (the decoder layers)."""
+    import torch
+
+    best, best_numel = None, 0
+    for name, child in module.named_modules():
+        if isinstance(child, torch.nn.ModuleList) and len(child) > 0 and len({type(m) for m in child}) == 1:
+            numel = sum(p.numel() for p in child.parameters())
+            if numel > best_numel:
+                best, best_numel = name, numel
+    return best
+
+
+def _vocab_size(module: "torch.nn.Module") -> int:
+    emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    if emb is not None and hasattr(emb, "num_embeddings"):
+        return int(emb.num_embeddings)
+    vocab = getattr(getattr(module, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise ChunkftError(f"cannot tell the vocabulary size of {type(module).__name__}: "
+                           "it has no input embedding and no config.vocab_size")
+    return int(vocab)
+
+
+def _apply_grad_spec(module: "torch.nn.Module", grad: dict[str, Any] | None):
+    """Set requires_grad per the GradSpec; slices go through runtime.subgrad when it exists."""
+    if grad is None:
+        for p in module.parameters():
+            p.requires_grad_(True)
+        return None
+    names = dict(module.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(grad) - set(names))
+    if unknown:
+        valid = ", ".join(list(names)[:5])
+        raise ChunkftError(f"grad spec names unknown parameters {unknown[:5]}: valid names look like {valid}, ...")
+    has_slices = any(not isinstance(v, bool) for v in grad.values())
+    if has_slices:
+        try:
+            from runtime.subgrad import install
+        except ImportError:
+            install = None
+        if install is not None:
+            return install(module, grad)
+    # Tied parameters appear under several names: one True among them makes the tensor trainable.
+    wanted = {id(p): False for p in names.values()}
+    for name, p in names.items():
+        spec = grad.get(name, False)
+        # TODO(subgrad): without runtime.subgrad a SliceSpec is traced as a full gradient.
+        wanted[id(p)] = wanted[id(p)] or (spec is not False)
+    for p in names.values():
+        p.requires_grad_(wanted[id(p)])
+    return None
+
+
+def _final_grads(module: "torch.nn.Module", handle) -> list["torch.Tensor"]:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if handle is not None and hasattr(handle, "grads"):
+        grads.extend(handle.grads().values())
+    return grads
+
+
+# ---------------------------------------------------------------------------- recording
+
+class StepRecorder:
+    """Records ops, storages, phases and layers of one step; `to_opgraph()` gives the result.
+
+    Phase and layer come from hooks, not from patching: global module forward hooks keep the
+    module path; each decoder layer's forward hooks set the layer (and RECOMPUTE when they run
+    inside backward, as checkpointing re-runs the forward); tensor hooks on each layer's
+    output and input mark where that layer's backward starts and ends; hooks on the output
+    embedding bracket the LOSS phase (lm_head, loss, and their backward).
+    """
+
+    def __init__(self, module: "torch.nn.Module", *, layer_prefix: str | None):
+        from planner.schema import Phase
+
+        self.module = module
+        self.layer_prefix = layer_prefix
+        self.layers = list(module.get_submodule(layer_prefix)) if layer_prefix else []
+        self.head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+        self.head_name = _module_name(module, self.head)
+        weight = getattr(self.head, "weight", None)
+        self.head_weight_shape = None if weight is None else weight.shape
+        # (name, module, phase, recompute, layer, inputs, outputs, allocs, out_bytes, flops)
+        self.rows: list[tuple] = []
+        self.nbytes: list[int] = []
+        self.alloc_op: list[int | None] = []
+        self.free_op: list[int | None] = []
+        self.saved: list[bool] = []
+        self.kind: list[str | None] = []  # "weight" | "input" | "grad" | None
+        self._live: dict[int, int] = {}  # storage _cdata -> storage id, while alive
+        self._refs: dict[int, Any] = {}
+        self._closed = False
+        self.phase = Phase.FORWARD
+        self.layer: int | None = None
+        self.in_backward = False
+        self.first_backward_op: int | None = None
+        self._module_stack: list[str] = []
+        self._module_names = {id(m): n for n, m in module.named_modules()}
+        self._head_hooked = False
+
+    # -- storages
+
+    def storage_id(self, t: "torch.Tensor", alloc_op: int | None) -> tuple[int, bool]:
+        """(id, is_new) of `t`'s storage, registering it with `alloc_op` if unseen."""
+        st = t.untyped_storage()
+        key = st._cdata
+        sid = self._live.get(key)
+        if sid is not None:
+            return sid, False
+        import functools
+        import weakref
+
+        sid = len(self.nbytes)
+        self.nbytes.append(st.nbytes())
+        self.alloc_op.append(alloc_op)
+        self.free_op.append(None)
+        self.saved.append(False)
+        self.kind.append(None)
+        self._live[key] = sid
+        self._refs[sid] = weakref.ref(st, functools.partial(self._on_free, sid, key))
+        return sid, True
+
+    def _on_free(self, sid: int, key: int, _ref) -> None:
+        if self._closed:
+            return
+        self.free_op[sid] = len(self.rows) - 1
+        if self._live.get(key) == sid:
+            del self._live[key]
+
+    def _pack(self, t: "torch.Tensor") -> "torch.Tensor":
+        sid, _ = self.storage_id(t, None)
+        self.saved[sid] = True
+        return t
+
+    @staticmethod
+    def _unpack(t: "torch.Tensor") -> "torch.Tensor":
+        return t
+
+    def mark_gradients(self, grads: list["torch.Tensor"]) -> None:
+        for g in grads:
+            sid, _ = self.storage_id(g, None)
+            self.kind[sid] = "grad"
+
+    # -- one op
+
+    def record(self, func, args, kwargs, out) -> None:
+        import torch
+        from torch.utils.flop_counter import flop_registry
+
+        index = len(self.rows)
+        inputs = []
+        for t in _tensors(args, kwargs):
+            sid, _ = self.storage_id(t, None)
+            inputs.append(sid)
+        outputs, allocs, out_bytes = [], [], 0
+        for t in _tensors(out, None):
+            sid, new = self.storage_id(t, index)
+            outputs.append(sid)
+            if new:
+                allocs.append(sid)
+                out_bytes += self.nbytes[sid]
+                if self.in_backward and t.shape == self.head_weight_shape:
+                    self.kind[sid] = "grad"  # an output-embedding gradient contribution (chunked loss)
+        flop_fn = flop_registry.get(func._overloadpacket)
+        flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
+        # Autograd runs backward functions with grad mode off (no create_graph); checkpointing
+        # re-runs the forward under enable_grad. So a grad-mode op inside backward is a recompute.
+        recompute = self.in_backward and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
+        self.rows.append((str(func), self._module_path(), self.phase, recompute, self.layer, tuple(inputs),
+                          tuple(outputs), tuple(allocs), out_bytes, flops))
+
+    def _module_path(self) -> str:
+        if self._module_stack:
+            return self._module_stack[-1]
+        if self.layer is not None:
+            return f"{self.layer_prefix}.{self.layer}"
+        if self.phase.value == "loss":
+            return self.head_name
+        return ""
+
+    # -- hooks
+
+    def start_backward(self, loss: "torch.Tensor") -> None:
+        from planner.schema import Phase
+
+        self.in_backward = True
+        self.first_backward_op = len(self.rows)
+        self.layer = None
+        self.phase = Phase.LOSS if self._head_hooked else Phase.BACKWARD
+
+    def _install_hooks(self) -> list:
+        import functools
+
+        import torch
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        handles = [register_module_forward_pre_hook(self._push_module),
+                   register_module_forward_hook(self._pop_module, always_call=True)]
+        for i, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_pre_hook(functools.partial(self._layer_enter, i), with_kwargs=True))
+            handles.append(layer.register_forward_hook(functools.partial(self._layer_exit, i), always_call=True))
+        if isinstance(self.head, torch.nn.Module):
+            handles.append(self.head.register_forward_pre_hook(self._head_enter))
+        return handles
+
+    def _push_module(self, module, args) -> None:
+        self._module_stack.append(self._module_names.get(id(module), type(module).__name__))
+
+    def _pop_module(self, module, args, output) -> None:
+        if self._module_stack:
+            self._module_stack.pop()
+
+    def _layer_enter(self, i: int, module, args, kwargs) -> None:
+        from planner.schema import Phase
+
+        if self.in_backward:
+            return  # a recompute that runs the layer's hooks again: phase comes from grad mode
+        self.layer = i
+        hidden = _first_tensor(args, kwargs)
+        if hidden is not None and hidden.requires_grad:
+            import functools
+
+            hidden.register_hook(functools.partial(self._backward_layer_end, i))
+
+    def _layer_exit(self, i: int, module, args, output) -> None:
+        if self.in_backward:
+            return
+        self.layer = None
+        hidden = _first_tensor(output, None)
+        if hidden is not None and hidden.requires_grad:
+            import functools
+
+            hidden.register_hook(functools.partial(self._backward_layer_start, i))
+
+    def _backward_layer_start(self, i: int, grad) -> None:
+        from planner.schema import Phase
+
+        self.phase, self.layer = Phase.BACKWARD, i
+
+    def _backward_layer_end(self, i: int, grad) -> None:
+        if self.layer == i:
+            self.layer = None
+
+    def _head_enter(self, module, args) -> None:
+        from planner.schema import Phase
+
+        if self.in_backward or self._head_hooked:
+            return
+        self._head_hooked = True
+        self.phase, self.layer = Phase.LOSS, None
+        hidden = _first_tensor(args, None)
+        if hidden is not None and hidden.requires_grad:
+            hidden.register_hook(self._loss_backward_end)
+
+    def _loss_backward_end(self, grad) -> None:
+        from planner.schema import Phase
+
+        if self.phase == Phase.LOSS:
+            self.phase = Phase.BACKWARD
+
+    # -- the recording context
+
+    def recording(self, *, inputs: tuple = ()):
+        import contextlib
+
+        import torch
+
+        @contextlib.contextmanager
+        def ctx():
+            for p in self.module.parameters():
+                self.kind[self.storage_id(p, None)[0]] = "weight"
+            for b in self.module.buffers():
+                self.kind[self.storage_id(b, None)[0]] = "weight"
+            for t in inputs:
+                self.kind[self.storage_id(t, None)[0]] = "input"
+            handles = self._install_hooks()
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack), _DispatchRecorder(self):
+                    yield self
+            finally:
+                self._closed = True
+                for h in handles:
+                    h.remove()
+
+        return ctx()
+
+    # -- result
+
+    def to_opgraph(self) -> "OpGraph":
+        from planner.opgraph import OpGraph, OpNode, StorageInfo
+        from planner.schema import Component, Phase
+
+        n = len(self.rows)
+        phases = [Phase.RECOMPUTE if r[3] else r[2] for r in self.rows]
+        in_loss = [r[2] == Phase.LOSS for r in self.rows]
+        first_bw = self.first_backward_op if self.first_backward_op is not None else n
+        # next_plain[k]: first op at or after k that is not a recompute op
+        next_plain = [n] * (n + 1)
+        for k in range(n - 1, -1, -1):
+            next_plain[k] = k if phases[k] != Phase.RECOMPUTE else next_plain[k + 1]
+        storages = {}
+        for sid in range(len(self.nbytes)):
+            a, f, kind = self.alloc_op[sid], self.free_op[sid], self.kind[sid]
+            last = n if f is None else f
+            if kind == "weight":
+                comp = Component.WEIGHTS
+            elif kind == "grad":
+                comp = Component.GRADIENTS
+            elif kind == "input" or a is None:
+                comp = Component.TEMPORARIES
+            elif in_loss[a]:
+                comp = Component.LOGITS  # lm_head output, the loss's fp32 copies, their gradients
+            elif self.saved[sid]:
+                comp = Component.ACTIVATIONS
+            elif phases[a] == Phase.FORWARD and last >= first_bw:
+                comp = Component.ACTIVATIONS  # e.g. a checkpointed layer's input, kept for recompute
+            elif phases[a] == Phase.RECOMPUTE and last >= next_plain[a]:
+                comp = Component.ACTIVATIONS  # recomputed and kept for this layer's backward
+            else:
+                comp = Component.TEMPORARIES
+            storages[sid] = StorageInfo(id=sid, nbytes=self.nbytes[sid], component=comp, alloc_op=a, free_op=f,
+                                        saved=self.saved[sid], layer=None if a is None else self.rows[a][4])
+        ops = [OpNode(index=i, name=r[0], module=r[1], phase=phases[i], layer=r[4], inputs=r[5], outputs=r[6],
+                      allocs=r[7], out_bytes=r[8], flops=r[9]) for i, r in enumerate(self.rows)]
+        return OpGraph(ops, storages, num_layers=len(self.layers) or None)
+
+
+def _make_dispatch_recorder():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DispatchRecorder(TorchDispatchMode):
+        """Runs each aten op (under the fake mode below it) and hands it to the StepRecorder."""
+
+        def __init__(self, recorder: StepRecorder):
+            super().__init__()
+            self.recorder = recorder
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            # prim ops (prim.device, prim.layout, ...) answer metadata queries; they allocate nothing.
+            if func.namespace != "prim":
+                self.recorder.record(func, args, kwargs, out)
+            return out
+
+    return DispatchRecorder
+
+
+def _DispatchRecorder(recorder: StepRecorder):
+    global _DISPATCH_RECORDER_CLASS
+    if _DISPATCH_RECORDER_CLASS is None:
+        _DISPATCH_RECORDER_CLASS = _make_dispatch_recorder()
+    return _DISPATCH_RECORDER_CLASS(recorder)
+
+
+_DISPATCH_RECORDER_CLASS = None
+
+
+def _tensors(args, kwargs) -> list:
+    import torch
+
+    found = []
+    stack = [args] if kwargs is None else [args, kwargs]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+    return found
+
+
+def _first_tensor(args, kwargs) -> "torch.Tensor | None":
+    import torch
+
+    if isinstance(args, torch.Tensor):
+        return args
+    for x in (args if isinstance(args, (list, tuple)) else ()):
+        if isinstance(x, torch.Tensor):
+            return x
+    if kwargs:
+        x = kwargs.get("hidden_states")
+        if isinstance(x, torch.Tensor):
+            return x
+    return None
+
+
+def _module_name(root, module) -> str:
+    if module is None:
+        return ""
+    for name, m in root.named_modules():
+        if m is module:
+            return name
+    return ""
