@@ -16,6 +16,9 @@ from planner.errors import ChunkftError
 # subcommand -> module that implements it (imported lazily: `chunkft fit` must start fast).
 SUBCOMMANDS: dict[str, str] = {
     "fit": "planner.fit",
+    "plan": "planner.plan_cli",
+    "simulate": "planner.plan_cli",
+    "size": "planner.plan_cli",
     "compare": "analysis.cli",
     "report": "analysis.cli",
 }
