@@ -41,10 +41,15 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from planner.schema import Tier
 from planner.strategy import Budget, Estimate, OptimizerDevice, Strategy, WeightResidency
+
+if TYPE_CHECKING:
+    from planner.hardware import Hardware
+    from planner.model import ModelSpec
+    from planner.trace import StepShape
 
 
 class Objective(str, enum.Enum):
@@ -267,3 +272,28 @@ def _infeasible(estimates: tuple[Estimate, ...], budget: Budget, objective: Obje
     return Solution(status=SolveStatus.INFEASIBLE, objective=objective, budget=budget, best=None,
                     closest=closest, missing_bytes=missing[closest], needed_bytes=needed,
                     estimates=estimates, space_size=space_size, pruned=pruned)
+
+
+def memory_representatives(strategies: Iterable[Strategy]) -> list[Strategy]:
+    """One strategy per memory group at its smallest prefetch depth and update interval.
+
+    By R1 and R2 it has the lowest peaks of its group on every tier, so the minimum need of
+    any tier over the space is a minimum over these (what `chunkft size` reports)."""
+    best: dict[Strategy, Strategy] = {}
+    for s in strategies:
+        key = _memory_group(s)
+        if key not in best or (s.prefetch_depth, s.update_interval) < (best[key].prefetch_depth,
+                                                                        best[key].update_interval):
+            best[key] = s
+    return list(best.values())
+
+
+def solve_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: Budget, *,
+                objective: Objective = Objective.MEMORY, space: SearchSpace | None = None,
+                prune: bool = True) -> Solution:
+    """`solve` over the default space of `model` with planner.evaluate as the cost model."""
+    from planner.evaluate import evaluate
+
+    if space is None:
+        space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
+    return solve(space, lambda s: evaluate(model, shape, s, hw), budget, objective=objective, prune=prune)

@@ -1,0 +1,213 @@
+"""`chunkft plan`, `chunkft simulate` and `chunkft size`: solve, replay and size from the shell.
+
+  chunkft plan MODEL [--gpu 24GiB] [--host-ram ..] [--disk ..] [--seq 1024] [--batch 1]
+               [--dtype bf16] [--gpu-kind rtx4090] [--objective memory|speed] [-o plan.json]
+      exit 0 with a plan written; exit 1 when nothing fits (what is missing, per tier).
+  chunkft simulate PLAN [-o timeline.jsonl] [--model SPEC] [--gpu-kind KIND]
+  chunkft size MODEL [--seq 1024] [--batch 1] [--dtype bf16] [--gpu-kind KIND]
+
+torch and transformers are imported inside run(), not at module top (CLI start-up time).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from planner.errors import ChunkftError
+from planner.units import describe_size, format_bytes, parse_bytes
+
+COMMANDS = ("plan", "simulate", "size")
+_TIERS_TEXT = {"gpu": "GPU", "host": "host RAM", "disk": "disk"}
+
+
+def add_parser(subparsers) -> None:
+    """Register plan, simulate and size. planner.cli calls this once per SUBCOMMANDS entry
+    naming this module; the first call registers all three, later calls do nothing."""
+    if "plan" in subparsers.choices:
+        return
+    p = subparsers.add_parser("plan", help="find the best plan that fits a memory budget",
+                              description="Search the strategy space for the best plan that fits every tier.")
+    p.add_argument("model", help="preset name, HF model directory, config.json, or package.module:function")
+    p.add_argument("--gpu", help="GPU memory budget, e.g. 24GiB or 80GB (default: the --gpu-kind card's memory "
+                                 "less the CUDA context)")
+    p.add_argument("--host-ram", help="host RAM budget (default: not limited)")
+    p.add_argument("--disk", help="disk budget (default: not limited)")
+    _shape_args(p)
+    p.add_argument("--gpu-kind", default="rtx4090", help="GPU profile for step times (default rtx4090)")
+    p.add_argument("--objective", choices=["memory", "speed"], default="memory",
+                   help="memory: fewest chunks first (default); speed: shortest step time first")
+    p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
+    p.set_defaults(run=run_plan)
+
+    s = subparsers.add_parser("simulate", help="predict a plan's memory timeline and step time",
+                              description="Replay a plan over the op graph: one step and one chunk switch.")
+    s.add_argument("plan", help="plan file from `chunkft plan`")
+    s.add_argument("-o", "--output", default="timeline.jsonl", help="timeline to write (default timeline.jsonl)")
+    s.add_argument("--model", help="model spec (default: the model named in the plan)")
+    s.add_argument("--gpu-kind", help="re-time on another GPU profile (default: the plan's)")
+    s.set_defaults(run=run_simulate)
+
+    z = subparsers.add_parser("size", help="what hardware a fine-tuning job needs",
+                              description="Minimum GPU memory, host RAM and disk per strategy family, "
+                                          "the catalogue GPUs that suffice, and sharded GPU counts.")
+    z.add_argument("model", help="preset name, HF model directory, config.json, or package.module:function")
+    _shape_args(z)
+    z.add_argument("--gpu-kind", default="rtx4090", help="GPU profile the estimates are made on")
+    z.set_defaults(run=run_size)
+
+
+def _shape_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq", type=int, default=1024, help="sequence length in tokens (default 1024)")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="training dtype")
+
+
+def _shape(args):
+    from planner.trace import StepShape
+
+    return StepShape(batch=args.batch, seq_len=args.seq, dtype=args.dtype)
+
+
+def _budget_line(budget) -> str:
+    parts = [f"GPU {describe_size(budget.gpu_bytes)}"]
+    for name, value in (("host RAM", budget.host_bytes), ("disk", budget.disk_bytes)):
+        parts.append(f"{name} {describe_size(value)}" if value is not None else f"{name} not limited")
+    return ", ".join(parts)
+
+
+def _components(comps: dict) -> str:
+    items = sorted(((c, b) for c, b in comps.items() if b), key=lambda cb: -cb[1])
+    return ", ".join(f"{c.value} {format_bytes(b)}" for c, b in items)
+
+
+def print_estimate(est, budget=None) -> None:
+    from planner.schema import Tier
+
+    for tier in Tier:
+        peak = est.peak_bytes.get(tier, 0)
+        if tier != Tier.GPU and not peak:
+            continue
+        limit = None if budget is None else budget.limit(tier)
+        of = f" of {format_bytes(limit)}" if limit is not None else ""
+        extra = f", reserved {format_bytes(est.reserved_bytes)}" if tier == Tier.GPU else ""
+        print(f"  {_TIERS_TEXT[tier.value]:<8} peak {format_bytes(peak)}{extra}{of}")
+        if est.components.get(tier):
+            print(f"           {_components(est.components[tier])}")
+    parts = ", ".join(f"{k} {v:.3f}" for k, v in est.step_time_parts_s.items() if v)
+    print(f"  step     {est.step_time_s:.3f} s predicted" + (f" ({parts})" if parts else ""))
+
+
+def run_plan(args) -> int:
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.plan import make_plan, save_plan
+    from planner.solve import Objective, solve_model
+    from planner.strategy import Budget
+
+    hw = hardware(args.gpu_kind)
+    if args.gpu is None:
+        from planner.evaluate import CUDA_CONTEXT_BYTES
+
+        gpu_bytes = hw.gpu.memory_bytes - CUDA_CONTEXT_BYTES
+    else:
+        gpu_bytes = parse_bytes(args.gpu, what="GPU budget")
+        if gpu_bytes > hw.gpu.memory_bytes:
+            raise ChunkftError(f"--gpu {args.gpu} ({describe_size(gpu_bytes)}) is more than a {hw.gpu.name} has "
+                               f"({describe_size(hw.gpu.memory_bytes)}); lower --gpu or pick a larger --gpu-kind")
+    budget = Budget(gpu_bytes=gpu_bytes,
+                    host_bytes=None if args.host_ram is None else parse_bytes(args.host_ram, what="host RAM budget"),
+                    disk_bytes=None if args.disk is None else parse_bytes(args.disk, what="disk budget"))
+    shape = _shape(args)
+    model = resolve_model(args.model)
+    objective = Objective(args.objective)
+    solution = solve_model(model, shape, hw, budget, objective=objective)
+    print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}; "
+          f"times for {hw.gpu.name}")
+    print(f"budget    {_budget_line(budget)}")
+    print(f"objective {objective.describe()}")
+    searched = (f"searched {len(solution.estimates)} of {solution.space_size} strategies "
+                f"({solution.pruned} skipped by proven rules)")
+    if not solution.fits:
+        from planner.schema import Tier
+
+        print("INFEASIBLE: no strategy in the space fits every tier")
+        closest = solution.closest
+        print(f"closest   {closest.strategy.label()}")
+        for tier, missing in solution.missing_bytes.items():
+            print(f"  {_TIERS_TEXT[tier.value]} short by {format_bytes(missing)} "
+                  f"(needs {format_bytes(closest.need_bytes(tier))}, budget {format_bytes(budget.limit(tier))})")
+        for tier, need in solution.needed_bytes.items():
+            others = " and ".join(_TIERS_TEXT[t.value] for t in Tier if t != tier and budget.limit(t) is not None)
+            keep = f" with this {others}" if others else ""
+            if need is None:
+                print(f"  no {_TIERS_TEXT[tier.value]} budget suffices{keep}")
+            else:
+                print(f"  smallest {_TIERS_TEXT[tier.value]} budget that works{keep}: {describe_size(need)}")
+        print(searched)
+        return 1
+    best = solution.best
+    plan = make_plan(model, shape, hw, budget, objective, best)
+    save_plan(plan, args.output)
+    print(f"plan      {best.strategy.label()}")
+    print_estimate(best, budget)
+    print(searched)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def run_simulate(args) -> int:
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.plan import load_plan
+    from planner.schema import Tier
+    from planner.simulate import simulate
+
+    plan = load_plan(args.plan)
+    model = resolve_model(args.model or plan.model_name)
+    from planner.plan import check_plan_model
+
+    check_plan_model(plan, model)
+    hw = None
+    if args.gpu_kind:
+        hw = hardware(args.gpu_kind, **{f: getattr(plan.hardware, f) for f in
+                                        ("host_bandwidth_Bps", "nvme_bandwidth_Bps", "mfu")})
+    timeline = simulate(plan, model, hw=hw)
+    timeline.write(args.output)
+    h = timeline.header
+    print(f"plan      {plan.strategy.label()} for {plan.model_name}")
+    print(f"events    {len(timeline.events)} (one step of chunk {h['chunk']}"
+          f"{' and one chunk switch' if plan.strategy.chunks > 1 else ''})")
+    for tier in Tier:
+        peak = timeline.peak_bytes(tier)
+        if peak or tier == Tier.GPU:
+            print(f"  {_TIERS_TEXT[tier.value]:<8} peak {format_bytes(peak)} "
+                  f"(plan predicted {format_bytes(plan.peak_bytes.get(tier, 0))})")
+    print(f"step      {h['step_time_s']:.3f} s predicted on {h['gpu']}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def run_size(args) -> int:
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.size import size_model
+
+    hw = hardware(args.gpu_kind)
+    shape = _shape(args)
+    model = resolve_model(args.model)
+    report = size_model(model, shape, hw)
+    print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}")
+    print(f"{'strategy family':<46} {'GPU':>11} {'host RAM':>11} {'disk':>11}  best strategy; GPUs that suffice")
+    for f in report.families:
+        gpus = ", ".join(f.gpus) if f.gpus else "none in the catalogue"
+        print(f"{f.family:<46} {format_bytes(f.gpu_bytes):>11} {format_bytes(f.host_bytes):>11} "
+              f"{format_bytes(f.disk_bytes):>11}  {f.estimate.strategy.label()}; {gpus}")
+    print("GPU = allocator reserved + CUDA context, what the card must hold.")
+    if report.sharded:
+        print("No single catalogue GPU holds the weights. With states sharded across GPUs "
+              "(FSDP arithmetic, an estimate):")
+        for s in report.sharded:
+            print(f"  {s.num_gpus} x {s.gpu}: {format_bytes(s.per_rank_bytes)} per GPU "
+                  f"({s.estimate.strategy.label()})")
+    print(f"evaluated {report.evaluated} strategies")
+    return 0
