@@ -61,18 +61,19 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def comparison_summary(comparison) -> list[str]:
+    """One line per peak row: predicted, measured, relative error."""
+    import pandas as pd
+
     from planner.units import format_bytes
 
     lines = []
     for r in comparison.peaks.itertuples(index=False):
-        if r.predicted_bytes is None or r.measured_bytes is None:
+        if pd.isna(r.predicted_bytes) or pd.isna(r.measured_bytes):
+            side = "timeline" if pd.isna(r.measured_bytes) else "trace"
+            lines.append(f"{r.tier} {r.metric} peak: only the {side} records this tier")
             continue
-        try:
-            rel = f"{r.relative_error * 100:+.1f}%"
-            lines.append(f"{r.tier} {r.metric} peak: predicted {format_bytes(int(r.predicted_bytes))}, "
-                         f"measured {format_bytes(int(r.measured_bytes))} ({rel})")
-        except (TypeError, ValueError):  # a tier only one side has
-            lines.append(f"{r.tier} {r.metric} peak: only one side records this tier")
+        lines.append(f"{r.tier} {r.metric} peak: predicted {format_bytes(int(r.predicted_bytes))}, "
+                     f"measured {format_bytes(int(r.measured_bytes))} ({r.relative_error * 100:+.1f}%)")
     return lines
 
 

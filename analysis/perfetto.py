@@ -62,8 +62,12 @@ def to_chrome_trace(recording: Recording, *, us_per_op: float | None = None,
     for name, tid in THREADS.items():
         out.append({"name": "thread_name", "ph": "M", "pid": PID, "tid": tid, "args": {"name": name}})
 
+    # A counter series missing from an event keeps its last value in the viewer, so every event
+    # of a tier names every component that tier ever holds, zeros included.
+    series = {tier: [c for c in COMPONENT_COLUMNS if (part[c] > 0).any()]
+              for tier, part in events.groupby("tier", sort=False)}
     for row, t in zip(events.itertuples(index=False), ts):
-        parts = {c: round(getattr(row, c) / MIB, 3) for c in COMPONENT_COLUMNS if getattr(row, c)}
+        parts = {c: round(getattr(row, c) / MIB, 3) for c in series[row.tier]}
         out.append({"name": f"{row.tier} memory by component (MiB)", "ph": "C", "pid": PID, "tid": 0,
                     "ts": t, "args": parts or {"allocated": round(row.allocated / MIB, 3)}})
         out.append({"name": f"{row.tier} allocated/reserved (MiB)", "ph": "C", "pid": PID, "tid": 0,

@@ -260,8 +260,10 @@ def error_table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]
             return ", ".join(b for b in bits if b)
 
         rel = "n/a" if pd.isna(r.relative_error) else f"{r.relative_error * 100:+.1f}%"
-        rows.append([r.tier, r.metric, fmt(r.predicted_bytes), fmt(r.measured_bytes),
-                     fmt(r.error_bytes), rel, where("predicted"), where("measured")])
+        error = fmt(r.error_bytes)
+        if not pd.isna(r.error_bytes) and r.error_bytes > 0:
+            error = "+" + error
+        rows.append([r.tier, r.metric, fmt(r.predicted_bytes), fmt(r.measured_bytes), error, rel, where("predicted"), where("measured")])
     return header, rows
 
 

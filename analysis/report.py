@@ -107,7 +107,7 @@ class Report:
                 if s.text:
                     lines += [f"*{s.text}*", ""]
             elif s.kind == "table":
-                lines.append("| " + " | ".join(s.header) + " |")
+                lines.append("| " + " | ".join(h.replace("|", "\\|") for h in s.header) + " |")
                 lines.append("|" + "|".join("---" for _ in s.header) + "|")
                 lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in s.rows]
                 lines.append("")
@@ -164,7 +164,7 @@ def write_compare_report(comparison, out_dir: str | os.PathLike) -> tuple[Path, 
         ["tier", "phase", "predicted peak", "measured peak", "error", "relative", "matched events",
          "mean |error|"],
         [[r.tier, r.phase, _fmt(r.predicted_bytes, format_bytes), _fmt(r.measured_bytes, format_bytes),
-          _fmt(r.error_bytes, format_bytes),
+          _fmt(r.error_bytes, format_bytes, signed=True),
           "n/a" if r.relative_error != r.relative_error else f"{r.relative_error * 100:+.1f}%",
           str(r.matched_events),
           "n/a" if r.mean_abs_error_bytes != r.mean_abs_error_bytes else format_bytes(r.mean_abs_error_bytes)]
@@ -174,9 +174,10 @@ def write_compare_report(comparison, out_dir: str | os.PathLike) -> tuple[Path, 
     return report.write()
 
 
-def _fmt(value, format_bytes) -> str:
+def _fmt(value, format_bytes, *, signed: bool = False) -> str:
     try:
-        return format_bytes(int(value))
+        text = format_bytes(int(value))
+        return "+" + text if signed and int(value) > 0 else text
     except (TypeError, ValueError):
         return "n/a"
 

@@ -290,7 +290,15 @@ def test_perfetto_export_structure(tmp_path):
     counters = [e for e in events if e["ph"] == "C"]
     assert len(counters) == 2 * len(rec.events)
     first_gpu = next(e for e in counters if e["name"] == "gpu memory by component (MiB)")
-    assert first_gpu["ts"] == 0 and first_gpu["args"] == {"weights": 2048.0}
+    assert first_gpu["ts"] == 0 and first_gpu["args"]["weights"] == 2048.0
+    # every GPU counter event names every component the GPU ever holds (a missing series would
+    # keep its stale value in the viewer)
+    gpu_series = {"weights", "gradients", "optimizer", "master", "activations", "logits"}
+    assert all(set(e["args"]) == gpu_series for e in counters if e["name"] == "gpu memory by component (MiB)")
+    assert first_gpu["args"]["logits"] == 0
+    peak = max((e for e in counters if e["name"] == "gpu memory by component (MiB)"),
+               key=lambda e: sum(e["args"].values()))
+    assert peak["ts"] == 19 and peak["args"]["logits"] == 1024.0 and peak["args"]["activations"] == 3072.0
     spans = [e for e in events if e["ph"] == "X"]
     phases = [(e["name"], e["ts"], e["dur"]) for e in spans if e["cat"] == "phase"]
     assert [p[0] for p in phases] == ["forward", "loss", "backward", "optimizer", "chunk_switch", "optimizer"]
