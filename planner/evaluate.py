@@ -8,19 +8,25 @@ loss. Onto that timeline go the bytes the trace does not hold (see `_gpu_statics
 
   - fp32 master weights and AdamW moments on the GPU: all of them for the GPU optimizer with
     state on the GPU; the active chunk's plus `prefetch_depth` upcoming chunks' when inactive
-    state rests on host or disk; none for a host optimizer. C = 1 keeps one master / m / v
-    tensor per parameter (torch.optim.AdamW); C > 1 keeps one flat buffer each per chunk.
-  - the optimizer step (GPU optimizer only), after backward: fp32 copies of the step's
-    gradients and the foreach path's sqrt(v) temporary, 4 + 4 bytes per updated parameter
-    (torch/optim/adam.py `_multi_tensor_adam`: `exp_avg_sq_sqrt = torch._foreach_sqrt(...)`,
-    the default on CUDA when `fused` is not requested).
+    state rests on host or disk; none for a host optimizer. One master / exp_avg / exp_avg_sq
+    tensor per chunk span, as runtime.chunk_optim.ChunkAdamW keeps them (C = 1: per parameter).
+  - the optimizer step (GPU optimizer only), after backward. The plans run on ChunkAdamW, which
+    steps one span at a time (torch's `_single_tensor_adam` arithmetic): the largest span's fp32
+    gradient copy (16-bit training only), `exp_avg_sq.sqrt()` and its division by the bias
+    correction live at once, 4 + 4 + 4 bytes per parameter of that span
+    (`SINGLE_TENSOR_TEMP_BYTES_PER_PARAM`). torch.optim.AdamW's default foreach path on CUDA
+    would instead materialise sqrt(v) for every parameter at once
+    (torch/optim/adam.py `_multi_tensor_adam`: `exp_avg_sq_sqrt = torch._foreach_sqrt(...)`):
+    4 B/param more, 30 GiB at 8B; plans do not use it.
   - gradients that leave the GPU: with grad staging (NVMSA) only a double buffer of the
     largest gradient stays (`STAGING_BUFFERS`); a host optimizer without staging copies in
     DeepSpeed-style buckets (`DEEPSPEED_BUCKET_ELEMENTS`).
   - streamed weights: only `STREAM_RESIDENT_LAYERS` decoder layers resident.
 
 Host: pinned fp32 master + moments of every chunk when state rests on host (the active chunk's
-slot stays allocated so a switch writes back in place), staged 16-bit gradients, or fp32
+slot stays allocated so a switch writes back in place, as ChunkAdamW's store does), each
+tensor rounded up to a power of two by torch's CachingHostAllocator (ATen/core/
+CachingHostAllocator.h: `c10::llvm::PowerOf2Ceil(size)`, by default for every size), staged 16-bit gradients, or fp32
 gradients for the DeepSpeed-style baseline, per-tensor buffers of the host AdamW, disk bounce
 buffers, pinned layer weights when streaming. Disk: state and staged gradients on the disk tier.
 
@@ -33,9 +39,8 @@ The worst of those is reported.
 Known limitations: the CUDA context is reported (`CUDA_CONTEXT_BYTES`), not measured; reserved
 bytes of the static buffers are their own segments (no reuse of freed activation blocks by the
 optimizer temporaries: pessimistic); chunks of one group differ slightly in gradient bytes
-(slices of different lengths) and the representative's are used; pinned host memory is counted
-at its exact size (torch's CachingHostAllocator rounds each block to a power of two; a runtime
-that allocates per chunk pays that rounding).
+(slices of different lengths) and the representative's are used; host memory counts the
+buffers the plan needs, not the Python process itself (torch and its libraries: ~0.5 GiB RSS).
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ CUDA_CONTEXT_BYTES = 512 * 2**20
 MOMENT_BYTES_PER_PARAM = 8
 MASTER_BYTES_PER_PARAM = 4
 FP32_BYTES = 4
+# ChunkAdamW._adamw per span: grad.to(fp32) (16-bit training), exp_avg_sq.sqrt(), and the
+# division's result, alive together inside `denom = (exp_avg_sq.sqrt() / c).add_(eps)`.
+SINGLE_TENSOR_TEMP_BYTES_PER_PARAM = 8  # plus FP32_BYTES for the gradient cast when 16-bit
 # NVMSA instant offload: a gradient is copied out while the next is produced: two buffers of
 # the largest gradient stay on the GPU.
 STAGING_BUFFERS = 2
@@ -128,7 +136,7 @@ class ActiveSet:
     chunk: int | None
     tensor_bytes: tuple[int, ...]
     prefetch_bytes: tuple[int, ...] = ()
-    """16-bit bytes of each upcoming chunk whose state is being brought to the GPU."""
+    """16-bit bytes of each span of the upcoming chunks whose state is brought to the GPU."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,12 +264,11 @@ def _state_per_param(elem_bytes: int) -> tuple[int, int]:
     return (MASTER_BYTES_PER_PARAM if elem_bytes < FP32_BYTES else 0), MOMENT_BYTES_PER_PARAM
 
 
-def _state_allocs(tensor_bytes: tuple[int, ...], elem: int, *, flat: bool) -> list[_Alloc]:
-    """fp32 master and moments for tensors of these 16-bit sizes (one flat buffer each if flat)."""
+def _state_allocs(tensor_bytes: tuple[int, ...], elem: int) -> list[_Alloc]:
+    """fp32 master and moments, one tensor each per span of these 16-bit sizes."""
     master, moments = _state_per_param(elem)
-    sizes = [sum(tensor_bytes)] if flat else list(tensor_bytes)
     out = []
-    for nbytes in sizes:
+    for nbytes in tensor_bytes:
         n = nbytes // elem
         if master:
             out.append(_Alloc(component=Component.MASTER, nbytes=master * n))
@@ -270,32 +277,24 @@ def _state_allocs(tensor_bytes: tuple[int, ...], elem: int, *, flat: bool) -> li
 
 
 def _gpu_statics(strategy: Strategy, layout: ParamLayout, active: ActiveSet,
-                 all_chunks: tuple[int, ...]) -> list[_Alloc]:
+                 all_spans: tuple[int, ...]) -> list[_Alloc]:
     """Allocations resident on the GPU for the whole step that the trace does not hold."""
     if strategy.optimizer_device == OptimizerDevice.HOST:
         return []
     elem = layout.elem_bytes
-    if strategy.chunks == 1:
-        return _state_allocs(layout.tensor_bytes, elem, flat=False)
-    if strategy.state_tier == Tier.GPU:
-        return [a for c in all_chunks for a in _state_allocs((c,), elem, flat=True)]
-    out = _state_allocs(active.tensor_bytes, elem, flat=True)
-    for nbytes in active.prefetch_bytes:
-        out += _state_allocs((nbytes,), elem, flat=True)
-    return out
+    if strategy.chunks == 1 or strategy.state_tier == Tier.GPU:
+        return _state_allocs(all_spans or active.tensor_bytes, elem)
+    return _state_allocs(active.tensor_bytes + active.prefetch_bytes, elem)
 
 
 def _optimizer_temps(strategy: Strategy, layout: ParamLayout, active: ActiveSet) -> list[_Alloc]:
-    """GPU temporaries of the AdamW step (foreach path): fp32 grad copies and sqrt(v)."""
-    if strategy.optimizer_device == OptimizerDevice.HOST:
+    """GPU temporaries of the AdamW step: one span at a time, so the largest span's."""
+    if strategy.optimizer_device == OptimizerDevice.HOST or not active.tensor_bytes:
         return []
     elem = layout.elem_bytes
-    sizes = active.tensor_bytes if strategy.chunks == 1 else (sum(active.tensor_bytes),)
-    out = []
-    for nbytes in sizes:
-        n = nbytes // elem
-        if elem < FP32_BYTES:
-            out.append(_Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n))
+    n = max(active.tensor_bytes) // elem
+    out = [_Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n)] * (SINGLE_TENSOR_TEMP_BYTES_PER_PARAM // FP32_BYTES)
+    if elem < FP32_BYTES:
         out.append(_Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n))
     return out
 
@@ -357,13 +356,17 @@ def adjusted_gpu_live(traced: TracedStep, strategy: Strategy, layout: ParamLayou
     return live, reserved
 
 
-def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet
+def _pow2_ceil(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else n
+
+
+def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet, all_spans: tuple[int, ...]
                    ) -> tuple[dict[Component, int], dict[Component, int]]:
     host: dict[Component, int] = {}
     disk: dict[Component, int] = {}
     elem = layout.elem_bytes
     master, moments = _state_per_param(elem)
-    total_params = layout.total_params
+    total_params = sum(all_spans or layout.tensor_bytes) // elem
     step_params = sum(active.tensor_bytes) // elem
     largest = max(active.tensor_bytes, default=0) // elem
 
@@ -375,6 +378,10 @@ def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet
     if off_gpu and strategy.state_tier == Tier.HOST:
         put(host, Component.MASTER, master * total_params)
         put(host, Component.OPTIMIZER, moments * total_params)
+        if strategy.optimizer_device == OptimizerDevice.GPU:  # pinned, one tensor per span and kind
+            kinds = (master + moments) // FP32_BYTES
+            put(host, Component.ROUNDING, kinds * sum(_pow2_ceil(FP32_BYTES * (b // elem)) - FP32_BYTES * (b // elem)
+                                                      for b in (all_spans or layout.tensor_bytes)))
     if off_gpu and strategy.state_tier == Tier.DISK:
         put(disk, Component.MASTER, master * total_params)
         put(disk, Component.OPTIMIZER, moments * total_params)
@@ -400,10 +407,12 @@ def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet
 
 
 def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active: ActiveSet,
-            hw: Any, *, dtype: str = "bf16", all_chunks: tuple[int, ...] = ()) -> Estimate:
-    """The Estimate of one step (one active chunk) from its traced step: see the module doc."""
+            hw: Any, *, dtype: str = "bf16", all_spans: tuple[int, ...] = ()) -> Estimate:
+    """The Estimate of one step (one active chunk) from its traced step: see the module doc.
+
+    `all_spans`: 16-bit bytes of every span of every chunk (default: the active set's)."""
     live, reserved = adjusted_gpu_live(traced, strategy, layout, active)
-    statics = _gpu_statics(strategy, layout, active, all_chunks)
+    statics = _gpu_statics(strategy, layout, active, all_spans)
     static_comps: dict[Component, int] = {}
     _add(static_comps, statics)
     static_total = sum(static_comps.values())
@@ -430,7 +439,7 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
     gpu = {c: b for c, b in gpu.items() if b}
     assert sum(gpu.values()) == gpu_peak
 
-    host, disk = _host_and_disk(strategy, layout, active)
+    host, disk = _host_and_disk(strategy, layout, active, all_spans)
     elem = layout.elem_bytes
     master, moments = _state_per_param(elem)
     step_params = sum(active.tensor_bytes) // elem
@@ -460,21 +469,25 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
 # Entry points
 
 
+def _active_for(table: "ChunkTable", k: int, strategy: Strategy) -> ActiveSet:
+    """Chunk k's spans, plus the spans of the chunks whose state is prefetched to the GPU."""
+    gpu_prefetch = strategy.optimizer_device == OptimizerDevice.GPU and strategy.state_tier != Tier.GPU
+    depth = min(strategy.prefetch_depth, table.num_chunks - 1) if gpu_prefetch else 0
+    nxt = tuple(s.nbytes for i in range(1, depth + 1) for s in table.chunks[(k + i) % table.num_chunks])
+    return ActiveSet(chunk=k, tensor_bytes=tuple(s.nbytes for s in table.chunks[k]), prefetch_bytes=nxt)
+
+
 def _active_sets(model: "ModelSpec", shape: "StepShape", strategy: Strategy, layout: ParamLayout
                  ) -> tuple[list[tuple[ActiveSet, dict | None, int]], tuple[int, ...]]:
-    """(active set, grad spec, weight = chunks it stands for) per chunk to trace; chunk sizes."""
+    """(active set, grad spec, chunks it stands for) per chunk to trace; every span's bytes."""
     if strategy.chunks == 1:
-        return [(ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes), None, 1)], (layout.total_bytes,)
+        return [(ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes), None, 1)], layout.tensor_bytes
     table = chunk_table(model, shape.dtype, strategy.chunks)
-    sizes = tuple(table.chunk_bytes(k) for k in range(table.num_chunks))
-    depth = min(strategy.prefetch_depth, strategy.chunks - 1) if strategy.moves_state else 0
+    spans = tuple(s.nbytes for chunk in table.chunks for s in chunk)
     out = []
     for group in chunk_groups(table, layout.layer_prefix):
-        k = group[0]
-        nxt = tuple(sizes[(k + i) % table.num_chunks] for i in range(1, depth + 1))
-        active = ActiveSet(chunk=k, tensor_bytes=tuple(s.nbytes for s in table.chunks[k]), prefetch_bytes=nxt)
-        out.append((active, table.grad_spec(k), len(group)))
-    return out, sizes
+        out.append((_active_for(table, group[0], strategy), table.grad_spec(group[0]), len(group)))
+    return out, spans
 
 
 def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any) -> Estimate:
@@ -485,13 +498,13 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
     if not isinstance(strategy, Strategy):
         raise ChunkftError(f"expected a Strategy, got {type(strategy).__name__}")
     layout = param_layout(model, shape.dtype)
-    sets, sizes = _active_sets(model, shape, strategy, layout)
+    sets, spans = _active_sets(model, shape, strategy, layout)
     sm = _sm(hw)
     estimates = []
     for active, grad, weight in sets:
         traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
                              loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm)
-        estimates.append((combine(traced, strategy, layout, active, hw, dtype=shape.dtype, all_chunks=sizes), weight))
+        estimates.append((combine(traced, strategy, layout, active, hw, dtype=shape.dtype, all_spans=spans), weight))
     worst = max(estimates, key=lambda ew: (ew[0].need_bytes(Tier.GPU), -(ew[0].worst_chunk or 0)))[0]
     if len(estimates) == 1:
         return worst
@@ -509,29 +522,25 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
 
     `chunk` picks the active chunk (C > 1; default: the worst one evaluate reports)."""
     layout = param_layout(model, shape.dtype)
-    sets, sizes = _active_sets(model, shape, strategy, layout)
+    sets, spans = _active_sets(model, shape, strategy, layout)
     if strategy.chunks > 1:
         if chunk is None:
             chunk = evaluate(model, shape, strategy, hw).worst_chunk
         table = chunk_table(model, shape.dtype, strategy.chunks)
-        if not 0 <= chunk < table.num_chunks:
-            raise ChunkftError(f"chunk {chunk} does not exist; valid chunks are 0..{table.num_chunks - 1}")
-        depth = min(strategy.prefetch_depth, strategy.chunks - 1) if strategy.moves_state else 0
-        nxt = tuple(sizes[(chunk + i) % table.num_chunks] for i in range(1, depth + 1))
-        active = ActiveSet(chunk=chunk, tensor_bytes=tuple(s.nbytes for s in table.chunks[chunk]),
-                           prefetch_bytes=nxt)
-        grad = table.grad_spec(chunk)
+        if not isinstance(chunk, int) or not 0 <= chunk < table.num_chunks:
+            raise ChunkftError(f"chunk {chunk!r} does not exist; valid chunks are 0..{table.num_chunks - 1}")
+        active, grad = _active_for(table, chunk, strategy), table.grad_spec(chunk)
     else:
         active, grad, _ = sets[0]
     traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
                          loss_chunk_tokens=strategy.loss_chunk_tokens, sm=_sm(hw))
-    return timeline_events(traced, strategy, layout, active, all_chunks=sizes)
+    return timeline_events(traced, strategy, layout, active, all_spans=spans)
 
 
 def timeline_events(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active: ActiveSet,
-                    *, all_chunks: tuple[int, ...] = ()) -> list[Event]:
+                    *, all_spans: tuple[int, ...] = ()) -> list[Event]:
     live, reserved = adjusted_gpu_live(traced, strategy, layout, active)
-    statics = _gpu_statics(strategy, layout, active, all_chunks)
+    statics = _gpu_statics(strategy, layout, active, all_spans)
     static_comps: dict[Component, int] = {}
     _add(static_comps, statics)
     static_reserved = _segments(statics)

@@ -46,12 +46,13 @@ def _traced() -> TracedStep:
 
 def test_full_ft_on_gpu_peaks_in_the_optimizer_step():
     e = combine(_traced(), Strategy(), LAYOUT, FULL, HW)
-    # end of backward (weights 16384 + grads 16384) + master 4 B/param + moments 8 B/param
-    # + foreach temporaries (fp32 grad copy 4 + sqrt(v) 4 B/param), P = 8192
+    # end of backward (weights 16384 + grads 16384) + master 4 B/param + moments 8 B/param,
+    # P = 8192, + the per-tensor step's temporaries for the largest tensor (2048 parameters):
+    # fp32 gradient 4 + sqrt(v) 4 + its division 4 B/param
     gpu = e.components[Tier.GPU]
     assert gpu == {Component.WEIGHTS: 16384, Component.GRADIENTS: 16384, Component.MASTER: 4 * 8192,
-                   Component.OPTIMIZER: 8 * 8192, Component.TEMPORARIES: 8 * 8192}
-    assert e.peak_bytes[Tier.GPU] == 32768 + 12 * 8192 + 8 * 8192 == sum(gpu.values())
+                   Component.OPTIMIZER: 8 * 8192, Component.TEMPORARIES: 12 * 2048}
+    assert e.peak_bytes[Tier.GPU] == 32768 + 12 * 8192 + 12 * 2048 == sum(gpu.values())
     # reserved: the trace's high-water mark + one small 2 MiB segment for the states and one for
     # the temporaries (all allocations are <= 1 MiB and pack)
     assert e.reserved_bytes == 32768 + 2 * MiB + 2 * MiB + 2 * MiB
@@ -83,19 +84,28 @@ def test_deepspeed_style_baseline_holds_fp32_gradients_on_host():
 
 def test_chunked_state_on_host_keeps_active_and_prefetched_chunk_on_gpu():
     s = Strategy(chunks=2, state_tier=Tier.HOST)
-    active = ActiveSet(chunk=0, tensor_bytes=(4096, 4096), prefetch_bytes=(8192,))
-    e = combine(_traced(), s, LAYOUT, active, HW, all_chunks=(8192, 8192))
+    active = ActiveSet(chunk=0, tensor_bytes=(4096, 4096), prefetch_bytes=(4096, 4096))
+    e = combine(_traced(), s, LAYOUT, active, HW, all_spans=(4096,) * 4)
     gpu = e.components[Tier.GPU]
-    # two chunks of 4096 parameters on the GPU (active + prefetched): 12 B each, flat buffers
+    # two chunks of 4096 parameters on the GPU (active + prefetched): 12 B each
     assert gpu[Component.MASTER] == 2 * 4 * 4096 and gpu[Component.OPTIMIZER] == 2 * 8 * 4096
-    # optimizer step: the active chunk's fp32 grads and sqrt(v), 8 B x 4096
-    assert gpu[Component.TEMPORARIES] == 8 * 4096
-    assert e.peak_bytes[Tier.GPU] == 32768 + 2 * 12 * 4096 + 8 * 4096
+    # optimizer step, one span at a time: 12 B x 2048 for the largest span
+    assert gpu[Component.TEMPORARIES] == 12 * 2048
+    assert e.peak_bytes[Tier.GPU] == 32768 + 2 * 12 * 4096 + 12 * 2048
+    # pinned host state of every chunk; 8192 B per fp32 span is a power of two: no rounding
     assert e.components[Tier.HOST] == {Component.MASTER: 4 * 8192, Component.OPTIMIZER: 8 * 8192}
     no_prefetch = combine(_traced(), Strategy(chunks=2, state_tier=Tier.HOST, prefetch_depth=0), LAYOUT,
-                          ActiveSet(chunk=0, tensor_bytes=(4096, 4096)), HW, all_chunks=(8192, 8192))
+                          ActiveSet(chunk=0, tensor_bytes=(4096, 4096)), HW, all_spans=(4096,) * 4)
     assert e.peak_bytes[Tier.GPU] - no_prefetch.peak_bytes[Tier.GPU] == 12 * 4096
     assert e.worst_chunk == 0
+
+
+def test_pinned_host_state_is_rounded_to_powers_of_two():
+    # spans of 3072 parameters: 12288 B per fp32 tensor, pinned as 16384 B, three kinds each
+    e = combine(_traced(), Strategy(chunks=2, state_tier=Tier.HOST), LAYOUT,
+                ActiveSet(chunk=0, tensor_bytes=(6144,)), HW, all_spans=(6144, 6144))
+    assert e.components[Tier.HOST][Component.ROUNDING] == 2 * 3 * 4096
+    assert e.components[Tier.HOST][Component.OPTIMIZER] == 8 * 6144
 
 
 def test_state_on_disk_fills_the_disk_and_only_bounce_buffers_on_host():
