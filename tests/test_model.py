@@ -100,8 +100,14 @@ def test_num_layers_override_keeps_per_layer_lists_consistent():
         spec.build(num_layers=0)
 
 
-def test_layer_prefix():
+def test_layer_prefix(tmp_path):
     assert resolve_model("qwen2.5-7b").layer_prefix() == "model.layers"
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 3, "n_head": 2,
+                                "vocab_size": 100, "n_positions": 64}))
+    spec = resolve_model(str(gpt2))
+    assert spec.num_layers == 3 and spec.layer_prefix() == "transformer.h"
+    assert len(spec.build(num_layers=1).transformer.h) == 1
 
 
 def test_config_directory_and_file(tmp_path):
