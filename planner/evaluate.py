@@ -85,6 +85,10 @@ DEEPSPEED_BUCKETS = 2
 STREAM_RESIDENT_LAYERS = 2
 # Pinned bounce buffers between disk and GPU (large sequential blocks): two of 64 MiB.
 DISK_BOUNCE_BYTES = 2 * 64 * 2**20
+# A host optimizer with state on disk steps it in blocks of at most this many parameters (a
+# 128K-vocabulary embedding is 525M parameters: 6.3 GB of state in one piece): 2**26 parameters
+# is 768 MiB of fp32 master + moments per block.
+DISK_STEP_BLOCK_PARAMS = 2**26
 # cuBLAS workspace size in planner.memory depends on the architecture: Hopper (sm90) parts.
 _HOPPER = re.compile(r"^(h100|h200|h800|h20|gh200)")
 
@@ -164,9 +168,9 @@ def param_layout(model: "ModelSpec", dtype: str = "bf16") -> ParamLayout:
     depth = model.num_layers
     use_template = model.config is not None and depth is not None and depth > 1
     module = model.build(num_layers=1 if use_template else None, dtype=torch_dtype, device="meta")
-    from planner.model import _find_layer_list
+    from planner.model import find_layer_list
 
-    found = _find_layer_list(module)
+    found = find_layer_list(module)
     prefix = None if found is None else found[0]
     base = [(n, tuple(p.shape), p.element_size()) for n, p in module.named_parameters()]
     layer0 = f"{prefix}.0." if prefix else None
@@ -385,8 +389,9 @@ def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet, a
     if off_gpu and strategy.state_tier == Tier.DISK:
         put(disk, Component.MASTER, master * total_params)
         put(disk, Component.OPTIMIZER, moments * total_params)
-        if strategy.optimizer_device == OptimizerDevice.HOST:  # per-tensor state window
-            put(host, Component.TEMPORARIES, (1 + strategy.prefetch_depth) * (master + moments) * largest)
+        if strategy.optimizer_device == OptimizerDevice.HOST:  # state window: block being stepped + prefetched
+            block = min(largest, DISK_STEP_BLOCK_PARAMS)
+            put(host, Component.TEMPORARIES, (1 + strategy.prefetch_depth) * (master + moments) * block)
         else:
             put(host, Component.TEMPORARIES, DISK_BOUNCE_BYTES)
     if strategy.optimizer_device == OptimizerDevice.HOST:

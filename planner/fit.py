@@ -1,0 +1,212 @@
+"""`chunkft fit`: will this model fine-tune fully on this GPU? One row per strategy.
+
+    chunkft fit [MODEL] [--gpu 24GiB] [--host-ram SIZE] [--disk SIZE] [--seq 1024] [--batch 1]
+                [--dtype bf16] [--chunks 4,16,64] [--hardware rtx4090] [--json]
+
+With no MODEL: Llama 3-8B at 1024 tokens, batch 1, on a 24 GiB GPU. Rows (`fit_strategies`):
+full fine-tuning with AdamW on the GPU, the same with activation checkpointing, ChunkFT at each
+`--chunks` count with inactive state in pinned host memory (checkpointing on), a
+DeepSpeed-ZeRO-Offload-style full FT (AdamW on host, fp32 gradients gathered there), and the
+NVMSA path (16-bit gradients leave the GPU as produced), to host and to disk. For each: GPU
+peak (allocated) and reserved, host and disk peaks, fits or not per tier, predicted step time.
+Then the recommended row -- the first that fits in the objective order, fewest chunks then
+shortest step -- with its component breakdown per tier.
+
+Exit status: 0 when some row fits, 1 when none does (an answer, not an error), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING
+
+from planner.errors import ChunkftError
+from planner.schema import Tier
+from planner.units import describe_size, format_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from planner.strategy import Budget, Estimate, Strategy
+
+DEFAULT_MODEL = "llama3-8b"
+DEFAULT_GPU = "24GiB"
+DEFAULT_CHUNKS = "4,16,64"
+DEFAULT_HARDWARE = "rtx4090"
+OBJECTIVE = "fit every tier, then fewest chunks (closest to full fine-tuning), then shortest predicted step time"
+TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fit", help="will a model fine-tune fully in this memory? one row per strategy",
+        description="Predict GPU, host and disk peaks and step time of full fine-tuning strategies "
+                    "(plain, checkpointed, ChunkFT, ZeRO-Offload style, NVMSA offload) and say which fit.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"preset name, HF model directory or config.json, or pkg.module:function (default {DEFAULT_MODEL})")
+    p.add_argument("--gpu", default=DEFAULT_GPU, metavar="SIZE",
+                   help=f"GPU memory PyTorch may reserve, e.g. 24GiB or 80GB (default {DEFAULT_GPU})")
+    p.add_argument("--host-ram", default=None, metavar="SIZE", help="host RAM budget (default: not limited)")
+    p.add_argument("--disk", default=None, metavar="SIZE", help="disk budget (default: not limited)")
+    p.add_argument("--seq", type=int, default=1024, help="sequence length in tokens (default 1024)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--dtype", default="bf16", help="training dtype: bf16, fp16 or fp32 (default bf16)")
+    p.add_argument("--chunks", default=DEFAULT_CHUNKS, metavar="C1,C2,..",
+                   help=f"ChunkFT chunk counts to show (default {DEFAULT_CHUNKS})")
+    p.add_argument("--hardware", default=DEFAULT_HARDWARE, metavar="GPU",
+                   help=f"GPU profile for step times (default {DEFAULT_HARDWARE}; see planner/hardware/)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=run)
+
+
+def parse_chunks(text: str) -> tuple[int, ...]:
+    """"4,16,64" -> (4, 16, 64): integers >= 2, each once, in the order given."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            c = int(part)
+        except ValueError:
+            c = 0
+        if c < 2:
+            raise ChunkftError(f"invalid chunk count {part!r} in --chunks {text!r}: "
+                               "expected integers >= 2 separated by commas, e.g. 4,16,64")
+        if c not in out:
+            out.append(c)
+    return tuple(out)
+
+
+def fit_strategies(chunk_counts: tuple[int, ...]) -> list["Strategy"]:
+    """The rows of `chunkft fit`, in display order."""
+    from planner.strategy import OptimizerDevice, Strategy
+
+    host = dict(optimizer_device=OptimizerDevice.HOST, state_tier=Tier.HOST, checkpointing=True)
+    rows = [Strategy(), Strategy(checkpointing=True)]
+    rows += [Strategy(chunks=c, state_tier=Tier.HOST, checkpointing=True) for c in chunk_counts]
+    rows += [
+        Strategy(**host),  # DeepSpeed ZeRO-Offload style: fp32 gradients gathered on host
+        Strategy(**host, grad_staging=Tier.HOST),  # NVMSA: 16-bit gradients to host as produced
+        Strategy(optimizer_device=OptimizerDevice.HOST, state_tier=Tier.DISK, grad_staging=Tier.DISK,
+                 checkpointing=True),  # NVMSA to SSD
+    ]
+    return rows
+
+
+def recommend(estimates: list["Estimate"], budget: "Budget") -> int | None:
+    """Index of the first row that fits in the objective order (fewest chunks, then time)."""
+    fitting = [i for i, e in enumerate(estimates) if e.fits(budget)]
+    if not fitting:
+        return None
+    def key(i: int) -> tuple:  # the solver's memory objective and tie-breaks (planner.solve)
+        e = estimates[i]
+        peaks = tuple(e.peak_bytes.get(t, 0) for t in TIERS)
+        return (e.strategy.chunks, e.step_time_s, e.strategy.update_interval) + peaks + (i,)
+
+    return min(fitting, key=key)
+
+
+def run(args: argparse.Namespace) -> int:
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.trace import StepShape
+
+    budget = _budget(args)
+    chunk_counts = parse_chunks(args.chunks)
+    shape = StepShape(batch=args.batch, seq_len=args.seq, dtype=args.dtype)
+    hw = hardware(args.hardware)
+    model = resolve_model(args.model)
+    result = fit(model, shape, budget, hw, chunk_counts)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_report(result)
+    return 0 if result["recommended"] is not None else 1
+
+
+def _budget(args: argparse.Namespace) -> "Budget":
+    from planner.strategy import Budget
+
+    return Budget(
+        gpu_bytes=parse_bytes(args.gpu, what="GPU memory (--gpu)"),
+        host_bytes=None if args.host_ram is None else parse_bytes(args.host_ram, what="host RAM (--host-ram)"),
+        disk_bytes=None if args.disk is None else parse_bytes(args.disk, what="disk (--disk)"),
+    )
+
+
+def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...]) -> dict:
+    """Evaluate every row and return the report as plain JSON-able data."""
+    from planner.evaluate import evaluate, param_layout
+
+    layout = param_layout(model, shape.dtype)
+    estimates = [evaluate(model, shape, s, hw) for s in fit_strategies(chunk_counts)]
+    best = recommend(estimates, budget)
+    rows = []
+    for e in estimates:
+        row = e.to_json()
+        row["need_bytes"] = {t.value: e.need_bytes(t) for t in TIERS}
+        row["fits"] = {t.value: e.fits_tier(budget, t) for t in TIERS}
+        row["fits_all"] = e.fits(budget)
+        rows.append(row)
+    read_as = {"gpu": describe_size(budget.gpu_bytes),
+               "host": None if budget.host_bytes is None else describe_size(budget.host_bytes),
+               "disk": None if budget.disk_bytes is None else describe_size(budget.disk_bytes)}
+    return {
+        "model": model.name,
+        "source": model.source,
+        "fingerprint": model.fingerprint(),
+        "parameters": layout.total_params,
+        "num_layers": layout.num_layers,
+        "shape": {"batch": shape.batch, "seq_len": shape.seq_len, "dtype": shape.dtype},
+        "budget": budget.to_json(),
+        "budget_read_as": read_as,
+        "hardware": hw.gpu.name,
+        "objective": OBJECTIVE,
+        "rows": rows,
+        "recommended": best,
+        "recommended_label": None if best is None else rows[best]["label"],
+    }
+
+
+def _fits_mark(v: bool | None) -> str:
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def print_report(r: dict, out=sys.stdout) -> None:
+    w = out.write
+    params = r["parameters"]
+    w(f"model: {r['model']} ({r['source']}), {params / 1e9:.2f} B parameters, {r['num_layers']} layers\n")
+    s = r["shape"]
+    w(f"step: batch {s['batch']} x {s['seq_len']} tokens, {s['dtype']}; step times on {r['hardware']}\n")
+    ra = r["budget_read_as"]
+    w(f"GPU budget: {ra['gpu']} (what PyTorch may reserve; the CUDA context comes on top)\n")
+    w(f"host RAM:   {ra['host'] or 'not limited (--host-ram to check)'}\n")
+    w(f"disk:       {ra['disk'] or 'not limited (--disk to check)'}\n")
+    w(f"objective:  {r['objective']}\n\n")
+    label_w = max(len("strategy"), *(len(row["label"]) for row in r["rows"]))
+    head = (f"{'strategy':<{label_w}}  {'GPU peak':>10}  {'reserved':>10}  {'host':>10}  {'disk':>10}"
+            f"  {'fits GPU/host/disk':>18}  {'step':>8}")
+    w(head + "\n" + "-" * len(head) + "\n")
+    for i, row in enumerate(r["rows"]):
+        pk = row["peak_bytes"]
+        fits = "/".join(_fits_mark(row["fits"][t.value]) for t in TIERS)
+        mark = "  <- recommended" if i == r["recommended"] else ""
+        w(f"{row['label']:<{label_w}}  {format_bytes(pk['gpu']):>10}  {format_bytes(row['reserved_bytes']):>10}"
+          f"  {format_bytes(pk['host']):>10}  {format_bytes(pk['disk']):>10}  {fits:>18}"
+          f"  {row['step_time_s']:>7.2f}s{mark}\n")
+    w("\n")
+    if r["recommended"] is None:
+        w("nothing fits: no row fits every tier's budget (see the peaks above)\n")
+        return
+    row = r["rows"][r["recommended"]]
+    w(f"recommended: {row['label']}")
+    if row.get("worst_chunk") is not None:
+        w(f" (worst chunk: {row['worst_chunk']})")
+    w("\n")
+    for tier in TIERS:
+        comps = row["components"].get(tier.value) or {}
+        if not comps:
+            continue
+        parts = ", ".join(f"{c} {format_bytes(b)}" for c, b in sorted(comps.items(), key=lambda kv: -kv[1]))
+        w(f"  {tier.value:<5} {format_bytes(row['peak_bytes'][tier.value]):>10}: {parts}\n")
+    times = ", ".join(f"{k} {v:.2f}s" for k, v in row["step_time_parts_s"].items())
+    w(f"  step time {row['step_time_s']:.2f}s: {times}\n")
