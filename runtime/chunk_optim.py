@@ -1,0 +1,480 @@
+"""ChunkAdamW: exact AdamW on the active chunk, with per-chunk fp32 state on a chosen tier.
+
+One chunk of a `planner.chunks.ChunkTable` is active at a time. `ChunkAdamW` installs that
+chunk's GradSpec (`runtime.subgrad.install`), so backward produces gradients for its spans
+only; `step()` applies torch.optim.AdamW's math -- decoupled weight decay, bias correction,
+one step count per span -- to fp32 master weights and moments of those spans, then writes the
+masters back into the model's (bf16 / fp16 / fp32) weights. After `update_interval`
+successful steps the chunk's state is evicted to its tier and the next chunk (cyclically) is
+activated. A float64 model keeps float64 masters; anything narrower keeps fp32.
+
+State tiers (`planner.schema.Tier`): GPU keeps every chunk's state as device tensors; HOST in
+pinned memory (plain CPU memory without CUDA); DISK in one safetensors file per chunk under
+`state_dir`, each written atomically. For HOST and DISK with `prefetch_depth >= 1` a
+background thread (on a side CUDA stream where there is one) loads the next chunk's state to
+the device while the current chunk trains. A chunk's state is created the first time the
+chunk is activated (masters copied from the weights, moments zero): identical to creating it
+up front, since an inactive chunk's weights do not change.
+
+Typical loop (one optimizer step of `accum` micro-batches):
+
+    opt = ChunkAdamW(model, table, config=AdamWConfig(lr=2e-5), schedule=LRSchedule(...),
+                     update_interval=1, state_tier=Tier.HOST, scaler=None)
+    for micro in micro_batches:
+        loss = step_loss(model, ids, labels) / accum
+        opt.backward(loss)                     # scales the loss when fp16 needs it
+    result = opt.step()                        # StepResult; gradients are dropped after it
+
+Known limitations:
+- Prefetch depth beyond 1 behaves as 1 (one chunk ahead is what fits the planner's model).
+- `state_dict()` gathers every chunk's state in CPU memory at once (3 fp32 copies of the
+  trainable parameters); a checkpoint of a very large model needs that much host memory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from planner.chunks import ChunkTable, model_named_shapes
+from planner.errors import ChunkftError
+from planner.fsio import atomic_path
+from planner.schema import Tier
+from runtime.scaler import LossScaler
+from runtime.subgrad import SubgradHandle, install
+
+STATE_VERSION = 1
+_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AdamWConfig:
+    """torch.optim.AdamW's hyper-parameters, plus clipping."""
+
+    lr: float = 1e-5
+    """Peak learning rate (the schedule multiplies it)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    """Decoupled: w <- w * (1 - lr * weight_decay) before the Adam update."""
+    max_grad_norm: float | None = None
+    """Clip the active chunk's gradients to this global L2 norm (None: no clipping)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LRSchedule:
+    """Learning-rate multiplier as a function of successful optimizer steps taken so far.
+
+    "constant": 1 after warm-up. "cosine": from 1 after warm-up down to `min_lr_ratio` at
+    `total_steps`, half a cosine. Warm-up is linear, (t + 1) / warmup_steps for step t
+    (0-based), so the first step already moves the weights.
+    """
+
+    kind: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "cosine"):
+            raise ChunkftError(f"LR schedule {self.kind!r} is unknown; valid: 'constant', 'cosine'")
+        if self.warmup_steps < 0 or (self.kind == "cosine" and self.total_steps <= self.warmup_steps):
+            raise ChunkftError(
+                f"LR schedule needs warmup_steps >= 0 and, for cosine, total_steps > warmup_steps; "
+                f"got warmup_steps={self.warmup_steps}, total_steps={self.total_steps}"
+            )
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        progress = min((step - self.warmup_steps) / (self.total_steps - self.warmup_steps), 1.0)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepResult:
+    """What one `ChunkAdamW.step()` did."""
+
+    stepped: bool
+    """False when the fp16 scaler found inf/nan: weights, chunk and schedule did not move."""
+    chunk: int
+    """The chunk that was (or would have been) updated."""
+    lr: float
+    grad_norm: float | None
+    """The active chunk's gradient norm before clipping (only computed when clipping)."""
+    switched_to: int | None
+    """The chunk activated after this step, if it switched."""
+    loss_scale: float | None
+
+
+class _Store:
+    """Chunk states resting on one tier: {chunk: {"<param>/<kind>": tensor}}."""
+
+    def __init__(self, tier: Tier, device: torch.device, state_dir: str | os.PathLike | None):
+        self.tier = tier
+        self.device = device
+        self._mem: dict[int, dict[str, torch.Tensor]] = {}
+        self._pin = tier == Tier.HOST and torch.cuda.is_available()
+        if tier == Tier.DISK:
+            if state_dir is None:
+                raise ChunkftError("the DISK state tier needs a state directory (state_dir)")
+            self.dir = Path(state_dir)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ChunkftError(f"cannot create state directory {str(self.dir)!r}: {e.strerror or e}") from None
+
+    def _path(self, k: int) -> Path:
+        return self.dir / f"chunk{k:05d}.safetensors"
+
+    def put(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        if self.tier == Tier.GPU or (self.tier == Tier.HOST and self.device.type == "cpu"):
+            self._mem[k] = {n: t.to(self.device) for n, t in state.items()}
+        elif self.tier == Tier.HOST:
+            old = self._mem.get(k, {})
+            new = {}
+            for n, t in state.items():
+                host = old.get(n)
+                if host is None or host.shape != t.shape or host.dtype != t.dtype:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._pin)
+                new[n] = host.copy_(t)
+            self._mem[k] = new
+        else:
+            from safetensors.torch import save_file
+
+            with atomic_path(self._path(k)) as tmp:
+                save_file({n: t.detach().contiguous().cpu() for n, t in state.items()}, str(tmp))
+
+    def get(self, k: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+        if self.tier == Tier.DISK:
+            from safetensors.torch import load_file
+
+            path = self._path(k)
+            if not path.exists():
+                return None
+            try:
+                return load_file(str(path), device=str(device))
+            except Exception as e:  # safetensors raises its own error types
+                raise ChunkftError(f"optimizer state file {str(path)!r} is unreadable: {e}") from None
+        state = self._mem.get(k)
+        if state is None:
+            return None
+        return {n: t.to(device, non_blocking=self._pin) for n, t in state.items()}
+
+    def drop(self, k: int) -> None:
+        self._mem.pop(k, None)
+        if self.tier == Tier.DISK:
+            self._path(k).unlink(missing_ok=True)
+
+    def nbytes(self, exclude: int | None = None) -> int:
+        """Bytes held on this tier (file sizes for DISK), leaving out chunk `exclude`."""
+        if self.tier == Tier.DISK:
+            return sum(self._path(k).stat().st_size for k in self._ondisk() if k != exclude)
+        return sum(
+            t.numel() * t.element_size() for k, s in self._mem.items() if k != exclude for t in s.values()
+        )
+
+    def _ondisk(self) -> list[int]:
+        return [int(p.name[5:10]) for p in self.dir.glob("chunk[0-9][0-9][0-9][0-9][0-9].safetensors")]
+
+
+class ChunkAdamW:
+    """Exact AdamW over a ChunkTable, one active chunk at a time (see the module docstring).
+
+    Args:
+        model: the model to train; its parameters keep their dtype and device.
+        table: the chunk table (validated against the model's trainable parameters).
+        config / schedule: AdamW hyper-parameters and the LR schedule.
+        update_interval: successful optimizer steps on a chunk before switching to the next.
+        state_tier: where inactive chunks' masters and moments rest (GPU, HOST or DISK).
+        state_dir: directory for the DISK tier.
+        device: where the optimizer step runs (default: the model parameters' device; "cpu"
+            for a ZeRO-Offload-style host step).
+        prefetch_depth: 0 loads the next chunk's state on switch; >= 1 prefetches it.
+        scaler: a LossScaler for fp16 (None for bf16 / fp32).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        table: ChunkTable,
+        *,
+        config: AdamWConfig | None = None,
+        schedule: LRSchedule | None = None,
+        update_interval: int = 1,
+        state_tier: Tier = Tier.GPU,
+        state_dir: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+        prefetch_depth: int = 1,
+        scaler: LossScaler | None = None,
+    ):
+        if update_interval < 1:
+            raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
+        table.validate(model_named_shapes(model))
+        self.model = model
+        self.table = table
+        self.config = config or AdamWConfig()
+        self.schedule = schedule or LRSchedule()
+        self.update_interval = update_interval
+        self.scaler = scaler
+        self._params = dict(model.named_parameters())
+        first = next(iter(self._params.values()))
+        self.device = torch.device(device) if device is not None else first.device
+        self._store = _Store(Tier(state_tier), self.device, state_dir)
+        self._prefetch = prefetch_depth >= 1 and table.num_chunks > 1 and self._store.tier != Tier.GPU
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1) if self._prefetch else None
+        self._stream = torch.cuda.Stream(self.device) if self._prefetch and self.device.type == "cuda" else None
+        self._pending: tuple[int, concurrent.futures.Future] | None = None
+        self.global_step = 0  # successful optimizer steps: the schedule's position
+        self.active_steps = 0  # successful steps on the active chunk since it was activated
+        self._span_steps: dict[int, dict[str, int]] = {k: {} for k in range(table.num_chunks)}
+        self.active_chunk = 0
+        self._state: dict[str, torch.Tensor] = {}
+        self._handle: SubgradHandle | None = None
+        self._activate(0)
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def handle(self) -> SubgradHandle:
+        """The active chunk's gradient handle (`.grads()`)."""
+        assert self._handle is not None
+        return self._handle
+
+    def lr(self) -> float:
+        """The learning rate the next successful step will use."""
+        return self.config.lr * self.schedule.factor(self.global_step)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), scaled by the loss scaler when there is one."""
+        (self.scaler.scale_loss(loss) if self.scaler is not None else loss).backward()
+
+    def zero_grad(self) -> None:
+        self.handle.zero_grad()
+
+    def step(self) -> StepResult:
+        """One optimizer step on the active chunk's accumulated gradients, then drop them.
+
+        fp16: skipped (returns stepped=False) if any gradient overflowed; the scale backs off
+        and neither the chunk nor the schedule advances. Otherwise AdamW on every span that
+        received a gradient, and a switch to the next chunk after `update_interval` steps.
+        """
+        k = self.active_chunk
+        scale = self.scaler.scale if self.scaler is not None else None
+        lr = self.lr()
+        if self.scaler is not None and self.scaler.overflowed():
+            self.handle.zero_grad()
+            self.scaler.update(True)
+            return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale)
+        grads = self.handle.grads()
+        inv_scale = 1.0 / scale if scale is not None else 1.0
+        names = [s.param for s in self.table.chunks[k] if s.param in grads]
+        coef, grad_norm = None, None
+        if self.config.max_grad_norm is not None and names:
+            # torch.nn.utils.clip_grad_norm_'s arithmetic: norm of the per-tensor norms.
+            norms = [torch.linalg.vector_norm(self._grad32(grads[n], inv_scale), 2) for n in names]
+            total = torch.linalg.vector_norm(torch.stack(norms), 2)
+            coef = torch.clamp(self.config.max_grad_norm / (total + 1e-6), max=1.0)
+            grad_norm = float(total)
+        for name in names:
+            g = self._grad32(grads[name], inv_scale)
+            if coef is not None:
+                g.mul_(coef)
+            step = self._span_steps[k].get(name, 0) + 1
+            self._span_steps[k][name] = step
+            self._adamw(name, g, lr, step)
+            del g
+        self.handle.zero_grad()
+        if self.scaler is not None:
+            self.scaler.update(False)
+        self.global_step += 1
+        self.active_steps += 1
+        switched = None
+        if self.active_steps >= self.update_interval:
+            self.active_steps = 0
+            if self.table.num_chunks > 1:
+                switched = (k + 1) % self.table.num_chunks
+                self._evict()
+                self._activate(switched)
+        return StepResult(stepped=True, chunk=k, lr=lr, grad_norm=grad_norm, switched_to=switched, loss_scale=scale)
+
+    def state_bytes(self) -> dict[Tier, int]:
+        """Bytes of optimizer state by tier: the active (and prefetched) chunk on the compute
+        device, the resting chunks on their tier (for the runtime's own accounting)."""
+        active = sum(t.numel() * t.element_size() for t in self._state.values())
+        on_device = Tier.GPU if self.device.type == "cuda" else Tier.HOST
+        out = {on_device: active}
+        # On the GPU tier (and HOST with a CPU step) the store's entry for the active chunk
+        # is the active state itself, not a second copy.
+        aliased = self._store.tier == on_device and self._store.tier != Tier.DISK
+        resting = self._store.nbytes(exclude=self.active_chunk if aliased else None)
+        out[self._store.tier] = out.get(self._store.tier, 0) + resting
+        return out
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta): every chunk's state as CPU tensors "chunk<k>/<param>/<kind>", and
+        a JSON-able dict of counters, hyper-parameters and the chunk table."""
+        self._wait_prefetch()
+        tensors: dict[str, torch.Tensor] = {}
+        for k in range(self.table.num_chunks):
+            state = self._state if k == self.active_chunk else self._store.get(k, torch.device("cpu"))
+            for key, t in (state or {}).items():
+                tensors[f"chunk{k}/{key}"] = t.detach().to("cpu", copy=True)
+        meta = {
+            "version": STATE_VERSION,
+            "active_chunk": self.active_chunk,
+            "active_steps": self.active_steps,
+            "global_step": self.global_step,
+            "span_steps": {str(k): dict(v) for k, v in self._span_steps.items()},
+            "update_interval": self.update_interval,
+            "config": asdict(self.config),
+            "schedule": asdict(self.schedule),
+            "table": self.table.to_json(),
+        }
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore `state_dict()`'s output (same chunk table required; the model's weights
+        are the caller's to restore). Hyper-parameters and schedule come from `meta`."""
+        try:
+            if meta.get("version") != STATE_VERSION:
+                raise ChunkftError(f"optimizer state version {meta.get('version')!r} is not {STATE_VERSION}")
+            if ChunkTable.from_json(meta["table"]) != self.table:
+                raise ChunkftError("optimizer state was saved with a different chunk table")
+            config = dict(meta["config"])
+            config["betas"] = tuple(config["betas"])
+            self.config = AdamWConfig(**config)
+            self.schedule = LRSchedule(**meta["schedule"])
+            self.update_interval = int(meta["update_interval"])
+            span_steps = {int(k): {str(n): int(s) for n, s in v.items()} for k, v in meta["span_steps"].items()}
+            active, active_steps, global_step = int(meta["active_chunk"]), int(meta["active_steps"]), int(meta["global_step"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ChunkftError(f"optimizer state is malformed ({type(e).__name__}: {e})") from None
+        if set(span_steps) != set(range(self.table.num_chunks)) or not 0 <= active < self.table.num_chunks:
+            raise ChunkftError("optimizer state does not match the chunk table's chunk count")
+        self._wait_prefetch()
+        self._pending = None
+        self._handle.remove()
+        self._state = {}
+        per_chunk: dict[int, dict[str, torch.Tensor]] = {k: {} for k in range(self.table.num_chunks)}
+        for key, t in tensors.items():
+            head, _, rest = key.partition("/")
+            if not head.startswith("chunk") or not head[5:].isdigit() or int(head[5:]) not in per_chunk:
+                raise ChunkftError(f"optimizer state has an unexpected tensor {key!r}")
+            per_chunk[int(head[5:])][rest] = t
+        for k, state in per_chunk.items():
+            if k == active:
+                continue
+            if state:
+                self._store.put(k, {n: t.clone() for n, t in state.items()})
+            else:
+                self._store.drop(k)
+        self._span_steps = span_steps
+        self.global_step, self.active_steps = global_step, active_steps
+        self._activate(active, state={n: t.to(self.device, copy=True) for n, t in per_chunk[active].items()})
+
+    def close(self) -> None:
+        """Remove the hooks and stop the prefetch thread (the model trains normally again)."""
+        self._wait_prefetch()
+        if self._handle is not None:
+            self._handle.remove()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _master_dtype(self, p: torch.Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _grad32(self, g: torch.Tensor, inv_scale: float) -> torch.Tensor:
+        """The gradient cast to the master dtype on the step device (fp16-centric: the cast
+        happens here, at the optimizer), unscaled. A copy when the cast or unscale needs one."""
+        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+        out = g.to(device=self.device, dtype=dtype)
+        if inv_scale != 1.0:
+            out = out * inv_scale
+        return out
+
+    def _span_view(self, k: int, name: str) -> torch.Tensor:
+        span = next(s for s in self.table.chunks[k] if s.param == name)
+        p = self._params[name].detach()
+        return p if self.table.is_whole(span) else p.narrow(span.dim, span.start, span.end - span.start)
+
+    def _adamw(self, name: str, grad: torch.Tensor, lr: float, step: int) -> None:
+        """torch.optim.adam._single_tensor_adam with decoupled weight decay, line for line."""
+        beta1, beta2 = self.config.betas
+        master = self._state[f"{name}/master"]
+        exp_avg = self._state[f"{name}/exp_avg"]
+        exp_avg_sq = self._state[f"{name}/exp_avg_sq"]
+        if self.config.weight_decay != 0:
+            master.mul_(1 - lr * self.config.weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** float(step)
+        bias_correction2 = 1 - beta2 ** float(step)
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.config.eps)
+        master.addcdiv_(exp_avg, denom, value=-step_size)
+        with torch.no_grad():
+            self._span_view(self.active_chunk, name).copy_(master)
+
+    def _fresh_state(self, k: int) -> dict[str, torch.Tensor]:
+        state = {}
+        for span in self.table.chunks[k]:
+            view = self._span_view(k, span.param)
+            master = view.to(device=self.device, dtype=self._master_dtype(view), copy=True)
+            state[f"{span.param}/master"] = master
+            state[f"{span.param}/exp_avg"] = torch.zeros_like(master)
+            state[f"{span.param}/exp_avg_sq"] = torch.zeros_like(master)
+        return state
+
+    def _load(self, k: int) -> dict[str, torch.Tensor] | None:
+        if self._stream is None:
+            return self._store.get(k, self.device)
+        with torch.cuda.stream(self._stream):
+            state = self._store.get(k, self.device)
+        self._stream.synchronize()
+        return state
+
+    def _wait_prefetch(self) -> None:
+        if self._pending is not None:
+            self._pending[1].result()
+
+    def _activate(self, k: int, state: dict[str, torch.Tensor] | None = None) -> None:
+        if state is None:
+            if self._pending is not None and self._pending[0] == k:
+                state = self._pending[1].result()
+                if self._stream is not None:  # allocated on the side stream, used on this one
+                    for t in (state or {}).values():
+                        t.record_stream(torch.cuda.current_stream(self.device))
+            else:
+                self._wait_prefetch()
+                state = self._store.get(k, self.device)
+            self._pending = None
+        expected = {f"{s.param}/{kind}" for s in self.table.chunks[k] for kind in _KINDS}
+        if not state:
+            state = self._fresh_state(k)
+        elif set(state) != expected:
+            raise ChunkftError(f"optimizer state of chunk {k} holds {sorted(set(state) ^ expected)[:3]} unexpectedly")
+        self._state = state
+        self.active_chunk = k
+        on_grad = self.scaler.check if self.scaler is not None else None
+        self._handle = install(self.model, self.table.grad_spec(k), on_grad=on_grad)
+        if self._prefetch:
+            nxt = (k + 1) % self.table.num_chunks
+            self._pending = (nxt, self._executor.submit(self._load, nxt))
+
+    def _evict(self) -> None:
+        self._handle.remove()
+        self._handle = None
+        self._store.put(self.active_chunk, self._state)
+        self._state = {}
