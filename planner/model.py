@@ -145,13 +145,15 @@ def with_num_layers(config: "transformers.PretrainedConfig", num_layers: int) ->
     global layer in the original order. The config class validates the result.
     """
     d = config.to_dict()
-    old = d.get("num_hidden_layers")
+    # GPT-2 and others store the depth under their own name (attribute_map: n_layer).
+    depth_key = getattr(config, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
+    old = d.get(depth_key)
     if old is None:
         raise ChunkftError(f"cannot override the depth of a {config.model_type!r} config: it has no num_hidden_layers")
     for key, value in d.items():
         if isinstance(value, list) and len(value) == old and key not in ("architectures",):
             d[key] = [value[i % old] for i in range(num_layers)]
-    d["num_hidden_layers"] = num_layers
+    d[depth_key] = num_layers
     return _config_from_dict(d, where=f"{config.model_type} config with {num_layers} layers")
 
 
