@@ -1,0 +1,124 @@
+"""The simulator replays a plan: its GPU peak is the plan's, and a chunk switch moves exactly
+the chunk's fp32 master and moments."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from planner.cli import main
+from planner.hardware import hardware
+from planner.model import resolve_model
+from planner.plan import load_plan, make_plan
+from planner.schema import Component, EventKind, Phase, Tier
+from planner.simulate import simulate
+from planner.solve import Objective, SearchSpace, solve_model
+from planner.strategy import Budget, Strategy
+from planner.trace import StepShape
+
+MIB = 2**20
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("small-llama")
+    LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)
+    return resolve_model(str(path))
+
+
+SHAPE = StepShape(seq_len=128, batch=2)
+HW = hardware("rtx4090")
+
+
+def plan_for(model, strategy):
+    from planner.evaluate import evaluate
+
+    est = evaluate(model, SHAPE, strategy, HW)
+    return make_plan(model, SHAPE, HW, Budget(gpu_bytes=2**30), Objective.MEMORY, est)
+
+
+@pytest.mark.parametrize("strategy", [
+    Strategy(),
+    Strategy(checkpointing=True, loss_chunk_tokens=64),
+    Strategy(chunks=3, state_tier=Tier.HOST, prefetch_depth=1),
+    Strategy(chunks=4, state_tier=Tier.DISK, prefetch_depth=0, checkpointing=True),
+    Strategy(chunks=2, optimizer_device="host", state_tier=Tier.HOST, grad_staging=Tier.HOST),
+])
+def test_simulated_peak_equals_planned_peak(small, strategy):
+    plan = plan_for(small, strategy)
+    timeline = simulate(plan, small)
+    assert timeline.peak_bytes(Tier.GPU) == plan.peak_bytes[Tier.GPU]
+    for tier in (Tier.HOST, Tier.DISK):
+        assert timeline.peak_bytes(tier) == plan.peak_bytes.get(tier, 0)
+    for ev in timeline.events:
+        assert ev.allocated == sum(ev.bytes.values())
+        assert ev.reserved >= ev.allocated
+    h = timeline.header
+    assert h["kind"] == "timeline" and h["t_unit"] == "op"
+    assert h["model_fingerprint"] == small.fingerprint() and h["plan_fingerprint"] == plan.fingerprint()
+    assert h["step_time_s"] == pytest.approx(plan.step_time_s)
+
+
+def test_step_events_mark_phases_and_layers(small):
+    timeline = simulate(plan_for(small, Strategy(checkpointing=True)), small)
+    gpu = [e for e in timeline.events if e.tier == Tier.GPU]
+    phases = [e.phase for e in gpu if e.event == EventKind.PHASE]
+    assert phases[:2] == [Phase.FORWARD, Phase.LOSS] or phases[0] == Phase.FORWARD
+    assert Phase.BACKWARD in phases and Phase.RECOMPUTE in phases
+    fwd_layers = [e.layer for e in gpu if e.event == EventKind.LAYER and e.phase == Phase.FORWARD]
+    assert fwd_layers == [0, 1, 2]
+    ops = [e for e in gpu if e.event == EventKind.OP]
+    assert [e.t for e in ops] == sorted(e.t for e in ops)
+    assert gpu[-1].event == EventKind.STEP_END
+    assert any(e.event == EventKind.OPTIMIZER_STEP for e in gpu)
+
+
+def test_chunk_switch_moves_the_chunks_state(small):
+    plan = plan_for(small, Strategy(chunks=3, state_tier=Tier.HOST, prefetch_depth=0))
+    timeline = simulate(plan, small)
+    events = list(timeline.events)
+    i = next(i for i, e in enumerate(events) if e.event == EventKind.CHUNK_SWITCH)
+    switch, evict, fetch = events[i:i + 3]
+    k = plan.worst_chunk
+    state = lambda j: plan.chunk_table.chunk_bytes(j) // 2 * 12  # fp32 master + 2 moments per bf16 param
+    assert evict.event == fetch.event == EventKind.TRANSFER
+    assert evict.name == f"evict chunk {k} master+moments gpu->host {state(k)} B"
+    assert switch.allocated - evict.allocated == state(k)
+    assert fetch.allocated - evict.allocated == state((k + 1) % 3)
+    assert evict.bytes.get(Component.MASTER, 0) == switch.bytes[Component.MASTER] - state(k) // 3
+
+
+def test_cli_plan_then_simulate(small, tmp_path, capsys):
+    plan_path, tl_path = tmp_path / "plan.json", tmp_path / "tl.jsonl"
+    code = main(["plan", small.name, "--gpu", "40MiB", "--seq", "128", "--batch", "2", "-o", str(plan_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "objective fit every tier, then fewest chunks" in out
+    plan = load_plan(plan_path, model=small)
+    assert plan.peak_bytes[Tier.GPU] <= plan.reserved_bytes <= 40 * MIB
+    assert main(["simulate", str(plan_path), "-o", str(tl_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in tl_path.read_text().splitlines()]
+    assert rows[0]["event"] == "header" and rows[0]["plan_fingerprint"] == plan.fingerprint()
+    assert max(r["allocated"] for r in rows[1:] if r["tier"] == "gpu") == plan.peak_bytes[Tier.GPU]
+    assert "plan predicted" in out
+
+
+def test_cli_simulate_refuses_another_model(small, tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    plan_path = tmp_path / "plan.json"
+    from planner.plan import save_plan
+
+    save_plan(plan_for(small, Strategy()), plan_path)
+    other = tmp_path / "other"
+    LlamaConfig(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(other)
+    assert main(["simulate", str(plan_path), "--model", str(other), "-o", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the plan was made for model" in err
+    assert not (tmp_path / "t.jsonl").exists()
