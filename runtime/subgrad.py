@@ -26,9 +26,11 @@ hooks). Hooks do nothing while grad mode is off (eval, the first pass of reentra
 checkpointing); with non-reentrant checkpointing the recompute re-saves the same tensors.
 
 Known limitations:
-- Sliced 2-D parameters must belong to modules whose forward is exactly nn.Linear's or
-  nn.Embedding's (a subclass that overrides forward, like Gemma's scaled embedding, cannot be
-  cut); anything else >1-D raises ChunkftError at install time.
+- Sliced 2-D parameters must belong to nn.Linear or nn.Embedding (or subclasses); anything
+  else >1-D raises ChunkftError at install time. A subclass that overrides forward (Gemma's
+  scaled embedding) is handled by a TorchFunctionMode active only during that module's
+  forward, which wraps the F.embedding / F.linear call using the parameter: it must call
+  F.linear / F.embedding with the parameter itself.
 - Embedding with max_norm, sparse or scale_grad_by_freq is not supported when sliced.
 - A generic (1-D) module must return one tensor; its tensor keyword arguments are held by the
   autograd node without saved-tensor hooks.
@@ -42,7 +44,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from planner.chunks import GradSpec, SliceSpec
 from planner.errors import ChunkftError
@@ -217,18 +221,19 @@ def _owners(model: nn.Module, target: nn.Parameter) -> list[tuple[str, nn.Module
     return found
 
 
-def _rule_kind(mod_name: str, mod: nn.Module, attr: str, param: torch.Tensor, spec: SliceSpec, name: str) -> str:
+def _rule_kind(mod_name: str, mod: nn.Module, attr: str, param: torch.Tensor, name: str) -> tuple[str, bool]:
+    """(rule kind, intercept): intercept=True for Linear / Embedding subclasses that override
+    forward -- their output is not the bare matmul / lookup, so the slice Function wraps the
+    F.linear / F.embedding call inside their forward instead of the module's output."""
     where = f"{name!r} (in {mod_name or 'the model'}: {type(mod).__name__})"
-    if type(mod).forward is nn.Linear.forward and attr == "weight":
-        return "linear_weight"
-    if type(mod).forward is nn.Linear.forward and attr == "bias":
-        return "linear_bias"
-    if type(mod).forward is nn.Embedding.forward and attr == "weight":
+    if isinstance(mod, nn.Linear) and attr in ("weight", "bias"):
+        return ("linear_weight" if attr == "weight" else "linear_bias"), type(mod).forward is not nn.Linear.forward
+    if isinstance(mod, nn.Embedding) and attr == "weight":
         if mod.max_norm is not None or mod.sparse or mod.scale_grad_by_freq:
             raise ChunkftError(f"cannot slice {where}: max_norm, sparse and scale_grad_by_freq are not supported")
-        return "embedding"
+        return "embedding", type(mod).forward is not nn.Embedding.forward
     if param.dim() <= 1:
-        return "generic"
+        return "generic", False
     raise ChunkftError(
         f"cannot slice {where}: sub-tensor gradients exist for nn.Linear and nn.Embedding weights "
         f"and 1-D parameters; give this parameter whole to one chunk"
@@ -250,6 +255,7 @@ def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = 
         raise ChunkftError(f"grad spec names parameters the model does not have: {unknown[:5]}")
     handle = SubgradHandle(model, {n: grad.get(n, False) for n in params}, on_grad)
     rules: dict[nn.Module, list[_Rule]] = {}
+    intercepted: dict[nn.Module, list[_Rule]] = {}
     try:
         for name, p in params.items():
             value = handle.spec[name]
@@ -260,8 +266,8 @@ def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = 
                 owners = _owners(model, p)
                 assert owners, name
                 for mod_name, mod, attr in owners:
-                    kind = _rule_kind(mod_name, mod, attr, p, value, name)
-                    rules.setdefault(mod, []).append(
+                    kind, intercept = _rule_kind(mod_name, mod, attr, p, name)
+                    (intercepted if intercept else rules).setdefault(mod, []).append(
                         _Rule(name=name, kind=kind, spec=value, module=mod, attr=attr, handle=handle)
                     )
                 p.requires_grad_(False)
@@ -273,6 +279,10 @@ def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = 
                 p.requires_grad_(False)
         for mod, mod_rules in rules.items():
             handle._hooks.append(mod.register_forward_hook(_make_hook(mod_rules), with_kwargs=True))
+        for mod, mod_rules in intercepted.items():
+            enter, leave = _intercept_hooks(_Intercept(mod_rules))
+            handle._hooks.append(mod.register_forward_pre_hook(enter))
+            handle._hooks.append(mod.register_forward_hook(leave, always_call=True))
     except BaseException:
         handle.remove()
         raise
@@ -294,3 +304,40 @@ def _make_hook(rules: list[_Rule]):
         return output
 
     return hook
+
+
+class _Intercept(TorchFunctionMode):
+    """Active only while one Linear / Embedding subclass runs its forward (pre-hook to
+    forward hook): wraps the F.linear / F.embedding call that uses the sliced parameter in
+    `_SliceGrad`, so e.g. Gemma's `embedding(ids) * scale` gets the right rows' gradient."""
+
+    def __init__(self, rules: list[_Rule]):
+        super().__init__()
+        self.rules = rules
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func not in (F.linear, F.embedding) or not torch.is_grad_enabled():
+            return out
+        if getattr(_state, "recomputing", False):
+            return out
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        first = args[0] if args else kwargs.get("input")
+        for rule in self.rules:
+            used = getattr(rule.module, rule.attr)
+            if used is weight or (func is F.linear and used is bias):
+                anchor = out.new_empty(0).requires_grad_(True)
+                out = _SliceGrad.apply(rule, anchor, out, (first,), {}, *rule.saved((first,), {}))
+        return out
+
+
+def _intercept_hooks(mode: _Intercept):
+    def enter(module, args):
+        mode.__enter__()
+
+    def leave(module, args, output):  # always_call: runs even if forward raised
+        mode.__exit__(None, None, None)
+
+    return enter, leave

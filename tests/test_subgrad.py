@@ -194,10 +194,11 @@ def test_gemma_one_plus_weight_norm_slice():
         "model.layers.1.mlp.up_proj.weight": SliceSpec(dim=1, start=0, end=6),
     }
     _check(model, spec, dense, batch)
-    # Gemma's embedding subclass overrides forward (scales the lookup): cannot be sliced
-    with pytest.raises(ChunkftError, match="GemmaTextScaledWordEmbedding"):
-        install(model, {"model.embed_tokens.weight": SliceSpec(dim=0, start=0, end=8)})
-    assert all(p.requires_grad for p in model.parameters())
+    # Gemma's embedding subclass overrides forward (lookup * sqrt(hidden)), and lm_head is tied
+    assert type(model.model.embed_tokens).__name__ == "GemmaTextScaledWordEmbedding"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    _check(model, {"model.embed_tokens.weight": SliceSpec(dim=0, start=0, end=50)}, dense, batch)
+    _check(model, {"model.embed_tokens.weight": SliceSpec(dim=1, start=4, end=9)}, dense, batch)
 
 
 def test_on_grad_sees_every_contribution(llama):
@@ -246,3 +247,17 @@ def test_install_on_a_fake_model():
         "model.layers.0.input_layernorm.weight": (7,),
         "model.norm.weight": (24,),
     }
+
+
+def test_install_on_a_fake_gemma_with_scaled_embedding():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = GemmaForCausalLM(GemmaConfig(**SMALL))
+        spec = {"model.embed_tokens.weight": SliceSpec(dim=0, start=3, end=20), "model.norm.weight": SliceSpec(dim=0, start=0, end=5)}
+        handle = install(model, spec)
+        ids = torch.randint(0, SMALL["vocab_size"], (1, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        shapes = {n: tuple(g.shape) for n, g in handle.grads().items()}
+        handle.remove()
+    assert shapes == {"model.embed_tokens.weight": (17, 24), "model.norm.weight": (5,)}
