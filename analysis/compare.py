@@ -29,6 +29,7 @@ import pandas as pd
 
 from analysis.load import COMPONENT_COLUMNS, Recording, phases_in_order
 from planner.errors import ChunkftError
+from planner.schema import Tier
 
 ALIGN_KEYS: tuple[str, ...] = ("tier", "step", "phase", "layer", "event", "ordinal")
 
@@ -104,6 +105,12 @@ def positions_on_predicted(predicted: pd.DataFrame, measured: pd.DataFrame) -> n
     return out
 
 
+def _tiers(*frames: pd.DataFrame) -> list[str]:
+    """Tiers present in any frame, in Tier order (gpu, host, disk)."""
+    present = set().union(*(set(f["tier"]) for f in frames))
+    return [t.value for t in Tier if t.value in present]
+
+
 def _peak_row(df: pd.DataFrame, column: str) -> pd.Series:
     return df.loc[df[column].idxmax()]
 
@@ -119,7 +126,7 @@ def peak_table(predicted: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
     trace with a `peak` column: the first event after the spike).
     """
     rows = []
-    tiers = list(dict.fromkeys([*predicted["tier"], *measured["tier"]]))
+    tiers = _tiers(predicted, measured)
     for tier in tiers:
         p = predicted[predicted["tier"] == tier]
         m = measured[measured["tier"] == tier]
@@ -163,7 +170,7 @@ def phase_table(predicted: pd.DataFrame, measured: pd.DataFrame, aligned: pd.Dat
     """Per tier and phase: the phase's peak on each side, its error, and the mean absolute
     error of `allocated` over the events matched in that phase."""
     rows = []
-    tiers = list(dict.fromkeys([*predicted["tier"], *measured["tier"]]))
+    tiers = _tiers(predicted, measured)
     phases = list(dict.fromkeys([*phases_in_order(predicted), *phases_in_order(measured)]))
     for tier in tiers:
         for phase in phases:
@@ -202,6 +209,8 @@ class Comparison:
 
     predicted: Recording
     measured: Recording
+    measured_step: int | None
+    """The trace step compared with the (one-step) timeline; None: steps matched by number."""
     predicted_events: pd.DataFrame
     """The timeline's events of the compared steps (all of `predicted.events` by default)."""
     measured_events: pd.DataFrame
@@ -219,18 +228,28 @@ class Comparison:
                 "matched": len(self.aligned)}
 
 
+def worst_step(events: pd.DataFrame) -> int:
+    """The step with the highest peak on the GPU tier (on any tier if there is no GPU row)."""
+    rows = events[events["tier"] == "gpu"] if (events["tier"] == "gpu").any() else events
+    return int(rows.groupby("step")["peak"].max().idxmax())
+
+
 def compare(predicted: Recording, measured: Recording, *, measured_step: int | None = None) -> Comparison:
     """Compare a timeline with a trace.
 
     `measured_step`: compare the timeline (which must then hold one step) against this one
-    step of the trace, e.g. a step after warm-up; default: every step, matched by number.
+    step of the trace, e.g. a step after warm-up. Default: a one-step timeline against a
+    trace of several steps is compared with the trace's worst step (highest GPU peak: the
+    prediction is meant to bound every step); otherwise steps match by number.
     """
     p, m = predicted.events, measured.events
+    steps = sorted(set(p["step"]))
+    available = sorted(set(m["step"]))
+    if measured_step is None and len(steps) == 1 and len(available) > 1:
+        measured_step = worst_step(m)
     if measured_step is not None:
-        steps = sorted(set(p["step"]))
         if len(steps) != 1:
             raise ChunkftError(f"--step needs a timeline of one step; {predicted.path!r} has steps {steps}")
-        available = sorted(set(m["step"]))
         if measured_step not in available:
             raise ChunkftError(f"trace {measured.path!r} has no step {measured_step}; it has steps {available}")
         m = m[m["step"] == measured_step].copy()
@@ -240,6 +259,7 @@ def compare(predicted: Recording, measured: Recording, *, measured_step: int | N
     return Comparison(
         predicted=predicted,
         measured=measured,
+        measured_step=measured_step,
         predicted_events=p,
         measured_events=m,
         aligned=aligned,
@@ -250,5 +270,5 @@ def compare(predicted: Recording, measured: Recording, *, measured_step: int | N
 
 __all__ = [
     "ALIGN_KEYS", "PEAK_COLUMNS", "PHASE_COLUMNS", "Comparison", "align", "compare",
-    "components_at_peak", "peak_table", "phase_table", "positions_on_predicted",
+    "components_at_peak", "peak_table", "phase_table", "positions_on_predicted", "worst_step",
 ]

@@ -1,7 +1,8 @@
 """Figures for `chunkft compare`: memory over the step, a chunk switch, the error table.
 
 Every function returns a matplotlib Figure (Agg backend, no display) sized to be read at
-about 800-900 px wide; `save` writes it as PNG. Bytes are plotted in GiB (2**30).
+about 800-900 px wide; `save` writes it as PNG. Bytes are plotted in GiB (2**30), or in MiB
+when a figure's largest value is under 1 GiB (tiny CPU models), and the axis says which.
 """
 
 from __future__ import annotations
@@ -28,7 +29,17 @@ COMPONENT_COLOURS: dict[str, str] = dict(zip(COMPONENT_COLUMNS, [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
 ]))
 TIER_STYLES: dict[str, str] = {"gpu": "-", "host": "--", "disk": ":"}
+TIER_COLOURS: dict[str, str] = {"gpu": "#1f77b4", "host": "#ff7f0e", "disk": "#2ca02c"}
 PHASE_SHADES = ("#f2f2f2", "#ffffff")
+PHASE_COLOURS: dict[str, str] = {
+    "setup": "#cccccc", "forward": "#6baed6", "loss": "#e377c2", "backward": "#fd8d3c",
+    "recompute": "#9e9ac8", "optimizer": "#74c476", "chunk_switch": "#636363",
+}
+
+
+def byte_unit(max_bytes: float) -> tuple[int, str]:
+    """(divisor, name): GiB for figures that reach 1 GiB, MiB below."""
+    return (GIB, "GiB") if max_bytes >= GIB else (2**20, "MiB")
 
 
 def _style() -> None:
@@ -45,21 +56,25 @@ def _x_label(comparison: Comparison) -> str:
     return f"timeline {unit} (measured events placed by event alignment)"
 
 
-def _shade_phases(ax, events: pd.DataFrame) -> None:
-    """Alternate light bands per phase run, labelled at the top of the axes."""
+def _phase_ribbon(ax, events: pd.DataFrame) -> list:
+    """A coloured strip along the top of the axes, one colour per phase; returns legend handles
+    for the phases present. (Alternating bands with text labels drown in the dozens of
+    backward/recompute alternations an activation-checkpointed step has.)"""
+    from matplotlib.patches import Patch
+
     if events.empty:
-        return
+        return []
     phase = events["phase"].fillna("").to_numpy()
     t = events["t"].to_numpy()
     starts = [0] + [i for i in range(1, len(phase)) if phase[i] != phase[i - 1]]
     ends = starts[1:] + [len(phase)]
-    span = (t[-1] - t[0]) or 1.0
-    for k, (a, b) in enumerate(zip(starts, ends)):
-        x0, x1 = t[a], t[b] if b < len(t) else t[-1]
-        ax.axvspan(x0, x1, color=PHASE_SHADES[k % 2], zorder=0, lw=0)
-        if phase[a] and (x1 - x0) / span > 0.06:  # label only bands wide enough to read
-            ax.text((x0 + x1) / 2, 1.0, phase[a], transform=ax.get_xaxis_transform(),
-                    ha="center", va="bottom", fontsize=8, color="#555555")
+    for a, b in zip(starts, ends):
+        if phase[a]:
+            x1 = t[b] if b < len(t) else t[-1]
+            ax.axvspan(t[a], x1, ymin=0.965, ymax=1.0, color=PHASE_COLOURS.get(phase[a], "#999999"), lw=0,
+                       zorder=6)
+    present = [p for p in dict.fromkeys(phase) if p]
+    return [Patch(color=PHASE_COLOURS.get(p, "#999999"), label=p) for p in present]
 
 
 def _extend_to(x: np.ndarray, ys: list[np.ndarray], end: float) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -71,26 +86,31 @@ def _extend_to(x: np.ndarray, ys: list[np.ndarray], end: float) -> tuple[np.ndar
 
 
 def memory_over_step(comparison: Comparison, tier: str = "gpu") -> Figure:
-    """Predicted bytes stacked by component, measured allocated (and reserved) as lines."""
+    """Predicted bytes stacked by component, predicted reserved, measured allocated (and
+    reserved) as lines, both peaks marked; a phase ribbon along the top."""
     _style()
     p_all = comparison.predicted_events
     p = p_all[p_all["tier"] == tier]
     m_all = comparison.measured_events
     m = m_all[m_all["tier"] == tier]
+    div, unit = byte_unit(max([float(d[c].max()) for d in (p, m) if len(d) for c in ("peak", "reserved")] or [0]))
     fig, ax = plt.subplots(figsize=WIDE)
-    _shade_phases(ax, p_all)
+    phase_handles = _phase_ribbon(ax, p_all)
     end = float(p_all["t"].max()) if len(p_all) else 0.0
     present = [c for c in COMPONENT_COLUMNS if (p[c] > 0).any()]
     if present:
-        x, ys = _extend_to(p["t"].to_numpy(), [p[c].to_numpy() / GIB for c in present], end)
+        x, ys = _extend_to(p["t"].to_numpy(), [p[c].to_numpy() / div for c in present], end)
         ax.stackplot(x, *ys, step="post", labels=[f"predicted: {c}" for c in present],
                      colors=[COMPONENT_COLOURS[c] for c in present], alpha=0.75, zorder=1)
     else:
-        x, (y,) = _extend_to(p["t"].to_numpy(), [p["allocated"].to_numpy() / GIB], end)
+        x, (y,) = _extend_to(p["t"].to_numpy(), [p["allocated"].to_numpy() / div], end)
         ax.step(x, y, where="post", label="predicted allocated", zorder=1)
+    if len(p) and (p["reserved"] != p["allocated"]).any():
+        x, (y,) = _extend_to(p["t"].to_numpy(), [p["reserved"].to_numpy() / div], end)
+        ax.step(x, y, where="post", color="#1f77b4", lw=1.2, ls="--", label="predicted reserved", zorder=2)
     if len(p):
         at = p.loc[p["allocated"].idxmax()]
-        ax.plot([at["t"]], [at["allocated"] / GIB], marker="v", color="black", ms=8, ls="none",
+        ax.plot([at["t"]], [at["allocated"] / div], marker="v", color="black", ms=8, ls="none",
                 label=f"predicted peak {format_bytes(int(at['allocated']))}", zorder=4)
     if len(m):
         mx = positions_on_predicted(p, m)
@@ -98,26 +118,29 @@ def memory_over_step(comparison: Comparison, tier: str = "gpu") -> Figure:
         mm = m[keep]
         order = np.argsort(mx[keep], kind="stable")
         xs, (alloc, reserved) = _extend_to(
-            mx[keep][order], [mm["allocated"].to_numpy()[order] / GIB, mm["reserved"].to_numpy()[order] / GIB], end)
+            mx[keep][order], [mm["allocated"].to_numpy()[order] / div, mm["reserved"].to_numpy()[order] / div], end)
         ax.step(xs, alloc, where="post", color="black", lw=1.6, label="measured allocated", zorder=3)
         if (mm["reserved"] != mm["allocated"]).any():
-            ax.step(xs, reserved, where="post", color="black", lw=1.0, ls="--", label="measured reserved", zorder=3)
+            ax.step(xs, reserved, where="post", color="black", lw=1.0, ls=":", label="measured reserved", zorder=3)
         if len(mm):
             k = int(np.argmax(mm["peak"].to_numpy()))
-            ax.plot([mx[keep][k]], [mm["peak"].iloc[k] / GIB], marker="^", color="#d62728", ms=8,
+            ax.plot([mx[keep][k]], [mm["peak"].iloc[k] / div], marker="^", color="#d62728", ms=8,
                     ls="none", label=f"measured peak {format_bytes(int(mm['peak'].iloc[k]))}", zorder=5)
         dropped = int((~keep).sum())
         if dropped:
             ax.text(0.01, 0.01, f"{dropped} measured events with no timeline counterpart not drawn",
                     transform=ax.transAxes, fontsize=8, color="#555555")
     ax.set_xlabel(_x_label(comparison))
-    ax.set_ylabel(f"{tier.upper()} memory (GiB)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylabel(f"{tier.upper()} memory ({unit})")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.04)  # headroom for the phase ribbon
     if len(p_all):
         ax.set_xlim(float(p_all["t"].min()), end)
-    ax.set_title(f"{tier.upper()} memory over the step: predicted (stacked by component) vs measured",
-                 pad=16)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.set_title(f"{tier.upper()} memory over the step: predicted (stacked by component) vs measured")
+    first = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if phase_handles:
+        ax.add_artist(first)
+        ax.legend(handles=phase_handles, title="phase (top strip)", loc="lower left", bbox_to_anchor=(1.01, 0.0),
+                  frameon=False, fontsize=8, title_fontsize=8, ncol=2)
     return fig
 
 
@@ -160,24 +183,25 @@ def chunk_switch(comparison: Comparison, margin: int = 5) -> Figure | None:
                                       gridspec_kw={"height_ratios": [2, 1.2]})
     state = _tier_state(p_all)
     state = state[(state.index >= lo) & (state.index <= hi)]
+    div, unit = byte_unit(float(state.max().max()))
     m_all = comparison.measured_events
-    for k, tier in enumerate(state.columns):
-        colour = f"C{k}"
-        top.step(state.index, state[tier] / GIB, where="post", ls=TIER_STYLES.get(tier, "-"), lw=2,
+    for tier in [t for t in TIER_COLOURS if t in state.columns]:
+        colour = TIER_COLOURS[tier]
+        top.step(state.index, state[tier] / div, where="post", ls=TIER_STYLES.get(tier, "-"), lw=2,
                  color=colour, label=f"predicted {tier}")
         m = m_all[m_all["tier"] == tier]
         if len(m):
             mx = positions_on_predicted(p_all[p_all["tier"] == tier], m)
             inside = (mx >= lo) & (mx <= hi)
             if inside.any():
-                top.plot(mx[inside], m["allocated"].to_numpy()[inside] / GIB, ls="none", marker="o",
+                top.plot(mx[inside], m["allocated"].to_numpy()[inside] / div, ls="none", marker="o",
                          ms=5, color=colour, mec="black", label=f"measured {tier}")
     switch = window[(window["phase"] == "chunk_switch") | (window["event"] == "chunk_switch")]["t"]
     for ax in (top, bottom):
         ax.axvspan(switch.min(), switch.max(), color=PHASE_SHADES[0], zorder=0, lw=0)
     top.text((switch.min() + switch.max()) / 2, 1.0, "chunk switch", transform=top.get_xaxis_transform(),
              ha="center", va="bottom", fontsize=8, color="#555555")
-    top.set_ylabel("memory per tier (GiB)")
+    top.set_ylabel(f"memory per tier ({unit})")
     top.set_ylim(bottom=0)
     top.set_title("Chunk switch: bytes per tier (lines predicted, dots measured) and transfers", pad=14)
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -186,22 +210,22 @@ def chunk_switch(comparison: Comparison, margin: int = 5) -> Figure | None:
     deltas = p_all.groupby("tier", sort=False)["allocated"].diff().fillna(0)
     transfers = window[window["event"] == "transfer"]
     if len(transfers):
-        sizes = (deltas.loc[transfers.index] / GIB).to_numpy()
+        sizes = (deltas.loc[transfers.index] / div).to_numpy()
         bottom.bar(transfers["t"], sizes, width=0.6, color=["#2ca02c" if v >= 0 else "#d62728" for v in sizes])
         lines = []
         for i, (t, v, name, tier) in enumerate(zip(transfers["t"], sizes, transfers["name"], transfers["tier"]), 1):
             bottom.annotate(str(i), (t, v), ha="center", va="bottom" if v >= 0 else "top", fontsize=9,
                             xytext=(0, 2 if v >= 0 else -2), textcoords="offset points")
-            lines.append(f"{i}: {name or 'transfer'} [{tier}] {v:+.2f} GiB")
+            lines.append(f"{i}: {name or 'transfer'} [{tier}] {v:+.2f} {unit}")
         lim = max(float(np.abs(sizes).max()), 1e-9) * 1.4
         bottom.set_ylim(-lim, lim)
-        bottom.text(1.01, 1.0, "\n".join(lines[:14] + ([f"... {len(lines) - 14} more"] if len(lines) > 14 else [])),
-                    transform=bottom.transAxes, va="top", fontsize=8)
+        listing = lines[:12] + ([f"... and {len(lines) - 12} more"] if len(lines) > 12 else [])
+        fig.text(0.01, 0.0, "Transfers:\n" + "\n".join(listing), va="top", ha="left", fontsize=8.5)
     else:
         bottom.text(0.5, 0.5, "no transfer events in this window", transform=bottom.transAxes,
                     ha="center", va="center", color="#555555")
     bottom.axhline(0, color="black", lw=0.8)
-    bottom.set_ylabel("transfer (GiB)\n+ into tier, - out")
+    bottom.set_ylabel(f"transfer ({unit})\n+ into tier, - out")
     bottom.set_xlabel(_x_label(comparison))
     fig.tight_layout()
     return fig
@@ -214,6 +238,7 @@ def errors(comparison: Comparison) -> Figure:
     phases = comparison.phases
     tier = "gpu" if (phases["tier"] == "gpu").any() else (phases["tier"].iloc[0] if len(phases) else "gpu")
     phases = phases[phases["tier"] == tier]
+    div, unit = byte_unit(float(pd.concat([peaks["predicted_bytes"], peaks["measured_bytes"]]).astype("float64").max()))
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 4.6),
                                       gridspec_kw={"width_ratios": [max(len(peaks), 1), max(len(phases), 2)]})
     for ax, table, labels, title in (
@@ -221,15 +246,15 @@ def errors(comparison: Comparison) -> Figure:
         (right, phases, phases["phase"], f"{tier.upper()} peak per phase"),
     ):
         pos = np.arange(len(table))
-        pred = table["predicted_bytes"].astype("float64").fillna(0).to_numpy() / GIB
-        meas = table["measured_bytes"].astype("float64").fillna(0).to_numpy() / GIB
+        pred = table["predicted_bytes"].astype("float64").fillna(0).to_numpy() / div
+        meas = table["measured_bytes"].astype("float64").fillna(0).to_numpy() / div
         ax.bar(pos - 0.2, pred, width=0.4, label="predicted", color="#1f77b4")
         ax.bar(pos + 0.2, meas, width=0.4, label="measured", color="#7f7f7f")
         for x, top, rel in zip(pos, np.maximum(pred, meas), table["relative_error"]):
             text = "n/a" if pd.isna(rel) else f"{rel * 100:+.1f}%"
             ax.text(x, top, text, ha="center", va="bottom", fontsize=8.5)
         ax.set_xticks(pos, labels, rotation=30 if len(table) > 4 else 0, ha="right" if len(table) > 4 else "center")
-        ax.set_ylabel("peak allocated (GiB)")
+        ax.set_ylabel(f"peak allocated ({unit})")
         ax.set_ylim(0, max([*pred, *meas, 1e-9]) * 1.15)
         ax.set_title(title)
     right.legend(loc="upper right", frameon=True)

@@ -140,7 +140,10 @@ def write_compare_report(comparison, out_dir: str | os.PathLike) -> tuple[Path, 
     report.text(f"Timeline {p.path} ({p.t_unit}) against trace {m.path} ({m.t_unit}); model "
                 f"{p.model_fingerprint[:12]}, plan {p.plan_fingerprint[:12]}. {counts['matched']} of "
                 f"{counts['measured']} measured events aligned by (tier, step, phase, layer, event) "
-                f"ordinal to {counts['predicted']} predicted events.")
+                f"ordinal to {counts['predicted']} predicted events."
+                + ("" if comparison.measured_step is None else
+                   f" The trace's step {comparison.measured_step} (of steps "
+                   f"{int(m.events['step'].min())}-{int(m.events['step'].max())}) is compared."))
     report.heading("Peaks")
     header, rows = plots.error_table_rows(comparison)
     report.table(header, rows, "error = measured - predicted; relative = error / predicted.")
@@ -148,7 +151,7 @@ def write_compare_report(comparison, out_dir: str | os.PathLike) -> tuple[Path, 
     report.figure("errors", plots.errors(comparison),
                   "Peak per tier and per phase; labels give (measured - predicted) / predicted.")
     report.heading("Memory over the step")
-    for tier in dict.fromkeys(comparison.predicted_events["tier"]):
+    for tier in [t for t in ("gpu", "host", "disk") if (comparison.predicted_events["tier"] == t).any()]:
         report.figure(f"memory_{tier}", plots.memory_over_step(comparison, tier),
                       f"{tier.upper()}: predicted bytes stacked by component; measured as a black line.")
     report.heading("Chunk switch")

@@ -425,3 +425,18 @@ def test_write_plan_report(tmp_path):
     for name in ("fit_map.png", "chunk_sweep.png", "sizing.png", "fit_map.csv", "sizing.csv"):
         assert (tmp_path / "r" / name).is_file()
     assert "| full FT | 22.50 GiB |" in md_path.read_text()
+
+
+def test_default_compares_worst_measured_step(tmp_path):
+    tl = tmp_path / "timeline.jsonl"
+    tr = tmp_path / "trace.jsonl"
+    write_recording(tl, header("timeline"), synthetic_step())
+    events = []
+    for step, scale in enumerate((1.0, 1.2, 1.1)):
+        for e in synthetic_step(seconds=True, scale=scale):
+            e.step = step
+            events.append(e)
+    write_recording(tr, header("trace"), events)
+    c = compare(*load_pair(tl, tr))
+    assert c.measured_step == 1 and set(c.measured_events["step"]) == {0}
+    assert c.match_counts()["matched"] == len(c.predicted_events)
