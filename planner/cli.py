@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "size": "planner.plan_cli",
     "compare": "analysis.cli",
     "report": "analysis.cli",
+    "run": "runtime.run_cli",
 }
 
 

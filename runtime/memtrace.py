@@ -5,8 +5,9 @@ what the process allocator says and what the runtime's own accounting says:
   - on CUDA: `allocated` = torch.cuda.memory_allocated, `reserved` = memory_reserved, `peak` =
     max_memory_allocated since the previous event (the counter is reset after each read);
   - on CPU: `allocated` = glibc mallinfo2 (uordblks + hblkhd) minus the baseline taken when the
-    trace started, `reserved` = the same (no caching allocator), `peak` = None (sampled only
-    at events; an op-level peak needs planner.measure's dispatch-mode sampler).
+    trace started, `reserved` = the same (no caching allocator); `peak` only on STEP_END events,
+    where the trainer ran the step under planner.measure.MallocSampler (sampled after every
+    aten op), on the same baseline.
 `bytes` is the runtime's accounting per Component on that tier (weights, gradients, masters,
 moments). Host and disk tiers get their own events whenever their accounted bytes change
 (chunk switches, transfers): `allocated` there is the accounted total.
@@ -15,8 +16,9 @@ Events come from module hooks (a decoder layer starts, in forward, recompute or 
 from the training loop (phase starts, optimizer step, chunk switch, step end). The file is
 written atomically at the end and whenever `flush()` is called.
 
-Known limitations: CPU events sample between ops, so a CPU trace's `allocated` misses the
-transient peak inside an op; host-tier bytes are accounted, not measured.
+Known limitations: CPU events other than STEP_END sample between ops of interest only; on
+CPU the host tier is the same memory as the compute tier, so its bytes are accounted, not
+measured separately.
 """
 
 from __future__ import annotations
@@ -76,11 +78,13 @@ class TraceWriter:
         return allocated, allocated, None
 
     def record(self, kind: EventKind, *, phase: Phase | None = None, layer: int | None = None,
-               name: str | None = None) -> None:
-        """Append one compute-tier event, plus host/disk events where their bytes changed."""
+               name: str | None = None, peak: int | None = None) -> None:
+        """Append one compute-tier event, plus host/disk events where their bytes changed.
+        `peak` overrides the measured peak (a CPU step's op-level peak from the trainer)."""
         if phase is not None:
             self.phase = phase
-        allocated, reserved, peak = self._measure()
+        allocated, reserved, measured_peak = self._measure()
+        peak = peak if peak is not None else measured_peak
         tiers = self.accounting()
         t = time.perf_counter() - self._t0
         self.events.append(Event(t=t, event=kind, tier=Tier.GPU, allocated=allocated, reserved=reserved,
@@ -98,20 +102,27 @@ class TraceWriter:
     # -- module hooks -------------------------------------------------------------------------
     def attach(self, layers: list[torch.nn.Module]) -> None:
         """Record a LAYER event when each decoder layer starts: in forward, in recompute
-        (activation checkpointing re-runs the forward inside backward) and in backward."""
+        (activation checkpointing re-runs the forward inside backward) and in backward (a
+        tensor hook on the layer's output fires when its gradient arrives, as the tracer marks
+        it; no module backward hooks, which would add autograd nodes to the measured step)."""
         for index, layer in enumerate(layers):
-            self._hooks.append(layer.register_forward_pre_hook(self._forward_hook(index)))
-            self._hooks.append(layer.register_full_backward_pre_hook(self._backward_hook(index)))
+            self._hooks.append(layer.register_forward_pre_hook(self._forward_pre_hook(index)))
+            self._hooks.append(layer.register_forward_hook(self._forward_hook(index)))
 
-    def _forward_hook(self, index: int):
+    def _forward_pre_hook(self, index: int):
         def hook(module, args):
             in_backward = self.phase in (Phase.BACKWARD, Phase.RECOMPUTE)
             self.record(EventKind.LAYER, phase=Phase.RECOMPUTE if in_backward else Phase.FORWARD, layer=index)
         return hook
 
-    def _backward_hook(self, index: int):
-        def hook(module, grad_output):
+    def _forward_hook(self, index: int):
+        def on_grad(grad):
             self.record(EventKind.LAYER, phase=Phase.BACKWARD, layer=index)
+
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(out, torch.Tensor) and out.requires_grad and self.phase == Phase.FORWARD:
+                out.register_hook(on_grad)
         return hook
 
     def detach(self) -> None:

@@ -20,6 +20,7 @@ Known limitations: one process, one device; evaluation runs the full eval set ea
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -222,6 +223,8 @@ class TrainResult:
 
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    step_peaks: list[int] = field(default_factory=list)
+    """CPU runs with a trace: each step's malloc peak above the bytes live when it started."""
     skipped_steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -302,12 +305,22 @@ class Trainer:
         tiers.setdefault(Tier.GPU, {})[Component.WEIGHTS] = weights
         return tiers
 
-    def _event(self, kind: EventKind, phase: Phase | None = None, name: str | None = None) -> None:
+    def _event(self, kind: EventKind, phase: Phase | None = None, name: str | None = None,
+               peak: int | None = None) -> None:
         if self.trace is not None:
             self.trace.step, self.trace.chunk = self.step, self.optimizer.active_chunk
-            self.trace.record(kind, phase=phase, name=name)
+            self.trace.record(kind, phase=phase, name=name, peak=peak)
 
     # -- the loop ----------------------------------------------------------------------------
+    def _sampler(self):
+        """A per-op malloc sampler for the step when a CPU trace is being written (the op-level
+        peak that event sampling misses), else a no-op context."""
+        if self.trace is None or self.device.type != "cpu":
+            return contextlib.nullcontext()
+        from planner.measure import MallocSampler
+
+        return MallocSampler()
+
     def train(self, *, stop_after: int | None = None) -> TrainResult:
         """Run until `config.steps` (or, to simulate a kill, return right after step
         `stop_after` and its checkpoint)."""
@@ -322,25 +335,31 @@ class Trainer:
         while self.step < cfg.steps:
             chunk_before = self.optimizer.active_chunk
             self.optimizer.begin_step()
+            batches = [self.loader.next_batch() for _ in range(cfg.grad_accum)]
             step_loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                ids, labels = self.loader.next_batch()
-                ids, labels = ids.to(self.device), labels.to(self.device)
-                self._event(EventKind.PHASE, Phase.FORWARD)
-                loss = step_loss(self.model, ids, labels, loss_chunk_tokens=cfg.loss_chunk_tokens)
-                self._event(EventKind.PHASE, Phase.BACKWARD)
-                self.optimizer.backward(loss / cfg.grad_accum)
-                step_loss_sum += float(loss.detach())
-                result.tokens += ids.numel()
-            self._event(EventKind.PHASE, Phase.OPTIMIZER)
-            stepped = self.optimizer.step()
+            with self._sampler() as sampler:
+                for ids, labels in batches:
+                    ids, labels = ids.to(self.device), labels.to(self.device)
+                    self._event(EventKind.PHASE, Phase.FORWARD)
+                    loss = step_loss(self.model, ids, labels, loss_chunk_tokens=cfg.loss_chunk_tokens)
+                    self._event(EventKind.PHASE, Phase.BACKWARD)
+                    self.optimizer.backward(loss / cfg.grad_accum)
+                    step_loss_sum += float(loss.detach())
+                    result.tokens += ids.numel()
+                    del loss
+                self._event(EventKind.PHASE, Phase.OPTIMIZER)
+                stepped = self.optimizer.step()
             result.skipped_steps += not stepped
             self._event(EventKind.OPTIMIZER_STEP, name="step" if stepped else "skipped (overflow)")
             if self.optimizer.active_chunk != chunk_before:
                 self._event(EventKind.CHUNK_SWITCH, Phase.CHUNK_SWITCH,
                             name=f"chunk {chunk_before} -> {self.optimizer.active_chunk}")
             self.step += 1
-            self._event(EventKind.STEP_END)
+            peak = None
+            if sampler is not None:  # CPU trace: the step's op-level peak, on the trace's baseline
+                result.step_peaks.append(sampler.result.peak_bytes)
+                peak = sampler.result.peak_bytes + sampler.result.baseline_bytes - self.trace.cpu_baseline_bytes
+            self._event(EventKind.STEP_END, peak=peak)
             result.losses.append(step_loss_sum / cfg.grad_accum)
             last = self.step == cfg.steps or self.step == stop_after
             if self.eval_batches is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0)):

@@ -1,0 +1,199 @@
+"""`chunkft run PLAN --data TRAIN.jsonl`: fine-tune the planned model as the plan says.
+
+The plan (planner.plan) names the model, the step shape (batch, sequence length, dtype) and the
+strategy (chunk table, update interval, state tier, optimizer device, activation checkpointing,
+chunked loss, prefetch depth); the command line adds what a plan does not decide: data,
+learning rate and schedule, steps, output and trace paths. Everything is checked before the
+first step: the plan against the model, the tokenizer against the model's vocabulary, every
+data line, and that the output directory is writable.
+
+The model is built from the plan's model spec: a directory holding safetensors weights is
+loaded from them (a fine-tuning run); anything else (preset, config) is built randomly
+initialised from `--seed`.
+
+Known limitations: strategies this runtime does not execute yet -- gradient staging to host or
+disk (NVMSA, issue 6) and streamed weights -- are refused with a message; one device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from planner.errors import ChunkftError
+
+_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("run", help="fine-tune a model as a plan says, with a memory trace and checkpoints",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("plan", help="plan JSON file (from `chunkft plan`)")
+    p.add_argument("--data", required=True, help='training data, JSON Lines: {"text": ...} or {"prompt": ..., "response": ...}')
+    p.add_argument("--eval", default=None, help="evaluation data (same format); eval loss every --eval-every steps")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps in total (default 100)")
+    p.add_argument("--out", default="out/run", help="output directory for checkpoints (default out/run)")
+    p.add_argument("--trace", default=None, help="write the measured memory trace here (e.g. traces/NAME.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--tokenizer", default=None,
+                   help="local Hugging Face tokenizer directory (default: the built-in byte-level tokenizer)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5)")
+    p.add_argument("--schedule", default="cosine", choices=("constant", "cosine"), help="LR schedule (default cosine)")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled AdamW weight decay (default 0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the active chunk's gradient norm (default 1.0; 0 = off)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end only)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order (default 0)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def _check_args(args) -> None:
+    problems = []
+    for name in ("steps", "grad_accum"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.lr <= 0:
+        problems.append(f"--lr must be positive, got {args.lr}")
+    if args.schedule == "cosine" and args.steps <= args.warmup_steps:
+        problems.append(f"a cosine schedule needs --steps ({args.steps}) > --warmup-steps ({args.warmup_steps})")
+    if problems:
+        raise ChunkftError("; ".join(problems))
+
+
+def build_run(args):
+    """Everything `run` needs, validated, before the first step: (trainer, trace, plan, spec)."""
+    import torch
+
+    from planner.model import resolve_model
+    from planner.plan import check_plan_model, load_plan
+    from planner.schema import Tier
+    from planner.step import enable_checkpointing
+    from planner.strategy import OptimizerDevice, WeightResidency
+    from runtime.checkpoint import check_writable
+    from runtime.chunk_optim import AdamWConfig, ChunkAdamW, LRSchedule
+    from runtime.data import PackedLoader, eval_batches, load_tokenizer, padding_id, read_examples
+    from runtime.memtrace import TraceWriter
+    from runtime.scaler import LossScaler
+    from runtime.train import ChunkOptimizer, LoopConfig, Trainer
+
+    _check_args(args)
+    plan = load_plan(args.plan)
+    spec = resolve_model(plan.model_name)
+    check_plan_model(plan, spec)
+    strategy = plan.strategy
+    if strategy.grad_staging is not None:
+        raise ChunkftError(f"the plan stages gradients on {strategy.grad_staging.value}; this runtime does not "
+                           "execute gradient staging yet (plan without it)")
+    if strategy.weights != WeightResidency.GPU:
+        raise ChunkftError("the plan streams weights from host; this runtime keeps every layer resident "
+                           "(plan with weights on the GPU)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ChunkftError("--device cuda was given but no CUDA device is available; valid here: cpu")
+    out = check_writable(args.out)
+    if args.trace is not None:
+        check_writable(Path(args.trace).parent if str(Path(args.trace).parent) else ".")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.shape.dtype]
+
+    vocab = getattr(spec.config, "vocab_size", None)
+    if vocab is None:
+        raise ChunkftError(f"model {spec.name!r} has no config.vocab_size to check the tokenizer against")
+    tok = load_tokenizer(args.tokenizer, model_vocab_size=vocab)
+    train_examples = read_examples(args.data, tok)
+    eval_examples = read_examples(args.eval, tok) if args.eval else None
+
+    model = load_model(spec, dtype=dtype, device=device, seed=args.seed)
+    if strategy.checkpointing:
+        enable_checkpointing(model)
+    model.train()
+
+    scaler = LossScaler() if plan.shape.dtype == "fp16" else None
+    state_tier = Tier(strategy.state_tier)
+    inner = ChunkAdamW(
+        model, plan.chunk_table,
+        config=AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None),
+        schedule=LRSchedule(kind=args.schedule, warmup_steps=args.warmup_steps, total_steps=args.steps),
+        update_interval=strategy.update_interval, state_tier=state_tier, state_dir=out / "optimizer-state",
+        device=torch.device("cpu") if strategy.optimizer_device == OptimizerDevice.HOST else device,
+        prefetch_depth=strategy.prefetch_depth, scaler=scaler)
+    optimizer = ChunkOptimizer(inner, state_tier=state_tier)
+
+    pad = padding_id(tok)
+    loader = PackedLoader(train_examples, seq_len=plan.shape.seq_len, batch_size=plan.shape.batch, seed=args.seed,
+                          pad_token_id=pad)
+    evals = eval_batches(eval_examples, seq_len=plan.shape.seq_len, batch_size=plan.shape.batch,
+                         pad_token_id=pad) if eval_examples else None
+    run_state = {"model_fingerprint": plan.model_fingerprint, "plan_fingerprint": plan.fingerprint(),
+                 "tokenizer": tok.name, "seed": args.seed}
+    config = LoopConfig(steps=args.steps, grad_accum=args.grad_accum, loss_chunk_tokens=strategy.loss_chunk_tokens,
+                        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                        progress=not args.no_progress)
+    trainer = Trainer(model, optimizer, loader, config, eval_batches=evals, out_dir=out, run_state=run_state)
+    trace = None
+    if args.trace is not None:
+        trace = TraceWriter(args.trace, device=device, accounting=trainer.tier_bytes,
+                            model_fingerprint=plan.model_fingerprint, plan_fingerprint=plan.fingerprint(),
+                            extra_header={"strategy": strategy.to_json(), "shape": {
+                                "batch": plan.shape.batch, "seq_len": plan.shape.seq_len, "dtype": plan.shape.dtype}})
+        layers = decoder_layers(model, spec)
+        if layers:
+            trace.attach(layers)
+        trainer.trace = trace
+    return trainer, trace, plan, spec
+
+
+def load_model(spec, *, dtype, device, seed: int):
+    """The spec's model: from its safetensors weights when it is a directory that has them,
+    else built randomly initialised (deterministic under `seed`)."""
+    import torch
+
+    if spec.source == "directory" and any(Path(spec.name).glob("*.safetensors")):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype, local_files_only=True).to(device)
+        except (OSError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ChunkftError(f"cannot load weights from {spec.name!r}: {first}") from None
+    torch.manual_seed(seed)
+    return spec.build(dtype=dtype, device=device)
+
+
+def decoder_layers(model, spec) -> list:
+    """The decoder layers (for per-layer trace events), or [] when the model has no layer list."""
+    prefix = spec.layer_prefix()
+    if prefix is None:
+        return []
+    return list(model.get_submodule(prefix))
+
+
+def run(args) -> int:
+    trainer, trace, plan, spec = build_run(args)
+    if args.resume:
+        if trainer.resume():
+            print(f"resumed from step {trainer.step} ({trainer.out_dir})")
+        else:
+            print(f"no checkpoint in {trainer.out_dir}; starting from step 0")
+    chunks = plan.strategy.chunks
+    print(f"training {spec.name} ({plan.shape.dtype}, batch {plan.shape.batch} x {plan.shape.seq_len} tokens) "
+          f"with {chunks} chunk{'s' if chunks != 1 else ''}, state on {plan.strategy.state_tier.value}, "
+          f"for {args.steps} steps")
+    result = trainer.train()
+    line = f"done: step {result.final_step}"
+    if result.losses:
+        line += f", last loss {result.losses[-1]:.4f}, {result.tokens_per_s:.0f} tokens/s"
+    if result.eval_losses:
+        line += f", eval loss {result.eval_losses[-1][1]:.4f}"
+    if result.skipped_steps:
+        line += f", {result.skipped_steps} steps skipped (fp16 overflow)"
+    print(line)
+    print(f"checkpoint: {trainer.out_dir}/latest" + (f"; trace: {args.trace}" if args.trace else ""))
+    trainer.optimizer.inner.close()
+    return 0
