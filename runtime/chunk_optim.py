@@ -189,6 +189,9 @@ class _Store:
 class ChunkAdamW:
     """Exact AdamW over a ChunkTable, one active chunk at a time (see the module docstring).
 
+    Construct it on a model whose trainable parameters have requires_grad=True (close() a
+    previous ChunkAdamW first: it switches requires_grad off outside the active chunk).
+
     Args:
         model: the model to train; its parameters keep their dtype and device.
         table: the chunk table (validated against the model's trainable parameters).
@@ -228,7 +231,13 @@ class ChunkAdamW:
         self._params = dict(model.named_parameters())
         first = next(iter(self._params.values()))
         self.device = torch.device(device) if device is not None else first.device
-        self._store = _Store(Tier(state_tier), self.device, state_dir)
+        try:
+            tier = Tier(state_tier)
+        except ValueError:
+            raise ChunkftError(
+                f"state tier {state_tier!r} is unknown; valid: {[t.value for t in Tier]}"
+            ) from None
+        self._store = _Store(tier, self.device, state_dir)
         self._prefetch = prefetch_depth >= 1 and table.num_chunks > 1 and self._store.tier != Tier.GPU
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1) if self._prefetch else None
         self._stream = torch.cuda.Stream(self.device) if self._prefetch and self.device.type == "cuda" else None

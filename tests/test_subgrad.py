@@ -261,3 +261,45 @@ def test_install_on_a_fake_gemma_with_scaled_embedding():
         shapes = {n: tuple(g.shape) for n, g in handle.grads().items()}
         handle.remove()
     assert shapes == {"model.embed_tokens.weight": (17, 24), "model.norm.weight": (5,)}
+
+
+def _full_shape_outputs(model, batch, shapes: set[tuple[int, ...]]) -> list[str]:
+    """Non-view tensors of a parameter's full shape created during backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.hits: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not func.is_view:
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and tuple(t.shape) in shapes:
+                        self.hits.append(f"{func} {tuple(t.shape)}")
+            return out
+
+    loss = _loss(model, *batch)
+    with Watch() as watch:
+        loss.backward()
+    return watch.hits
+
+
+def test_no_dense_gradient_is_ever_allocated(llama):
+    model, batch, _ = llama
+    params = dict(model.named_parameters())
+    names = ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"]  # tied (96, 24); (24, 40)
+    shapes = {tuple(params[n].shape) for n in names}
+    # the detector sees the dense gradients when they are whole
+    handle = install(model, {n: True for n in names})
+    assert len(_full_shape_outputs(model, batch, shapes)) >= 2
+    handle.remove()
+    handle = install(
+        model,
+        {names[0]: SliceSpec(dim=0, start=10, end=90), names[1]: SliceSpec(dim=1, start=0, end=39)},
+    )
+    assert _full_shape_outputs(model, batch, shapes) == []
+    assert set(handle.grads()) == set(names)
+    handle.remove()
