@@ -211,6 +211,30 @@ class SubgradHandle:
             p.requires_grad_(self._saved_requires_grad[name])
 
 
+def _canonical_names(model: nn.Module, grad: GradSpec) -> GradSpec:
+    """Map a tied parameter's other names ("lm_head.weight") to the one named_parameters()
+    lists; ChunkftError for unknown names or two different specs for one tensor."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        alias[name] = first.setdefault(id(p), name)
+    unknown = sorted(set(grad) - set(alias))
+    if unknown:
+        raise ChunkftError(
+            f"grad spec names parameters the model does not have: {unknown[:5]}; "
+            f"valid names look like {list(first.values())[:3]}"
+        )
+    out: GradSpec = {}
+    for name, value in grad.items():
+        canonical = alias[name]
+        if canonical in out and out[canonical] != value:
+            raise ChunkftError(
+                f"grad spec gives tied parameter {canonical!r} two different values: {out[canonical]} and {value}"
+            )
+        out[canonical] = value
+    return out
+
+
 def _owners(model: nn.Module, target: nn.Parameter) -> list[tuple[str, nn.Module, str]]:
     """Every (module path, module, attribute) through which `target` is used: two for a tied weight."""
     found = []
@@ -243,16 +267,15 @@ def _rule_kind(mod_name: str, mod: nn.Module, attr: str, param: torch.Tensor, na
 def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = None) -> SubgradHandle:
     """Apply `grad` to `model` (see the module docstring) and return the handle.
 
-    Parameters missing from `grad` are treated as False (no gradient). `on_grad(name, g)` is
+    Parameters missing from `grad` are treated as False (no gradient); a tied parameter may
+    be named by any of its names (handle.grads() uses the first). `on_grad(name, g)` is
     called with every gradient contribution as it is produced -- slice gradients from the
     autograd Function, whole tensors through a tensor hook -- which is where the fp16 loss
     scaler checks for overflow on the fly. Install one GradSpec at a time: remove() the old
     handle before installing the next chunk's.
     """
     params = dict(model.named_parameters())
-    unknown = sorted(set(grad) - set(params))
-    if unknown:
-        raise ChunkftError(f"grad spec names parameters the model does not have: {unknown[:5]}")
+    grad = _canonical_names(model, grad)
     handle = SubgradHandle(model, {n: grad.get(n, False) for n in params}, on_grad)
     rules: dict[nn.Module, list[_Rule]] = {}
     intercepted: dict[nn.Module, list[_Rule]] = {}

@@ -113,6 +113,16 @@ def test_single_slice_matches_dense(llama, name, spec):
     _check(model, {name: spec}, dense, batch)
 
 
+def test_tied_parameter_by_its_other_name(llama):
+    model, batch, dense = llama
+    handle = install(model, {"lm_head.weight": SliceSpec(dim=0, start=4, end=12)})
+    _loss(model, *batch).backward()
+    grads = handle.grads()
+    handle.remove()
+    assert list(grads) == ["model.embed_tokens.weight"]
+    assert_close(grads["model.embed_tokens.weight"], dense["model.embed_tokens.weight"][4:12], rtol=1e-10, atol=0)
+
+
 def test_tied_embedding_slice_gets_both_contributions(llama):
     model, batch, dense = llama
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -220,6 +230,8 @@ def test_bad_specs_are_user_errors(llama):
     model, _, _ = llama
     with pytest.raises(ChunkftError, match="does not have"):
         install(model, {"nope.weight": True})
+    with pytest.raises(ChunkftError, match="two different values"):
+        install(model, {"lm_head.weight": True, "model.embed_tokens.weight": False})
     with pytest.raises(ChunkftError, match="out of bounds"):
         install(model, {"model.norm.weight": SliceSpec(dim=0, start=3, end=99)})
     assert all(p.requires_grad for p in model.parameters())
