@@ -17,6 +17,7 @@ from planner.errors import ChunkftError
 from planner.units import describe_size, format_bytes, parse_bytes
 
 COMMANDS = ("plan", "simulate", "size")
+DEFAULT_GPU_KIND = "rtx4090"
 _TIERS_TEXT = {"gpu": "GPU", "host": "host RAM", "disk": "disk"}
 
 
@@ -33,7 +34,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--host-ram", help="host RAM budget (default: not limited)")
     p.add_argument("--disk", help="disk budget (default: not limited)")
     _shape_args(p)
-    p.add_argument("--gpu-kind", default="rtx4090", help="GPU profile for step times (default rtx4090)")
+    p.add_argument("--gpu-kind", help=f"GPU profile for step times (default {DEFAULT_GPU_KIND}); "
+                                      "without --gpu its memory less the CUDA context is the budget")
     p.add_argument("--objective", choices=["memory", "speed"], default="memory",
                    help="memory: fewest chunks first (default); speed: shortest step time first")
     p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
@@ -104,14 +106,14 @@ def run_plan(args) -> int:
     from planner.solve import Objective, solve_model
     from planner.strategy import Budget
 
-    hw = hardware(args.gpu_kind)
+    hw = hardware(args.gpu_kind or DEFAULT_GPU_KIND)
     if args.gpu is None:
         from planner.evaluate import CUDA_CONTEXT_BYTES
 
         gpu_bytes = hw.gpu.memory_bytes - CUDA_CONTEXT_BYTES
     else:
         gpu_bytes = parse_bytes(args.gpu, what="GPU budget")
-        if gpu_bytes > hw.gpu.memory_bytes:
+        if args.gpu_kind and gpu_bytes > hw.gpu.memory_bytes:  # both given: they must agree
             raise ChunkftError(f"--gpu {args.gpu} ({describe_size(gpu_bytes)}) is more than a {hw.gpu.name} has "
                                f"({describe_size(hw.gpu.memory_bytes)}); lower --gpu or pick a larger --gpu-kind")
     budget = Budget(gpu_bytes=gpu_bytes,
@@ -204,8 +206,9 @@ def run_size(args) -> int:
               f"{format_bytes(f.disk_bytes):>11}  {f.estimate.strategy.label()}; {gpus}")
     print("GPU = allocator reserved + CUDA context, what the card must hold.")
     if report.sharded:
-        print("No single catalogue GPU holds the weights. With states sharded across GPUs "
-              "(FSDP arithmetic, an estimate):")
+        alone = ", ".join(report.single_gpus) or "none"
+        print(f"With weights resident, one GPU suffices on: {alone}. Otherwise, with states sharded "
+              "across GPUs (FSDP arithmetic, an estimate):")
         for s in report.sharded:
             print(f"  {s.num_gpus} x {s.gpu}: {format_bytes(s.per_rank_bytes)} per GPU "
                   f"({s.estimate.strategy.label()})")

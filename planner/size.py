@@ -5,8 +5,8 @@ with state on GPU / host / disk, streamed weights) `size_model` finds the strate
 family with the smallest GPU need (CUDA reserved bytes plus the CUDA context: what a card must
 physically hold), reports its host RAM and disk, and lists the catalogue GPUs that suffice.
 
-When no single GPU suffices with the weights resident, it says how many GPUs would with the
-states sharded across them, FSDP / ZeRO-3 style. That answer is arithmetic on the one-GPU
+For each catalogue GPU that cannot hold the job alone with the weights resident, it says how
+many of it would, with the states sharded across them, FSDP / ZeRO-3 style. That answer is arithmetic on the one-GPU
 estimate, not a traced multi-GPU step (an estimate, and labelled as one):
 
     per_rank(G) = sharded / G + unsharded + gather(G)
@@ -103,9 +103,10 @@ class SizeReport:
     shape: "StepShape"
     families: tuple[FamilyNeed, ...]
     sharded: tuple[ShardedNeed, ...]
-    """Per catalogue GPU, the fewest GPUs (with weights resident); empty if one suffices."""
-    resident_single_gpu: bool
-    """Some catalogue GPU alone holds a weights-resident strategy."""
+    """Per catalogue GPU that cannot hold the job alone with weights resident: the fewest
+    GPUs of that kind with sharded states (none listed if 64 do not suffice)."""
+    single_gpus: tuple[str, ...]
+    """Catalogue GPUs that alone hold some weights-resident strategy."""
     evaluated: int
 
 
@@ -135,22 +136,20 @@ def size_estimates(estimates: list[Estimate], *, model_name: str, shape: "StepSh
                                    disk_bytes=best.peak_bytes.get(Tier.DISK, 0),
                                    gpus=tuple(g.name for g in catalogue if g.memory_bytes >= need)))
     resident = [e for e in estimates if e.strategy.weights == WeightResidency.GPU]
-    single = any(card_need_bytes(e) <= g.memory_bytes for e in resident for g in catalogue)
+    least = min((card_need_bytes(e) for e in resident), default=None)
+    single = tuple(g.name for g in catalogue if least is not None and least <= g.memory_bytes)
     sharded = []
-    if not single and resident:
-        for g in catalogue:
-            found = None
-            for n in range(2, MAX_SHARDED_GPUS + 1):
-                fits = [(per_rank_bytes(e, n, layer_bytes), e) for e in resident]
-                fits = [(b, e) for b, e in fits if b <= g.memory_bytes]
-                if fits:
-                    b, e = min(fits, key=lambda be: (be[0], objective_key(be[1], Objective.MEMORY)))
-                    found = ShardedNeed(gpu=g.name, num_gpus=n, per_rank_bytes=b, estimate=e)
-                    break
-            if found is not None:
-                sharded.append(found)
+    for g in catalogue:
+        if g.name in single or not resident:
+            continue
+        for n in range(2, MAX_SHARDED_GPUS + 1):
+            fits = [(b, e) for e in resident if (b := per_rank_bytes(e, n, layer_bytes)) <= g.memory_bytes]
+            if fits:
+                b, e = min(fits, key=lambda be: (be[0], objective_key(be[1], Objective.MEMORY)))
+                sharded.append(ShardedNeed(gpu=g.name, num_gpus=n, per_rank_bytes=b, estimate=e))
+                break
     return SizeReport(model_name=model_name, shape=shape, families=tuple(families), sharded=tuple(sharded),
-                      resident_single_gpu=single, evaluated=len(estimates))
+                      single_gpus=single, evaluated=len(estimates))
 
 
 def size_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", *,
