@@ -119,39 +119,71 @@ def _nullable_layer(value):
     return None if pd.isna(value) else int(value)
 
 
-def peak_table(predicted: pd.DataFrame, measured: pd.DataFrame) -> pd.DataFrame:
-    """Per tier (and "reserved" where an allocator caches): both peaks, the error, and when.
+CPU_ONLY_COMPONENTS = ("rounding", "overhead")
+"""Predicted GPU components a CPU run has no counterpart for: caching-allocator block rounding
+and the CUDA context / cuBLAS workspace (planner.memory models them for CUDA)."""
+
+
+def _side(row: dict, side: str, d: pd.DataFrame, column: str) -> None:
+    if len(d) == 0:
+        row.update({f"{side}_bytes": pd.NA, f"{side}_t": np.nan, f"{side}_event": None,
+                    f"{side}_phase": None, f"{side}_layer": None, f"{side}_name": None})
+        return
+    at = _peak_row(d, column)
+    row.update({
+        f"{side}_bytes": int(at[column]),
+        f"{side}_t": float(at["t"]),
+        f"{side}_event": at["event"],
+        f"{side}_phase": at["phase"],
+        f"{side}_layer": _nullable_layer(at["layer"]),
+        f"{side}_name": at["name"],
+    })
+
+
+def cpu_equivalent(predicted: pd.DataFrame) -> pd.DataFrame:
+    """The predicted compute-tier rows with `peak` replaced by what one CPU process would hold
+    at that moment: GPU bytes less the CUDA-only components, plus the host tier's bytes (a
+    CPU run keeps "GPU" tensors and host-resident state in the same malloc heap)."""
+    gpu_part = predicted["allocated"] - predicted[list(CPU_ONLY_COMPONENTS)].sum(axis=1)
+    per_tier = pd.DataFrame({tier: gpu_part.where(predicted["tier"] == tier) for tier in ("gpu",)})
+    per_tier["host"] = predicted["allocated"].where(predicted["tier"] == "host")
+    per_tier = per_tier.ffill().fillna(0)
+    out = predicted[predicted["tier"] == "gpu"].copy()
+    out["peak"] = (per_tier["gpu"] + per_tier["host"]).loc[out.index].astype("int64")
+    return out
+
+
+def peak_table(predicted: pd.DataFrame, measured: pd.DataFrame, *, cpu_trace: bool = False) -> pd.DataFrame:
+    """Per tier: both peaks, the error, and when. A "reserved" row is added for a tier whose
+    measured side has a caching allocator (reserved differs from allocated somewhere; never
+    for a CPU trace).
+
+    `cpu_trace`: the trace comes from a CPU run, where one malloc heap holds every tier and
+    its "gpu" rows measure the whole process; a row (tier "process", metric "cpu-equivalent")
+    then holds that against `cpu_equivalent(predicted)`.
 
     The time and event of each peak are those of the event at which it was recorded (for a
     trace with a `peak` column: the first event after the spike).
     """
     rows = []
-    tiers = _tiers(predicted, measured)
-    for tier in tiers:
+    for tier in _tiers(predicted, measured):
         p = predicted[predicted["tier"] == tier]
         m = measured[measured["tier"] == tier]
         metrics = [("allocated", "peak")]
-        caching = any((d["reserved"] != d["allocated"]).any() for d in (p, m) if len(d))
-        if caching:
+        if not cpu_trace and len(m) and (m["reserved"] != m["allocated"]).any():
             metrics.append(("reserved", "reserved"))
         for metric, column in metrics:
             row: dict = {"tier": tier, "metric": metric}
-            for side, d in (("predicted", p), ("measured", m)):
-                if len(d) == 0:
-                    row.update({f"{side}_bytes": pd.NA, f"{side}_t": np.nan, f"{side}_event": None,
-                                f"{side}_phase": None, f"{side}_layer": None, f"{side}_name": None})
-                    continue
-                at = _peak_row(d, column)
-                row.update({
-                    f"{side}_bytes": int(at[column]),
-                    f"{side}_t": float(at["t"]),
-                    f"{side}_event": at["event"],
-                    f"{side}_phase": at["phase"],
-                    f"{side}_layer": _nullable_layer(at["layer"]),
-                    f"{side}_name": at["name"],
-                })
+            _side(row, "predicted", p, column)
+            _side(row, "measured", m, column)
             row.update(_errors(row["predicted_bytes"], row["measured_bytes"]))
             rows.append(row)
+    if cpu_trace and (predicted["tier"] == "gpu").any():
+        row = {"tier": "process", "metric": "cpu-equivalent"}
+        _side(row, "predicted", cpu_equivalent(predicted), "peak")
+        _side(row, "measured", measured[measured["tier"] == "gpu"], "peak")
+        row.update(_errors(row["predicted_bytes"], row["measured_bytes"]))
+        rows.append(row)
     table = pd.DataFrame(rows, columns=list(PEAK_COLUMNS))
     for col in ("predicted_bytes", "measured_bytes", "error_bytes"):
         table[col] = table[col].astype("Int64")
@@ -263,12 +295,12 @@ def compare(predicted: Recording, measured: Recording, *, measured_step: int | N
         predicted_events=p,
         measured_events=m,
         aligned=aligned,
-        peaks=peak_table(p, m),
+        peaks=peak_table(p, m, cpu_trace=measured.header.get("allocator") == "cpu"),
         phases=phase_table(p, m, aligned),
     )
 
 
 __all__ = [
     "ALIGN_KEYS", "PEAK_COLUMNS", "PHASE_COLUMNS", "Comparison", "align", "compare",
-    "components_at_peak", "peak_table", "phase_table", "positions_on_predicted", "worst_step",
+    "components_at_peak", "cpu_equivalent", "peak_table", "phase_table", "positions_on_predicted", "worst_step",
 ]

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from analysis.compare import Comparison, positions_on_predicted  # noqa: E402
+from analysis.compare import Comparison, cpu_equivalent, positions_on_predicted  # noqa: E402
 from analysis.load import COMPONENT_COLUMNS  # noqa: E402
 from planner.units import format_bytes  # noqa: E402
 
@@ -112,8 +112,18 @@ def memory_over_step(comparison: Comparison, tier: str = "gpu") -> Figure:
         at = p.loc[p["allocated"].idxmax()]
         ax.plot([at["t"]], [at["allocated"] / div], marker="v", color="black", ms=8, ls="none",
                 label=f"predicted peak {format_bytes(int(at['allocated']))}", zorder=4)
+    cpu_trace = comparison.measured.header.get("allocator") == "cpu"
+    if cpu_trace and tier == "gpu" and len(p):
+        eq = cpu_equivalent(p_all)
+        x, (y,) = _extend_to(eq["t"].to_numpy(), [eq["peak"].to_numpy() / div], end)
+        ax.step(x, y, where="post", color="#006d2c", lw=1.4,
+                label="predicted CPU heap\n(GPU + host - CUDA-only)", zorder=3)
     if len(m):
         mx = positions_on_predicted(p, m)
+        unplaced = int(np.isnan(mx).sum())
+        # An event the timeline has no counterpart for is drawn where the trace's previous
+        # (else next) placed event is, so the line and the peak marker keep every sample.
+        mx = pd.Series(mx).ffill().bfill().to_numpy()
         keep = ~np.isnan(mx)
         mm = m[keep]
         order = np.argsort(mx[keep], kind="stable")
@@ -126,21 +136,20 @@ def memory_over_step(comparison: Comparison, tier: str = "gpu") -> Figure:
             k = int(np.argmax(mm["peak"].to_numpy()))
             ax.plot([mx[keep][k]], [mm["peak"].iloc[k] / div], marker="^", color="#d62728", ms=8,
                     ls="none", label=f"measured peak {format_bytes(int(mm['peak'].iloc[k]))}", zorder=5)
-        dropped = int((~keep).sum())
-        if dropped:
-            ax.text(0.01, 0.01, f"{dropped} measured events with no timeline counterpart not drawn",
-                    transform=ax.transAxes, fontsize=8, color="#555555")
+        if unplaced:
+            ax.text(0.01, 0.01, f"{unplaced} measured events without a timeline counterpart drawn at the "
+                    "previous measured event", transform=ax.transAxes, fontsize=8, color="#555555")
     ax.set_xlabel(_x_label(comparison))
     ax.set_ylabel(f"{tier.upper()} memory ({unit})")
     ax.set_ylim(0, ax.get_ylim()[1] * 1.04)  # headroom for the phase ribbon
     if len(p_all):
         ax.set_xlim(float(p_all["t"].min()), end)
     ax.set_title(f"{tier.upper()} memory over the step: predicted (stacked by component) vs measured")
-    first = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    if phase_handles:
-        ax.add_artist(first)
-        ax.legend(handles=phase_handles, title="phase (top strip)", loc="lower left", bbox_to_anchor=(1.01, 0.0),
-                  frameon=False, fontsize=8, title_fontsize=8, ncol=2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if phase_handles:  # a figure legend: tight bounding boxes count it (a second axes legend is not)
+        fig.legend(handles=phase_handles, title="phase (strip along the top)", loc="upper center",
+                   bbox_to_anchor=(0.45, 0.0), frameon=False, fontsize=8.5, title_fontsize=8.5,
+                   ncol=len(phase_handles), handlelength=1.2, columnspacing=1.0)
     return fig
 
 
@@ -234,7 +243,7 @@ def chunk_switch(comparison: Comparison, margin: int = 5) -> Figure | None:
 def errors(comparison: Comparison) -> Figure:
     """Peak per tier and peak per phase, predicted vs measured, labelled with relative error."""
     _style()
-    peaks = comparison.peaks[comparison.peaks["metric"] == "allocated"]
+    peaks = comparison.peaks[comparison.peaks["metric"].isin(["allocated", "cpu-equivalent"])]
     phases = comparison.phases
     tier = "gpu" if (phases["tier"] == "gpu").any() else (phases["tier"].iloc[0] if len(phases) else "gpu")
     phases = phases[phases["tier"] == tier]

@@ -440,3 +440,24 @@ def test_default_compares_worst_measured_step(tmp_path):
     c = compare(*load_pair(tl, tr))
     assert c.measured_step == 1 and set(c.measured_events["step"]) == {0}
     assert c.match_counts()["matched"] == len(c.predicted_events)
+
+
+def test_cpu_trace_gets_a_process_row(tmp_path):
+    """On a CPU run one heap holds every tier: the trace's gpu rows are held against the
+    predicted GPU bytes less CUDA-only rounding/overhead plus the host tier's bytes."""
+    tl, tr = tmp_path / "timeline.jsonl", tmp_path / "trace.jsonl"
+    events = synthetic_step()
+    for e in events:
+        if e.tier == Tier.GPU:  # CUDA-only bytes the CPU run does not have
+            e.bytes[Component.OVERHEAD] = 100 * MIB
+            e.allocated += 100 * MIB
+    write_recording(tl, header("timeline"), events)
+    write_recording(tr, {**header("trace"), "allocator": "cpu"}, synthetic_step(seconds=True))
+    c = compare(*load_pair(tl, tr))
+    peaks = c.peaks.set_index(["tier", "metric"])
+    assert peaks.loc[("gpu", "allocated"), "predicted_bytes"] == 6 * GIB + 100 * MIB
+    row = peaks.loc[("process", "cpu-equivalent")]
+    # 6 GiB on the GPU at the loss op (overhead left out) + 3 GiB of host state resting then
+    assert row["predicted_bytes"] == 9 * GIB and row["predicted_t"] == 19.0
+    assert row["measured_bytes"] == 6 * GIB
+    assert ("gpu", "reserved") not in peaks.index  # the CPU trace has no caching allocator
