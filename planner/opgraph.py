@@ -65,27 +65,20 @@ class StorageInfo:
     saved: bool
     """autograd saved it for backward (saved_tensors_hooks saw it)."""
     layer: int | None
-    """Decoder layer of the allocating op (None outside layers or for pre-existing storages)."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class LayerSegments:
-    """Op index ranges [start, end) of each decoder layer's forward and backward in an OpGraph."""
-
-    forward: tuple[tuple[int, int], ...]
-    backward: tuple[tuple[int, int] | None, ...]
-    """None for a layer whose backward ran no op (nothing below it needs a gradient)."""
+    """Decoder layer of the allocating op; for weights, the layer of the parameter; else None."""
 
 
 class OpGraph:
     """The recorded step: ops in order, storages, and (lazily) the networkx dependency graph."""
 
     def __init__(self, ops: list[OpNode] | tuple[OpNode, ...], storages: dict[int, StorageInfo], *,
-                 num_layers: int | None = None):
+                 num_layers: int | None = None, template_layers: int | None = None):
         self.ops: tuple[OpNode, ...] = tuple(ops)
         self.storages: dict[int, StorageInfo] = storages
         self.num_layers = num_layers
         """Decoder layers of the traced model (None if it has no recognisable layer list)."""
+        self.template_layers = template_layers
+        """Layers actually traced when the graph was replicated from a template; None = full trace."""
 
     def __len__(self) -> int:
         return len(self.ops)

@@ -252,7 +252,14 @@ class StepRecorder:
         self.first_backward_op: int | None = None
         self._module_stack: list[str] = []
         self._module_names = {id(m): n for n, m in module.named_modules()}
+        self.weight_layer: dict[int, int | None] = {}  # storage id -> decoder layer of a parameter/buffer
         self._head_hooked = False
+
+    def _layer_of_name(self, name: str) -> int | None:
+        """Decoder layer of a parameter name ("model.layers.3.mlp.up_proj.weight" -> 3)."""
+        if not self.layer_prefix or not name.startswith(self.layer_prefix + "."):
+            return None
+        return int(name[len(self.layer_prefix) + 1:].split(".", 1)[0])
 
     # -- storages
 
@@ -423,10 +430,13 @@ class StepRecorder:
 
         @contextlib.contextmanager
         def ctx():
-            for p in self.module.parameters():
-                self.kind[self.storage_id(p, None)[0]] = "weight"
-            for b in self.module.buffers():
-                self.kind[self.storage_id(b, None)[0]] = "weight"
+            layer_of = self._layer_of_name
+            for name, p in self.module.named_parameters():
+                sid = self.storage_id(p, None)[0]
+                self.kind[sid], self.weight_layer[sid] = "weight", layer_of(name)
+            for name, b in self.module.named_buffers():
+                sid = self.storage_id(b, None)[0]
+                self.kind[sid], self.weight_layer[sid] = "weight", layer_of(name)
             for t in inputs:
                 self.kind[self.storage_id(t, None)[0]] = "input"
             handles = self._install_hooks()
@@ -475,7 +485,8 @@ class StepRecorder:
             else:
                 comp = Component.TEMPORARIES
             storages[sid] = StorageInfo(id=sid, nbytes=self.nbytes[sid], component=comp, alloc_op=a, free_op=f,
-                                        saved=self.saved[sid], layer=None if a is None else self.rows[a][4])
+                                        saved=self.saved[sid],
+                                        layer=self.weight_layer.get(sid) if a is None else self.rows[a][4])
         ops = [OpNode(index=i, name=r[0], module=r[1], phase=phases[i], layer=r[4], inputs=r[5], outputs=r[6],
                       allocs=r[7], out_bytes=r[8], flops=r[9]) for i, r in enumerate(self.rows)]
         return OpGraph(ops, storages, num_layers=len(self.layers) or None)
