@@ -27,6 +27,11 @@ Typical loop (one optimizer step of `accum` micro-batches):
 
 Known limitations:
 - Prefetch depth beyond 1 behaves as 1 (one chunk ahead is what fits the planner's model).
+- Eviction is synchronous: the step that switches chunks waits for the old chunk's state to
+  reach host memory or disk (no write-behind), so at most two chunks' state (active and
+  prefetched) are on the device at once.
+- The CUDA paths (pinned host buffers, the side-stream prefetch) are written for CUDA but
+  were tested only on CPU, where HOST is plain memory and the prefetch a thread.
 - `state_dict()` gathers every chunk's state in CPU memory at once (3 fp32 copies of the
   trainable parameters); a checkpoint of a very large model needs that much host memory.
 """

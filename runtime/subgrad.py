@@ -32,6 +32,9 @@ Known limitations:
   forward, which wraps the F.embedding / F.linear call using the parameter: it must call
   F.linear / F.embedding with the parameter itself.
 - Embedding with max_norm, sparse or scale_grad_by_freq is not supported when sliced.
+- Only uses inside the forward of a module that registers the parameter are seen: a parent
+  that calls `F.linear(h, self.embed.weight)` itself would lose that contribution (HF causal
+  LMs tie through an lm_head nn.Linear, which is seen).
 - A generic (1-D) module must return one tensor; its tensor keyword arguments are held by the
   autograd node without saved-tensor hooks.
 """
