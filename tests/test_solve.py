@@ -206,3 +206,55 @@ def test_ties_break_on_interval_then_label_not_on_order():
     sol1 = solve([a, b], lambda s: make_estimate(s, 10, 1.0), Budget(gpu_bytes=10))
     sol2 = solve([b, a], lambda s: make_estimate(s, 10, 1.0), Budget(gpu_bytes=10))
     assert sol1.best.strategy == sol2.best.strategy == b
+
+
+# ------------------------------------------------------------------ the real cost model, small model
+
+@pytest.fixture(scope="module")
+def real_costs(tmp_path_factory):
+    """Every strategy of a small space priced by planner.evaluate on a 3-layer Llama."""
+    from transformers import LlamaConfig
+
+    from planner.evaluate import evaluate
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.trace import StepShape
+
+    path = tmp_path_factory.mktemp("small-llama")
+    LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)
+    model, shape, hw = resolve_model(str(path)), StepShape(seq_len=128, batch=2), hardware("rtx4090")
+    space = SearchSpace(chunk_counts=(1, 3), update_intervals=(1, 4), loss_chunk_tokens=(0, 64),
+                        prefetch_depths=(0, 1))
+    return {s: evaluate(model, shape, s, hw) for s in space.strategies()}
+
+
+def test_pruning_rules_hold_for_the_real_cost_model(real_costs):
+    """R1: the update interval changes no peak; R2: peaks never fall with deeper prefetch."""
+    peaks = lambda e: tuple(e.need_bytes(t) for t in Tier)
+    for s, e in real_costs.items():
+        base = real_costs[replace(s, update_interval=1)]
+        assert peaks(e) == peaks(base), s.label()
+        deeper = replace(s, prefetch_depth=s.prefetch_depth + 1)
+        if deeper in real_costs:
+            assert all(a <= b for a, b in zip(peaks(e), peaks(real_costs[deeper]))), s.label()
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_solver_equals_brute_force_on_the_real_cost_model(real_costs, objective):
+    strategies = list(real_costs)
+    needs = sorted({e.need_bytes(Tier.GPU) for e in real_costs.values()})
+    hosts = sorted({e.peak_bytes[Tier.HOST] for e in real_costs.values()})
+    budgets = [Budget(gpu_bytes=g, host_bytes=h) for g in (needs[0] - 1, needs[0], needs[len(needs) // 2], needs[-1])
+               for h in (None, hosts[1], hosts[len(hosts) // 2])]
+    for budget in budgets:
+        fast = solve(strategies, real_costs.__getitem__, budget, objective=objective)
+        brute = solve(strategies, real_costs.__getitem__, budget, objective=objective, prune=False)
+        assert fast.status == brute.status
+        if brute.fits:
+            assert fast.best is brute.best
+        else:
+            assert (fast.missing_bytes, fast.needed_bytes) == (brute.missing_bytes, brute.needed_bytes)
+    # the smallest GPU need is binding: one byte less and nothing fits
+    assert not solve(strategies, real_costs.__getitem__, Budget(gpu_bytes=needs[0] - 1)).fits
+    assert solve(strategies, real_costs.__getitem__, Budget(gpu_bytes=needs[0])).fits
