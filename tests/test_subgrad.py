@@ -324,3 +324,26 @@ def test_no_dense_gradient_is_ever_allocated(llama):
     assert _full_shape_outputs(model, batch, shapes) == []
     assert set(handle.grads()) == set(names)
     handle.remove()
+
+
+def test_chunked_loss_and_checkpointing_through_step_loss():
+    """The runtime's step (planner.step): lm_head runs per token chunk under checkpoint."""
+    from planner.step import enable_checkpointing, step_loss
+
+    model = _model("llama")
+    ids, labels = _batch()
+    dense = _dense_grads(model, (ids, labels))
+    enable_checkpointing(model)
+    model.train()
+    spec = {
+        "model.embed_tokens.weight": SliceSpec(dim=0, start=20, end=80),  # tied: lm_head per chunk
+        "model.layers.1.self_attn.q_proj.weight": SliceSpec(dim=1, start=2, end=14),
+        "model.norm.weight": SliceSpec(dim=0, start=0, end=9),
+    }
+    handle = install(model, spec)
+    step_loss(model, ids, labels, loss_chunk_tokens=5).backward()
+    grads = handle.grads()
+    handle.remove()
+    for name, s in spec.items():
+        want = dense[name].narrow(s.dim, s.start, s.end - s.start)
+        assert_close(grads[name], want, rtol=1e-9, atol=1e-12, msg=name)
