@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
         p.add_argument("--step", type=int, default=None,
                        help="compare the timeline against this step of the trace (default: all steps by number)")
         p.add_argument("--perfetto", default=None, metavar="OUT.json",
-                       help="also export the timeline as Chrome trace JSON (chrome://tracing, ui.perfetto.dev)")
+                       help="also export timeline and trace as Chrome trace JSON (chrome://tracing, ui.perfetto.dev)")
         p.set_defaults(run=run_compare)
     if "report" not in subparsers.choices:
         p = subparsers.add_parser("report", help="fit map, chunk sweep and GPU sizing for one model",
@@ -55,8 +55,9 @@ def run_compare(args: argparse.Namespace) -> int:
     for line in comparison_summary(comparison):
         print(line)
     if args.perfetto:
-        write_chrome_trace(predicted, args.perfetto)
-        print(f"wrote {args.perfetto} (open in ui.perfetto.dev or chrome://tracing)")
+        write_chrome_trace(predicted, args.perfetto, measured=measured)
+        print(f"wrote {args.perfetto}: predicted timeline and measured trace as two processes "
+              "(open in ui.perfetto.dev or chrome://tracing)")
     return 0
 
 

@@ -462,3 +462,19 @@ def test_cpu_trace_gets_a_process_row(tmp_path):
     assert row["predicted_bytes"] == 9 * GIB and row["predicted_t"] == 19.0
     assert row["measured_bytes"] == 6 * GIB
     assert ("gpu", "reserved") not in peaks.index  # the CPU trace has no caching allocator
+
+
+def test_perfetto_pair_shares_a_time_axis(tmp_path):
+    from analysis.perfetto import write_chrome_trace
+
+    tl, tr = write_pair(tmp_path)
+    p, m = load_pair(tl, tr)
+    p = type(p)(**{**{f: getattr(p, f) for f in p.__slots__}, "header": {**p.header, "step_time_s": 0.045}})
+    out = tmp_path / "pair.json"
+    write_chrome_trace(p, out, measured=m)
+    events = json.loads(out.read_text())["traceEvents"]
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {1: "chunkft predicted timeline", 2: "chunkft measured trace"}
+    last = {pid: max(e["ts"] for e in events if e["pid"] == pid and e["ph"] == "C") for pid in (1, 2)}
+    # the timeline's 45 ops spread over the predicted 0.045 s; the trace's 1 ms per event
+    assert last[1] == pytest.approx(45_000) and last[2] == pytest.approx(45_000)
