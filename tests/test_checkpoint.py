@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,16 @@ from runtime.data import Example, PackedLoader
 from runtime.train import LoopConfig, Schedule, TorchAdamW, Trainer
 
 STEPS = 7
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and on a shared machine two threads that
+    spin-wait on each other make a step 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_llama(seed: int = 0, dtype=torch.float32):
@@ -38,12 +49,12 @@ def examples(n: int = 24, length: int = 20, seed: int = 0) -> list[Example]:
     return out
 
 
-def full_ft(model):
+def full_ft(model, state_dir=None):
     return TorchAdamW(dict(model.named_parameters()), schedule=Schedule(lr=1e-3, warmup_steps=2, total_steps=STEPS),
                       weight_decay=0.01, max_grad_norm=1.0)
 
 
-def chunkft(model):
+def chunkft(model, state_dir=None, tier="host"):
     from planner.chunks import make_chunk_table_from_model
     from planner.schema import Tier
     from runtime.chunk_optim import AdamWConfig, ChunkAdamW, LRSchedule
@@ -51,14 +62,19 @@ def chunkft(model):
 
     inner = ChunkAdamW(model, make_chunk_table_from_model(model, 3),
                        config=AdamWConfig(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0),
-                       schedule=LRSchedule(kind="cosine", warmup_steps=2, total_steps=STEPS), state_tier=Tier.HOST)
-    return ChunkOptimizer(inner, state_tier=Tier.HOST)
+                       schedule=LRSchedule(kind="cosine", warmup_steps=2, total_steps=STEPS), state_tier=Tier(tier),
+                       state_dir=state_dir)
+    return ChunkOptimizer(inner, state_tier=Tier(tier))
+
+
+def chunkft_disk(model, state_dir):
+    return chunkft(model, state_dir, tier="disk")
 
 
 def make_trainer(out_dir, make_optimizer, steps=STEPS):
     model = tiny_llama()
     loader = PackedLoader(examples(), seq_len=16, batch_size=2, seed=3, pad_token_id=0)
-    return Trainer(model, make_optimizer(model), loader, LoopConfig(steps=steps, grad_accum=2, checkpoint_every=1),
+    return Trainer(model, make_optimizer(model, Path(out_dir) / "optimizer-state"), loader, LoopConfig(steps=steps, grad_accum=2, checkpoint_every=1),
                    out_dir=out_dir, run_state={"model_fingerprint": "m" * 64})
 
 
@@ -88,7 +104,8 @@ def test_checkpoint_is_hf_loadable(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.parametrize("make_optimizer", [full_ft, chunkft], ids=["full_ft", "chunkft_c3"])
+@pytest.mark.parametrize("make_optimizer", [full_ft, chunkft, chunkft_disk],
+                         ids=["full_ft", "chunkft_c3_host", "chunkft_c3_disk"])
 def test_resume_is_bitwise_identical(tmp_path, make_optimizer):
     reference = make_trainer(tmp_path / "ref", make_optimizer)
     ref_result = reference.train()

@@ -63,7 +63,7 @@ def task():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest and leaves the other core free
+    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest; two spin-wait on a shared machine
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=SEQ)
     torch.manual_seed(0)

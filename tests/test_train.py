@@ -12,20 +12,31 @@ from planner.cli import main
 from planner.schema import Component, EventKind, Phase, Tier
 
 SEQ, BATCH = 64, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and on a shared machine two threads that
+    spin-wait on each other make a step 10-50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, tie_word_embeddings=False)
 
 
 def make_plan(tmp_path, *, chunks=3, checkpointing=False, dtype="fp32", loss_chunk_tokens=0, name="plan.json",
-              config=TINY):
-    """A plan for the tiny model through planner.plan (strategy fixed, predictions from evaluate)."""
+              config=TINY, predict=False):
+    """A plan for the tiny model through planner.plan, strategy fixed; predictions from
+    planner.evaluate with `predict`, else zeros (the runtime does not read them)."""
     from planner.evaluate import evaluate
     from planner.hardware import hardware
     from planner.model import resolve_model
     from planner.plan import make_plan as planner_make_plan, save_plan
     from planner.schema import Tier as T
     from planner.solve import Objective
-    from planner.strategy import Budget, Strategy
+    from planner.strategy import Budget, Estimate, Strategy
     from planner.trace import StepShape
 
     model_dir = tmp_path / "model"
@@ -36,7 +47,11 @@ def make_plan(tmp_path, *, chunks=3, checkpointing=False, dtype="fp32", loss_chu
     strategy = Strategy(chunks=chunks, state_tier=T.HOST if chunks > 1 else T.GPU, checkpointing=checkpointing,
                         loss_chunk_tokens=loss_chunk_tokens)
     hw = hardware("rtx4090")
-    estimate = evaluate(spec, shape, strategy, hw)
+    if predict:
+        estimate = evaluate(spec, shape, strategy, hw)
+    else:
+        estimate = Estimate(strategy=strategy, peak_bytes={T.GPU: 0}, components={T.GPU: {}}, reserved_bytes=0,
+                            step_time_s=0.0, worst_chunk=None)
     plan = planner_make_plan(spec, shape, hw, Budget(gpu_bytes=2**34), Objective.MEMORY, estimate)
     path = tmp_path / name
     save_plan(plan, path)
@@ -53,7 +68,7 @@ def write_data(path, n=40):
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
-    plan, spec, plan_obj = make_plan(tmp)
+    plan, spec, plan_obj = make_plan(tmp, predict=True)
     return tmp, plan, spec, plan_obj, write_data(tmp / "train.jsonl"), write_data(tmp / "eval.jsonl", 6)
 
 
@@ -159,7 +174,7 @@ def test_activation_checkpointing_and_chunked_loss_train(tmp_path):
     result = trainer.train()
     trainer.optimizer.inner.close()
     assert result.losses[-1] < result.losses[0]  # it learns
-    assert trainer.model.is_gradient_checkpointing
+    assert trainer.model.is_activation_checkpointing
 
 
 def test_bad_inputs_are_one_line_errors_before_training(planned, tmp_path, capsys):
@@ -213,3 +228,30 @@ def test_model_directory_with_weights_is_loaded(tmp_path):
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     loaded = load_model(resolve_model(str(tmp_path / "m")), dtype=torch.float32, device="cpu", seed=0)
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_16bit_plans_train_and_fp16_overflow_skips_the_step(tmp_path, dtype):
+    from runtime.run_cli import build_run
+
+    plan, _, _ = make_plan(tmp_path, chunks=2, dtype=dtype)
+    trainer, _, _, _ = build_run(_args(plan, write_data(tmp_path / "d.jsonl"), tmp_path / "out", steps=8, lr=3e-3,
+                                       schedule="constant", grad_accum=2))
+    inner = trainer.optimizer.inner
+    assert next(trainer.model.parameters()).dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if dtype == "fp16":
+        # A loss scale far too large: the logits' gradients overflow fp16; the step must be skipped,
+        # the scale halved, the weights and the active chunk left as they were.
+        inner.scaler.scale = 2.0**30
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        result = trainer.train(stop_after=1)
+        assert result.skipped_steps == 1 and inner.scaler.scale == 2.0**29
+        assert inner.active_chunk == 0 and inner.global_step == 0
+        assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+        inner.scaler.scale = 2.0**8
+    else:
+        assert inner.scaler is None
+    result = trainer.train()
+    inner.close()
+    assert result.skipped_steps == 0 and inner.global_step == (7 if dtype == "fp16" else 8)
+    assert result.losses[-1] < result.losses[0]
