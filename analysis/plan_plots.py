@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from analysis.plots import GIB, _style  # noqa: E402
+from analysis.plots import GIB, _style, byte_unit  # noqa: E402
 from analysis.sweep import Sweep  # noqa: E402
 from planner.units import format_bytes  # noqa: E402
 
@@ -34,6 +34,7 @@ def fit_map(sweep: Sweep) -> Figure:
     batches = sorted(set(df["batch"]))
     ncols = min(3, len(strategies))
     nrows = math.ceil(len(strategies) / ncols)
+    div, unit = byte_unit(float(df["gpu_need_bytes"].max()))
     fig, axes = plt.subplots(nrows, ncols, figsize=(9.0, 1.2 + nrows * (0.9 + 0.42 * len(seqs))),
                              squeeze=False, sharex=True, sharey=True)
     for ax, strategy in zip(axes.flat, strategies):
@@ -42,7 +43,7 @@ def fit_map(sweep: Sweep) -> Figure:
         for r in part.itertuples(index=False):
             i, j = seqs.index(r.seq_len), batches.index(r.batch)
             grid[i, j] = 1.0 if r.fits else 0.0
-            ax.text(j, i, f"{r.gpu_need_bytes / GIB:.1f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, f"{r.gpu_need_bytes / div:.1f}", ha="center", va="center", fontsize=8)
         ax.imshow(grid, cmap=matplotlib.colors.ListedColormap([MISSES, FITS]), vmin=0, vmax=1,
                   aspect="auto", origin="lower")
         ax.set_xticks(range(len(batches)), [str(b) for b in batches])
@@ -56,7 +57,7 @@ def fit_map(sweep: Sweep) -> Figure:
                loc="lower center", ncol=2, bbox_to_anchor=(0.5, -0.02), frameon=False)
     fig.suptitle(f"Fit map: {sweep.model} within {format_bytes(sweep.budget.gpu_bytes)} GPU"
                  + (f", {format_bytes(sweep.budget.host_bytes)} host" if sweep.budget.host_bytes else "")
-                 + "\n(cell: GPU GiB the budget must hold)", fontsize=10.5)
+                 + f"\n(cell: GPU {unit} the budget must hold)", fontsize=10.5)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 
@@ -66,11 +67,12 @@ def chunk_sweep(sweep: Sweep) -> Figure:
     _style()
     df = sweep.chunk_sweep
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 4.2))
+    div, unit = byte_unit(float(max(df["gpu_need_bytes"].max(), sweep.budget.gpu_bytes)))
     for k, (family, part) in enumerate(df.groupby("family", sort=False)):
         colour = f"C{k}"
-        left.plot(part["chunks"], part["gpu_need_bytes"] / GIB, marker="o", color=colour, label=family)
+        left.plot(part["chunks"], part["gpu_need_bytes"] / div, marker="o", color=colour, label=family)
         right.plot(part["chunks"], part["step_time_s"], marker="s", color=colour, label=family)
-    left.axhline(sweep.budget.gpu_bytes / GIB, color="#d62728", ls="--", lw=1.2,
+    left.axhline(sweep.budget.gpu_bytes / div, color="#d62728", ls="--", lw=1.2,
                  label=f"budget {format_bytes(sweep.budget.gpu_bytes)}")
     for ax in (left, right):
         ax.set_xscale("log", base=2)
@@ -78,7 +80,7 @@ def chunk_sweep(sweep: Sweep) -> Figure:
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("chunk count C")
         ax.grid(True, alpha=0.3)
-    left.set_ylabel("GPU memory needed (GiB)")
+    left.set_ylabel(f"GPU memory needed ({unit})")
     left.set_ylim(bottom=0)
     left.set_title("GPU peak (allocator reservation)")
     right.set_ylabel("predicted step time (s)")
@@ -97,10 +99,10 @@ def sizing(sweep: Sweep) -> Figure:
     df = sweep.sizing
     fig, ax = plt.subplots(figsize=(9.0, 4.8))
     y = np.arange(len(df))
-    need = df["card_bytes"].to_numpy() / GIB
+    need = df["card_bytes"].to_numpy() / GIB  # against the catalogue's cards: always GiB
     ax.barh(y, need, color="#1f77b4", height=0.6)
-    for yi, v, host in zip(y, need, df["host_bytes"]):
-        ax.text(v, yi, f" {v:.1f} GiB" + (f" (host {host / GIB:.0f} GiB)" if host else ""),
+    for yi, v, card, host in zip(y, need, df["card_bytes"], df["host_bytes"]):
+        ax.text(v, yi, f" {format_bytes(int(card))}" + (f" (host {format_bytes(int(host))})" if host else ""),
                 va="center", fontsize=8)
     # One dotted line per catalogue memory size (to the GiB), named on a top axis.
     sizes: dict[int, list[str]] = {}
