@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 
 from planner.errors import ChunkftError
+from planner.solve import MAX_CHUNKS
 from planner.units import describe_size, format_bytes, parse_bytes
 
 COMMANDS = ("plan", "simulate", "size")
+
 DEFAULT_GPU_KIND = "rtx4090"
 _TIERS_TEXT = {"gpu": "GPU", "host": "host RAM", "disk": "disk"}
 
@@ -62,6 +64,16 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, default=1024, help="sequence length in tokens (default 1024)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="training dtype")
+    p.add_argument("--max-chunks", type=int, default=MAX_CHUNKS,
+                   help=f"largest chunk count searched (default {MAX_CHUNKS})")
+
+
+def _space(args, model):
+    from planner.solve import default_space
+
+    if args.max_chunks < 1:
+        raise ChunkftError(f"invalid --max-chunks {args.max_chunks}: must be 1 or more")
+    return default_space(num_layers=model.num_layers, tokens=args.batch * args.seq, max_chunks=args.max_chunks)
 
 
 def _shape(args):
@@ -122,7 +134,7 @@ def run_plan(args) -> int:
     shape = _shape(args)
     model = resolve_model(args.model)
     objective = Objective(args.objective)
-    solution = solve_model(model, shape, hw, budget, objective=objective)
+    solution = solve_model(model, shape, hw, budget, objective=objective, space=_space(args, model))
     print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}; "
           f"times for {hw.gpu.name}")
     print(f"budget    {_budget_line(budget)}")
@@ -197,7 +209,7 @@ def run_size(args) -> int:
     hw = hardware(args.gpu_kind)
     shape = _shape(args)
     model = resolve_model(args.model)
-    report = size_model(model, shape, hw)
+    report = size_model(model, shape, hw, space=_space(args, model))
     print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}")
     print(f"{'strategy family':<46} {'GPU':>11} {'host RAM':>11} {'disk':>11}  best strategy; GPUs that suffice")
     for f in report.families:

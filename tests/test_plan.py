@@ -134,3 +134,61 @@ def test_unreadable_plan_files(tmp_path):
         load_plan(bad)
     with pytest.raises(ChunkftError, match="does not exist"):
         load_plan(tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------ `chunkft plan` from the shell
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """The 3-layer Llama the solver and simulator tests trace (same config: shared trace cache)."""
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("small-llama")
+    LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)
+    return str(path)
+
+
+SMALL_ARGS = ["--seq", "128", "--batch", "2", "--max-chunks", "4"]
+
+
+def test_cli_infeasible_budget_is_an_answer(small, tmp_path, capsys):
+    from planner.cli import main
+
+    out_path = tmp_path / "plan.json"
+    code = main(["plan", small, "--gpu", "8MiB", "--host-ram", "30MiB", *SMALL_ARGS, "-o", str(out_path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "INFEASIBLE" in out and "GPU short by" in out
+    assert "smallest GPU budget that works with this host RAM:" in out
+    assert not out_path.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu", "24XB"], "invalid GPU budget '24XB'"),
+    (["--gpu=-3GiB"], "invalid GPU budget '-3GiB'"),
+    (["--gpu", "100GiB", "--gpu-kind", "rtx4090"], "is more than a rtx4090 has"),
+    (["--gpu-kind", "tpu-v5"], "unknown GPU 'tpu-v5'"),
+    (["--seq", "0"], "invalid sequence length 0"),
+    (["--max-chunks", "0"], "invalid --max-chunks 0"),
+])
+def test_cli_bad_flags_are_one_line_errors(small, tmp_path, capsys, argv, message):
+    from planner.cli import main
+
+    code = main(["plan", small, *argv, "-o", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_cli_objective_speed_changes_the_order(small, tmp_path, capsys):
+    from planner.cli import main
+
+    assert main(["plan", small, "--gpu", "120MiB", *SMALL_ARGS, "--objective", "speed",
+                 "-o", str(tmp_path / "fast.json")]) == 0
+    out = capsys.readouterr().out
+    assert "objective fit every tier, then shortest predicted step time, then fewest chunks" in out
+    fast = load_plan(tmp_path / "fast.json")
+    assert main(["plan", small, "--gpu", "120MiB", *SMALL_ARGS, "-o", str(tmp_path / "mem.json")]) == 0
+    mem = load_plan(tmp_path / "mem.json")
+    assert mem.strategy.chunks <= fast.strategy.chunks
+    assert fast.step_time_s <= mem.step_time_s
