@@ -261,8 +261,13 @@ class Comparison:
 
 
 def worst_step(events: pd.DataFrame) -> int:
-    """The step with the highest peak on the GPU tier (on any tier if there is no GPU row)."""
+    """The step with the highest peak on the GPU tier (on any tier if there is no GPU row),
+    among the steps that hold a phase event: a fragment (a lone step_end written after the
+    step counter moved on, the tail of a killed run) is no step to compare a timeline with."""
     rows = events[events["tier"] == "gpu"] if (events["tier"] == "gpu").any() else events
+    whole = set(rows.loc[rows["event"] == "phase", "step"])
+    if whole:
+        rows = rows[rows["step"].isin(whole)]
     return int(rows.groupby("step")["peak"].max().idxmax())
 
 

@@ -478,3 +478,19 @@ def test_perfetto_pair_shares_a_time_axis(tmp_path):
     last = {pid: max(e["ts"] for e in events if e["pid"] == pid and e["ph"] == "C") for pid in (1, 2)}
     # the timeline's 45 ops spread over the predicted 0.045 s; the trace's 1 ms per event
     assert last[1] == pytest.approx(45_000) and last[2] == pytest.approx(45_000)
+
+
+def test_worst_step_ignores_fragments(tmp_path):
+    """A step holding no phase event (a lone step_end, a killed run's tail) is not compared."""
+    tl = tmp_path / "timeline.jsonl"
+    tr = tmp_path / "trace.jsonl"
+    write_recording(tl, header("timeline"), synthetic_step())
+    events = []
+    for step, scale in enumerate((1.0, 1.1)):
+        for e in synthetic_step(seconds=True, scale=scale):
+            e.step = step
+            events.append(e)
+    events.append(Event(t=1.0, event=EventKind.STEP_END, tier=Tier.GPU, allocated=GIB, reserved=GIB,
+                        peak=99 * GIB, step=2))
+    write_recording(tr, header("trace"), events)
+    assert compare(*load_pair(tl, tr)).measured_step == 1
