@@ -161,6 +161,17 @@ def write_compare_report(comparison, out_dir: str | os.PathLike) -> tuple[Path, 
     else:
         report.figure("chunk_switch", fig, "Bytes per tier across the first chunk switch; "
                       "bars: each transfer's bytes into (+) or out of (-) its tier.")
+    report.heading("Components at the GPU peak")
+    from analysis.compare import components_at_peak
+
+    parts = components_at_peak(comparison.predicted_events, comparison.measured_events, "gpu")
+    parts = parts[(parts["predicted_bytes"] > 0) | (parts["measured_bytes"] > 0)]
+    report.table(["component", "predicted", "measured"],
+                 [[c, format_bytes(int(r.predicted_bytes)), format_bytes(int(r.measured_bytes))]
+                  for c, r in parts.iterrows()],
+                 "Bytes per component at each side's allocated peak. A trace's components are the "
+                 "runtime's own accounting (what it holds by design), so what it does not account "
+                 "(activations, temporaries) shows as 0 B there.")
     report.heading("Error per phase")
     ph = comparison.phases
     report.table(

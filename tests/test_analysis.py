@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.compare import align, compare, positions_on_predicted
+from analysis.compare import align, compare, components_at_peak, positions_on_predicted
 from analysis.load import COMPONENT_COLUMNS, EVENT_COLUMNS, load_pair, load_recording, write_recording
 from analysis.perfetto import to_chrome_trace
 from planner import cli
@@ -260,6 +260,9 @@ def test_compare_synthetic_step_peaks_and_reserved(tmp_path):
     assert peaks.loc[("host", "allocated"), "predicted_bytes"] == 3 * GIB + 384 * MIB
     assert c.match_counts() == {"predicted": len(c.predicted_events), "measured": len(c.measured_events),
                                 "matched": len(c.predicted_events)}
+    parts = components_at_peak(c.predicted_events, c.measured_events, "gpu")
+    assert parts.loc["logits"].tolist() == [GIB, int(GIB * 1.05)]
+    assert parts.loc["activations", "predicted_bytes"] == 3 * GIB and parts.loc["gradients"].sum() == 0
 
 
 def test_measured_step_selection(tmp_path):
