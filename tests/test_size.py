@@ -73,3 +73,22 @@ def test_single_gpu_suffices_means_no_sharded_answer():
     report = size_estimates([small], model_name="toy", shape=StepShape(), layer_bytes=LAYER)
     assert report.single_gpus[0] == "l4" and report.sharded == ()
     assert report.families[0].gpus[0] == "l4"  # smallest catalogue card first (22.17 GiB >= 16.5 GiB)
+
+
+def test_llama3_70b_needs_more_than_one_80gb_gpu_and_fits_two():
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.size import size_model
+    from planner.solve import SearchSpace
+    from planner.strategy import WeightResidency
+
+    space = SearchSpace(chunk_counts=(1,), checkpointing=(True,), loss_chunk_tokens=(256,))
+    report = size_model(resolve_model("llama3-70b"), StepShape(seq_len=1024), hardware("h100"), space=space)
+    h100 = load_gpu("h100-80gb")
+    assert "h100-80gb" not in report.single_gpus
+    # with the weights resident no strategy fits one 80 GB card: the bf16 weights alone don't
+    resident = [f for f in report.families if f.estimate.strategy.weights == WeightResidency.GPU]
+    assert resident and all(f.gpu_bytes > h100.memory_bytes for f in resident)
+    sharded = {s.gpu: s for s in report.sharded}
+    assert sharded["h100-80gb"].num_gpus == 2
+    assert sharded["h100-80gb"].per_rank_bytes <= h100.memory_bytes

@@ -258,3 +258,35 @@ def test_solver_equals_brute_force_on_the_real_cost_model(real_costs, objective)
     # the smallest GPU need is binding: one byte less and nothing fits
     assert not solve(strategies, real_costs.__getitem__, Budget(gpu_bytes=needs[0] - 1)).fits
     assert solve(strategies, real_costs.__getitem__, Budget(gpu_bytes=needs[0])).fits
+
+
+# ------------------------------------------------------------------ the seed's headline cases
+
+@pytest.mark.slow
+def test_llama2_7b_at_1k_tokens_fits_13_72_gib_under_chunkft():
+    """ChunkFT's headline: a 7B model at 1K tokens in 13.72 GiB (weights resident)."""
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.solve import solve_model
+    from planner.trace import StepShape
+
+    budget = Budget(gpu_bytes=round(13.72 * GIB))
+    space = SearchSpace(chunk_counts=(1, 128), checkpointing=(True,), loss_chunk_tokens=(256,),
+                        weights=(WeightResidency.GPU,))
+    sol = solve_model(resolve_model("llama2-7b"), StepShape(seq_len=1024), hardware("rtx4090"), budget, space=space)
+    assert sol.fits and sol.best.strategy.chunks == 128  # full FT (C = 1) does not fit 13.72 GiB
+    assert sol.best.need_bytes(Tier.GPU) <= budget.gpu_bytes
+    weights = sol.best.components[Tier.GPU][Component.WEIGHTS]  # Llama 2 7B's 6,738,415,616 params, bf16
+    assert 0 <= weights - 6_738_415_616 * 2 < 2**20  # (+ the rotary inv_freq buffer)
+
+
+def test_llama3_8b_fits_24_gib():
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.solve import solve_model
+    from planner.trace import StepShape
+
+    budget = Budget(gpu_bytes=24 * GIB)
+    sol = solve_model(resolve_model("llama3-8b"), StepShape(seq_len=1024), hardware("rtx4090"), budget)
+    assert sol.fits and sol.best.need_bytes(Tier.GPU) <= budget.gpu_bytes
+    assert sol.best.strategy.weights == WeightResidency.GPU
