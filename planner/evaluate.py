@@ -345,6 +345,8 @@ def adjusted_gpu_live(traced: TracedStep, strategy: Strategy, layout: ParamLayou
     live = traced.live.copy()
     removed = np.zeros(live.shape[1], dtype=np.int64)
     cap = _grad_cap(strategy, layout, active)
+    if strategy.chunks > 1:  # a chunk's gradients never exceed its bytes (bound mode: see evaluate)
+        cap = min(sum(active.tensor_bytes), cap) if cap is not None else sum(active.tensor_bytes)
     if cap is not None:
         g = live[_CI[Component.GRADIENTS]]
         kept = np.minimum(g, cap)
@@ -412,10 +414,12 @@ def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet, a
 
 
 def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active: ActiveSet,
-            hw: Any, *, dtype: str = "bf16", all_spans: tuple[int, ...] = ()) -> Estimate:
+            hw: Any, *, dtype: str = "bf16", all_spans: tuple[int, ...] = (),
+            flops: int | None = None) -> Estimate:
     """The Estimate of one step (one active chunk) from its traced step: see the module doc.
 
-    `all_spans`: 16-bit bytes of every span of every chunk (default: the active set's)."""
+    `all_spans`: 16-bit bytes of every span of every chunk (default: the active set's);
+    `flops`: the step's flops when not the traced step's own (bound mode)."""
     live, reserved = adjusted_gpu_live(traced, strategy, layout, active)
     statics = _gpu_statics(strategy, layout, active, all_spans)
     static_comps: dict[Component, int] = {}
@@ -445,18 +449,7 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
     assert sum(gpu.values()) == gpu_peak
 
     host, disk = _host_and_disk(strategy, layout, active, all_spans)
-    elem = layout.elem_bytes
-    master, moments = _state_per_param(elem)
-    step_params = sum(active.tensor_bytes) // elem
-    work = StepWork(
-        flops=traced.flops,
-        params_step=step_params,
-        elem_bytes=elem,
-        switch_state_bytes=2 * (master + moments) * step_params,
-        stream_weight_bytes=layout.num_layers * layout.layer_weight_bytes,
-        state_bytes_step=(master + moments) * step_params,
-        dtype=dtype,
-    )
+    work = _work(layout, sum(active.tensor_bytes), traced.flops if flops is None else flops, dtype)
     parts = predict_step_time(work, strategy, hw)
     return Estimate(
         strategy=strategy,
@@ -474,6 +467,126 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
 # Entry points
 
 
+def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any, *,
+             chunk_traces: str = "auto") -> Estimate:
+    """Predicted peaks (GPU, host, disk), component breakdowns, reserved bytes and step time.
+
+    For C > 1 the estimate is the worst chunk's (highest GPU need) with the step time averaged
+    over all chunks. `chunk_traces` says how the chunks' steps are traced:
+      "exact": each layer-pattern group's first chunk is traced (`chunk_groups`) and stands for
+               the group's members, whose own state, prefetch and step temporaries are added;
+      "bound": the full-FT trace (every parameter trains) with the same checkpointing and loss
+               bounds every chunk: it saves a superset of the activations, and its gradients,
+               capped at the chunk's bytes, bound the chunk's. Conservative by the matmul inputs
+               frozen layers would not save (under checkpointing: one layer's, tens of MiB at 8B);
+               compute flops drop the frozen weights' gradient matmuls analytically. One trace
+               serves every chunk count, which is what keeps `chunkft fit` and the solver fast;
+      "auto":  exact up to EXACT_CHUNK_TRACE_MAX_PARAMS parameters, bound above.
+    """
+    if not isinstance(strategy, Strategy):
+        raise ChunkftError(f"expected a Strategy, got {type(strategy).__name__}")
+    if chunk_traces not in CHUNK_TRACE_MODES:
+        raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(CHUNK_TRACE_MODES)}")
+    layout = param_layout(model, shape.dtype)
+    sm = _sm(hw)
+
+    def trace(grad: dict | None) -> TracedStep:
+        return traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
+                           loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm)
+
+    if strategy.chunks == 1:
+        full = ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes)
+        return combine(trace(None), strategy, layout, full, hw, dtype=shape.dtype, all_spans=layout.tensor_bytes)
+    table = chunk_table(model, shape.dtype, strategy.chunks)
+    spans = tuple(s.nbytes for chunk in table.chunks for s in chunk)
+    if chunk_traces == "auto":
+        chunk_traces = "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
+    estimates: list[Estimate] = []
+    if chunk_traces == "exact":
+        flops = []
+        for group in chunk_groups(table, layout.layer_prefix):
+            traced = trace(table.grad_spec(group[0]))
+            flops += [traced.flops] * len(group)
+            for k in group:
+                estimates.append(combine(traced, strategy, layout, _active_for(table, k, strategy), hw,
+                                         dtype=shape.dtype, all_spans=spans))
+    else:
+        traced = trace(None)
+        flops = _bound_flops(traced.flops, table, layout, shape)
+        actives = [_active_for(table, k, strategy) for k in range(table.num_chunks)]
+        for k in _bound_candidates(actives, layout):
+            estimates.append(combine(traced, strategy, layout, actives[k], hw, dtype=shape.dtype,
+                                     all_spans=spans, flops=flops[k]))
+    worst = max(estimates, key=lambda e: (e.need_bytes(Tier.GPU), -(e.worst_chunk or 0)))
+    # step time: the worst chunk's terms at the mean flops of all chunks (the other terms are
+    # the same for every chunk of a balanced table, up to one row)
+    work = _work(layout, sum(spans) // table.num_chunks, int(sum(flops) / len(flops)), shape.dtype)
+    parts = predict_step_time(work, strategy, hw)
+    return dataclasses.replace(worst, step_time_s=float(sum(parts.values())), step_time_parts_s=parts)
+
+
+CHUNK_TRACE_MODES = ("auto", "exact", "bound")
+# "auto" traces every chunk pattern up to this size: a full-depth fake trace of a 7B+ model
+# costs seconds on a laptop CPU and a 64-chunk table has ~20 patterns; tiny and ~1B models
+# (the runtime's measured comparisons) get exact per-chunk traces.
+EXACT_CHUNK_TRACE_MAX_PARAMS = 2_000_000_000
+# Bound mode: chunks whose analytic part (gradient cap, GPU state, step temporaries) is largest
+# are evaluated against the shared trace; the rest cannot be worse by more than the spread.
+BOUND_CANDIDATES = 4
+
+
+def _analytic_bytes(active: ActiveSet, layout: ParamLayout) -> tuple[int, int]:
+    """(gradient bytes, state + prefetch + largest-span temporaries bytes) of a chunk's step."""
+    elem = layout.elem_bytes
+    master, moments = _state_per_param(elem)
+    state = (master + moments) * sum(active.tensor_bytes + active.prefetch_bytes) // elem
+    temps = (SINGLE_TENSOR_TEMP_BYTES_PER_PARAM + FP32_BYTES) * max(active.tensor_bytes, default=0) // elem
+    return sum(active.tensor_bytes), state + temps
+
+
+def _bound_candidates(actives: list[ActiveSet], layout: ParamLayout) -> list[int]:
+    keyed = [(_analytic_bytes(a, layout), k) for k, a in enumerate(actives)]
+    by_total = sorted(keyed, key=lambda x: (-(x[0][0] + x[0][1]), x[1]))[:BOUND_CANDIDATES]
+    by_grad = max(keyed, key=lambda x: (x[0][0], -x[1]))
+    by_static = max(keyed, key=lambda x: (x[0][1], -x[1]))
+    return sorted({k for _, k in by_total} | {by_grad[1], by_static[1]})
+
+
+def _bound_flops(full_flops: int, table: "ChunkTable", layout: ParamLayout, shape: "StepShape") -> list[int]:
+    """Per chunk: full-FT flops minus the weight-gradient matmuls of frozen matrices (2 flops
+    per token per weight) and the input-gradient matmuls below the chunk's first trained
+    matrix (nothing there needs a gradient). The input embedding is a lookup, not a matmul."""
+    tokens = shape.batch * shape.seq_len
+    elem = layout.elem_bytes
+    matrices = [(n, int(np.prod(sh))) for n, sh, _ in layout.named_shapes if len(sh) == 2]
+    embed = matrices[0][0] if matrices and "embed" in matrices[0][0] else None
+    order = {n: i for i, (n, _, _) in enumerate(layout.named_shapes)}
+    is_matmul = {n for n, _ in matrices if n != embed}
+    below = np.cumsum([0] + [int(np.prod(sh)) if n in is_matmul else 0 for n, sh, _ in layout.named_shapes])
+    total_mm = int(below[-1])
+    out = []
+    for chunk in table.chunks:
+        trained = sum(s.nbytes // elem for s in chunk if s.param in is_matmul)
+        first = min(order[s.param] for s in chunk)
+        out.append(max(full_flops - 2 * tokens * (total_mm - trained) - 2 * tokens * int(below[first]), 0))
+    return out
+
+
+def _work(layout: ParamLayout, step_bytes: int, flops: int, dtype: str) -> StepWork:
+    """The step-time model's inputs for a step updating `step_bytes` (16-bit) of parameters."""
+    master, moments = _state_per_param(layout.elem_bytes)
+    step_params = step_bytes // layout.elem_bytes
+    return StepWork(
+        flops=flops,
+        params_step=step_params,
+        elem_bytes=layout.elem_bytes,
+        switch_state_bytes=2 * (master + moments) * step_params,
+        stream_weight_bytes=layout.num_layers * layout.layer_weight_bytes,
+        state_bytes_step=(master + moments) * step_params,
+        dtype=dtype,
+    )
+
+
 def _active_for(table: "ChunkTable", k: int, strategy: Strategy) -> ActiveSet:
     """Chunk k's spans, plus the spans of the chunks whose state is prefetched to the GPU."""
     gpu_prefetch = strategy.optimizer_device == OptimizerDevice.GPU and strategy.state_tier != Tier.GPU
@@ -482,61 +595,33 @@ def _active_for(table: "ChunkTable", k: int, strategy: Strategy) -> ActiveSet:
     return ActiveSet(chunk=k, tensor_bytes=tuple(s.nbytes for s in table.chunks[k]), prefetch_bytes=nxt)
 
 
-def _active_sets(model: "ModelSpec", shape: "StepShape", strategy: Strategy, layout: ParamLayout
-                 ) -> tuple[list[tuple[ActiveSet, dict | None, int]], tuple[int, ...]]:
-    """(active set, grad spec, chunks it stands for) per chunk to trace; every span's bytes."""
-    if strategy.chunks == 1:
-        return [(ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes), None, 1)], layout.tensor_bytes
-    table = chunk_table(model, shape.dtype, strategy.chunks)
-    spans = tuple(s.nbytes for chunk in table.chunks for s in chunk)
-    out = []
-    for group in chunk_groups(table, layout.layer_prefix):
-        out.append((_active_for(table, group[0], strategy), table.grad_spec(group[0]), len(group)))
-    return out, spans
-
-
-def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any) -> Estimate:
-    """Predicted peaks (GPU, host, disk), component breakdowns, reserved bytes and step time.
-
-    For C > 1 the reported estimate is the worst traced chunk's (highest GPU need); its step
-    time is the mean over all chunks (each group's representative standing for its members)."""
-    if not isinstance(strategy, Strategy):
-        raise ChunkftError(f"expected a Strategy, got {type(strategy).__name__}")
-    layout = param_layout(model, shape.dtype)
-    sets, spans = _active_sets(model, shape, strategy, layout)
-    sm = _sm(hw)
-    estimates = []
-    for active, grad, weight in sets:
-        traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                             loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm)
-        estimates.append((combine(traced, strategy, layout, active, hw, dtype=shape.dtype, all_spans=spans), weight))
-    worst = max(estimates, key=lambda ew: (ew[0].need_bytes(Tier.GPU), -(ew[0].worst_chunk or 0)))[0]
-    if len(estimates) == 1:
-        return worst
-    n = sum(w for _, w in estimates)
-    parts: dict[str, float] = {}
-    for e, w in estimates:
-        for k, v in e.step_time_parts_s.items():
-            parts[k] = parts.get(k, 0.0) + v * w / n
-    return dataclasses.replace(worst, step_time_s=float(sum(parts.values())), step_time_parts_s=parts)
-
-
 def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any,
-                 chunk: int | None = None) -> list[Event]:
+                 chunk: int | None = None, *, chunk_traces: str = "auto") -> list[Event]:
     """GPU events of one step: one OP event per traced op, then the optimizer step, then the end.
 
-    `chunk` picks the active chunk (C > 1; default: the worst one evaluate reports)."""
+    Built from the same trace and the same additions as `evaluate` (same `chunk_traces`), so
+    its highest `allocated` is evaluate's GPU peak for that chunk. `chunk` picks the active
+    chunk (C > 1; default: the worst one evaluate reports)."""
+    if chunk_traces not in CHUNK_TRACE_MODES:
+        raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(CHUNK_TRACE_MODES)}")
     layout = param_layout(model, shape.dtype)
-    sets, spans = _active_sets(model, shape, strategy, layout)
-    if strategy.chunks > 1:
-        if chunk is None:
-            chunk = evaluate(model, shape, strategy, hw).worst_chunk
-        table = chunk_table(model, shape.dtype, strategy.chunks)
-        if not isinstance(chunk, int) or not 0 <= chunk < table.num_chunks:
-            raise ChunkftError(f"chunk {chunk!r} does not exist; valid chunks are 0..{table.num_chunks - 1}")
-        active, grad = _active_for(table, chunk, strategy), table.grad_spec(chunk)
+    grad = None
+    if strategy.chunks == 1:
+        active = ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes)
+        spans = layout.tensor_bytes
     else:
-        active, grad, _ = sets[0]
+        if chunk is None:
+            chunk = evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces).worst_chunk
+        table = chunk_table(model, shape.dtype, strategy.chunks)
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < table.num_chunks:
+            raise ChunkftError(f"chunk {chunk!r} does not exist; valid chunks are 0..{table.num_chunks - 1}")
+        active = _active_for(table, chunk, strategy)
+        spans = tuple(s.nbytes for c in table.chunks for s in c)
+        if chunk_traces == "auto":
+            chunk_traces = "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
+        if chunk_traces == "exact":
+            group = next(g for g in chunk_groups(table, layout.layer_prefix) if chunk in g)
+            grad = table.grad_spec(group[0])
     traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
                          loss_chunk_tokens=strategy.loss_chunk_tokens, sm=_sm(hw))
     return timeline_events(traced, strategy, layout, active, all_spans=spans)

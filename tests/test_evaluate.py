@@ -91,7 +91,9 @@ def test_chunked_state_on_host_keeps_active_and_prefetched_chunk_on_gpu():
     assert gpu[Component.MASTER] == 2 * 4 * 4096 and gpu[Component.OPTIMIZER] == 2 * 8 * 4096
     # optimizer step, one span at a time: 12 B x 2048 for the largest span
     assert gpu[Component.TEMPORARIES] == 12 * 2048
-    assert e.peak_bytes[Tier.GPU] == 32768 + 2 * 12 * 4096 + 12 * 2048
+    # gradients capped at the chunk's 8192 B (a chunk's gradients never exceed its bytes)
+    assert gpu[Component.GRADIENTS] == 8192
+    assert e.peak_bytes[Tier.GPU] == 16384 + 8192 + 2 * 12 * 4096 + 12 * 2048
     # pinned host state of every chunk; 8192 B per fp32 span is a power of two: no rounding
     assert e.components[Tier.HOST] == {Component.MASTER: 4 * 8192, Component.OPTIMIZER: 8 * 8192}
     no_prefetch = combine(_traced(), Strategy(chunks=2, state_tier=Tier.HOST, prefetch_depth=0), LAYOUT,
@@ -169,3 +171,51 @@ def test_step_time_terms():
     assert hidden["switch"] == pytest.approx(0.24 - 2e-6)
     disk = predict_step_time(slow, Strategy(chunks=4, state_tier=Tier.DISK, prefetch_depth=0), HW)
     assert disk["switch"] == pytest.approx(0.24 + 2.4)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny real model through the tracer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import transformers
+
+    from planner.model import ModelSpec
+    from planner.trace import StepShape
+
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return ModelSpec(name="tiny-llama", source="config", config=config, num_layers=4), StepShape(seq_len=64)
+
+
+def test_bound_mode_never_under_predicts_exact_chunk_traces(tiny):
+    from planner.evaluate import evaluate
+    from planner.hardware import hardware
+
+    model, shape = tiny
+    hw = hardware()
+    for c in (2, 4, 8):
+        for ckpt in (False, True):
+            s = Strategy(chunks=c, state_tier=Tier.HOST, checkpointing=ckpt)
+            exact = evaluate(model, shape, s, hw, chunk_traces="exact")
+            bound = evaluate(model, shape, s, hw, chunk_traces="bound")
+            assert bound.peak_bytes[Tier.GPU] >= exact.peak_bytes[Tier.GPU], (c, ckpt)
+            assert bound.peak_bytes[Tier.HOST] == exact.peak_bytes[Tier.HOST]
+            # the bound is tight to within the activations frozen layers would not save
+            assert bound.peak_bytes[Tier.GPU] <= 1.25 * exact.peak_bytes[Tier.GPU], (c, ckpt)
+            assert 0 < bound.step_time_s
+
+
+def test_timeline_peak_equals_evaluate_peak(tiny):
+    from planner.evaluate import evaluate, gpu_timeline
+    from planner.hardware import hardware
+
+    model, shape = tiny
+    hw = hardware()
+    for s in (Strategy(), Strategy(chunks=4, state_tier=Tier.HOST, checkpointing=True),
+              Strategy(optimizer_device=OptimizerDevice.HOST, state_tier=Tier.HOST, grad_staging=Tier.HOST)):
+        est = evaluate(model, shape, s, hw, chunk_traces="exact")
+        events = gpu_timeline(model, shape, s, hw, chunk_traces="exact")
+        assert max(ev.allocated for ev in events) == est.peak_bytes[Tier.GPU], s.label()
+        assert max(ev.reserved for ev in events) <= est.reserved_bytes
