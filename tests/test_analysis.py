@@ -497,3 +497,15 @@ def test_worst_step_ignores_fragments(tmp_path):
                         peak=99 * GIB, step=2))
     write_recording(tr, header("trace"), events)
     assert compare(*load_pair(tl, tr)).measured_step == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq", "512,-1"], "invalid --seq '512,-1'"),
+    (["--batch", "two"], "invalid --batch 'two'"),
+    (["--gpu", "24XB"], "invalid --gpu '24XB'"),
+])
+def test_cli_report_bad_flags_exit_2(tmp_path, capsys, main, argv, message):
+    assert main(["report", "llama3-8b", *argv, "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
