@@ -32,7 +32,7 @@ def fit_map(sweep: Sweep) -> Figure:
     strategies = list(dict.fromkeys(df["strategy"]))
     seqs = sorted(set(df["seq_len"]))
     batches = sorted(set(df["batch"]))
-    ncols = min(3, len(strategies))
+    ncols = 2 if len(strategies) <= 4 else 3  # 4 strategies: a 2 x 2 grid, no empty panel
     nrows = math.ceil(len(strategies) / ncols)
     div, unit = byte_unit(float(df["gpu_need_bytes"].max()))
     fig, axes = plt.subplots(nrows, ncols, figsize=(9.0, 1.2 + nrows * (0.9 + 0.42 * len(seqs))),
