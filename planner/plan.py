@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 PLAN_SCHEMA_VERSION = 1
 
-_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Plan:
@@ -166,11 +164,13 @@ class Plan:
 
 
 def named_shapes(model: "ModelSpec", dtype: str) -> list[NamedShape]:
-    """(name, shape, elem_bytes) of every parameter in module order, tied weights once, from a
-    meta build (no storage)."""
-    elem = _DTYPE_BYTES[dtype]
-    built = model.build(device="meta")
-    return [(n, tuple(p.shape), elem) for n, p in built.named_parameters()]
+    """(name, shape, elem_bytes) of every parameter in module order, tied weights once.
+
+    planner.evaluate's layout (a one-layer meta build replicated by name, cached), so a 405B
+    plan does not build 126 layers to name its parameters."""
+    from planner.evaluate import param_layout
+
+    return list(param_layout(model, dtype).named_shapes)
 
 
 def make_plan(model: "ModelSpec", shape: StepShape, hardware: Hardware, budget: Budget,
