@@ -171,10 +171,17 @@ def _fits_mark(v: bool | None) -> str:
     return "-" if v is None else ("yes" if v else "NO")
 
 
-def print_report(r: dict, out=sys.stdout) -> None:
-    w = out.write
-    params = r["parameters"]
-    w(f"model: {r['model']} ({r['source']}), {params / 1e9:.2f} B parameters, {r['num_layers']} layers\n")
+def _secs(t: float) -> str:
+    return f"{t:.2f}s" if t >= 0.1 else f"{t * 1e3:.3g}ms" if t >= 1e-4 else f"{t * 1e6:.3g}us"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
+
+
+def print_report(r: dict, out=None) -> None:
+    w = (out or sys.stdout).write
+    w(f"model: {r['model']} ({r['source']}), {_count(r['parameters'])} parameters, {r['num_layers']} layers\n")
     s = r["shape"]
     w(f"step: batch {s['batch']} x {s['seq_len']} tokens, {s['dtype']}; step times on {r['hardware']}\n")
     ra = r["budget_read_as"]
@@ -192,7 +199,7 @@ def print_report(r: dict, out=sys.stdout) -> None:
         mark = "  <- recommended" if i == r["recommended"] else ""
         w(f"{row['label']:<{label_w}}  {format_bytes(pk['gpu']):>10}  {format_bytes(row['reserved_bytes']):>10}"
           f"  {format_bytes(pk['host']):>10}  {format_bytes(pk['disk']):>10}  {fits:>18}"
-          f"  {row['step_time_s']:>7.2f}s{mark}\n")
+          f"  {_secs(row['step_time_s']):>8}{mark}\n")
     w("\n")
     if r["recommended"] is None:
         w("nothing fits: no row fits every tier's budget (see the peaks above)\n")
@@ -208,5 +215,5 @@ def print_report(r: dict, out=sys.stdout) -> None:
             continue
         parts = ", ".join(f"{c} {format_bytes(b)}" for c, b in sorted(comps.items(), key=lambda kv: -kv[1]))
         w(f"  {tier.value:<5} {format_bytes(row['peak_bytes'][tier.value]):>10}: {parts}\n")
-    times = ", ".join(f"{k} {v:.2f}s" for k, v in row["step_time_parts_s"].items())
-    w(f"  step time {row['step_time_s']:.2f}s: {times}\n")
+    times = ", ".join(f"{k} {_secs(v)}" for k, v in row["step_time_parts_s"].items())
+    w(f"  step time {_secs(row['step_time_s'])}: {times}\n")
