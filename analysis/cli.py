@@ -31,10 +31,14 @@ def add_parser(subparsers) -> None:
         p.add_argument("--host-ram", default=None, help="host memory budget (default: unlimited)")
         p.add_argument("--seq", default="512,1024,2048", help="comma-separated sequence lengths (default 512,1024,2048)")
         p.add_argument("--batch", default="1,2", help="comma-separated batch sizes (default 1,2)")
-        p.add_argument("--chunks", default="1,2,4,8,16", help="chunk counts for the chunk sweep (default 1,2,4,8,16)")
+        p.add_argument("--chunks", default="1,4,16,64,128",
+                       help="chunk counts for the chunk sweep (default 1,4,16,64,128); the fit map's ChunkFT "
+                            "uses the fewest of them that fit")
         p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
         p.add_argument("--hardware", default="rtx4090", help="GPU profile for step times (planner.hardware)")
         p.add_argument("-o", "--out", default="report", help="output directory (default: report/)")
+        p.add_argument("--cache", default=None, metavar="FILE.json",
+                       help="reuse and store estimates in this file (same model, hardware and planner version)")
         p.set_defaults(run=run_report)
 
 
@@ -92,7 +96,8 @@ def _int_list(text: str, what: str) -> list[int]:
 
 def run_report(args: argparse.Namespace) -> int:
     from analysis.report import write_plan_report
-    from analysis.sweep import gpu_catalogue, run_sweep
+    from analysis.sweep import CachedEvaluate, gpu_catalogue, run_sweep
+    from planner import __version__ as planner_version
     from planner.evaluate import evaluate
     from planner.hardware import hardware
     from planner.model import resolve_model
@@ -111,7 +116,11 @@ def run_report(args: argparse.Namespace) -> int:
     def make_shape(*, seq_len: int, batch: int):
         return StepShape(seq_len=seq_len, batch=batch, dtype=args.dtype)
 
-    sweep = run_sweep(lambda shape, strategy: evaluate(model, shape, strategy, hw), make_shape,
+    # --cache: estimates persist in a file, so a rerun with another budget re-evaluates nothing.
+    # Opt-in: the key names model, hardware and planner version, not the cost model's code.
+    cached = CachedEvaluate(lambda shape, strategy: evaluate(model, shape, strategy, hw), path=args.cache,
+                            context=f"{model.fingerprint()} {hw!r} planner {planner_version}")
+    sweep = run_sweep(cached, make_shape,
                       model=args.model, budget=budget, gpu_profile=hw.gpu.name, catalogue=gpu_catalogue(),
                       seq_lens=seq_lens, batches=batches, chunk_counts=chunks)
     html_path, md_path = write_plan_report(sweep, Path(args.out))

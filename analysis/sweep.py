@@ -15,11 +15,16 @@ shape), so a report takes seconds, not minutes.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
+from planner.errors import ChunkftError
+from planner.fsio import atomic_write_text
 from planner.schema import Tier
 from planner.strategy import Budget, Estimate, OptimizerDevice, Strategy
 
@@ -29,6 +34,7 @@ EvaluateFn = Callable[[object, Strategy], Estimate]
 FIT_COLUMNS = ("strategy", "seq_len", "batch", "gpu_need_bytes", "host_bytes", "disk_bytes",
                "step_time_s", "fits")
 CHUNK_COLUMNS = ("family", "chunks", "gpu_peak_bytes", "gpu_need_bytes", "host_bytes", "step_time_s", "fits")
+CACHE_VERSION = 1
 SIZING_COLUMNS = ("strategy", "gpu_need_bytes", "card_bytes", "host_bytes", "step_time_s", "gpus_that_fit")
 
 
@@ -56,17 +62,50 @@ def chunk_families() -> dict[str, Callable[[int], Strategy]]:
 
 class CachedEvaluate:
     """Memoises an EvaluateFn by (shape, strategy): the fit map, the chunk sweep and sizing
-    share shapes and strategies."""
+    share shapes and strategies.
 
-    def __init__(self, fn: EvaluateFn):
+    With `path`, estimates also persist in that JSON file under `context` (a string naming
+    the model and hardware, e.g. their fingerprints): a second report on the same model and
+    hardware with another budget re-evaluates nothing. A cache file that cannot be read is
+    ignored (and rewritten), never trusted in part."""
+
+    def __init__(self, fn: EvaluateFn, *, path: str | os.PathLike | None = None, context: str = ""):
         self.fn = fn
         self.cache: dict[tuple, Estimate] = {}
+        self.path = Path(path) if path is not None else None
+        self.context = context
+        self.stored: dict[str, dict] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
+                    self.stored = dict(data.get("estimates", {}))
+            except (OSError, ValueError):
+                self.stored = {}
+
+    def _key(self, shape, strategy: Strategy) -> str:
+        shape_json = {f: getattr(shape, f) for f in ("batch", "seq_len", "dtype")}
+        return json.dumps([self.context, shape_json, strategy.to_json()], sort_keys=True)
 
     def __call__(self, shape, strategy: Strategy) -> Estimate:
         key = (shape, strategy)
         if key not in self.cache:
-            self.cache[key] = self.fn(shape, strategy)
+            text = self._key(shape, strategy)
+            est = None
+            if text in self.stored:
+                try:
+                    est = Estimate.from_json(self.stored[text])
+                except ChunkftError:
+                    est = None
+            if est is None or est.strategy != strategy:
+                est = self.fn(shape, strategy)
+                self.stored[text] = est.to_json()
+            self.cache[key] = est
         return self.cache[key]
+
+    def save(self) -> None:
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps({"version": CACHE_VERSION, "estimates": self.stored}) + "\n")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -128,23 +167,39 @@ def sizing(evaluate: EvaluateFn, shape, strategies: list[Strategy], catalogue: p
     return pd.DataFrame(rows, columns=list(SIZING_COLUMNS))
 
 
+def chunks_that_fit(sweep_table: pd.DataFrame, family: str = "ChunkFT, state host, ckpt") -> int:
+    """The fewest chunks (more than one) of `family` that fit the budget in a chunk sweep,
+    else the most swept."""
+    rows = sweep_table[(sweep_table["family"] == family) & (sweep_table["chunks"] > 1)]
+    if rows.empty:
+        return 8  # the sweep held only C = 1: a middle-of-the-road ChunkFT for the fit map
+    fitting = rows[rows["fits"]]
+    return int(fitting["chunks"].min() if len(fitting) else rows["chunks"].max())
+
+
 def run_sweep(evaluate: EvaluateFn, make_shape, *, model: str, budget: Budget, gpu_profile: str,
               catalogue: pd.DataFrame, seq_lens: list[int], batches: list[int], chunk_counts: list[int],
               strategies: list[Strategy] | None = None, reference: tuple[int, int] | None = None) -> Sweep:
     """Evaluate the grid. `make_shape(seq_len=, batch=)` builds a StepShape; `reference`
-    (seq_len, batch) defaults to the middle sequence length at the smallest batch."""
+    (seq_len, batch) defaults to the middle sequence length at the smallest batch.
+
+    Default strategies: `report_strategies` with ChunkFT at the fewest swept chunks that fit
+    the budget at the reference shape (the objective's choice), else the most swept."""
     evaluate = evaluate if isinstance(evaluate, CachedEvaluate) else CachedEvaluate(evaluate)
-    strategies = strategies or report_strategies()
     seq_ref, batch_ref = reference or (sorted(seq_lens)[(len(seq_lens) - 1) // 2], min(batches))
     shape = make_shape(seq_len=seq_ref, batch=batch_ref)
-    return Sweep(
+    sweep_table = chunk_sweep(evaluate, shape, chunk_counts, budget)
+    strategies = strategies or report_strategies(chunks_that_fit(sweep_table))
+    sweep = Sweep(
         model=model, budget=budget, gpu_profile=gpu_profile,
         reference_seq_len=seq_ref, reference_batch=batch_ref,
         fit_map=fit_map(evaluate, make_shape, strategies, seq_lens, batches, budget),
-        chunk_sweep=chunk_sweep(evaluate, shape, chunk_counts, budget),
+        chunk_sweep=sweep_table,
         sizing=sizing(evaluate, shape, strategies, catalogue),
         catalogue=catalogue,
     )
+    evaluate.save()
+    return sweep
 
 
 def gpu_catalogue() -> pd.DataFrame:
@@ -156,4 +211,4 @@ def gpu_catalogue() -> pd.DataFrame:
 
 
 __all__ = ["CachedEvaluate", "Sweep", "chunk_families", "chunk_sweep", "fit_map", "gpu_catalogue",
-           "report_strategies", "run_sweep", "sizing"]
+           "chunks_that_fit", "report_strategies", "run_sweep", "sizing"]

@@ -404,9 +404,10 @@ def test_sweep_tables():
     # full FT: 10 + 8 GiB + 1 MiB/token -> fits at 4K (22 GiB), not at 8K (26 GiB) within 24 GiB
     assert fm.loc[("full FT", 4096, 1), "gpu_need_bytes"] == 22 * GIB and fm.loc[("full FT", 4096, 1), "fits"]
     assert not fm.loc[("full FT", 8192, 1), "fits"] and not fm.loc[("full FT", 4096, 2), "fits"]
-    # ChunkFT C=8 with checkpointing: 10 + 1 + 8192 tokens / 4 MiB = 13 GiB at 8K
-    c8 = "ChunkFT C=8, state host, ckpt"
-    assert fm.loc[(c8, 8192, 1), "gpu_need_bytes"] == 13 * GIB and fm.loc[(c8, 8192, 1), "host_bytes"] == 7 * GIB
+    # the fit map's ChunkFT: the fewest swept chunks > 1 that fit at the reference shape (C=4: 13 GiB)
+    # with checkpointing at 8K: 10 + 8/4 + 8192 tokens / 4 MiB = 14 GiB, host 6 GiB
+    c4 = "ChunkFT C=4, state host, ckpt"
+    assert fm.loc[(c4, 8192, 1), "gpu_need_bytes"] == 14 * GIB and fm.loc[(c4, 8192, 1), "host_bytes"] == 6 * GIB
     # reference shape: middle sequence length, smallest batch
     assert (sweep.reference_seq_len, sweep.reference_batch) == (4096, 1)
     cs = sweep.chunk_sweep.set_index(["family", "chunks"])
@@ -509,3 +510,38 @@ def test_cli_report_bad_flags_exit_2(tmp_path, capsys, main, argv, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_estimate_cache_file(tmp_path):
+    from analysis.sweep import CachedEvaluate
+    from planner.strategy import Strategy
+    from planner.trace import StepShape
+
+    calls = []
+
+    def counting(shape, strategy):
+        calls.append(strategy)
+        return fake_evaluate(shape, strategy)
+
+    path = tmp_path / "estimates.json"
+    shape, strategy = StepShape(seq_len=1024), Strategy(chunks=4, state_tier=Tier.HOST)
+    first = CachedEvaluate(counting, path=path, context="model-a")
+    est = first(shape, strategy)
+    assert first(shape, strategy) is est and len(calls) == 1
+    first.save()
+    again = CachedEvaluate(counting, path=path, context="model-a")(shape, strategy)
+    assert len(calls) == 1 and again.peak_bytes == est.peak_bytes and again.step_time_s == est.step_time_s
+    CachedEvaluate(counting, path=path, context="model-b")(shape, strategy)  # another model: evaluated
+    assert len(calls) == 2
+    path.write_text("{not json")
+    CachedEvaluate(counting, path=path, context="model-a")(shape, strategy)  # unreadable: ignored
+    assert len(calls) == 3
+
+
+def test_chunks_that_fit():
+    from analysis.sweep import chunks_that_fit
+
+    family = "ChunkFT, state host, ckpt"
+    table = pd.DataFrame({"family": [family] * 4, "chunks": [1, 4, 16, 64], "fits": [True, False, True, True]})
+    assert chunks_that_fit(table) == 16  # C = 1 is full FT, not ChunkFT
+    assert chunks_that_fit(table.assign(fits=False)) == 64  # nothing fits: the most chunks swept
