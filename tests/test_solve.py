@@ -262,7 +262,6 @@ def test_solver_equals_brute_force_on_the_real_cost_model(real_costs, objective)
 
 # ------------------------------------------------------------------ the seed's headline cases
 
-@pytest.mark.slow
 def test_llama2_7b_at_1k_tokens_fits_13_72_gib_under_chunkft():
     """ChunkFT's headline: a 7B model at 1K tokens in 13.72 GiB (weights resident)."""
     from planner.hardware import hardware
