@@ -30,11 +30,12 @@ CachingHostAllocator.h: `c10::llvm::PowerOf2Ceil(size)`, by default for every si
 gradients for the DeepSpeed-style baseline, per-tensor buffers of the host AdamW, disk bounce
 buffers, pinned layer weights when streaming. Disk: state and staged gradients on the disk tier.
 
-For C > 1 the chunks are grouped by layer pattern (`chunk_groups`): chunks whose spans name the
-same parameters at the same offsets from their first layer, whole or sliced alike, behave alike
-except for position, and the earliest of a group keeps the most activations (every layer after
-the first trained one saves what its backward needs), so only each group's first chunk is traced.
-The worst of those is reported.
+For C > 1 the worst chunk is reported (`evaluate`'s `chunk_traces`). Exact: chunks are grouped
+by layer pattern (`chunk_groups`): chunks whose spans name the same parameters at the same
+offsets from their first layer, whole or sliced alike, behave alike except for position, and the
+earliest of a group keeps the most activations (every layer after the first trained one saves
+what its backward needs), so each group's first chunk is traced and stands for its members.
+Bound: the full-FT trace, with gradients capped at the chunk's bytes, bounds every chunk.
 
 Known limitations: the CUDA context is reported (`CUDA_CONTEXT_BYTES`), not measured; reserved
 bytes of the static buffers are their own segments (no reuse of freed activation blocks by the
@@ -397,17 +398,17 @@ def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet, a
         else:
             put(host, Component.TEMPORARIES, DISK_BOUNCE_BYTES)
     if strategy.optimizer_device == OptimizerDevice.HOST:
+        # ChunkAdamW(device="cpu") steps one span at a time: sqrt(v) and its division, plus the
+        # fp32 cast of a 16-bit gradient (the fp16-centric exchange casts at the optimizer)
+        staged16 = strategy.grad_staging is not None and elem < FP32_BYTES
+        put(host, Component.TEMPORARIES, (SINGLE_TENSOR_TEMP_BYTES_PER_PARAM + FP32_BYTES * staged16) * largest)
         if strategy.grad_staging is None:  # DeepSpeed-style: fp32 gradients gathered on host
             put(host, Component.GRADIENTS, FP32_BYTES * step_params)
-            put(host, Component.TEMPORARIES, elem * largest)  # 16-bit weight copy back
+        elif strategy.grad_staging == Tier.HOST:
+            put(host, Component.GRADIENTS, elem * step_params)
         else:
-            if strategy.grad_staging == Tier.HOST:
-                put(host, Component.GRADIENTS, elem * step_params)
-            else:
-                put(disk, Component.GRADIENTS, elem * step_params)
-                put(host, Component.TEMPORARIES, DISK_BOUNCE_BYTES)
-            # fp32 cast at the optimizer, one tensor at a time, and the 16-bit weight copy back
-            put(host, Component.TEMPORARIES, (FP32_BYTES + elem) * largest)
+            put(disk, Component.GRADIENTS, elem * step_params)
+            put(host, Component.TEMPORARIES, DISK_BOUNCE_BYTES)
     if strategy.weights == WeightResidency.STREAM:
         put(host, Component.WEIGHTS, layout.num_layers * layout.layer_weight_bytes)
     return host, disk
