@@ -14,10 +14,17 @@ measured event the timeline has no counterpart for can still hold the real peak.
 `peak` column (the allocator's peak since the previous event) counts, so a short-lived spike
 between two samples is not missed.
 
-Known limitations: when the two sides record different numbers of ops inside one layer
-(fake-tensor trace and real run decompose an op differently), ordinal matching inside that
-group pairs neighbouring ops, not identical ones; `positions_on_predicted` spreads such
-groups proportionally for plotting, and the phase and peak tables do not depend on it.
+A CPU trace (header "allocator": "cpu") measures one malloc heap that holds every tier, and a
+timeline's GPU bytes include CUDA-only block rounding and workspace; `peak_table` adds a
+"process" row holding the heap against `cpu_equivalent(timeline)`.
+
+Known limitations: the runtime samples at phase and layer boundaries, so most of a
+timeline's op events have no counterpart; the boundaries are what aligns (the trace's
+`peak` at step end still carries the op-level peak). When both sides record ops but a
+different number inside one layer (fake-tensor trace and real run decompose an op
+differently), ordinal matching there pairs neighbouring ops, not identical ones;
+`positions_on_predicted` spreads such groups proportionally for plotting, and the phase and
+peak tables do not depend on it.
 """
 
 from __future__ import annotations
