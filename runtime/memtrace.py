@@ -111,6 +111,8 @@ class TraceWriter:
 
     def _forward_pre_hook(self, index: int):
         def hook(module, args):
+            if not torch.is_grad_enabled():  # evaluation inside the run: not a training step
+                return
             in_backward = self.phase in (Phase.BACKWARD, Phase.RECOMPUTE)
             self.record(EventKind.LAYER, phase=Phase.RECOMPUTE if in_backward else Phase.FORWARD, layer=index)
         return hook

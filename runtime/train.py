@@ -336,7 +336,7 @@ class Trainer:
             chunk_before = self.optimizer.active_chunk
             self.optimizer.begin_step()
             batches = [self.loader.next_batch() for _ in range(cfg.grad_accum)]
-            step_loss_sum = 0.0
+            step_loss_sum = torch.zeros((), device=self.device)
             with self._sampler() as sampler:
                 for ids, labels in batches:
                     ids, labels = ids.to(self.device), labels.to(self.device)
@@ -344,7 +344,7 @@ class Trainer:
                     loss = step_loss(self.model, ids, labels, loss_chunk_tokens=cfg.loss_chunk_tokens)
                     self._event(EventKind.PHASE, Phase.BACKWARD)
                     self.optimizer.backward(loss / cfg.grad_accum)
-                    step_loss_sum += float(loss.detach())
+                    step_loss_sum += loss.detach().float()  # no device sync per micro-batch
                     result.tokens += ids.numel()
                     del loss
                 self._event(EventKind.PHASE, Phase.OPTIMIZER)
@@ -354,13 +354,13 @@ class Trainer:
             if self.optimizer.active_chunk != chunk_before:
                 self._event(EventKind.CHUNK_SWITCH, Phase.CHUNK_SWITCH,
                             name=f"chunk {chunk_before} -> {self.optimizer.active_chunk}")
-            self.step += 1
             peak = None
             if sampler is not None:  # CPU trace: the step's op-level peak, on the trace's baseline
                 result.step_peaks.append(sampler.result.peak_bytes)
                 peak = sampler.result.peak_bytes + sampler.result.baseline_bytes - self.trace.cpu_baseline_bytes
             self._event(EventKind.STEP_END, peak=peak)
-            result.losses.append(step_loss_sum / cfg.grad_accum)
+            self.step += 1
+            result.losses.append(float(step_loss_sum) / cfg.grad_accum)
             last = self.step == cfg.steps or self.step == stop_after
             if self.eval_batches is not None and (last or (cfg.eval_every and self.step % cfg.eval_every == 0)):
                 result.eval_losses.append((self.step, evaluate_loss(self.model, self.eval_batches,
