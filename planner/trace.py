@@ -131,6 +131,7 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
         fake_mode.allow_non_fake_inputs = False
         assert all(isinstance(p, FakeTensor) for p in module.parameters()), "parameters must be fake"
         handle = _apply_grad_spec(module, grad)
+        _skip_fake_mask_branch(module, shape)
         if options.checkpointing:
             enable_checkpointing(module)
         module.train()
@@ -151,6 +152,38 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
         if handle is not None:
             handle.remove()
     return recorder.to_opgraph()
+
+
+TRACE_SDPA = "chunkft_trace_sdpa"
+"""HF's own SDPA attention function, registered under a name that has no mask function."""
+
+
+def _skip_fake_mask_branch(module: "torch.nn.Module", shape: StepShape) -> None:
+    """Make HF take, on fake tensors, the attention branch it takes on the real batch.
+
+    For a batch without padding, transformers' create_causal_mask checks the position ids for
+    packed sequences and, finding none, returns no mask: SDPA runs with is_causal=True. That
+    check reads tensor data, so on fake tensors (`is_tracing`) it assumes packing and builds a
+    batch x seq x seq mask, which changes SDPA's kernel and memory. An attention implementation
+    registered without a mask function (transformers' public AttentionInterface) gets no mask:
+    exactly the real branch, computed by the same `sdpa_attention_forward`. Only where the
+    real branch has no mask either: causal SDPA models whose sliding window, if any, covers the
+    sequence.
+    """
+    config = getattr(module, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(
+            module, "set_attn_implementation"):
+        return
+    if not getattr(config, "is_causal", True):
+        return
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and shape.seq_len > window:
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(TRACE_SDPA, sdpa_attention_forward)
+    module.set_attn_implementation(TRACE_SDPA)
 
 
 def _layer_prefix(module: "torch.nn.Module") -> str | None:
