@@ -4,8 +4,9 @@ Every event records, for the compute tier (Tier.GPU, which is the CPU itself in 
 what the process allocator says and what the runtime's own accounting says:
   - on CUDA: `allocated` = torch.cuda.memory_allocated, `reserved` = memory_reserved, `peak` =
     max_memory_allocated since the previous event (the counter is reset after each read);
-  - on CPU: `allocated` = glibc mallinfo2 (uordblks + hblkhd) minus the baseline taken when the
-    trace started, `reserved` = the same (no caching allocator); `peak` only on STEP_END events,
+  - on CPU: `allocated` = glibc mallinfo2 (uordblks + hblkhd) minus a baseline read before the
+    model was built (so weights, optimizer state and activations all count, as the planner's
+    compute tier counts them), `reserved` = the same (no caching allocator); `peak` only on STEP_END events,
     where the trainer ran the step under planner.measure.MallocSampler (sampled after every
     aten op), on the same baseline.
 `bytes` is the runtime's accounting per Component on that tier (weights, gradients, masters,
@@ -47,7 +48,8 @@ class TraceWriter:
     """Collects `Event`s for one run and writes them as a trace file (header + events)."""
 
     def __init__(self, path: str | os.PathLike | None, *, device: torch.device, accounting: Accounting,
-                 model_fingerprint: str, plan_fingerprint: str | None, extra_header: dict | None = None) -> None:
+                 model_fingerprint: str, plan_fingerprint: str | None, extra_header: dict | None = None,
+                 cpu_baseline_bytes: int | None = None) -> None:
         self.path = path
         self.device = torch.device(device)
         self.accounting = accounting
@@ -63,7 +65,10 @@ class TraceWriter:
         self._last_offtier: dict[Tier, dict[Component, int]] = {}
         self._hooks: list = []
         self._layer_index: dict[int, int] = {}
-        self.cpu_baseline_bytes = 0 if self.device.type == "cuda" else _cpu_allocated_bytes()
+        if self.device.type == "cuda":
+            self.cpu_baseline_bytes = 0
+        else:  # give the reading from before the model was built, so weights and state count
+            self.cpu_baseline_bytes = cpu_baseline_bytes if cpu_baseline_bytes is not None else _cpu_allocated_bytes()
         self.header["cpu_baseline_bytes"] = self.cpu_baseline_bytes
 
     # -- sampling ---------------------------------------------------------------------------

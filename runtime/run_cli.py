@@ -109,6 +109,11 @@ def build_run(args):
     train_examples = read_examples(args.data, tok)
     eval_examples = read_examples(args.eval, tok) if args.eval else None
 
+    cpu_baseline = None
+    if device.type == "cpu" and args.trace is not None:
+        from planner.measure import malloc_in_use_bytes
+
+        cpu_baseline = malloc_in_use_bytes()  # the trace's zero: everything the run adds from here counts
     model = load_model(spec, dtype=dtype, device=device, seed=args.seed)
     if strategy.checkpointing:
         enable_checkpointing(model)
@@ -140,6 +145,7 @@ def build_run(args):
     if args.trace is not None:
         trace = TraceWriter(args.trace, device=device, accounting=trainer.tier_bytes,
                             model_fingerprint=plan.model_fingerprint, plan_fingerprint=plan.fingerprint(),
+                            cpu_baseline_bytes=cpu_baseline,
                             extra_header={"strategy": strategy.to_json(), "shape": {
                                 "batch": plan.shape.batch, "seq_len": plan.shape.seq_len, "dtype": plan.shape.dtype}})
         layers = decoder_layers(model, spec)
