@@ -92,3 +92,19 @@ def test_llama3_70b_needs_more_than_one_80gb_gpu_and_fits_two():
     sharded = {s.gpu: s for s in report.sharded}
     assert sharded["h100-80gb"].num_gpus == 2
     assert sharded["h100-80gb"].per_rank_bytes <= h100.memory_bytes
+
+
+def test_cli_size_on_a_small_model(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from planner.cli import main
+
+    LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)
+    assert main(["size", str(tmp_path), "--seq", "128", "--batch", "2", "--max-chunks", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:46].strip(): line for line in out.splitlines()}
+    assert "full FT, AdamW on GPU" in rows and "ChunkFT, state on host" in rows
+    assert "h200-141gb" in rows["full FT, AdamW on GPU"]  # a 5M-parameter model fits every card
+    assert "GPU = allocator reserved + CUDA context" in out
+    assert main(["size", str(tmp_path), "--seq", "0"]) == 2
