@@ -47,6 +47,7 @@ buffers the plan needs, not the Python process itself (torch and its libraries: 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -107,18 +108,21 @@ class ParamLayout:
     num_layers: int
     layer_weight_bytes: int
     """Bytes of one decoder layer's parameters (0 when the model has no layer list)."""
+    input_embedding: str | None = None
+    """Name of the input embedding's weight (a lookup, not a matmul), if known."""
+    tensor_bytes: tuple[int, ...] = ()
+    """Bytes of each parameter, in `named_shapes` order (derived)."""
+    total_bytes: int = 0
+    """Bytes of all parameters (derived)."""
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(int(np.prod(s)) * e for _, s, e in self.named_shapes)
+    def __post_init__(self):
+        sizes = tuple(math.prod(s) * e for _, s, e in self.named_shapes)
+        object.__setattr__(self, "tensor_bytes", sizes)
+        object.__setattr__(self, "total_bytes", sum(sizes))
 
     @property
     def total_params(self) -> int:
         return self.total_bytes // self.elem_bytes
-
-    @property
-    def tensor_bytes(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s)) * e for _, s, e in self.named_shapes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -174,9 +178,12 @@ def param_layout(model: "ModelSpec", dtype: str = "bf16") -> ParamLayout:
     found = find_layer_list(module)
     prefix = None if found is None else found[0]
     base = [(n, tuple(p.shape), p.element_size()) for n, p in module.named_parameters()]
+    emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    emb_weight = getattr(emb, "weight", None)
+    input_embedding = next((n for n, p in module.named_parameters() if p is emb_weight), None)
     layer0 = f"{prefix}.0." if prefix else None
     template = [(n[len(layer0):], s, e) for n, s, e in base if layer0 and n.startswith(layer0)]
-    layer_bytes = sum(int(np.prod(s)) * e for _, s, e in template)
+    layer_bytes = sum(math.prod(s) * e for _, s, e in template)
     if use_template and prefix:
         shapes: list = []
         placed = False
@@ -192,7 +199,7 @@ def param_layout(model: "ModelSpec", dtype: str = "bf16") -> ParamLayout:
         shapes = base
         num_layers = len(found[1]) if found else 0
     layout = ParamLayout(named_shapes=tuple(shapes), elem_bytes=_elem_bytes(dtype), layer_prefix=prefix,
-                         num_layers=num_layers, layer_weight_bytes=layer_bytes)
+                         num_layers=num_layers, layer_weight_bytes=layer_bytes, input_embedding=input_embedding)
     _LAYOUTS[key] = layout
     return layout
 
@@ -559,11 +566,9 @@ def _bound_flops(full_flops: int, table: "ChunkTable", layout: ParamLayout, shap
     matrix (nothing there needs a gradient). The input embedding is a lookup, not a matmul."""
     tokens = shape.batch * shape.seq_len
     elem = layout.elem_bytes
-    matrices = [(n, int(np.prod(sh))) for n, sh, _ in layout.named_shapes if len(sh) == 2]
-    embed = matrices[0][0] if matrices and "embed" in matrices[0][0] else None
     order = {n: i for i, (n, _, _) in enumerate(layout.named_shapes)}
-    is_matmul = {n for n, _ in matrices if n != embed}
-    below = np.cumsum([0] + [int(np.prod(sh)) if n in is_matmul else 0 for n, sh, _ in layout.named_shapes])
+    is_matmul = {n for n, sh, _ in layout.named_shapes if len(sh) == 2 and n != layout.input_embedding}
+    below = np.cumsum([0] + [math.prod(sh) if n in is_matmul else 0 for n, sh, _ in layout.named_shapes])
     total_mm = int(below[-1])
     out = []
     for chunk in table.chunks:
