@@ -131,7 +131,7 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
         fake_mode.allow_non_fake_inputs = False
         assert all(isinstance(p, FakeTensor) for p in module.parameters()), "parameters must be fake"
         handle = _apply_grad_spec(module, grad)
-        _skip_fake_mask_branch(module, shape)
+        match_real_attention_branch(module, shape)
         if options.checkpointing:
             enable_checkpointing(module)
         module.train()
@@ -158,7 +158,7 @@ TRACE_SDPA = "chunkft_trace_sdpa"
 """HF's own SDPA attention function, registered under a name that has no mask function."""
 
 
-def _skip_fake_mask_branch(module: "torch.nn.Module", shape: StepShape) -> None:
+def match_real_attention_branch(module: "torch.nn.Module", shape: StepShape) -> None:
     """Make HF take, on fake tensors, the attention branch it takes on the real batch.
 
     For a batch without padding, transformers' create_causal_mask checks the position ids for

@@ -20,7 +20,7 @@ from planner.chunks import make_chunk_table_from_model
 from planner.measure import mallinfo2_available, measure_malloc_peak
 from planner.model import ModelSpec
 from planner.step import step_loss
-from planner.trace import StepShape, TraceOptions, trace_step
+from planner.trace import StepShape, TraceOptions, match_real_attention_branch, trace_step
 
 TOLERANCE = 0.02
 NUM_CHUNKS = 4
@@ -125,6 +125,7 @@ def test_llama3_8b_agrees_with_memtracker_live():
     def make_step():  # inside MemTracker's FakeTensorMode: a cpu build is fake
         model = spec.build(device="cpu")
         model.train()
+        match_real_attention_branch(model, StepShape(seq_len=1024))  # as trace_step does
         ids = torch.randint(0, 128256, (1, 1024))
         labels = torch.randint(0, 128256, (1, 1024))
         return model, lambda: step_loss(model, ids, labels).backward()

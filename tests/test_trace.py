@@ -12,7 +12,7 @@ from planner.model import ModelSpec
 from planner.opgraph import OpNode
 from planner.schema import Component, Phase
 from planner.step import step_loss
-from planner.trace import StepShape, TraceOptions, trace_step
+from planner.trace import StepShape, TraceOptions, match_real_attention_branch, trace_step
 
 FULL = TraceOptions(replicate=False)
 
@@ -66,6 +66,7 @@ def test_full_step_matches_memtracker_and_leaves_weights_and_gradients():
     def make_step():  # runs inside MemTracker's FakeTensorMode: a cpu build is fake
         model = spec.build(device="cpu")
         model.train()
+        match_real_attention_branch(model, SHAPE)  # as trace_step does
         ids = torch.randint(0, 1024, (SHAPE.batch, SHAPE.seq_len))
         labels = torch.randint(0, 1024, (SHAPE.batch, SHAPE.seq_len))
 
