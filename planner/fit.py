@@ -140,6 +140,8 @@ def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...]) -> di
     layout = param_layout(model, shape.dtype)
     estimates = [evaluate(model, shape, s, hw) for s in fit_strategies(chunk_counts)]
     best = recommend(estimates, budget)
+    fitting = [i for i, e in enumerate(estimates) if e.fits(budget)]
+    fastest = min(fitting, key=lambda i: (estimates[i].step_time_s, i)) if fitting else None
     rows = []
     for e in estimates:
         row = e.to_json()
@@ -164,6 +166,8 @@ def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...]) -> di
         "rows": rows,
         "recommended": best,
         "recommended_label": None if best is None else rows[best]["label"],
+        "fastest": fastest,
+        "fastest_label": None if fastest is None else rows[fastest]["label"],
     }
 
 
@@ -217,3 +221,9 @@ def print_report(r: dict, out=None) -> None:
         w(f"  {tier.value:<5} {format_bytes(row['peak_bytes'][tier.value]):>10}: {parts}\n")
     times = ", ".join(f"{k} {_secs(v)}" for k, v in row["step_time_parts_s"].items())
     w(f"  step time {_secs(row['step_time_s'])}: {times}\n")
+    card = row["reserved_bytes"] + row["context_bytes"]
+    w(f"  a GPU needs about {format_bytes(card)}: {format_bytes(row['reserved_bytes'])} reserved by PyTorch"
+      f" + {format_bytes(row['context_bytes'])} CUDA context\n")
+    if r["fastest"] is not None and r["fastest"] != r["recommended"]:
+        fast = r["rows"][r["fastest"]]
+        w(f"fastest that fits: {fast['label']} ({_secs(fast['step_time_s'])} per step)\n")

@@ -109,6 +109,7 @@ def test_tiny_model_json_report(capsys, tiny_config):
         assert row["peak_bytes"]["host"] >= 12 * TINY_PARAMS
         assert row["worst_chunk"] is not None
     assert r["recommended"] == 0 and r["recommended_label"] == "full FT"  # 1 GiB holds everything
+    assert r["rows"][r["fastest"]]["step_time_s"] == min(row["step_time_s"] for row in r["rows"])
 
 
 def test_tiny_model_text_report_and_nothing_fits(capsys, tiny_config):
@@ -134,6 +135,11 @@ def test_default_is_llama3_8b_and_full_ft_does_not_fit_24gib(capsys):
     assert rows["full FT, ckpt"]["fits"]["gpu"] is False
     chunk_rows = [row for label, row in rows.items() if label.startswith("ChunkFT")]
     assert any(row["fits"]["gpu"] for row in chunk_rows)
+    # ChunkFT keeps the moving state small: more chunks, less GPU
+    peaks = [row["peak_bytes"]["gpu"] for row in chunk_rows]
+    assert peaks == sorted(peaks, reverse=True)
+    # host tier holds every chunk's fp32 master + moments: at least 12 B/param
+    assert all(row["peak_bytes"]["host"] >= 12 * r["parameters"] for row in chunk_rows)
     # bf16 weights alone are 14.96 GiB: every row that keeps them resident is above that
     assert all(row["peak_bytes"]["gpu"] > 14.96 * 2**30 for row in r["rows"])
     assert r["rows"][0]["peak_bytes"]["gpu"] >= 16 * 8.03e9
