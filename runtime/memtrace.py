@@ -49,8 +49,10 @@ class TraceWriter:
 
     def __init__(self, path: str | os.PathLike | None, *, device: torch.device, accounting: Accounting,
                  model_fingerprint: str, plan_fingerprint: str | None, extra_header: dict | None = None,
-                 cpu_baseline_bytes: int | None = None) -> None:
+                 cpu_baseline_bytes: int | None = None, max_steps: int | None = None) -> None:
         self.path = path
+        self.max_steps = max_steps  # record steps 0..max_steps-1 only (None: all): a trace is for
+        # memory analysis, and a long run's every layer event would grow without bound
         self.device = torch.device(device)
         self.accounting = accounting
         self.events: list[Event] = []
@@ -88,6 +90,8 @@ class TraceWriter:
         `peak` overrides the measured peak (a CPU step's op-level peak from the trainer)."""
         if phase is not None:
             self.phase = phase
+        if self.max_steps is not None and self.step >= self.max_steps:
+            return
         allocated, reserved, measured_peak = self._measure()
         peak = peak if peak is not None else measured_peak
         tiers = self.accounting()

@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=100, help="optimizer steps in total (default 100)")
     p.add_argument("--out", default="out/run", help="output directory for checkpoints (default out/run)")
     p.add_argument("--trace", default=None, help="write the measured memory trace here (e.g. traces/NAME.jsonl)")
+    p.add_argument("--trace-steps", type=int, default=20,
+                   help="trace the first N steps (default 20; 0 = every step)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--tokenizer", default=None,
                    help="local Hugging Face tokenizer directory (default: the built-in byte-level tokenizer)")
@@ -56,7 +58,7 @@ def _check_args(args) -> None:
     for name in ("steps", "grad_accum"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+    for name in ("warmup_steps", "eval_every", "checkpoint_every", "trace_steps"):
         if getattr(args, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.lr <= 0:
@@ -145,7 +147,7 @@ def build_run(args):
     if args.trace is not None:
         trace = TraceWriter(args.trace, device=device, accounting=trainer.tier_bytes,
                             model_fingerprint=plan.model_fingerprint, plan_fingerprint=plan.fingerprint(),
-                            cpu_baseline_bytes=cpu_baseline,
+                            cpu_baseline_bytes=cpu_baseline, max_steps=args.trace_steps or None,
                             extra_header={"strategy": strategy.to_json(), "shape": {
                                 "batch": plan.shape.batch, "seq_len": plan.shape.seq_len, "dtype": plan.shape.dtype}})
         layers = decoder_layers(model, spec)

@@ -315,7 +315,8 @@ class Trainer:
     def _sampler(self):
         """A per-op malloc sampler for the step when a CPU trace is being written (the op-level
         peak that event sampling misses), else a no-op context."""
-        if self.trace is None or self.device.type != "cpu":
+        if self.trace is None or self.device.type != "cpu" or (
+                self.trace.max_steps is not None and self.step >= self.trace.max_steps):
             return contextlib.nullcontext()
         from planner.measure import MallocSampler
 

@@ -83,7 +83,8 @@ def read_trace(path):
 def test_run_writes_checkpoint_and_trace(planned, capsys):
     tmp, plan, spec, plan_obj, train, evaluation = planned
     out, trace = tmp / "out", tmp / "traces" / "tiny.jsonl"
-    assert run_cli(plan, "--data", train, "--eval", evaluation, "--steps", 4, "--out", out, "--trace", trace) == 0
+    assert run_cli(plan, "--data", train, "--eval", evaluation, "--steps", 5, "--out", out, "--trace", trace,
+                   "--trace-steps", 4) == 0
     printed = capsys.readouterr().out
     assert "with 3 chunks, state on host" in printed and "eval loss" in printed
     header, events = read_trace(trace)
@@ -153,7 +154,7 @@ def _args(plan, train, out, *, trace=None, steps=3, **extra):
     base = dict(plan=str(plan), data=str(train), eval=None, steps=steps, out=str(out), trace=trace and str(trace),
                 resume=False, tokenizer=None, lr=1e-3, schedule="cosine", warmup_steps=0, weight_decay=0.0,
                 max_grad_norm=1.0, grad_accum=1, eval_every=0, checkpoint_every=0, seed=0, device="cpu",
-                no_progress=True)
+                no_progress=True, trace_steps=20)
     base.update(extra)
     return argparse.Namespace(**base)
 
