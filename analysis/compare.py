@@ -154,7 +154,8 @@ def cpu_equivalent(predicted: pd.DataFrame) -> pd.DataFrame:
     gpu_part = predicted["allocated"] - predicted[list(CPU_ONLY_COMPONENTS)].sum(axis=1)
     per_tier = pd.DataFrame({tier: gpu_part.where(predicted["tier"] == tier) for tier in ("gpu",)})
     per_tier["host"] = predicted["allocated"].where(predicted["tier"] == "host")
-    per_tier = per_tier.ffill().fillna(0)
+    # A tier holds its first recorded bytes from the step's start (host state rests all step).
+    per_tier = per_tier.ffill().bfill().fillna(0)
     out = predicted[predicted["tier"] == "gpu"].copy()
     out["peak"] = (per_tier["gpu"] + per_tier["host"]).loc[out.index].astype("int64")
     return out
@@ -167,7 +168,8 @@ def peak_table(predicted: pd.DataFrame, measured: pd.DataFrame, *, cpu_trace: bo
 
     `cpu_trace`: the trace comes from a CPU run, where one malloc heap holds every tier and
     its "gpu" rows measure the whole process; a row (tier "process", metric "cpu-equivalent")
-    then holds that against `cpu_equivalent(predicted)`.
+    then holds that against `cpu_equivalent(predicted)`, and a row "rise in step" holds the
+    rise of each above its first event (what the step itself allocates).
 
     The time and event of each peak are those of the event at which it was recorded (for a
     trace with a `peak` column: the first event after the spike).
@@ -186,11 +188,21 @@ def peak_table(predicted: pd.DataFrame, measured: pd.DataFrame, *, cpu_trace: bo
             row.update(_errors(row["predicted_bytes"], row["measured_bytes"]))
             rows.append(row)
     if cpu_trace and (predicted["tier"] == "gpu").any():
+        eq = cpu_equivalent(predicted)
+        heap = measured[measured["tier"] == "gpu"]
         row = {"tier": "process", "metric": "cpu-equivalent"}
-        _side(row, "predicted", cpu_equivalent(predicted), "peak")
-        _side(row, "measured", measured[measured["tier"] == "gpu"], "peak")
+        _side(row, "predicted", eq, "peak")
+        _side(row, "measured", heap, "peak")
         row.update(_errors(row["predicted_bytes"], row["measured_bytes"]))
         rows.append(row)
+        if len(heap):
+            # The heap also holds what no plan predicts (the interpreter's objects, the data
+            # pipeline, malloc's free lists); the rise above the step's first event leaves it out.
+            rise = {**row, "metric": "rise in step"}
+            for side, d in (("predicted", eq), ("measured", heap)):
+                rise[f"{side}_bytes"] = int(d["peak"].max()) - int(d["allocated" if side == "measured" else "peak"].iloc[0])
+            rise.update(_errors(rise["predicted_bytes"], rise["measured_bytes"]))
+            rows.append(rise)
     table = pd.DataFrame(rows, columns=list(PEAK_COLUMNS))
     for col in ("predicted_bytes", "measured_bytes", "error_bytes"):
         table[col] = table[col].astype("Int64")

@@ -465,6 +465,9 @@ def test_cpu_trace_gets_a_process_row(tmp_path):
     # 6 GiB on the GPU at the loss op (overhead left out) + 3 GiB of host state resting then
     assert row["predicted_bytes"] == 9 * GIB and row["predicted_t"] == 19.0
     assert row["measured_bytes"] == 6 * GIB
+    rise = peaks.loc[("process", "rise in step")]
+    # predicted: 9 GiB peak - (2 GiB weights + 3 GiB host) at the first event; measured: 6 - 2 GiB
+    assert rise["predicted_bytes"] == 4 * GIB and rise["measured_bytes"] == 4 * GIB and rise["relative_error"] == 0
     assert ("gpu", "reserved") not in peaks.index  # the CPU trace has no caching allocator
 
 
