@@ -19,12 +19,15 @@ allocator="cuda": PyTorch's CUDA caching allocator is modelled (c10/cuda/CUDACac
     their segment; segments are cached, never returned (no empty_cache, no OOM retry);
   - best fit: the smallest cached free block of the pool that is large enough (get_free_block).
   This gives `reserved` (bytes of segments held), which is what nvidia-smi shows minus the CUDA
-  context. The cuBLAS workspace is Component.OVERHEAD: cuBLAS keeps one per handle and stream,
-  sized by CUBLAS_WORKSPACE_CONFIG's default ":4096:8" = 4096 KiB x 8 = 32 MiB on Hopper (sm90)
-  and ":4096:1:16:8" = 4 MiB + 8 x 16 KiB = 4.125 MiB elsewhere
-  (aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize / parseChosenWorkspaceSize).
-  Since PyTorch 2.3 the workspace is allocated through the caching allocator, so it counts in
-  allocated and reserved alike.
+  context.
+  The cuBLAS workspace is Component.OVERHEAD (aten/src/ATen/cuda/CublasHandlePool.cpp,
+  parseChosenWorkspaceSize): by default ":4096:2:16:8" = 2 x 4096 KiB + 8 x 16 KiB = 8.125 MiB,
+  and 4096 KiB x 8 = 32 MiB on compute capability 9.x, 10.x and 12.x (Hopper, Blackwell). It is
+  allocated through the caching allocator (getNewWorkspace), so it counts in allocated and
+  reserved, once per thread and stream (the workspace map is thread_local; cuBLASLt shares it
+  unless TORCH_CUBLASLT_UNIFIED_WORKSPACE=0). A training step has two: the forward's thread
+  and autograd's device thread for backward. Both stay cached after the first step, so they
+  are modelled as live before the step.
 
 Known limitations: the CUDA model ignores allocator options (expandable_segments,
 max_split_size_mb, garbage-collection thresholds), the per-stream pools of several streams,
@@ -54,9 +57,12 @@ K_LARGE_BUFFER = 20971520  # "large" allocations may be packed in 20 MiB blocks
 K_MIN_LARGE_ALLOC = 10485760  # allocations between 1 and 10 MiB may use kLargeBuffer
 K_ROUND_LARGE = 2097152  # round up large allocations to 2 MiB
 
-# aten/src/ATen/cuda/CublasHandlePool.cpp: default CUBLAS_WORKSPACE_CONFIG
-CUBLAS_WORKSPACE_HOPPER_BYTES = 4096 * 1024 * 8  # ":4096:8" on sm90 = 32 MiB
-CUBLAS_WORKSPACE_OTHER_BYTES = 4096 * 1024 + 16 * 1024 * 8  # ":4096:1:16:8" = 4.125 MiB
+# aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize (default CUBLAS_WORKSPACE_CONFIG)
+CUBLAS_WORKSPACE_32MB_BYTES = 4096 * 8 * 1024  # compute capability 9.x, 10.x, 12.x
+CUBLAS_WORKSPACE_DEFAULT_BYTES = 4096 * 1024 * 2 + 16 * 1024 * 8  # ":4096:2:16:8" elsewhere
+CUBLAS_WORKSPACE_32MB_MAJORS = (9, 10, 12)
+TRAINING_CUBLAS_WORKSPACES = 2
+"""One per thread that runs matmuls: the forward's and autograd's device thread in backward."""
 
 ALLOCATORS = ("cpu", "cuda")
 COMPONENTS = tuple(Component)
@@ -111,13 +117,18 @@ def segment_size(rounded: int) -> int:
     return K_ROUND_LARGE * ((rounded + K_ROUND_LARGE - 1) // K_ROUND_LARGE)
 
 
-def cublas_workspace_bytes(sm: int = 90) -> int:
-    """Default cuBLAS workspace of one handle: 32 MiB on Hopper (sm90), 4.125 MiB elsewhere."""
-    return CUBLAS_WORKSPACE_HOPPER_BYTES if sm == 90 else CUBLAS_WORKSPACE_OTHER_BYTES
+def cublas_workspace_bytes(major: int = 9) -> int:
+    """Default cuBLAS workspace of one thread: 32 MiB on compute capability 9/10/12, else 8.125 MiB."""
+    return CUBLAS_WORKSPACE_32MB_BYTES if major in CUBLAS_WORKSPACE_32MB_MAJORS else CUBLAS_WORKSPACE_DEFAULT_BYTES
 
 
-def replay(graph: "OpGraph", *, allocator: str = "cpu", sm: int = 90, workspace: bool = True) -> MemoryTimeline:
-    """Replay `graph`'s allocations and frees. `sm` picks the cuBLAS workspace (cuda only)."""
+def replay(graph: "OpGraph", *, allocator: str = "cpu", sm: int = 90,
+           cublas_workspaces: int = TRAINING_CUBLAS_WORKSPACES) -> MemoryTimeline:
+    """Replay `graph`'s allocations and frees.
+
+    For allocator="cuda", `sm` (compute capability as 10 * major + minor: 80 Ampere, 89 Ada,
+    90 Hopper) picks the cuBLAS workspace size and `cublas_workspaces` how many there are.
+    """
     if allocator not in ALLOCATORS:
         raise ChunkftError(f"invalid allocator {allocator!r}: valid allocators are {', '.join(ALLOCATORS)}")
     n = max(len(graph.ops), 1)
@@ -141,15 +152,14 @@ def replay(graph: "OpGraph", *, allocator: str = "cpu", sm: int = 90, workspace:
         np.add.at(delta[r], starts, extra)
         np.add.at(delta[r], ends, -extra)
         start_bytes += int(extra[pre & (ends > 0)].sum())
-        if workspace:
-            ws = cublas_workspace_bytes(sm)
-            delta[_COMPONENT_INDEX[Component.OVERHEAD], 0] += ws
-            delta[_COMPONENT_INDEX[Component.OVERHEAD], n] -= ws
-            start_bytes += ws
+        workspaces = [cublas_workspace_bytes(sm // 10)] * cublas_workspaces
+        delta[_COMPONENT_INDEX[Component.OVERHEAD], 0] += sum(workspaces)
+        delta[_COMPONENT_INDEX[Component.OVERHEAD], n] -= sum(workspaces)
+        start_bytes += sum(workspaces)
     live = np.cumsum(delta, axis=1)[:, :n]
     total = live.sum(axis=0)
     if allocator == "cuda":
-        reserved = _simulate_caching_allocator(n, rounded, starts, ends, pre, ws if workspace else 0)
+        reserved = _simulate_caching_allocator(n, rounded, starts, ends, pre, workspaces)
     else:
         reserved = total
     peak_op = int(np.argmax(total))
@@ -166,11 +176,11 @@ def replay(graph: "OpGraph", *, allocator: str = "cpu", sm: int = 90, workspace:
 
 
 def _simulate_caching_allocator(n: int, rounded: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                                pre: np.ndarray, workspace_bytes: int) -> np.ndarray:
+                                pre: np.ndarray, workspaces: list[int]) -> np.ndarray:
     """Reserved bytes after every op under the caching-allocator model in the module docstring."""
     alloc = _CachingAllocatorModel()
-    if workspace_bytes:
-        alloc.malloc(-1, round_size(workspace_bytes))
+    for i, nbytes in enumerate(workspaces):
+        alloc.malloc(-1 - i, round_size(nbytes))
     # Pre-existing storages are allocated first, in id order (the order they were created).
     for sid in np.flatnonzero(pre & (rounded > 0)):
         alloc.malloc(int(sid), int(rounded[sid]))
