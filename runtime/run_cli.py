@@ -137,8 +137,10 @@ def build_run(args):
                           pad_token_id=pad)
     evals = eval_batches(eval_examples, seq_len=plan.shape.seq_len, batch_size=plan.shape.batch,
                          pad_token_id=pad) if eval_examples else None
+    # the data position of a checkpoint means nothing for other data: resume checks these
+    data_fingerprint = _data_fingerprint(train_examples, plan.shape.seq_len, tok.name, args.seed)
     run_state = {"model_fingerprint": plan.model_fingerprint, "plan_fingerprint": plan.fingerprint(),
-                 "tokenizer": tok.name, "seed": args.seed}
+                 "data_fingerprint": data_fingerprint, "tokenizer": tok.name, "seed": args.seed}
     config = LoopConfig(steps=args.steps, grad_accum=args.grad_accum, loss_chunk_tokens=strategy.loss_chunk_tokens,
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress)
@@ -155,6 +157,18 @@ def build_run(args):
             trace.attach(layers)
         trainer.trace = trace
     return trainer, trace, plan, spec
+
+
+def _data_fingerprint(examples, seq_len: int, tokenizer: str, seed: int) -> str:
+    """sha256 over the tokenized examples and what orders and packs them."""
+    import hashlib
+    from array import array
+
+    h = hashlib.sha256(f"{tokenizer}|{seq_len}|{seed}|{len(examples)}".encode())
+    for ex in examples:
+        h.update(array("q", ex.input_ids).tobytes())
+        h.update(array("q", ex.labels).tobytes())
+    return h.hexdigest()
 
 
 def load_model(spec, *, dtype, device, seed: int):

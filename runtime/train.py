@@ -279,7 +279,7 @@ class Trainer:
             if path is None:
                 return False
         ckpt = load_checkpoint(path, model=self.model)
-        for key in ("model_fingerprint", "plan_fingerprint"):
+        for key in sorted(k for k in self.run_state if k.endswith("_fingerprint")):  # model, plan, data
             mine, theirs = self.run_state.get(key), ckpt.state.get(key)
             if mine is not None and theirs is not None and mine != theirs:
                 from planner.errors import ChunkftError

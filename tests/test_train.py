@@ -159,7 +159,7 @@ def _args(plan, train, out, *, trace=None, steps=3, **extra):
     return argparse.Namespace(**base)
 
 
-def test_cli_resume_matches_uninterrupted_run(planned):
+def test_cli_resume_matches_uninterrupted_run(planned, capsys):
     from runtime.run_cli import build_run
 
     tmp, plan, _, _, train, _ = planned
@@ -175,6 +175,13 @@ def test_cli_resume_matches_uninterrupted_run(planned):
     a = load_file(latest_checkpoint(tmp / "r_full") / "model.safetensors")
     b = load_file(latest_checkpoint(tmp / "r_part") / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # resuming with other data (or another seed: another order) is refused
+    other = write_data(tmp / "other.jsonl", 30)
+    capsys.readouterr()
+    assert run_cli(plan, "--data", other, "--steps", 6, "--out", tmp / "r_part", "--resume") == 2
+    assert "was written for another data (data_fingerprint" in capsys.readouterr().err
+    assert run_cli(plan, "--data", train, "--steps", 6, "--out", tmp / "r_part", "--resume", "--seed", 1) == 2
+    assert "was written for another data" in capsys.readouterr().err
 
 
 def test_activation_checkpointing_and_chunked_loss_train(tmp_path):
