@@ -127,8 +127,8 @@ def _nullable_layer(value):
 
 
 CPU_ONLY_COMPONENTS = ("rounding", "overhead")
-"""Predicted GPU components a CPU run has no counterpart for: caching-allocator block rounding
-and the CUDA context / cuBLAS workspace (planner.memory models them for CUDA)."""
+"""Predicted components a CPU run has no counterpart for: block rounding of the CUDA caching
+allocator (GPU) and of pinned host memory (host), the CUDA context / cuBLAS workspace."""
 
 
 def _side(row: dict, side: str, d: pd.DataFrame, column: str) -> None:
@@ -149,11 +149,11 @@ def _side(row: dict, side: str, d: pd.DataFrame, column: str) -> None:
 
 def cpu_equivalent(predicted: pd.DataFrame) -> pd.DataFrame:
     """The predicted compute-tier rows with `peak` replaced by what one CPU process would hold
-    at that moment: GPU bytes less the CUDA-only components, plus the host tier's bytes (a
-    CPU run keeps "GPU" tensors and host-resident state in the same malloc heap)."""
-    gpu_part = predicted["allocated"] - predicted[list(CPU_ONLY_COMPONENTS)].sum(axis=1)
-    per_tier = pd.DataFrame({tier: gpu_part.where(predicted["tier"] == tier) for tier in ("gpu",)})
-    per_tier["host"] = predicted["allocated"].where(predicted["tier"] == "host")
+    at that moment: GPU plus host bytes, less the CUDA-only components of both (a CPU run
+    keeps "GPU" tensors and host-resident state in the same malloc heap)."""
+    # Rounding on the host tier is pinned memory's power-of-two blocks: CUDA only, too.
+    heap_part = predicted["allocated"] - predicted[list(CPU_ONLY_COMPONENTS)].sum(axis=1)
+    per_tier = pd.DataFrame({tier: heap_part.where(predicted["tier"] == tier) for tier in ("gpu", "host")})
     # A tier holds its first recorded bytes from the step's start (host state rests all step).
     per_tier = per_tier.ffill().bfill().fillna(0)
     out = predicted[predicted["tier"] == "gpu"].copy()
