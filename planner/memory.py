@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from planner.errors import ChunkftError
-from planner.schema import Component, Phase
+from planner.schema import Component
 
 if TYPE_CHECKING:
     from planner.opgraph import OpGraph

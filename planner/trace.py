@@ -26,6 +26,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from planner.errors import ChunkftError
+from planner.schema import Component, Phase
 
 if TYPE_CHECKING:
     import torch
@@ -211,7 +212,7 @@ def _vocab_size(module: "torch.nn.Module") -> int:
 
 
 def _apply_grad_spec(module: "torch.nn.Module", grad: dict[str, Any] | None):
-    """Set requires_grad per the GradSpec; slices go through runtime.subgrad when it exists."""
+    """Apply the GradSpec (runtime.subgrad.install); None = every parameter trains."""
     if grad is None:
         for p in module.parameters():
             p.requires_grad_(True)
@@ -221,23 +222,11 @@ def _apply_grad_spec(module: "torch.nn.Module", grad: dict[str, Any] | None):
     if unknown:
         valid = ", ".join(list(names)[:5])
         raise ChunkftError(f"grad spec names unknown parameters {unknown[:5]}: valid names look like {valid}, ...")
-    has_slices = any(not isinstance(v, bool) for v in grad.values())
-    if has_slices:
-        try:
-            from runtime.subgrad import install
-        except ImportError:
-            install = None
-        if install is not None:
-            return install(module, grad)
-    # Tied parameters appear under several names: one True among them makes the tensor trainable.
-    wanted = {id(p): False for p in names.values()}
-    for name, p in names.items():
-        spec = grad.get(name, False)
-        # TODO(subgrad): without runtime.subgrad a SliceSpec is traced as a full gradient.
-        wanted[id(p)] = wanted[id(p)] or (spec is not False)
-    for p in names.values():
-        p.requires_grad_(wanted[id(p)])
-    return None
+    # The runtime's own installer: whole tensors by requires_grad, slices by hooks and an
+    # autograd.Function, so the trace runs exactly what a ChunkFT step runs.
+    from runtime.subgrad import install
+
+    return install(module, grad)
 
 
 def _final_grads(module: "torch.nn.Module", handle) -> list["torch.Tensor"]:
@@ -253,15 +242,14 @@ class StepRecorder:
     """Records ops, storages, phases and layers of one step; `to_opgraph()` gives the result.
 
     Phase and layer come from hooks, not from patching: global module forward hooks keep the
-    module path; each decoder layer's forward hooks set the layer (and RECOMPUTE when they run
-    inside backward, as checkpointing re-runs the forward); tensor hooks on each layer's
-    output and input mark where that layer's backward starts and ends; hooks on the output
-    embedding bracket the LOSS phase (lm_head, loss, and their backward).
+    module path; each decoder layer's forward hooks set the layer; tensor hooks on each
+    layer's output and input mark where that layer's backward starts and ends; hooks on the
+    output embedding bracket the LOSS phase (lm_head, loss, and their backward). An op that
+    runs inside backward with grad mode on is a RECOMPUTE (checkpointing re-runs the forward
+    under enable_grad; autograd runs backward functions with grad mode off).
     """
 
     def __init__(self, module: "torch.nn.Module", *, layer_prefix: str | None):
-        from planner.schema import Phase
-
         self.module = module
         self.layer_prefix = layer_prefix
         self.layers = list(module.get_submodule(layer_prefix)) if layer_prefix else []
@@ -377,8 +365,6 @@ class StepRecorder:
     # -- hooks
 
     def start_backward(self, loss: "torch.Tensor") -> None:
-        from planner.schema import Phase
-
         self.in_backward = True
         self.first_backward_op = len(self.rows)
         self.layer = None
@@ -407,8 +393,6 @@ class StepRecorder:
             self._module_stack.pop()
 
     def _layer_enter(self, i: int, module, args, kwargs) -> None:
-        from planner.schema import Phase
-
         if self.in_backward:
             return  # a recompute that runs the layer's hooks again: phase comes from grad mode
         self.layer = i
@@ -429,8 +413,6 @@ class StepRecorder:
             hidden.register_hook(functools.partial(self._backward_layer_start, i))
 
     def _backward_layer_start(self, i: int, grad) -> None:
-        from planner.schema import Phase
-
         self.phase, self.layer = Phase.BACKWARD, i
 
     def _backward_layer_end(self, i: int, grad) -> None:
@@ -438,8 +420,6 @@ class StepRecorder:
             self.layer = None
 
     def _head_enter(self, module, args) -> None:
-        from planner.schema import Phase
-
         if self.in_backward or self._head_hooked:
             return
         self._head_hooked = True
@@ -449,8 +429,6 @@ class StepRecorder:
             hidden.register_hook(self._loss_backward_end)
 
     def _loss_backward_end(self, grad) -> None:
-        from planner.schema import Phase
-
         if self.phase == Phase.LOSS:
             self.phase = Phase.BACKWARD
 
@@ -487,7 +465,6 @@ class StepRecorder:
 
     def to_opgraph(self) -> "OpGraph":
         from planner.opgraph import OpGraph, OpNode, StorageInfo
-        from planner.schema import Component, Phase
 
         n = len(self.rows)
         phases = [Phase.RECOMPUTE if r[3] else r[2] for r in self.rows]
