@@ -35,7 +35,7 @@ by layer pattern (`chunk_groups`): chunks whose spans name the same parameters a
 offsets from their first layer, whole or sliced alike, behave alike except for position, and the
 earliest of a group keeps the most activations (every layer after the first trained one saves
 what its backward needs), so each group's first chunk is traced and stands for its members.
-Bound: the full-FT trace, with gradients capped at the chunk's bytes, bounds every chunk.
+Bound: the full-FT trace, with gradients capped at the chunk's bytes, stands for every chunk.
 
 Known limitations: the CUDA context is reported (`CUDA_CONTEXT_BYTES`), not measured; reserved
 bytes of the static buffers are their own segments (no reuse of freed activation blocks by the
@@ -484,11 +484,14 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
       "exact": each layer-pattern group's first chunk is traced (`chunk_groups`) and stands for
                the group's members, whose own state, prefetch and step temporaries are added;
       "bound": the full-FT trace (every parameter trains) with the same checkpointing and loss
-               bounds every chunk: it saves a superset of the activations, and its gradients,
-               capped at the chunk's bytes, bound the chunk's. Conservative by the matmul inputs
-               frozen layers would not save (under checkpointing: one layer's, tens of MiB at 8B);
-               compute flops drop the frozen weights' gradient matmuls analytically. One trace
-               serves every chunk count, which is what keeps `chunkft fit` and the solver fast;
+               stands for every chunk: it saves a superset of the activations, and its
+               gradients, capped at the chunk's bytes, cover the chunk's. Pessimistic by the
+               matmul inputs frozen layers would not save (under checkpointing: one layer's);
+               optimistic by what the sub-tensor gradient machinery of a sliced span leaves
+               alive after backward (measured at 8B, 1K tokens, C = 4..64: the exact traces
+               came out between 16 MiB above and 16 MiB below the bound, 0.05%). Compute flops
+               drop the frozen weights' gradient matmuls analytically. One trace serves every
+               chunk count, which is what keeps `chunkft fit` and the solver fast;
       "auto":  exact up to EXACT_CHUNK_TRACE_MAX_PARAMS parameters, bound above.
     """
     if not isinstance(strategy, Strategy):
