@@ -110,20 +110,32 @@ class TraceWriter:
 
     # -- module hooks -------------------------------------------------------------------------
     def attach(self, layers: list[torch.nn.Module]) -> None:
-        """Record a LAYER event when each decoder layer starts: in forward, in recompute
-        (activation checkpointing re-runs the forward inside backward) and in backward (a
+        """Record a LAYER event when each decoder layer starts: in forward, in recompute and in
+        backward.
+
+        Forward: a pre-hook on the layer. Recompute: transformers checkpoints a layer's
+        `forward`, not `__call__`, so the layer's own hooks do not run again when backward
+        re-runs it; a pre-hook on its first container child (attention) does. Backward: a
         tensor hook on the layer's output fires when its gradient arrives, as the tracer marks
-        it; no module backward hooks, which would add autograd nodes to the measured step)."""
+        it; no module backward hooks, which would add autograd nodes to the measured step.
+        """
         for index, layer in enumerate(layers):
             self._hooks.append(layer.register_forward_pre_hook(self._forward_pre_hook(index)))
             self._hooks.append(layer.register_forward_hook(self._forward_hook(index)))
+            inner = next((c for c in layer.children() if any(True for _ in c.children())), None)
+            if inner is not None:
+                self._hooks.append(inner.register_forward_pre_hook(self._recompute_hook(index)))
 
     def _forward_pre_hook(self, index: int):
         def hook(module, args):
-            if not torch.is_grad_enabled():  # evaluation inside the run: not a training step
-                return
-            in_backward = self.phase in (Phase.BACKWARD, Phase.RECOMPUTE)
-            self.record(EventKind.LAYER, phase=Phase.RECOMPUTE if in_backward else Phase.FORWARD, layer=index)
+            if torch.is_grad_enabled() and self.phase not in (Phase.BACKWARD, Phase.RECOMPUTE):
+                self.record(EventKind.LAYER, phase=Phase.FORWARD, layer=index)
+        return hook
+
+    def _recompute_hook(self, index: int):
+        def hook(module, args):
+            if torch.is_grad_enabled() and self.phase in (Phase.BACKWARD, Phase.RECOMPUTE):
+                self.record(EventKind.LAYER, phase=Phase.RECOMPUTE, layer=index)
         return hook
 
     def _forward_hook(self, index: int):

@@ -188,11 +188,17 @@ def test_activation_checkpointing_and_chunked_loss_train(tmp_path):
     plan, _, _ = make_plan(tmp_path, chunks=2, checkpointing=True, loss_chunk_tokens=32)
     from runtime.run_cli import build_run
 
-    trainer, _, _, _ = build_run(_args(plan, write_data(tmp_path / "d.jsonl"), tmp_path / "out", steps=6, lr=3e-3))
+    trainer, _, _, _ = build_run(_args(plan, write_data(tmp_path / "d.jsonl"), tmp_path / "out", steps=6, lr=3e-3,
+                                       trace=tmp_path / "t.jsonl"))
     result = trainer.train()
     trainer.optimizer.inner.close()
     assert result.losses[-1] < result.losses[0]  # it learns
     assert trainer.model.is_activation_checkpointing
+    # checkpointed layers re-run their forward inside backward: the trace says so, per layer
+    _, events = read_trace(tmp_path / "t.jsonl")
+    step0 = [(e["phase"], e["layer"]) for e in events if e["event"] == "layer" and e["step"] == 0]
+    assert step0 == [("forward", 0), ("forward", 1), ("backward", 1), ("recompute", 1), ("backward", 0),
+                     ("recompute", 0)]
 
 
 def test_bad_inputs_are_one_line_errors_before_training(planned, tmp_path, capsys):
