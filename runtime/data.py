@@ -189,13 +189,17 @@ class DataPosition:
 def pack(examples: list[Example], seq_len: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate `examples` and cut into blocks of `seq_len`: (input_ids, labels), each
     [num_blocks, seq_len] int64; the last block is padded (labels IGNORE_INDEX)."""
-    ids = [t for ex in examples for t in ex.input_ids]
-    labels = [t for ex in examples for t in ex.labels]
-    num_blocks = max(1, math.ceil(len(ids) / seq_len))
-    pad = num_blocks * seq_len - len(ids)
-    ids_t = torch.tensor(ids + [pad_token_id] * pad, dtype=torch.int64).view(num_blocks, seq_len)
-    labels_t = torch.tensor(labels + [IGNORE_INDEX] * pad, dtype=torch.int64).view(num_blocks, seq_len)
-    return ids_t, labels_t
+    total = sum(len(ex.input_ids) for ex in examples)
+    num_blocks = max(1, math.ceil(total / seq_len))
+    ids = torch.full((num_blocks * seq_len,), pad_token_id, dtype=torch.int64)
+    labels = torch.full((num_blocks * seq_len,), IGNORE_INDEX, dtype=torch.int64)
+    pos = 0
+    for ex in examples:  # one tensor per example, no Python list of every token in the epoch
+        n = len(ex.input_ids)
+        ids[pos:pos + n] = torch.tensor(ex.input_ids, dtype=torch.int64)
+        labels[pos:pos + n] = torch.tensor(ex.labels, dtype=torch.int64)
+        pos += n
+    return ids.view(num_blocks, seq_len), labels.view(num_blocks, seq_len)
 
 
 class PackedLoader:
