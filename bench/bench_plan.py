@@ -1,9 +1,9 @@
 """Wall time of `chunkft plan` for Llama 3-8B, Llama 3.1-70B and 405B on this machine.
 
 Each model is planned in a fresh `python -m planner.cli plan` process (what a user waits for:
-interpreter, torch and transformers imports, tracing, the search, writing the plan), then once
-more in this process after warm-up imports and with the trace caches cleared, to separate
-start-up from planning. Prints a table
+interpreter, torch and transformers imports, tracing, the search, writing the plan), then in a
+fresh interpreter that first imports torch, transformers' Llama code and the planner, timing
+`planner.cli.main(["plan", ...])` alone, to separate start-up from planning. Prints a table
 and writes bench/results/plan_times.csv.
 
     python3 bench/bench_plan.py [--repeat 1]
@@ -42,35 +42,32 @@ def time_subprocess(model: str, flags: list[str], out: str) -> tuple[float, int,
     return wall, proc.returncode, plan_line.removeprefix("plan").strip()
 
 
-def time_in_process(model: str, flags: list[str], out: str) -> float:
-    from planner import evaluate as ev
-    from planner.cli import main
+# Warm a fresh interpreter (imports of torch, transformers' Llama code and the planner), then
+# time `chunkft plan` alone: model intake, tracing, the search and writing the plan.
+_IN_PROCESS = """
+import io, contextlib, sys, time
+import torch, transformers.models.llama.modeling_llama
+import planner.evaluate, planner.trace, planner.replicate, planner.plan, planner.plan_cli
+from planner.cli import main
+t0 = time.perf_counter()
+with contextlib.redirect_stdout(io.StringIO()):
+    code = main(sys.argv[1:])
+print(time.perf_counter() - t0, code)
+"""
 
-    for cache in (ev._LAYOUTS, ev._TABLES, ev._TRACES):  # cold caches: plan as a fresh process would
-        cache.clear()
-    devnull = open(os.devnull, "w")
-    stdout, sys.stdout = sys.stdout, devnull
-    try:
-        t0 = time.perf_counter()
-        main(["plan", model, *flags, "-o", out])
-        return time.perf_counter() - t0
-    finally:
-        sys.stdout = stdout
-        devnull.close()
+
+def time_in_process(model: str, flags: list[str], out: str) -> float:
+    proc = subprocess.run([sys.executable, "-c", _IN_PROCESS, "plan", model, *flags, "-o", out],
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"in-process timing of {model} failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.split()[0])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=1, help="runs per model; the best is reported")
     args = parser.parse_args()
-    # Warm-up imports for the in-process timing: torch, transformers and the Llama modeling
-    # code, so "in-process" is planning alone (model intake, tracing, search, writing).
-    import torch  # noqa: F401
-    import transformers.models.llama.modeling_llama  # noqa: F401
-    from planner.model import resolve_model
-
-    resolve_model("llama3-8b").build(num_layers=1)
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model, flags, target in CASES:
