@@ -3,9 +3,10 @@
 Decoder layers of one model run the same ops. What makes one layer's ops differ from another's
 is its *key*: which of its parameters need a gradient (all, none, or a slice at a chunk cut),
 whether its input needs a gradient (something below it trains), and its per-layer config
-values (`layer_types` such as sliding vs full attention). Consecutive layers with one key form
-a run. The template is the model with every run cut down to at most three layers (its first,
-one interior layer, its last), traced once; the full graph is
+values (`layer_types` such as sliding vs full attention). Consecutive repeats of one block of
+keys (one layer, or Gemma 2's sliding/full pair) form a run. The template is the model with
+every run cut down to at most three blocks (its first, one interior block, its last), traced
+once; the full graph is
 
     prefix, F[l(0)] .. F[l(N-1)], middle, B[l(N-1)] .. B[l(0)], suffix
 
@@ -66,10 +67,9 @@ class LayerPlan:
     """Full layer j -> template layer standing for it."""
     anchors: tuple[int, ...]
     """Template layer t -> the full layer whose grad spec and per-layer config it takes."""
-    run_start: tuple[int, ...]
-    """Template layer t -> first full layer of its run."""
-    run_end: tuple[int, ...]
-    """Template layer t -> last full layer of its run."""
+    edge: tuple[int | None, ...]
+    """Template layer t -> the full layer it is in its run's first or last block; None for an
+    interior block (standing for many layers, so no non-layer op may refer to it)."""
     keys: tuple[Any, ...]
     """Template layer t -> its key (for the cache)."""
 
@@ -144,25 +144,47 @@ def layer_plan(model: "ModelSpec", options: "TraceOptions") -> LayerPlan | None:
         keys.append((pattern, below, per_layer[j]))
         below = below or any(trains(m) for m in names)
 
-    template_of, anchors, run_start, run_end, tkeys = [], [], [], [], []
+    # A run is m repeats of a block of p layers (p = 1 for identical layers, 2 for Gemma 2's
+    # alternating sliding / full attention); the template keeps its first, one interior and
+    # its last block.
+    template_of, anchors, edge, tkeys = [], [], [], []
     j = 0
     while j < n:
-        end = j
-        while end + 1 < n and keys[end + 1] == keys[j]:
-            end += 1
-        length = end - j + 1
-        copies = min(length, MAX_RUN_COPIES)
+        p, m = _best_period(keys, j)
+        copies = min(m, MAX_RUN_COPIES)
         first = len(anchors)
         for c in range(copies):
-            anchors.append(j if c == 0 else end if c == copies - 1 else j + 1)
-            run_start.append(j)
-            run_end.append(end)
-            tkeys.append(keys[j])
-        for p in range(length):
-            template_of.append(first + (0 if p == 0 else copies - 1 if p == length - 1 else 1))
-        j = end + 1
+            block = 0 if c == 0 else m - 1 if c == copies - 1 else 1
+            for r in range(p):
+                full = j + block * p + r
+                anchors.append(full)
+                tkeys.append(keys[full])
+                edge.append(full if block in (0, m - 1) else None)
+        for q in range(m):
+            c = 0 if q == 0 else copies - 1 if q == m - 1 else 1
+            template_of.extend(first + c * p + r for r in range(p))
+        j += m * p
     return LayerPlan(prefix=prefix, num_layers=n, template_of=tuple(template_of), anchors=tuple(anchors),
-                     run_start=tuple(run_start), run_end=tuple(run_end), keys=tuple(tkeys))
+                     edge=tuple(edge), keys=tuple(tkeys))
+
+
+MAX_PERIOD = 4
+"""Longest repeating block of layer keys looked for (Gemma 2 alternates with period 2)."""
+
+
+def _best_period(keys: list, j: int) -> tuple[int, int]:
+    """(p, m): the block length p <= MAX_PERIOD whose m repeats from j cover the most layers."""
+    best = (1, 1)
+    for p in range(1, MAX_PERIOD + 1):
+        if j + p > len(keys):
+            break
+        block = keys[j:j + p]
+        m = 1
+        while keys[j + m * p:j + (m + 1) * p] == block:
+            m += 1
+        if m * p > best[0] * best[1] and m > 1:
+            best = (p, m)
+    return best
 
 
 def _check_names(grad: dict, prefix: str, n: int, local: tuple[str, ...], tied) -> None:
@@ -341,12 +363,10 @@ def replicate(template: "OpGraph", plan: LayerPlan) -> "OpGraph":
 
     def full_layer(t: int, j: int | None, t_ctx: int | None) -> int:
         """Full layer standing for template layer t, seen from full layer j (template t_ctx)."""
-        if j is None:  # from a non-layer segment: the run's first or last layer
-            if t == 0 or plan.run_start[t] != plan.run_start[t - 1]:
-                return plan.run_start[t]
-            if t == k - 1 or plan.run_end[t] != plan.run_end[t + 1]:
-                return plan.run_end[t]
-            raise NotReplicable("a non-layer op touches an interior template layer")
+        if j is None:  # from a non-layer segment: a layer of the run's first or last block
+            if plan.edge[t] is None:
+                raise NotReplicable("a non-layer op touches an interior template layer")
+            return plan.edge[t]
         target = j + (t - t_ctx)
         if not 0 <= target < n or keys[template_of[target]] != keys[t]:
             raise NotReplicable("a lifetime reaches beyond the template's neighbours")

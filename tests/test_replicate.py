@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from planner.model import ModelSpec
 from planner.schema import Component
@@ -49,9 +49,10 @@ def middle_and_head(spec: ModelSpec, layers: set[int]) -> dict[str, bool]:
             for n in names_of(spec)}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("checkpointing", [False, True])
-@pytest.mark.parametrize("grad", ["all", "middle"])
+@pytest.mark.parametrize("arch,checkpointing,grad", [
+    ("llama", False, "all"), ("llama", True, "all"), ("llama", False, "middle"), ("llama", True, "middle"),
+    ("qwen2", False, "all"), ("qwen2", True, "middle"),
+])
 def test_six_layers_replicated_equal_full_trace(arch, checkpointing, grad):
     spec = spec_of(arch, 6)
     spec_grad = None if grad == "all" else middle_and_head(spec, {2, 3})
@@ -70,6 +71,18 @@ def test_long_runs_are_cut_to_three_template_layers():
     full = trace_step(spec, SHAPE, TraceOptions(replicate=False, grad=grad))
     rep = trace_step(spec, SHAPE, TraceOptions(replicate=True, grad=grad))
     assert rep.template_layers == 3 + 2 + 3
+    assert_same_step(full, rep)
+
+
+def test_alternating_layer_types_replicate_in_blocks():
+    # Gemma 2 alternates sliding-window and full attention: blocks of two layers repeat.
+    config = Gemma2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=10, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=32, vocab_size=512, sliding_window=32)
+    assert config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    spec = ModelSpec(name="tiny-gemma2", source="config", config=config, num_layers=10)
+    full = trace_step(spec, SHAPE, TraceOptions(replicate=False))
+    rep = trace_step(spec, SHAPE, TraceOptions())
+    assert rep.template_layers == 6  # first, one interior and last pair
     assert_same_step(full, rep)
 
 
