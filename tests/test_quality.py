@@ -121,3 +121,32 @@ def test_chunkft_matches_full_finetuning_and_beats_lora(task):
     assert chunk_loss <= 1.05 * full_loss  # ChunkFT within 5% of full fine-tuning ...
     assert abs(chunk_loss - full_loss) <= 0.05 * full_loss  # ... on either side
     assert lora_loss > 1.2 * chunk_loss  # and clearly better than LoRA at equal state memory
+
+
+def test_lora_baseline_starts_at_the_base_model_and_trains_only_adapters():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=SEQ)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (1, 16))
+    base_logits = model(input_ids=ids).logits
+    adapters = apply_lora(model, LoraConfig(rank=4, alpha=8.0))
+    assert len(adapters.a) == 7  # q, k, v, o, gate, up, down of the one layer
+    # B = 0: the adapted model starts exactly at the base model
+    assert torch.equal(model(input_ids=ids).logits, base_logits)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in adapters.b.values())
+    # bytes: rank x (in + out) fp32 per adapted linear
+    q = model.model.layers[0].self_attn.q_proj
+    assert adapters.a["model__layers__0__self_attn__q_proj"].shape == (4, q.in_features)
+    assert adapters.trainable_bytes() == 4 * 4 * sum(
+        m.in_features + m.out_features for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LoraConfig().targets)
+    with torch.no_grad():
+        for b in adapters.b.values():
+            b.fill_(0.01)
+    assert not torch.equal(model(input_ids=ids).logits, base_logits)
+    adapters.remove()
+    assert torch.equal(model(input_ids=ids).logits, base_logits)
