@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end only)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order (default 0)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
