@@ -1,7 +1,8 @@
 """`chunkft fit`: will this model fine-tune fully on this GPU? One row per strategy.
 
     chunkft fit [MODEL] [--gpu 24GiB] [--host-ram SIZE] [--disk SIZE] [--seq 1024] [--batch 1]
-                [--dtype bf16] [--chunks 4,16,64] [--hardware rtx4090] [--json]
+                [--dtype bf16] [--chunks 4,16,64] [--hardware rtx4090]
+                [--chunk-traces auto|exact|bound] [--json]
 
 With no MODEL: Llama 3-8B at 1024 tokens, batch 1, on a 24 GiB GPU. Rows (`fit_strategies`):
 full fine-tuning with AdamW on the GPU, the same with activation checkpointing, ChunkFT at each
@@ -55,6 +56,9 @@ def add_parser(subparsers) -> None:
                    help=f"ChunkFT chunk counts to show (default {DEFAULT_CHUNKS})")
     p.add_argument("--hardware", default=DEFAULT_HARDWARE, metavar="GPU",
                    help=f"GPU profile for step times (default {DEFAULT_HARDWARE}; see planner/hardware/)")
+    p.add_argument("--chunk-traces", default="auto", choices=("auto", "exact", "bound"),
+                   help="trace every chunk pattern (exact), or bound all chunks by one full-FT trace "
+                        "(bound; fast); auto: exact up to 2B parameters")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
 
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     shape = StepShape(batch=args.batch, seq_len=args.seq, dtype=args.dtype)
     hw = hardware(args.hardware)
     model = resolve_model(args.model)
-    result = fit(model, shape, budget, hw, chunk_counts)
+    result = fit(model, shape, budget, hw, chunk_counts, chunk_traces=args.chunk_traces)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -133,12 +137,12 @@ def _budget(args: argparse.Namespace) -> "Budget":
     )
 
 
-def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...]) -> dict:
+def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, chunk_traces: str = "auto") -> dict:
     """Evaluate every row and return the report as plain JSON-able data."""
     from planner.evaluate import evaluate, param_layout
 
     layout = param_layout(model, shape.dtype)
-    estimates = [evaluate(model, shape, s, hw) for s in fit_strategies(chunk_counts)]
+    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in fit_strategies(chunk_counts)]
     best = recommend(estimates, budget)
     fitting = [i for i, e in enumerate(estimates) if e.fits(budget)]
     fastest = min(fitting, key=lambda i: (estimates[i].step_time_s, i)) if fitting else None
@@ -162,6 +166,7 @@ def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...]) -> di
         "budget": budget.to_json(),
         "budget_read_as": read_as,
         "hardware": hw.gpu.name,
+        "chunk_traces": chunk_traces,
         "objective": OBJECTIVE,
         "rows": rows,
         "recommended": best,

@@ -102,6 +102,7 @@ def test_tiny_model_json_report(capsys, tiny_config):
     assert full["components"]["gpu"]["master"] == 4 * TINY_PARAMS
     assert full["components"]["gpu"]["optimizer"] == 8 * TINY_PARAMS
     assert full["peak_bytes"]["host"] == 0 and full["worst_chunk"] is None
+    assert r["chunk_traces"] == "auto"
     chunked = [row["peak_bytes"]["gpu"] for row in r["rows"][2:5]]
     assert chunked[0] > chunked[1] > chunked[2]
     # ChunkFT keeps every chunk's fp32 master + moments in host memory (power-of-two pinned)
@@ -110,6 +111,18 @@ def test_tiny_model_json_report(capsys, tiny_config):
         assert row["worst_chunk"] is not None
     assert r["recommended"] == 0 and r["recommended_label"] == "full FT"  # 1 GiB holds everything
     assert r["rows"][r["fastest"]]["step_time_s"] == min(row["step_time_s"] for row in r["rows"])
+
+
+def test_bound_chunk_traces_match_exact_for_the_tiny_model(capsys, tiny_config):
+    peaks = {}
+    for mode in ("exact", "bound"):
+        code, out, _ = _run(capsys, tiny_config, "--seq", "32", "--chunks", "2,4,8", "--chunk-traces", mode, "--json")
+        assert code == 0
+        peaks[mode] = [row["peak_bytes"]["gpu"] for row in json.loads(out)["rows"]]
+    assert peaks["exact"][:2] == peaks["bound"][:2]  # C = 1 rows trace the same step either way
+    # the one-trace bound sits within 0.1% below (sub-gradient leftovers) to 5% above exact
+    for b, e in zip(peaks["bound"], peaks["exact"]):
+        assert 0.999 * e <= b <= 1.05 * e
 
 
 def test_tiny_model_text_report_and_nothing_fits(capsys, tiny_config):
