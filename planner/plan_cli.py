@@ -165,6 +165,8 @@ def run_plan(args) -> int:
     print(f"plan      {best.strategy.label()}")
     print_estimate(best, budget)
     print(searched)
+    if objective == Objective.MEMORY:
+        print("(--objective speed puts the predicted step time before the chunk count)")
     print(f"wrote {args.output}")
     return 0
 

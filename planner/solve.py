@@ -108,7 +108,8 @@ class SearchSpace:
           gradients are not staged off the GPU (staging feeds a host-side optimizer).
         - A host optimizer keeps its state on host or disk, never on the GPU.
         - Prefetch depth matters only when a chunk switch moves state (`Strategy.moves_state`,
-          C > 1); elsewhere it is pinned to the default, 1.
+          C > 1); elsewhere it is pinned to the default, 1. It is at most C - 1 (there are
+          only C - 1 other chunks to fetch ahead).
         """
         out: dict[Strategy, None] = {}
         for c in sorted(set(self.chunk_counts)):
@@ -127,7 +128,7 @@ class SearchSpace:
                                     base = Strategy(chunks=c, optimizer_device=device, state_tier=tier,
                                                     grad_staging=staging, checkpointing=ckpt,
                                                     weights=weights, loss_chunk_tokens=loss)
-                                    depths = (tuple(sorted(set(self.prefetch_depths)))
+                                    depths = (tuple(sorted({min(d, c - 1) for d in self.prefetch_depths}))
                                               if c > 1 and base.moves_state else (1,))
                                     for depth in depths:
                                         for interval in intervals:

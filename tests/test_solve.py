@@ -90,11 +90,14 @@ def test_space_has_only_valid_distinct_strategies():
             assert s.grad_staging is None and (s.chunks > 1 or s.state_tier == Tier.GPU)
         if not (s.chunks > 1 and s.moves_state):
             assert s.prefetch_depth == 1
-    # hand count per C > 1: GPU optimizer: state gpu (1) + host (3 depths) + disk (3) = 7;
-    # host optimizer: (state host 1 + disk 3) x 3 stagings = 12; x ckpt 2 x weights 2 x loss 2 x intervals 2
+    # hand count per C > 2: GPU optimizer: state gpu (1) + host (3 depths) + disk (3) = 7;
+    # host optimizer: (state host 1 + disk 3) x 3 stagings = 12; x ckpt 2 x weights 2 x loss 2 x intervals 2.
+    # C = 2 has one other chunk: depths 0 and 1 only, (1 + 2 + 2) + (1 + 2) x 3 = 14.
     per_level = (7 + 12) * 2 * 2 * 2 * 2
+    c2 = 14 * 2 * 2 * 2 * 2
     c1 = (1 + 2 * 3) * 2 * 2 * 2
-    assert len(strategies) == c1 + 5 * per_level
+    assert len(strategies) == c1 + c2 + 4 * per_level
+    assert all(s.prefetch_depth < s.chunks for s in strategies if s.chunks > 1)
 
 
 def test_default_space_chunk_counts():
