@@ -292,3 +292,16 @@ def test_llama3_8b_fits_24_gib():
     sol = solve_model(resolve_model("llama3-8b"), StepShape(seq_len=1024), hardware("rtx4090"), budget)
     assert sol.fits and sol.best.need_bytes(Tier.GPU) <= budget.gpu_bytes
     assert sol.best.strategy.weights == WeightResidency.GPU
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_more_budget_never_worse_on_the_real_cost_model(real_costs, objective):
+    strategies = list(real_costs)
+    needs = sorted({e.need_bytes(Tier.GPU) for e in real_costs.values()})
+    previous = None
+    for gpu in needs[::3] + [needs[-1]]:
+        sol = solve(strategies, real_costs.__getitem__, Budget(gpu_bytes=gpu), objective=objective)
+        assert sol.fits  # every listed need is some strategy's: it fits its own need
+        if previous is not None:
+            assert objective_key(sol.best, objective) <= objective_key(previous.best, objective)
+        previous = sol
