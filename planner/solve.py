@@ -207,6 +207,7 @@ def solve(strategies: Iterable[Strategy] | SearchSpace, evaluate_fn: EvaluateFn,
     if isinstance(strategies, SearchSpace):
         strategies = strategies.strategies()
     strategies = list(dict.fromkeys(strategies))
+    assert strategies, "the strategy space is empty"
     cache: dict[Strategy, Estimate] = {}
 
     def ev(s: Strategy) -> Estimate:
