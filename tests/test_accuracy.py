@@ -26,6 +26,21 @@ TOLERANCE = 0.02
 NUM_CHUNKS = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_process():
+    """One intra-op thread (on a shared 2-core machine two threads make a tiny step 10-40x
+    slower), and a frozen GC so measure_malloc_peak's gc.collect() takes milliseconds."""
+    import gc
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+    torch.set_num_threads(threads)
+
+
 def tiny(arch: str) -> ModelSpec:
     if arch == "gpt2":
         config = GPT2Config(n_embd=256, n_layer=4, n_head=4, vocab_size=4096, n_positions=256,
