@@ -52,19 +52,23 @@ def tiny(arch: str) -> ModelSpec:
     return ModelSpec(name=f"tiny-{arch}", source="config", config=config, num_layers=4)
 
 
-def measured_step_peak(spec: ModelSpec, shape: StepShape, grad) -> int:
+def measured_step_peak(spec: ModelSpec, shape: StepShape, grad, *, checkpointing: bool = False,
+                       loss_chunk_tokens: int = 0) -> int:
     """Peak bytes above baseline of one real CPU step (after a warm-up step)."""
+    from planner.step import enable_checkpointing
     from runtime.subgrad import install
 
     torch.manual_seed(0)
     model = spec.build(device="cpu", dtype=shape.torch_dtype())
     model.train()
+    if checkpointing:
+        enable_checkpointing(model)
     handle = install(model, grad) if grad is not None else None
     ids = torch.randint(0, 4096, (shape.batch, shape.seq_len))
     labels = torch.randint(0, 4096, (shape.batch, shape.seq_len))
 
     def step():
-        step_loss(model, ids, labels).backward()
+        step_loss(model, ids, labels, loss_chunk_tokens=loss_chunk_tokens).backward()
 
     step()  # first-call allocations (thread pools, kernels' caches) stay out of the measured step
     model.zero_grad(set_to_none=True)
@@ -101,11 +105,14 @@ def test_predicted_peak_matches_malloc_measurement(arch, seq_len, which):
 
 
 @pytest.mark.skipif(not mallinfo2_available(), reason="needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
-def test_bf16_step_and_checkpointing_match_malloc_measurement():
+@pytest.mark.parametrize("dtype,checkpointing,loss_chunk_tokens", [("bf16", False, 0), ("fp32", True, 64)])
+def test_bf16_checkpointing_and_chunked_loss_match_malloc_measurement(dtype, checkpointing, loss_chunk_tokens):
     spec = tiny("llama")
-    shape = StepShape(batch=1, seq_len=256, dtype="bf16")
-    predicted = trace_step(spec, shape, TraceOptions()).replay().step_peak_bytes
-    measured = measured_step_peak(spec, shape, None)
+    shape = StepShape(batch=1, seq_len=256, dtype=dtype)
+    opts = TraceOptions(checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens)
+    predicted = trace_step(spec, shape, opts).replay().step_peak_bytes
+    measured = measured_step_peak(spec, shape, None, checkpointing=checkpointing,
+                                  loss_chunk_tokens=loss_chunk_tokens)
     assert abs(predicted - measured) / measured < TOLERANCE, (predicted, measured)
 
 
