@@ -43,6 +43,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ from planner.errors import ChunkftError
 from planner.fsio import atomic_path
 from planner.schema import Tier
 from runtime.scaler import LossScaler
-from runtime.subgrad import SubgradHandle, install
+from runtime.subgrad import GradCallback, SubgradHandle, install
 
 STATE_VERSION = 1
 _KINDS = ("master", "exp_avg", "exp_avg_sq")
@@ -208,6 +209,9 @@ class ChunkAdamW:
             for a ZeRO-Offload-style host step).
         prefetch_depth: 0 loads the next chunk's state on switch; >= 1 prefetches it.
         scaler: a LossScaler for fp16 (None for bf16 / fp32).
+        on_grad: called with (name, gradient) for every gradient contribution as it is
+            produced, after the scaler's check (runtime.offload stages gradients off the
+            device through it).
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class ChunkAdamW:
         device: torch.device | str | None = None,
         prefetch_depth: int = 1,
         scaler: LossScaler | None = None,
+        on_grad: GradCallback | None = None,
     ):
         if update_interval < 1:
             raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
@@ -233,6 +238,7 @@ class ChunkAdamW:
         self.schedule = schedule or LRSchedule()
         self.update_interval = update_interval
         self.scaler = scaler
+        self._on_grad = on_grad
         self._params = dict(model.named_parameters())
         first = next(iter(self._params.values()))
         self.device = torch.device(device) if device is not None else first.device
@@ -274,8 +280,12 @@ class ChunkAdamW:
     def zero_grad(self) -> None:
         self.handle.zero_grad()
 
-    def step(self) -> StepResult:
+    def step(self, grads: Mapping[str, torch.Tensor] | None = None) -> StepResult:
         """One optimizer step on the active chunk's accumulated gradients, then drop them.
+
+        `grads` supplies the gradients instead of the chunk's handle (runtime.offload: 16-bit
+        gradients staged on host or disk, read lazily; any device and dtype, cast to the
+        master dtype on the step device one span at a time).
 
         fp16: skipped (returns stepped=False) if any gradient overflowed; the scale backs off
         and neither the chunk nor the schedule advances. Otherwise AdamW on every span that
@@ -288,7 +298,7 @@ class ChunkAdamW:
             self.handle.zero_grad()
             self.scaler.update(True)
             return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale)
-        grads = self.handle.grads()
+        grads = self.handle.grads() if grads is None else grads
         inv_scale = 1.0 / scale if scale is not None else 1.0
         names = [s.param for s in self.table.chunks[k] if s.param in grads]
         coef, grad_norm = None, None
@@ -439,7 +449,9 @@ class ChunkAdamW:
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.config.eps)
         master.addcdiv_(exp_avg, denom, value=-step_size)
         with torch.no_grad():
-            self._span_view(self.active_chunk, name).copy_(master)
+            view = self._span_view(self.active_chunk, name)
+            # a host step sends the weights back already in their 16-bit dtype (same rounding)
+            view.copy_(master if master.device == view.device else master.to(view.dtype))
 
     def _fresh_state(self, k: int) -> dict[str, torch.Tensor]:
         state = {}
@@ -481,11 +493,22 @@ class ChunkAdamW:
             raise ChunkftError(f"optimizer state of chunk {k} holds {sorted(set(state) ^ expected)[:3]} unexpectedly")
         self._state = state
         self.active_chunk = k
-        on_grad = self.scaler.check if self.scaler is not None else None
-        self._handle = install(self.model, self.table.grad_spec(k), on_grad=on_grad)
+        self._handle = install(self.model, self.table.grad_spec(k), on_grad=self._grad_callback())
         if self._prefetch:
             nxt = (k + 1) % self.table.num_chunks
             self._pending = (nxt, self._executor.submit(self._load, nxt))
+
+    def _grad_callback(self) -> GradCallback | None:
+        """The scaler's overflow check, then the caller's `on_grad`, for each contribution."""
+        check, extra = (self.scaler.check if self.scaler is not None else None), self._on_grad
+        if check is None or extra is None:
+            return check or extra
+
+        def both(name: str, grad: torch.Tensor) -> None:
+            check(name, grad)
+            extra(name, grad)
+
+        return both
 
     def _evict(self) -> None:
         self._handle.remove()

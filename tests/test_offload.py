@@ -1,0 +1,254 @@
+"""NVMSA offloading: same updates as the on-device optimizer, overflow skip, disk-tier failures."""
+
+from __future__ import annotations
+
+import errno
+import io
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from planner.chunks import make_chunk_table_from_model
+from planner.errors import ChunkftError
+from planner.schema import Component, Tier
+from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from runtime.chunk_optim import AdamWConfig, ChunkAdamW
+from runtime.disk_store import DiskLog
+from runtime.offload import OffloadAdamW, OffloadOptimizer
+from runtime.scaler import LossScaler, ScalerConfig
+
+CFG = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=4, tie_word_embeddings=False, pad_token_id=0)
+ADAMW = AdamWConfig(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CFG))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.to(dtype)
+
+
+def _loss(model, i: int) -> torch.Tensor:
+    ids = torch.randint(1, CFG["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(100 + i))
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _table(model, chunks):
+    return make_chunk_table_from_model(model, chunks)
+
+
+@pytest.mark.parametrize("chunks,staging", [(1, Tier.HOST), (3, Tier.HOST), (3, Tier.DISK)])
+def test_offloaded_step_equals_on_device_step_bitwise(chunks, staging, tmp_path):
+    """bf16 model, 2 micro-batches, clipping: the host step on staged 16-bit gradients gives
+    exactly the on-device ChunkAdamW weights (both accumulate in bf16, cast at the optimizer)."""
+    ref, mine = _model(torch.bfloat16), _model(torch.bfloat16)
+    ref_opt = ChunkAdamW(ref, _table(ref, chunks), config=ADAMW)
+    opt = OffloadAdamW(mine, _table(mine, chunks), staging=staging, staging_dir=tmp_path / "staging",
+                       config=ADAMW, state_tier=Tier.HOST)
+    for step in range(5):
+        trained = {s.param for s in opt.table.chunks[opt.active_chunk]}
+        opt.zero_grad()
+        for j in range(2):
+            ref_opt.backward(_loss(ref, 2 * step + j) / 2)
+            opt.backward(_loss(mine, 2 * step + j) / 2)
+            # nothing of the gradients is left on the device after a backward
+            assert all(p.grad is None for p in mine.parameters()) and not opt.inner.handle.grads()
+        staged = opt.staged_bytes()[staging]
+        expected = sum(s.nbytes for s in opt.table.chunks[opt.active_chunk])  # bf16 bytes of the chunk
+        assert staged == expected * (2 if staging == Tier.DISK else 1)  # disk keeps each micro-batch
+        assert opt.staged_count >= 2 * len(trained)  # each micro-batch's gradient of each span
+        a, b = ref_opt.step(), opt.step()
+        assert a.stepped and b.stepped and a.grad_norm == b.grad_norm and a.switched_to == b.switched_to
+        for name, p in mine.named_parameters():
+            assert torch.equal(p, dict(ref.named_parameters())[name]), f"step {step} {name}"
+    ref_opt.close()
+    opt.close()
+    assert not list((tmp_path / "staging").glob("grads.bin*")) if staging == Tier.DISK else True
+
+
+def test_fp32_model_staged_in_bf16_matches_rounded_reference():
+    """fp32 weights, gradients staged in bf16: exactly the on-device step fed the same bf16-rounded
+    gradients, and close to the unrounded fp32 step."""
+    exact, rounded, mine = _model(torch.float32), _model(torch.float32), _model(torch.float32)
+    config = AdamWConfig(lr=1e-2, weight_decay=0.1)
+    opts = [ChunkAdamW(m, _table(m, 3), config=config) for m in (exact, rounded)]
+    opt = OffloadAdamW(mine, _table(mine, 3), staging=Tier.HOST, staging_dtype=torch.bfloat16, config=config)
+    for step in range(6):
+        for m, o in zip((exact, rounded), opts):
+            o.zero_grad()
+            o.backward(_loss(m, step))
+        opts[0].step()
+        opts[1].step(grads={n: g.to(torch.bfloat16) for n, g in opts[1].handle.grads().items()})
+        opt.zero_grad()
+        opt.backward(_loss(mine, step))
+        opt.step()
+    drift = 0.0
+    for name, p in mine.named_parameters():
+        assert torch.equal(p, dict(rounded.named_parameters())[name]), name
+        drift = max(drift, float((p - dict(exact.named_parameters())[name]).detach().abs().max()))
+    # Adam normalises the step: bf16's 3 significant digits move each update by ~0.4% of lr
+    assert 0 < drift < 0.05 * config.lr * 6, drift
+    for o in (*opts, opt):
+        o.close()
+
+
+class _Bomb(torch.autograd.Function):
+    """Identity whose backward puts one inf into the gradient flowing through it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g.view(-1)[0] = float("inf")
+        return g
+
+
+class _CountingScaler(LossScaler):
+    """Records the order in which gradients reach the on-the-fly check."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seen: list[str] = []
+
+    def check(self, name, grad):
+        self.seen.append(name)
+        super().check(name, grad)
+
+
+def test_overflow_abandons_the_step_on_the_fly():
+    """fp16: an inf in the final norm's output gradient. lm_head's gradient (produced before it)
+    is staged; the norm's (the first non-finite one) and every later one are checked as they
+    arrive but not staged; the step is skipped, weights unchanged, the scale halved; the next
+    step trains normally."""
+    model = _model(torch.float16)
+    scaler = _CountingScaler(ScalerConfig(init_scale=2.0**10))
+    opt = OffloadAdamW(model, _table(model, 1), staging=Tier.HOST, config=AdamWConfig(lr=1e-3), scaler=scaler)
+    hook = model.model.norm.register_forward_hook(lambda m, a, out: _Bomb.apply(out))
+    before = _weights(model)
+    opt.zero_grad()
+    opt.backward(_loss(model, 0))
+    hook.remove()
+    assert scaler.seen[:2] == ["lm_head.weight", "model.norm.weight"] and len(scaler.seen) == len(before)
+    assert opt.staged_count == 1 and opt.staged_bytes()[Tier.HOST] == model.lm_head.weight.nbytes
+    result = opt.step()
+    assert not result.stepped and scaler.scale == 2.0**9
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    opt.zero_grad()
+    opt.backward(_loss(model, 1))
+    assert opt.staged_count == len(before)
+    assert opt.step().stepped and scaler.scale == 2.0**9
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    opt.close()
+
+
+def test_disk_checksum_catches_a_flipped_byte(tmp_path):
+    log = DiskLog(tmp_path, "state.bin", block_bytes=256)
+    a = torch.randn(40, 10).to(torch.bfloat16)
+    log.append("a", a)
+    log.append("b", torch.arange(7, dtype=torch.float32))
+    log.seal()
+    again = DiskLog.open(tmp_path, "state.bin")
+    assert torch.equal(again.read("a"), a) and again.nbytes() == 40 * 10 * 2 + 28
+    raw = bytearray((tmp_path / "state.bin").read_bytes())
+    raw[300] ^= 0x10  # block 1 of record "a"
+    (tmp_path / "state.bin").write_bytes(bytes(raw))
+    with pytest.raises(ChunkftError, match=r"checksum mismatch in .*state.bin.*record 'a', block 1") as e:
+        DiskLog.open(tmp_path, "state.bin").read("a")
+    assert "\n" not in str(e.value)
+    assert torch.equal(DiskLog.open(tmp_path, "state.bin").read("b"), torch.arange(7, dtype=torch.float32))
+
+
+class _FullDisk(io.RawIOBase):
+    """A writable file that takes `room` bytes, then fails like a full disk."""
+
+    def __init__(self, path, room: int):
+        self._f = open(path, "wb")
+        self._room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        if len(b) > self._room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= len(b)
+        return self._f.write(b)
+
+    def flush(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+
+    def close(self) -> None:
+        super().close()  # flushes first
+        self._f.close()
+
+
+def test_full_disk_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
+    """Staging on disk; the disk fills during step 2's backward: a one-line ChunkftError naming
+    the staging file and ENOSPC; the step-1 checkpoint verifies and holds step 1's weights."""
+    model = _model(torch.bfloat16)
+    grad_bytes = sum(p.nbytes for p in model.parameters())
+    opened = []
+
+    def opener(path, mode):
+        if "w" in mode:
+            opened.append(path)
+            return _FullDisk(path, room=grad_bytes if len(opened) == 1 else grad_bytes // 3)
+        return open(path, mode)
+
+    opt = OffloadAdamW(model, _table(model, 1), staging=Tier.DISK, staging_dir=tmp_path / "staging",
+                       config=AdamWConfig(lr=1e-2), opener=opener)
+    wrapper = OffloadOptimizer(opt, state_tier=Tier.HOST)
+    wrapper.begin_step()
+    wrapper.backward(_loss(model, 0))
+    assert wrapper.tier_bytes()[Tier.DISK] == {Component.GRADIENTS: grad_bytes}
+    assert wrapper.step()
+    after_one = _weights(model)
+    save_checkpoint(tmp_path / "out", step=1, model=model, optimizer_state=wrapper.state_dict(), state={})
+    wrapper.begin_step()
+    with pytest.raises(ChunkftError) as e:
+        wrapper.backward(_loss(model, 1))
+    message = str(e.value)
+    assert "\n" not in message and "grads.bin" in message and "No space left on device (ENOSPC)" in message
+    opt.close()
+    assert all(torch.equal(p, after_one[n]) for n, p in model.named_parameters())
+    fresh = _model(torch.bfloat16)
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "out"), model=fresh)  # verifies sha256s
+    assert ckpt.step == 1 and all(torch.equal(p, after_one[n]) for n, p in fresh.named_parameters())
+
+
+def test_accounting_reports_state_and_staged_grads_per_tier(tmp_path):
+    model = _model(torch.bfloat16)
+    table = _table(model, 3)
+    opt = OffloadOptimizer(OffloadAdamW(model, table, staging=Tier.HOST, state_tier=Tier.DISK,
+                                        state_dir=tmp_path / "state", prefetch_depth=0), state_tier=Tier.DISK)
+    opt.begin_step()
+    opt.backward(_loss(model, 0))
+    tiers = opt.tier_bytes()
+    chunk0 = table.chunk_bytes(0)  # bf16 bytes: fp32 master = 2x, moments = 4x
+    assert tiers[Tier.HOST] == {Component.MASTER: 2 * chunk0, Component.OPTIMIZER: 4 * chunk0,
+                                Component.GRADIENTS: chunk0}
+    assert Tier.GPU not in tiers
+    opt.step()  # switches to chunk 1: chunk 0's state rests on disk
+    assert opt.tier_bytes()[Tier.DISK][Component.MASTER] > 2 * chunk0
+    opt.inner.close()
