@@ -128,7 +128,7 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
     # The meta parameters are the one non-fake input: empty_like turns them into fake cpu tensors.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
-        module.to_empty(device="cpu")
+        _to_fake_cpu(module)
         fake_mode.allow_non_fake_inputs = False
         assert all(isinstance(p, FakeTensor) for p in module.parameters()), "parameters must be fake"
         handle = _apply_grad_spec(module, grad)
@@ -153,6 +153,25 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
         if handle is not None:
             handle.remove()
     return recorder.to_opgraph()
+
+
+def _to_fake_cpu(module: "torch.nn.Module") -> None:
+    """module.to_empty(device="cpu") under the fake mode, keeping tied parameters tied.
+
+    to_empty gives every module its own new Parameter, so a tied lm_head / embedding would
+    become two weights with two gradients; the owners of each meta Parameter share its
+    replacement again (plain module attribute assignment).
+    """
+    owners: dict[int, list[tuple["torch.nn.Module", str]]] = {}
+    for _, mod in module.named_modules(remove_duplicate=False):
+        for attr, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((mod, attr))
+    module.to_empty(device="cpu")
+    for group in owners.values():
+        shared = getattr(*group[0])
+        for mod, attr in group[1:]:
+            if getattr(mod, attr) is not shared:
+                setattr(mod, attr, shared)
 
 
 TRACE_SDPA = "chunkft_trace_sdpa"

@@ -183,6 +183,19 @@ def test_chunked_loss_never_holds_full_logits():
     assert chunked.replay().live_bytes[Component.LOGITS].max() < plain.replay().live_bytes[Component.LOGITS].max() / 3
 
 
+def test_tied_embeddings_are_one_weight_with_one_gradient():
+    spec = llama_spec(2, tied=True)
+    weights = param_bytes(spec)  # named_parameters() lists the shared tensor once
+    graph = trace_step(spec, SHAPE, FULL)
+    end = graph.replay().at(len(graph) - 1)
+    assert end[Component.WEIGHTS] == weights + _buffer_bytes(spec)
+    assert end[Component.GRADIENTS] == weights
+    # training it under its lm_head name trains the embedding too: gradients reach layer 0
+    head_only = trace_step(spec, SHAPE, TraceOptions(grad={"lm_head.weight": True}, replicate=False))
+    assert head_only.replay().at(len(head_only) - 1)[Component.GRADIENTS] == 1024 * 128 * 2
+    assert any(op.layer == 0 and op.phase == Phase.BACKWARD for op in head_only.ops)
+
+
 def test_qwen2_with_biases_traces():
     config = Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=1024)
