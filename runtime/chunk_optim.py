@@ -52,6 +52,7 @@ from planner.chunks import ChunkTable, model_named_shapes
 from planner.errors import ChunkftError
 from planner.fsio import atomic_path
 from planner.schema import Tier
+from runtime.disk_store import describe_os_error, file_crc32
 from runtime.scaler import LossScaler
 from runtime.subgrad import GradCallback, SubgradHandle, install
 
@@ -129,6 +130,7 @@ class _Store:
         self.device = device
         self._mem: dict[int, dict[str, torch.Tensor]] = {}
         self._pin = tier == Tier.HOST and torch.cuda.is_available()
+        self._crc: dict[int, int] = {}  # DISK: crc32 of each chunk file as written, checked on read
         if tier == Tier.DISK:
             if state_dir is None:
                 raise ChunkftError("the DISK state tier needs a state directory (state_dir)")
@@ -156,8 +158,18 @@ class _Store:
         else:
             from safetensors.torch import save_file
 
-            with atomic_path(self._path(k)) as tmp:
-                save_file({n: t.detach().contiguous().cpu() for n, t in state.items()}, str(tmp))
+            path = self._path(k)
+            try:  # atomic: a failed write leaves the chunk's previous file as it was
+                with atomic_path(path) as tmp:
+                    save_file({n: t.detach().contiguous().cpu() for n, t in state.items()}, str(tmp))
+                    crc = file_crc32(tmp)
+            except ChunkftError:
+                raise
+            except OSError as e:
+                raise ChunkftError(f"disk tier: cannot write {str(path)!r}: {describe_os_error(e)}") from None
+            except Exception as e:  # safetensors reports I/O failures with its own error types
+                raise ChunkftError(f"disk tier: cannot write {str(path)!r}: {str(e).splitlines()[0]}") from None
+            self._crc[k] = crc
 
     def get(self, k: int, device: torch.device) -> dict[str, torch.Tensor] | None:
         if self.tier == Tier.DISK:
@@ -166,6 +178,13 @@ class _Store:
             path = self._path(k)
             if not path.exists():
                 return None
+            try:
+                crc = file_crc32(path)
+            except OSError as e:
+                raise ChunkftError(f"disk tier: cannot read {str(path)!r}: {describe_os_error(e)}") from None
+            if k in self._crc and crc != self._crc[k]:
+                raise ChunkftError(f"disk tier: checksum mismatch in {str(path)!r}: the file changed since it was "
+                                   f"written (crc32 {crc:08x}, wrote {self._crc[k]:08x})")
             try:
                 return load_file(str(path), device=str(device))
             except Exception as e:  # safetensors raises its own error types
@@ -177,6 +196,7 @@ class _Store:
 
     def drop(self, k: int) -> None:
         self._mem.pop(k, None)
+        self._crc.pop(k, None)
         if self.tier == Tier.DISK:
             self._path(k).unlink(missing_ok=True)
 

@@ -54,6 +54,20 @@ def _cause(e: OSError) -> str:
     return f"{text} ({name})" if name else text
 
 
+def describe_os_error(e: OSError) -> str:
+    """"No space left on device (ENOSPC)": strerror plus the errno's name, for one-line errors."""
+    return _cause(e)
+
+
+def file_crc32(path: str | os.PathLike, *, block_bytes: int = BLOCK_BYTES) -> int:
+    """zlib.crc32 of a whole file, read in large sequential blocks (OSError propagates)."""
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(block_bytes), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Record:
     """Where one appended tensor lives in the data file."""

@@ -178,6 +178,26 @@ def test_disk_checksum_catches_a_flipped_byte(tmp_path):
     assert torch.equal(DiskLog.open(tmp_path, "state.bin").read("b"), torch.arange(7, dtype=torch.float32))
 
 
+def test_state_on_disk_checksum_catches_a_changed_chunk_file(tmp_path):
+    """Resting optimizer state on disk (C = 2): a byte flipped in chunk 0's file while chunk 1
+    trains is caught when chunk 0 comes back, before its state is used."""
+    model = _model(torch.bfloat16)
+    opt = OffloadAdamW(model, _table(model, 2), staging=Tier.HOST, state_tier=Tier.DISK, state_dir=tmp_path,
+                       prefetch_depth=0)
+    opt.zero_grad()
+    opt.backward(_loss(model, 0))
+    assert opt.step().switched_to == 1
+    path = tmp_path / "chunk00000.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01  # inside the last tensor's data
+    path.write_bytes(bytes(raw))
+    opt.zero_grad()
+    opt.backward(_loss(model, 1))
+    with pytest.raises(ChunkftError, match=r"checksum mismatch in .*chunk00000.safetensors"):
+        opt.step()
+    opt.close()
+
+
 class _FullDisk(io.RawIOBase):
     """A writable file that takes `room` bytes, then fails like a full disk."""
 
