@@ -1,6 +1,7 @@
 """`chunkft plan`, `chunkft simulate` and `chunkft size`: solve, replay and size from the shell.
 
   chunkft plan MODEL [--gpu 24GiB] [--host-ram ..] [--disk ..] [--seq 1024] [--batch 1]
+               [--chunks 4,16] [--optimizer gpu|host] [--state gpu|host|disk] [--grad-staging ..]
                [--dtype bf16] [--gpu-kind rtx4090] [--objective memory|speed] [-o plan.json]
       exit 0 with a plan written; exit 1 when nothing fits (what is missing, per tier).
   chunkft simulate PLAN [-o timeline.jsonl] [--model SPEC] [--gpu-kind KIND]
@@ -40,6 +41,7 @@ def add_parser(subparsers) -> None:
                                       "without --gpu its memory less the CUDA context is the budget")
     p.add_argument("--objective", choices=["memory", "speed"], default="memory",
                    help="memory: fewest chunks first (default); speed: shortest step time first")
+    _pin_args(p)
     p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
     p.set_defaults(run=run_plan)
 
@@ -68,12 +70,53 @@ def _shape_args(p: argparse.ArgumentParser) -> None:
                    help=f"largest chunk count searched (default {MAX_CHUNKS})")
 
 
+def _pin_args(p: argparse.ArgumentParser) -> None:
+    """Flags that pin part of the strategy space; the solver searches the rest."""
+    p.add_argument("--chunks", help="only these chunk counts, e.g. 4 or 1,8,64 (default: search)")
+    p.add_argument("--optimizer", choices=["gpu", "host"], help="where the AdamW step runs (default: search)")
+    p.add_argument("--state", choices=["gpu", "host", "disk"],
+                   help="where inactive chunks' fp32 master and moments rest (default: search)")
+    p.add_argument("--grad-staging", choices=["none", "host", "disk"],
+                   help="16-bit gradient offload as produced (default: search)")
+    p.add_argument("--checkpointing", choices=["on", "off"], help="activation checkpointing (default: search)")
+
+
+def _parse_chunk_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise ChunkftError(f"invalid --chunks {text!r}: expected positive integers separated by commas, e.g. 4 or 1,8,64")
+    return counts
+
+
 def _space(args, model):
+    import dataclasses
+
+    from planner.schema import Tier
     from planner.solve import default_space
+    from planner.strategy import OptimizerDevice
 
     if args.max_chunks < 1:
         raise ChunkftError(f"invalid --max-chunks {args.max_chunks}: must be 1 or more")
-    return default_space(num_layers=model.num_layers, tokens=args.batch * args.seq, max_chunks=args.max_chunks)
+    space = default_space(num_layers=model.num_layers, tokens=args.batch * args.seq, max_chunks=args.max_chunks)
+    pins = {}
+    if getattr(args, "chunks", None):
+        pins["chunk_counts"] = _parse_chunk_counts(args.chunks)
+    if getattr(args, "optimizer", None):
+        pins["optimizer_devices"] = (OptimizerDevice(args.optimizer),)
+    if getattr(args, "state", None):
+        pins["state_tiers"] = (Tier(args.state),)
+    if getattr(args, "grad_staging", None):
+        pins["grad_stagings"] = (None if args.grad_staging == "none" else Tier(args.grad_staging),)
+    if getattr(args, "checkpointing", None):
+        pins["checkpointing"] = (args.checkpointing == "on",)
+    space = dataclasses.replace(space, **pins)
+    if not space.strategies():
+        raise ChunkftError("the pinned flags (--chunks/--optimizer/--state/--grad-staging) leave no valid strategy; "
+                           "e.g. a host optimizer keeps its state on host or disk, and gradient staging needs --optimizer host")
+    return space
 
 
 def _shape(args):

@@ -171,6 +171,8 @@ def test_cli_infeasible_budget_is_an_answer(small, tmp_path, capsys):
     (["--gpu-kind", "tpu-v5"], "unknown GPU 'tpu-v5'"),
     (["--seq", "0"], "invalid sequence length 0"),
     (["--max-chunks", "0"], "invalid --max-chunks 0"),
+    (["--chunks", "4,x"], "invalid --chunks '4,x'"),
+    (["--optimizer", "host", "--state", "gpu"], "leave no valid strategy"),
 ])
 def test_cli_bad_flags_are_one_line_errors(small, tmp_path, capsys, argv, message):
     from planner.cli import main
@@ -192,3 +194,19 @@ def test_cli_objective_speed_changes_the_order(small, tmp_path, capsys):
     mem = load_plan(tmp_path / "mem.json")
     assert mem.strategy.chunks <= fast.strategy.chunks
     assert fast.step_time_s <= mem.step_time_s
+
+
+def test_cli_pinned_flags_restrict_the_search(small, tmp_path, capsys):
+    """--chunks/--optimizer/--state pin those fields; the solver still picks the rest."""
+    from planner.cli import main
+    from planner.schema import Tier
+    from planner.strategy import OptimizerDevice
+
+    path = tmp_path / "pinned.json"
+    assert main(["plan", small, "--gpu", "120MiB", *SMALL_ARGS, "--chunks", "2",
+                 "--optimizer", "gpu", "--state", "host", "-o", str(path)]) == 0
+    plan = load_plan(path)
+    assert plan.strategy.chunks == 2
+    assert plan.strategy.optimizer_device == OptimizerDevice.GPU
+    assert plan.strategy.state_tier == Tier.HOST
+    assert len(plan.chunk_table.chunks) == 2
