@@ -11,8 +11,11 @@ The model is built from the plan's model spec: a directory holding safetensors w
 loaded from them (a fine-tuning run); anything else (preset, config) is built randomly
 initialised from `--seed`.
 
-Known limitations: strategies this runtime does not execute yet -- gradient staging to host or
-disk (NVMSA, issue 6) and streamed weights -- are refused with a message; one device.
+Gradient staging (NVMSA, runtime.offload): a plan with `grad_staging` host or disk runs
+OffloadAdamW -- each 16-bit gradient leaves the device as produced, to host buffers or to a
+checksummed staging file under OUT/grad-staging, and AdamW steps on the host.
+
+Known limitations: streamed weights are refused with a message; one device.
 """
 
 from __future__ import annotations
@@ -90,9 +93,6 @@ def build_run(args):
     spec = resolve_model(plan.model_name)
     check_plan_model(plan, spec)
     strategy = plan.strategy
-    if strategy.grad_staging is not None:
-        raise ChunkftError(f"the plan stages gradients on {strategy.grad_staging.value}; this runtime does not "
-                           "execute gradient staging yet (plan without it)")
     if strategy.weights != WeightResidency.GPU:
         raise ChunkftError("the plan streams weights from host; this runtime keeps every layer resident "
                            "(plan with weights on the GPU)")
@@ -123,14 +123,23 @@ def build_run(args):
 
     scaler = LossScaler() if plan.shape.dtype == "fp16" else None
     state_tier = Tier(strategy.state_tier)
-    inner = ChunkAdamW(
-        model, plan.chunk_table,
-        config=AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None),
-        schedule=LRSchedule(kind=args.schedule, warmup_steps=args.warmup_steps, total_steps=args.steps),
-        update_interval=strategy.update_interval, state_tier=state_tier, state_dir=out / "optimizer-state",
-        device=torch.device("cpu") if strategy.optimizer_device == OptimizerDevice.HOST else device,
-        prefetch_depth=strategy.prefetch_depth, scaler=scaler)
-    optimizer = ChunkOptimizer(inner, state_tier=state_tier)
+    adamw = AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None)
+    schedule = LRSchedule(kind=args.schedule, warmup_steps=args.warmup_steps, total_steps=args.steps)
+    if strategy.grad_staging is not None:  # NVMSA: the Strategy guarantees a host optimizer
+        from runtime.offload import OffloadAdamW, OffloadOptimizer
+
+        staged = OffloadAdamW(
+            model, plan.chunk_table, staging=Tier(strategy.grad_staging), staging_dir=out / "grad-staging",
+            config=adamw, schedule=schedule, update_interval=strategy.update_interval, state_tier=state_tier,
+            state_dir=out / "optimizer-state", prefetch_depth=strategy.prefetch_depth, scaler=scaler)
+        optimizer = OffloadOptimizer(staged, state_tier=state_tier)
+    else:
+        inner = ChunkAdamW(
+            model, plan.chunk_table, config=adamw, schedule=schedule,
+            update_interval=strategy.update_interval, state_tier=state_tier, state_dir=out / "optimizer-state",
+            device=torch.device("cpu") if strategy.optimizer_device == OptimizerDevice.HOST else device,
+            prefetch_depth=strategy.prefetch_depth, scaler=scaler)
+        optimizer = ChunkOptimizer(inner, state_tier=state_tier)
 
     pad = padding_id(tok)
     loader = PackedLoader(train_examples, seq_len=plan.shape.seq_len, batch_size=plan.shape.batch, seed=args.seed,
@@ -204,9 +213,11 @@ def run(args) -> int:
         else:
             print(f"no checkpoint in {trainer.out_dir}; starting from step 0")
     chunks = plan.strategy.chunks
+    staging = plan.strategy.grad_staging
     print(f"training {spec.name} ({plan.shape.dtype}, batch {plan.shape.batch} x {plan.shape.seq_len} tokens) "
-          f"with {chunks} chunk{'s' if chunks != 1 else ''}, state on {plan.strategy.state_tier.value}, "
-          f"for {args.steps} steps")
+          f"with {chunks} chunk{'s' if chunks != 1 else ''}, state on {plan.strategy.state_tier.value}"
+          + (f", 16-bit gradients staged on {staging.value}" if staging is not None else "")
+          + f", for {args.steps} steps")
     result = trainer.train()
     line = f"done: step {result.final_step}"
     if result.losses:
