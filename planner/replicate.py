@@ -49,6 +49,7 @@ MAX_RUN_COPIES = 3
 """Template layers per run: its first, one interior layer standing for all others, its last."""
 
 _TEMPLATE_CACHE: dict[tuple, "OpGraph"] = {}
+_MODULE_CACHE: dict[tuple, Any] = {}
 _TEMPLATE_CACHE_SIZE = 32
 
 
@@ -260,11 +261,28 @@ def _model_key(model: "ModelSpec") -> Any:
 
 
 def _build_template(model: "ModelSpec", shape: "StepShape", plan: LayerPlan):
-    """The model with one layer per template layer, per-layer config values taken at the anchors."""
+    """A fresh meta copy of the model with one layer per template layer.
+
+    Templates of one depth and per-layer config values (all chunks of a plan, mostly) are the
+    same meta module: it is built once and deep-copied (milliseconds; a build runs the init
+    functions on meta tensors, a good part of a template trace).
+    """
+    lists = {} if model.config is None else _per_layer_lists(model.config, plan.num_layers)
+    key = (_model_key(model), shape.dtype, len(plan.anchors),
+           tuple((name, tuple(_hashable(values[a]) for a in plan.anchors)) for name, values in lists.items()))
+    cached = _MODULE_CACHE.get(key)
+    if cached is None:
+        cached = _build_template_module(model, shape, plan, lists)
+        if len(_MODULE_CACHE) >= _TEMPLATE_CACHE_SIZE:
+            _MODULE_CACHE.pop(next(iter(_MODULE_CACHE)))
+        _MODULE_CACHE[key] = cached
+    return copy.deepcopy(cached)
+
+
+def _build_template_module(model: "ModelSpec", shape: "StepShape", plan: LayerPlan, lists: dict[str, list]):
     k = len(plan.anchors)
     if model.config is None:
         return model.build(num_layers=k, dtype=shape.torch_dtype(), device="meta")
-    lists = _per_layer_lists(model.config, plan.num_layers)
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = k
     for name, values in lists.items():
