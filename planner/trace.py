@@ -361,8 +361,8 @@ class StepRecorder:
             if new:
                 allocs.append(sid)
                 out_bytes += self.nbytes[sid]
-                if self.in_backward and t.shape == self.head_weight_shape:
-                    self.kind[sid] = "grad"  # an output-embedding gradient contribution (chunked loss)
+                if self.in_backward and self.phase == Phase.LOSS and t.shape == self.head_weight_shape:
+                    self.kind[sid] = "grad"  # a chunk's output-embedding gradient (chunked loss)
         flop_fn = flop_registry.get(func._overloadpacket)
         flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
         # Autograd runs backward functions with grad mode off (no create_graph); checkpointing
