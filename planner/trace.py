@@ -364,7 +364,7 @@ class StepRecorder:
                 if self.in_backward and self.phase == Phase.LOSS and t.shape == self.head_weight_shape:
                     self.kind[sid] = "grad"  # a chunk's output-embedding gradient (chunked loss)
         flop_fn = flop_registry.get(func._overloadpacket)
-        flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else 0
+        flops = int(flop_fn(*args, **kwargs, out_val=out)) if flop_fn is not None else _cpu_sdpa_flops(func, args)
         # Autograd runs backward functions with grad mode off (no create_graph); checkpointing
         # re-runs the forward under enable_grad. So a grad-mode op inside backward is a recompute.
         recompute = self.in_backward and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
@@ -549,6 +549,21 @@ def _DispatchRecorder(recorder: StepRecorder):
 
 
 _DISPATCH_RECORDER_CLASS = None
+
+
+def _cpu_sdpa_flops(func, args) -> int:
+    """Flops of the CPU flash-attention kernels, which torch.utils.flop_counter has no formula
+    for; its formulas for the CUDA flash kernels (same math, full non-causal count) apply."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    name = func._overloadpacket.__name__
+    if name == "_scaled_dot_product_flash_attention_for_cpu":
+        q, k, v = args[:3]
+        return int(sdpa_flop_count(q.shape, k.shape, v.shape))
+    if name == "_scaled_dot_product_flash_attention_for_cpu_backward":
+        grad_out, q, k, v = args[:4]
+        return int(sdpa_backward_flop_count(grad_out.shape, q.shape, k.shape, v.shape))
+    return 0
 
 
 def _tensors(args, kwargs) -> list:

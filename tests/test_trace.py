@@ -118,6 +118,12 @@ def test_phases_layers_and_recompute_follow_the_step():
         assert len(mm_fw) == 7 * 3
         q = next(op for op in mm_fw if op.module == "model.layers.0.self_attn.q_proj")
         assert q.flops == 2 * SHAPE.batch * SHAPE.seq_len * 128 * 128
+        # attention: QK^T and PV, 2 * 2 * batch * heads * seq^2 * head_dim (no causal discount,
+        # as torch.utils.flop_counter counts it); backward recomputes scores: 5 such products
+        sdpa = [op for op in graph.ops if "scaled_dot_product" in op.name and op.layer == 0]
+        forward_flops = 4 * SHAPE.batch * 4 * SHAPE.seq_len**2 * 32
+        assert [op.flops for op in sdpa if op.phase != Phase.BACKWARD][0] == forward_flops
+        assert [op.flops for op in sdpa if op.phase == Phase.BACKWARD][0] == forward_flops * 5 // 2
     assert not any(op.phase == Phase.RECOMPUTE for op in plain.ops)
     recompute = [op for op in ckpt.ops if op.phase == Phase.RECOMPUTE]
     assert {op.layer for op in recompute} == {0, 1, 2}
