@@ -108,3 +108,24 @@ def test_cuda_model_splits_and_merges_blocks():
 def test_unknown_allocator_is_an_error():
     with pytest.raises(ChunkftError, match="valid allocators are cpu, cuda"):
         replay(make_graph(1, []), allocator="tpu")
+
+
+def test_cuda_replay_of_a_traced_step_is_consistent():
+    from transformers import LlamaConfig
+
+    from planner.model import ModelSpec
+    from planner.trace import StepShape, TraceOptions, trace_step
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1024)
+    graph = trace_step(ModelSpec(name="tiny", source="config", config=config, num_layers=2),
+                       StepShape(batch=1, seq_len=64), TraceOptions())
+    cpu, cuda = graph.replay(), graph.replay(allocator="cuda", sm=90)
+    overhead = 2 * 32 * MiB
+    rounding = cuda.live_bytes[Component.ROUNDING]
+    assert np.array_equal(cuda.total_bytes - rounding - overhead, cpu.total_bytes)
+    assert (rounding >= 0).all() and (rounding < 512 * len(graph.storages)).all()
+    assert (cuda.reserved_bytes >= cuda.total_bytes).all()
+    assert (np.diff(cuda.reserved_bytes) >= 0).all()  # cached segments are never returned
+    # every segment is a multiple of 2 MiB (kSmallBuffer, kLargeBuffer, kRoundLarge)
+    assert (cuda.reserved_bytes % (2 * MiB) == 0).all()
