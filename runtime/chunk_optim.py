@@ -10,7 +10,8 @@ activated. A float64 model keeps float64 masters; anything narrower keeps fp32.
 
 State tiers (`planner.schema.Tier`): GPU keeps every chunk's state as device tensors; HOST in
 pinned memory (plain CPU memory without CUDA); DISK in one safetensors file per chunk under
-`state_dir`, each written atomically. For HOST and DISK with `prefetch_depth >= 1` a
+`state_dir`, each written atomically and crc32-checked when read back (with `stream_state`, one
+file per span, the active chunk's too: a host step then holds one span's state at a time). For HOST and DISK with `prefetch_depth >= 1` a
 background thread (on a side CUDA stream where there is one) loads the next chunk's state to
 the device while the current chunk trains. A chunk's state is created the first time the
 chunk is activated (masters copied from the weights, moments zero): identical to creating it
@@ -130,7 +131,7 @@ class _Store:
         self.device = device
         self._mem: dict[int, dict[str, torch.Tensor]] = {}
         self._pin = tier == Tier.HOST and torch.cuda.is_available()
-        self._crc: dict[int, int] = {}  # DISK: crc32 of each chunk file as written, checked on read
+        self._crc: dict[tuple[int, str | None], int] = {}  # DISK: crc32 of each chunk file as written, checked on read
         if tier == Tier.DISK:
             if state_dir is None:
                 raise ChunkftError("the DISK state tier needs a state directory (state_dir)")
@@ -140,10 +141,11 @@ class _Store:
             except OSError as e:
                 raise ChunkftError(f"cannot create state directory {str(self.dir)!r}: {e.strerror or e}") from None
 
-    def _path(self, k: int) -> Path:
-        return self.dir / f"chunk{k:05d}.safetensors"
+    def _path(self, k: int, span: str | None = None) -> Path:
+        return self.dir / (f"chunk{k:05d}.safetensors" if span is None else f"chunk{k:05d}.{span}.safetensors")
 
-    def put(self, k: int, state: dict[str, torch.Tensor]) -> None:
+    def put(self, k: int, state: dict[str, torch.Tensor], span: str | None = None) -> None:
+        """Rest chunk k's state here (DISK with `span`: one span's state, in its own file)."""
         if self.tier == Tier.GPU or (self.tier == Tier.HOST and self.device.type == "cpu"):
             self._mem[k] = {n: t.to(self.device) for n, t in state.items()}
         elif self.tier == Tier.HOST:
@@ -158,7 +160,7 @@ class _Store:
         else:
             from safetensors.torch import save_file
 
-            path = self._path(k)
+            path = self._path(k, span)
             try:  # atomic: a failed write leaves the chunk's previous file as it was
                 with atomic_path(path) as tmp:
                     save_file({n: t.detach().contiguous().cpu() for n, t in state.items()}, str(tmp))
@@ -169,22 +171,23 @@ class _Store:
                 raise ChunkftError(f"disk tier: cannot write {str(path)!r}: {describe_os_error(e)}") from None
             except Exception as e:  # safetensors reports I/O failures with its own error types
                 raise ChunkftError(f"disk tier: cannot write {str(path)!r}: {str(e).splitlines()[0]}") from None
-            self._crc[k] = crc
+            self._crc[(k, span)] = crc
 
-    def get(self, k: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+    def get(self, k: int, device: torch.device, span: str | None = None) -> dict[str, torch.Tensor] | None:
         if self.tier == Tier.DISK:
             from safetensors.torch import load_file
 
-            path = self._path(k)
+            path = self._path(k, span)
             if not path.exists():
                 return None
             try:
                 crc = file_crc32(path)
             except OSError as e:
                 raise ChunkftError(f"disk tier: cannot read {str(path)!r}: {describe_os_error(e)}") from None
-            if k in self._crc and crc != self._crc[k]:
+            wrote = self._crc.get((k, span))
+            if wrote is not None and crc != wrote:
                 raise ChunkftError(f"disk tier: checksum mismatch in {str(path)!r}: the file changed since it was "
-                                   f"written (crc32 {crc:08x}, wrote {self._crc[k]:08x})")
+                                   f"written (crc32 {crc:08x}, wrote {wrote:08x})")
             try:
                 return load_file(str(path), device=str(device))
             except Exception as e:  # safetensors raises its own error types
@@ -196,20 +199,21 @@ class _Store:
 
     def drop(self, k: int) -> None:
         self._mem.pop(k, None)
-        self._crc.pop(k, None)
+        for key in [key for key in self._crc if key[0] == k]:
+            del self._crc[key]
         if self.tier == Tier.DISK:
-            self._path(k).unlink(missing_ok=True)
+            for path in self.dir.glob(f"chunk{k:05d}.*safetensors"):  # the chunk's file or its span files
+                path.unlink(missing_ok=True)
 
     def nbytes(self, exclude: int | None = None) -> int:
         """Bytes held on this tier (file sizes for DISK), leaving out chunk `exclude`."""
         if self.tier == Tier.DISK:
-            return sum(self._path(k).stat().st_size for k in self._ondisk() if k != exclude)
+            return sum(p.stat().st_size for p in self.dir.glob("chunk[0-9][0-9][0-9][0-9][0-9].*safetensors")
+                       if int(p.name[5:10]) != exclude)
         return sum(
             t.numel() * t.element_size() for k, s in self._mem.items() if k != exclude for t in s.values()
         )
 
-    def _ondisk(self) -> list[int]:
-        return [int(p.name[5:10]) for p in self.dir.glob("chunk[0-9][0-9][0-9][0-9][0-9].safetensors")]
 
 
 class ChunkAdamW:
@@ -232,6 +236,10 @@ class ChunkAdamW:
         on_grad: called with (name, gradient) for every gradient contribution as it is
             produced, after the scaler's check (runtime.offload stages gradients off the
             device through it).
+        stream_state: DISK tier only: the active chunk's state is not held in memory either;
+            each span's fp32 master and moments are read from their own file, stepped and
+            written back (atomically, crc32-checked), so the step device holds one span's
+            state at a time (with C = 1: full fine-tuning with the state on disk).
     """
 
     def __init__(
@@ -248,6 +256,7 @@ class ChunkAdamW:
         prefetch_depth: int = 1,
         scaler: LossScaler | None = None,
         on_grad: GradCallback | None = None,
+        stream_state: bool = False,
     ):
         if update_interval < 1:
             raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
@@ -269,7 +278,11 @@ class ChunkAdamW:
                 f"state tier {state_tier!r} is unknown; valid: {[t.value for t in Tier]}"
             ) from None
         self._store = _Store(tier, self.device, state_dir)
-        self._prefetch = prefetch_depth >= 1 and table.num_chunks > 1 and self._store.tier != Tier.GPU
+        if stream_state and tier != Tier.DISK:
+            raise ChunkftError(f"streaming optimizer state span by span needs the 'disk' state tier, not {tier.value!r}")
+        self._stream_spans = stream_state
+        self._prefetch = (prefetch_depth >= 1 and table.num_chunks > 1 and self._store.tier != Tier.GPU
+                          and not stream_state)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1) if self._prefetch else None
         self._stream = torch.cuda.Stream(self.device) if self._prefetch and self.device.type == "cuda" else None
         self._pending: tuple[int, concurrent.futures.Future] | None = None
@@ -334,7 +347,12 @@ class ChunkAdamW:
                 g.mul_(coef)
             step = self._span_steps[k].get(name, 0) + 1
             self._span_steps[k][name] = step
+            if self._stream_spans:
+                self._state = self._store.get(k, self.device, span=name) or self._fresh_span(k, name)
             self._adamw(name, g, lr, step)
+            if self._stream_spans:
+                self._store.put(k, self._state, span=name)
+                self._state = {}
             del g
         self.handle.zero_grad()
         if self.scaler is not None:
@@ -369,7 +387,11 @@ class ChunkAdamW:
         self._wait_prefetch()
         tensors: dict[str, torch.Tensor] = {}
         for k in range(self.table.num_chunks):
-            state = self._state if k == self.active_chunk else self._store.get(k, torch.device("cpu"))
+            if self._stream_spans:
+                state = {key: t for s in self.table.chunks[k]
+                         for key, t in (self._store.get(k, torch.device("cpu"), span=s.param) or {}).items()}
+            else:
+                state = self._state if k == self.active_chunk else self._store.get(k, torch.device("cpu"))
             for key, t in (state or {}).items():
                 tensors[f"chunk{k}/{key}"] = t.detach().to("cpu", copy=True)
         meta = {
@@ -415,6 +437,13 @@ class ChunkAdamW:
                 raise ChunkftError(f"optimizer state has an unexpected tensor {key!r}")
             per_chunk[int(head[5:])][rest] = t
         for k, state in per_chunk.items():
+            if self._stream_spans:
+                self._store.drop(k)
+                for s in self.table.chunks[k]:
+                    span_state = {key: t.clone() for key, t in state.items() if key.startswith(f"{s.param}/")}
+                    if span_state:
+                        self._store.put(k, span_state, span=s.param)
+                continue
             if k == active:
                 continue
             if state:
@@ -423,7 +452,8 @@ class ChunkAdamW:
                 self._store.drop(k)
         self._span_steps = span_steps
         self.global_step, self.active_steps = global_step, active_steps
-        self._activate(active, state={n: t.to(self.device, copy=True) for n, t in per_chunk[active].items()})
+        self._activate(active, state=None if self._stream_spans else {n: t.to(self.device, copy=True)
+                                                                 for n, t in per_chunk[active].items()})
 
     def close(self) -> None:
         """Remove the hooks and stop the prefetch thread (the model trains normally again)."""
@@ -474,14 +504,13 @@ class ChunkAdamW:
             view.copy_(master if master.device == view.device else master.to(view.dtype))
 
     def _fresh_state(self, k: int) -> dict[str, torch.Tensor]:
-        state = {}
-        for span in self.table.chunks[k]:
-            view = self._span_view(k, span.param)
-            master = view.to(device=self.device, dtype=self._master_dtype(view), copy=True)
-            state[f"{span.param}/master"] = master
-            state[f"{span.param}/exp_avg"] = torch.zeros_like(master)
-            state[f"{span.param}/exp_avg_sq"] = torch.zeros_like(master)
-        return state
+        return {key: t for span in self.table.chunks[k] for key, t in self._fresh_span(k, span.param).items()}
+
+    def _fresh_span(self, k: int, name: str) -> dict[str, torch.Tensor]:
+        view = self._span_view(k, name)
+        master = view.to(device=self.device, dtype=self._master_dtype(view), copy=True)
+        return {f"{name}/master": master, f"{name}/exp_avg": torch.zeros_like(master),
+                f"{name}/exp_avg_sq": torch.zeros_like(master)}
 
     def _load(self, k: int) -> dict[str, torch.Tensor] | None:
         if self._stream is None:
@@ -496,6 +525,11 @@ class ChunkAdamW:
             self._pending[1].result()
 
     def _activate(self, k: int, state: dict[str, torch.Tensor] | None = None) -> None:
+        if self._stream_spans:  # nothing to load: step() reads each span's state as it goes
+            self._state = {}
+            self.active_chunk = k
+            self._handle = install(self.model, self.table.grad_spec(k), on_grad=self._grad_callback())
+            return
         if state is None:
             if self._pending is not None and self._pending[0] == k:
                 state = self._pending[1].result()
@@ -533,5 +567,6 @@ class ChunkAdamW:
     def _evict(self) -> None:
         self._handle.remove()
         self._handle = None
-        self._store.put(self.active_chunk, self._state)
+        if not self._stream_spans:  # streamed spans are on disk already
+            self._store.put(self.active_chunk, self._state)
         self._state = {}

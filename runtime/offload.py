@@ -14,8 +14,11 @@
   e.g. bf16 for an fp32 model); the fp32 cast happens inside the optimizer, one span at a time
   (`ChunkAdamW._grad32`).
 - Host optimizer. The AdamW math and the fp32 master + moment state are ChunkAdamW's with
-  `device="cpu"`: the active chunk's state in host memory, resting chunks on the plan's state
-  tier (host, or disk); the updated weights go back to the device already cast to 16 bits.
+  `device="cpu"`. State on host: every chunk's in host memory. State on disk: streamed span by
+  span (ChunkAdamW's `stream_state`): each span's master and moments are read from their own
+  crc32-checked file, stepped and written back atomically, so host memory holds one span's
+  state at a time, for C = 1 as for ChunkFT chunks (the planner's block-stepped host
+  optimizer). The updated weights go back to the device already cast to 16 bits.
 - On-the-fly overflow detection (fp16). ChunkAdamW runs `LossScaler.check` on each
   contribution before staging sees it; staging reads the flag (one sync, which the copy to
   host needs anyway) and, on the first non-finite gradient, abandons the step: what was staged
@@ -34,8 +37,9 @@ Known limitations:
 - A skipped (overflowing) step still runs the rest of its backward passes; their gradients are
   dropped as they arrive instead of staged.
 - The CUDA path (pinned buffers, non-blocking copies) is written for CUDA and tested on CPU.
-- The optimizer state of a one-chunk table lives in host memory (ChunkAdamW keeps the active
-  chunk's state on its step device); state on disk needs C > 1 (resting chunks).
+- State on disk is read and written synchronously, one span at a time (no prefetch of the
+  next span); a span is a whole tensor (the embedding of a 128K vocabulary is 6 GB of fp32
+  state), where the planner assumes blocks of at most DISK_STEP_BLOCK_PARAMS.
 """
 
 from __future__ import annotations
@@ -179,7 +183,8 @@ class OffloadAdamW:
         self.staged_count = 0  # gradient contributions staged in the current step
         self.inner = ChunkAdamW(model, table, config=config, schedule=schedule, update_interval=update_interval,
                                 state_tier=state_tier, state_dir=state_dir, device="cpu",
-                                prefetch_depth=prefetch_depth, scaler=scaler, on_grad=self._on_grad)
+                                prefetch_depth=prefetch_depth, scaler=scaler, on_grad=self._on_grad,
+                                stream_state=state_tier == Tier.DISK)
 
     # -- the ChunkAdamW-like surface ---------------------------------------------------------
     @property

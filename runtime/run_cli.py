@@ -138,7 +138,9 @@ def build_run(args):
             model, plan.chunk_table, config=adamw, schedule=schedule,
             update_interval=strategy.update_interval, state_tier=state_tier, state_dir=out / "optimizer-state",
             device=torch.device("cpu") if strategy.optimizer_device == OptimizerDevice.HOST else device,
-            prefetch_depth=strategy.prefetch_depth, scaler=scaler)
+            prefetch_depth=strategy.prefetch_depth, scaler=scaler,
+            # a host step with state on disk streams it span by span, as the planner assumes
+            stream_state=strategy.optimizer_device == OptimizerDevice.HOST and state_tier == Tier.DISK)
         optimizer = ChunkOptimizer(inner, state_tier=state_tier)
 
     pad = padding_id(tok)

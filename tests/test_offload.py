@@ -54,14 +54,17 @@ def _table(model, chunks):
     return make_chunk_table_from_model(model, chunks)
 
 
-@pytest.mark.parametrize("chunks,staging", [(1, Tier.HOST), (3, Tier.HOST), (3, Tier.DISK)])
-def test_offloaded_step_equals_on_device_step_bitwise(chunks, staging, tmp_path):
+@pytest.mark.parametrize("chunks,staging,state", [(1, Tier.HOST, Tier.HOST), (3, Tier.HOST, Tier.HOST),
+                                                  (3, Tier.DISK, Tier.HOST), (1, Tier.DISK, Tier.DISK),
+                                                  (3, Tier.HOST, Tier.DISK)])
+def test_offloaded_step_equals_on_device_step_bitwise(chunks, staging, state, tmp_path):
     """bf16 model, 2 micro-batches, clipping: the host step on staged 16-bit gradients gives
-    exactly the on-device ChunkAdamW weights (both accumulate in bf16, cast at the optimizer)."""
+    exactly the on-device ChunkAdamW weights (both accumulate in bf16, cast at the optimizer),
+    with the fp32 state in host memory or streamed span by span from disk."""
     ref, mine = _model(torch.bfloat16), _model(torch.bfloat16)
     ref_opt = ChunkAdamW(ref, _table(ref, chunks), config=ADAMW)
     opt = OffloadAdamW(mine, _table(mine, chunks), staging=staging, staging_dir=tmp_path / "staging",
-                       config=ADAMW, state_tier=Tier.HOST)
+                       config=ADAMW, state_tier=state, state_dir=tmp_path / "state")
     for step in range(5):
         trained = {s.param for s in opt.table.chunks[opt.active_chunk]}
         opt.zero_grad()
@@ -78,6 +81,24 @@ def test_offloaded_step_equals_on_device_step_bitwise(chunks, staging, tmp_path)
         assert a.stepped and b.stepped and a.grad_norm == b.grad_norm and a.switched_to == b.switched_to
         for name, p in mine.named_parameters():
             assert torch.equal(p, dict(ref.named_parameters())[name]), f"step {step} {name}"
+    if state == Tier.DISK:  # every span's state on disk, none of it in host memory between steps
+        assert opt.inner.state_bytes() == {Tier.HOST: 0, Tier.DISK: opt.inner._store.nbytes()}
+        spans = sum(len(c) for c in opt.table.chunks)  # a file per span (tensors cut by chunks: two)
+        assert len(list((tmp_path / "state").glob("*.safetensors"))) == spans
+        tensors, meta = opt.inner.state_dict()  # resume: a fresh streamed optimizer continues the same
+        again = _model(torch.bfloat16)
+        with torch.no_grad():
+            for p, q in zip(again.parameters(), mine.parameters()):
+                p.copy_(q)
+        opt2 = OffloadAdamW(again, _table(again, chunks), staging=Tier.HOST, config=ADAMW, state_tier=Tier.DISK,
+                            state_dir=tmp_path / "state2")
+        opt2.inner.load_state_dict(tensors, meta)
+        for o, m in ((opt, mine), (opt2, again)):
+            o.zero_grad()
+            o.backward(_loss(m, 99))
+            o.step()
+        assert all(torch.equal(p, q) for p, q in zip(again.parameters(), mine.parameters()))
+        opt2.close()
     ref_opt.close()
     opt.close()
     assert not list((tmp_path / "staging").glob("grads.bin*")) if staging == Tier.DISK else True
@@ -179,21 +200,22 @@ def test_disk_checksum_catches_a_flipped_byte(tmp_path):
 
 
 def test_state_on_disk_checksum_catches_a_changed_chunk_file(tmp_path):
-    """Resting optimizer state on disk (C = 2): a byte flipped in chunk 0's file while chunk 1
-    trains is caught when chunk 0 comes back, before its state is used."""
+    """Optimizer state on disk (C = 2, streamed by span): a byte flipped in a span file of chunk
+    0 while chunk 1 trains is caught when chunk 0 comes back, before its state is used."""
     model = _model(torch.bfloat16)
     opt = OffloadAdamW(model, _table(model, 2), staging=Tier.HOST, state_tier=Tier.DISK, state_dir=tmp_path,
                        prefetch_depth=0)
-    opt.zero_grad()
-    opt.backward(_loss(model, 0))
-    assert opt.step().switched_to == 1
-    path = tmp_path / "chunk00000.safetensors"
+    for i in range(2):
+        opt.zero_grad()
+        opt.backward(_loss(model, i))
+        assert opt.step().switched_to == 1 - i
+    path = tmp_path / "chunk00000.model.embed_tokens.weight.safetensors"
     raw = bytearray(path.read_bytes())
     raw[-5] ^= 0x01  # inside the last tensor's data
     path.write_bytes(bytes(raw))
     opt.zero_grad()
-    opt.backward(_loss(model, 1))
-    with pytest.raises(ChunkftError, match=r"checksum mismatch in .*chunk00000.safetensors"):
+    opt.backward(_loss(model, 2))
+    with pytest.raises(ChunkftError, match=r"checksum mismatch in .*chunk00000.model.embed_tokens.weight.safetensors"):
         opt.step()
     opt.close()
 
@@ -264,13 +286,13 @@ def test_accounting_reports_state_and_staged_grads_per_tier(tmp_path):
                                         state_dir=tmp_path / "state", prefetch_depth=0), state_tier=Tier.DISK)
     opt.begin_step()
     opt.backward(_loss(model, 0))
-    tiers = opt.tier_bytes()
     chunk0 = table.chunk_bytes(0)  # bf16 bytes: fp32 master = 2x, moments = 4x
-    assert tiers[Tier.HOST] == {Component.MASTER: 2 * chunk0, Component.OPTIMIZER: 4 * chunk0,
-                                Component.GRADIENTS: chunk0}
-    assert Tier.GPU not in tiers
-    opt.step()  # switches to chunk 1: chunk 0's state rests on disk
-    assert opt.tier_bytes()[Tier.DISK][Component.MASTER] > 2 * chunk0
+    # staged bf16 gradients on host; the state is streamed from disk and none exists yet
+    assert opt.tier_bytes() == {Tier.HOST: {Component.GRADIENTS: chunk0}}
+    opt.step()  # chunk 0's state written span by span; its staging buffers freed on the switch
+    tiers = opt.tier_bytes()
+    assert set(tiers) == {Tier.DISK} and tiers[Tier.DISK][Component.MASTER] > 2 * chunk0
+    assert 6 * chunk0 < sum(tiers[Tier.DISK].values()) < 6 * chunk0 + 4096 * len(table.chunks[0])  # + headers
     opt.inner.close()
 
 
