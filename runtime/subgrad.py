@@ -16,7 +16,7 @@
                                                 [s, e) (padding_idx excluded); dim 1 likewise
     any other parameter of at most 1-D (RMSNorm weights, Llama's `w * x` or Gemma's
     `x * (1 + w)`): the module is recomputed in backward with torch.func.functional_call and
-    differentiated w.r.t. that parameter with torch.func.vjp, then sliced. The temporary
+    differentiated w.r.t. that parameter with torch.autograd.grad, then sliced. The temporary
     dense gradient is 1-D (hidden_size elements), so it is negligible.
   A tied weight (lm_head sharing embed_tokens) has two owners; both contribute to its slice.
 
@@ -122,12 +122,11 @@ class _Rule:
         else:
             with torch.enable_grad(), _recomputing():
                 inputs = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-
-                def forward(weight: torch.Tensor) -> torch.Tensor:
-                    return torch.func.functional_call(self.module, {self.attr: weight}, tuple(inputs), kwargs)
-
-                _, vjp = torch.func.vjp(forward, param.detach())
-                (dense,) = vjp(grad_out)
+                # A fresh leaf and torch.autograd.grad, not torch.func.vjp: torch.func refuses
+                # to run under saved_tensors_hooks, which the planner's tracer keeps active.
+                weight = param.detach().requires_grad_(True)
+                out = torch.func.functional_call(self.module, {self.attr: weight}, tuple(inputs), kwargs)
+                (dense,) = torch.autograd.grad(out, weight, grad_out)
             grad = dense.narrow(dim, s, e - s) if dense.dim() else dense
         return grad.to(param.dtype)
 
