@@ -431,3 +431,33 @@ def min_gpus(model: "ModelSpec", shape: "StepShape", strategy: Strategy | Sequen
             if est.card_need_bytes() <= hw.gpu.memory_bytes and host_ok:
                 return per_node * nodes
     return None
+
+
+def cpu_rank_rise_bytes(model: "ModelSpec", shape: "StepShape", world: int, *, checkpointing: bool = False,
+                        loss_chunk_tokens: int = 0, shard_embeddings: bool = False) -> int:
+    """Predicted C-heap rise of one rank's full fine-tuning step on a CPU run of
+    runtime.distributed (gloo; torch.optim.AdamW with foreach=False), above the bytes in use
+    before the step: what planner.measure's MallocSampler measures there.
+
+    The same per-rank model as `evaluate_sharded` over the trace replayed with the CPU
+    allocator (exact byte sizes), without forward prefetch (a CPU rank cannot run ahead of its
+    own compute). The optimizer step keeps the gradient shards and adds the single-tensor
+    AdamW temporaries of the largest shard: `exp_avg_sq.sqrt()` and its division, 2 elements
+    per parameter in the training dtype (torch/optim/adam.py `_single_tensor_adam`)."""
+    from planner import evaluate as ev
+    from planner.trace import TraceOptions, trace_step
+
+    if isinstance(world, bool) or not isinstance(world, int) or world < 2:
+        raise ChunkftError(f"invalid world size {world!r}: a sharded CPU run has at least 2 ranks")
+    graph = trace_step(model, shape, TraceOptions(checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens))
+    tl = graph.replay(allocator="cpu")
+    traced = ev.TracedStep(live=np.stack([tl.live_bytes[c] for c in COMPONENTS]),
+                           reserved=np.asarray(tl.total_bytes, dtype=np.int64), flops=0,
+                           phases=tuple(op.phase for op in graph.ops), layers=tuple(op.layer for op in graph.ops))
+    layout = ev.param_layout(model, shape.dtype)
+    spans = list(zip([n for n, _, _ in layout.named_shapes], layout.tensor_bytes))
+    rank = rank_live(traced, layout, spans, world, forward_prefetch=False, shard_embeddings=shard_embeddings)
+    start = tl.start_bytes - layout.total_bytes + _units(layout, world, spans, shard_embeddings).shard
+    step = int(rank.sum(axis=0).max()) - start
+    optimizer = grad_shard_bytes(spans, world) + 2 * max(math.ceil(b / world) for b in layout.tensor_bytes)
+    return max(step, optimizer)
