@@ -126,9 +126,13 @@ class StepResult:
 class _Store:
     """Chunk states resting on one tier: {chunk: {"<param>/<kind>": tensor}}."""
 
-    def __init__(self, tier: Tier, device: torch.device, state_dir: str | os.PathLike | None):
+    def __init__(self, tier: Tier, device: torch.device, state_dir: str | os.PathLike | None, *,
+                 in_place: bool = True):
         self.tier = tier
         self.device = device
+        # HOST tier with a CPU step device: step the state in its host slot (a host optimizer),
+        # or keep a separate working copy as a GPU would (a CPU run emulating a GPU plan).
+        self._alias = tier == Tier.GPU or (tier == Tier.HOST and device.type == "cpu" and in_place)
         self._mem: dict[int, dict[str, torch.Tensor]] = {}
         self._pin = tier == Tier.HOST and torch.cuda.is_available()
         self._crc: dict[tuple[int, str | None], int] = {}  # DISK: crc32 of each chunk file as written, checked on read
@@ -146,7 +150,7 @@ class _Store:
 
     def put(self, k: int, state: dict[str, torch.Tensor], span: str | None = None) -> None:
         """Rest chunk k's state here (DISK with `span`: one span's state, in its own file)."""
-        if self.tier == Tier.GPU or (self.tier == Tier.HOST and self.device.type == "cpu"):
+        if self._alias:
             self._mem[k] = {n: t.to(self.device) for n, t in state.items()}
         elif self.tier == Tier.HOST:
             old = self._mem.get(k, {})
@@ -195,7 +199,7 @@ class _Store:
         state = self._mem.get(k)
         if state is None:
             return None
-        return {n: t.to(device, non_blocking=self._pin) for n, t in state.items()}
+        return {n: t.to(device, non_blocking=self._pin, copy=not self._alias) for n, t in state.items()}
 
     def drop(self, k: int) -> None:
         self._mem.pop(k, None)
@@ -240,6 +244,13 @@ class ChunkAdamW:
             each span's fp32 master and moments are read from their own file, stepped and
             written back (atomically, crc32-checked), so the step device holds one span's
             state at a time (with C = 1: full fine-tuning with the state on disk).
+        host_state_in_place: HOST tier on a CPU step device: True steps the state in its host
+            slot (a host-side optimizer); False keeps a working copy beside the slot, as a GPU
+            step would, so a CPU run of a GPU plan has the plan's memory layout.
+
+    Every chunk's state is created when the optimizer is (not at its first activation), so
+    the memory a plan predicts for its steady state is held from the first step, and a
+    budget that cannot hold it fails at once rather than hours into a run.
     """
 
     def __init__(
@@ -257,6 +268,7 @@ class ChunkAdamW:
         scaler: LossScaler | None = None,
         on_grad: GradCallback | None = None,
         stream_state: bool = False,
+        host_state_in_place: bool = True,
     ):
         if update_interval < 1:
             raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
@@ -277,7 +289,7 @@ class ChunkAdamW:
             raise ChunkftError(
                 f"state tier {state_tier!r} is unknown; valid: {[t.value for t in Tier]}"
             ) from None
-        self._store = _Store(tier, self.device, state_dir)
+        self._store = _Store(tier, self.device, state_dir, in_place=host_state_in_place)
         if stream_state and tier != Tier.DISK:
             raise ChunkftError(f"streaming optimizer state span by span needs the 'disk' state tier, not {tier.value!r}")
         self._stream_spans = stream_state
@@ -292,6 +304,9 @@ class ChunkAdamW:
         self.active_chunk = 0
         self._state: dict[str, torch.Tensor] = {}
         self._handle: SubgradHandle | None = None
+        if not stream_state:  # every chunk's state rests on its tier from the start (see above)
+            for k in range(table.num_chunks):
+                self._store.put(k, self._fresh_state(k))
         self._activate(0)
 
     # -- public API ---------------------------------------------------------------------

@@ -140,7 +140,10 @@ def build_run(args):
             device=torch.device("cpu") if strategy.optimizer_device == OptimizerDevice.HOST else device,
             prefetch_depth=strategy.prefetch_depth, scaler=scaler,
             # a host step with state on disk streams it span by span, as the planner assumes
-            stream_state=strategy.optimizer_device == OptimizerDevice.HOST and state_tier == Tier.DISK)
+            stream_state=strategy.optimizer_device == OptimizerDevice.HOST and state_tier == Tier.DISK,
+            # a GPU-step plan run on a CPU keeps the active chunk's working copy beside its host
+            # slot, as on a GPU, so the measured memory follows the plan's layout
+            host_state_in_place=strategy.optimizer_device == OptimizerDevice.HOST)
         optimizer = ChunkOptimizer(inner, state_tier=state_tier)
 
     pad = padding_id(tok)

@@ -26,7 +26,7 @@ TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidde
 
 
 def make_plan(tmp_path, *, chunks=3, checkpointing=False, dtype="fp32", loss_chunk_tokens=0, name="plan.json",
-              config=TINY, predict=False, seq_len=SEQ, batch=BATCH):
+              config=TINY, predict=False, seq_len=SEQ, batch=BATCH, prefetch_depth=1):
     """A plan for the tiny model through planner.plan, strategy fixed; predictions from
     planner.evaluate with `predict`, else zeros (the runtime does not read them)."""
     from planner.evaluate import evaluate
@@ -44,7 +44,7 @@ def make_plan(tmp_path, *, chunks=3, checkpointing=False, dtype="fp32", loss_chu
     spec = resolve_model(str(model_dir))
     shape = StepShape(batch=batch, seq_len=seq_len, dtype=dtype)
     strategy = Strategy(chunks=chunks, state_tier=T.HOST if chunks > 1 else T.GPU, checkpointing=checkpointing,
-                        loss_chunk_tokens=loss_chunk_tokens)
+                        loss_chunk_tokens=loss_chunk_tokens, prefetch_depth=prefetch_depth)
     hw = hardware("rtx4090")
     if predict:
         estimate = evaluate(spec, shape, strategy, hw)
@@ -132,7 +132,9 @@ def test_measured_step_peak_matches_plan_prediction(tmp_path):
 
     config = {**TINY, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "vocab_size": 4096,
               "max_position_embeddings": 256}
-    plan, spec, plan_obj = make_plan(tmp_path, config=config, seq_len=256, batch=1)
+    # No prefetch: a prefetch thread allocates the next chunk's working copy whenever it runs,
+    # inside or outside a step's sampling window; the step's own peak is what is compared here.
+    plan, spec, plan_obj = make_plan(tmp_path, config=config, seq_len=256, batch=1, prefetch_depth=0)
     train = write_data(tmp_path / "train.jsonl")
     args = _args(plan, train, tmp_path / "peak", trace=tmp_path / "peak.jsonl", steps=6)
     trainer, trace, _, _ = build_run(args)
