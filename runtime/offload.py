@@ -57,6 +57,7 @@ from planner.schema import Component, Tier
 from runtime.chunk_optim import AdamWConfig, ChunkAdamW, LRSchedule, StepResult
 from runtime.disk_store import DiskLog, Opener
 from runtime.scaler import LossScaler
+from runtime.train import ChunkOptimizer
 
 
 class _HostStaging:
@@ -252,7 +253,7 @@ class OffloadAdamW:
         self.staged_count += 1
 
 
-class OffloadOptimizer:
+class OffloadOptimizer(ChunkOptimizer):
     """OffloadAdamW behind runtime.train's `StepOptimizer` (what `chunkft run` uses).
 
     Accounting: nothing of the optimizer on the compute device; the active chunk's fp32
@@ -260,28 +261,7 @@ class OffloadOptimizer:
     gradients on the staging tier (Component.GRADIENTS).
     """
 
-    def __init__(self, inner: OffloadAdamW, *, state_tier: Tier) -> None:
-        self.inner = inner
-        self.state_tier = state_tier
-        self.last: StepResult | None = None
-
-    def begin_step(self) -> None:
-        self.inner.zero_grad()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.inner.backward(loss)
-
-    def step(self) -> bool:
-        self.last = self.inner.step()
-        return self.last.stepped
-
-    @property
-    def active_chunk(self) -> int | None:
-        return self.inner.active_chunk
-
-    @property
-    def lr(self) -> float:
-        return self.inner.lr()
+    inner: OffloadAdamW  # begin_step/backward/step/active_chunk/lr as ChunkOptimizer's
 
     def tier_bytes(self) -> dict[Tier, dict[Component, int]]:
         tiers: dict[Tier, dict[Component, int]] = {}
