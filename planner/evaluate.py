@@ -61,7 +61,7 @@ from planner.steptime import StepWork, predict_step_time
 from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidency
 
 if TYPE_CHECKING:
-    from planner.chunks import ChunkTable, NamedShape
+    from planner.chunks import ChunkTable
     from planner.model import ModelSpec
     from planner.trace import StepShape
 

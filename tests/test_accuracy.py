@@ -28,17 +28,14 @@ NUM_CHUNKS = 4
 
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_process():
-    """One intra-op thread (on a shared 2-core machine two threads make a tiny step 10-40x
-    slower), and a frozen GC so measure_malloc_peak's gc.collect() takes milliseconds."""
+    """A frozen GC so measure_malloc_peak's gc.collect() takes milliseconds (one intra-op
+    thread comes from conftest.py)."""
     import gc
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     gc.collect()
     gc.freeze()
     yield
     gc.unfreeze()
-    torch.set_num_threads(threads)
 
 
 def tiny(arch: str) -> ModelSpec:

@@ -21,14 +21,6 @@ from runtime.train import LoopConfig, Schedule, TorchAdamW, Trainer
 STEPS = 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and on a shared machine two threads that
-    spin-wait on each other make a step 10-50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_llama(seed: int = 0, dtype=torch.float32):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -33,13 +32,6 @@ ADAMW = AdamWConfig(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is fastest, and steady on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _model(dtype=torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)

@@ -23,12 +23,6 @@ CFG = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layer
 ADAMW = AdamWConfig(lr=3e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, max_grad_norm=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model(dtype) -> LlamaForCausalLM:

@@ -62,8 +62,6 @@ def entropy_rate() -> float:
 def task():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread is fastest; two spin-wait on a shared machine
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=SEQ)
     torch.manual_seed(0)
@@ -79,8 +77,7 @@ def task():
         model.load_state_dict(weights)
         return model
 
-    yield fresh, language_b[:256], eval_batches(language_b[256:], seq_len=SEQ, batch_size=16, pad_token_id=0)
-    torch.set_num_threads(threads)
+    return fresh, language_b[:256], eval_batches(language_b[256:], seq_len=SEQ, batch_size=16, pad_token_id=0)
 
 
 def finetune(model, optimizer, train) -> None:

@@ -6,7 +6,6 @@ import types
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 

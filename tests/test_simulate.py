@@ -13,7 +13,7 @@ from planner.model import resolve_model
 from planner.plan import load_plan, make_plan
 from planner.schema import Component, EventKind, Phase, Tier
 from planner.simulate import simulate
-from planner.solve import Objective, SearchSpace, solve_model
+from planner.solve import Objective
 from planner.strategy import Budget, Strategy
 from planner.trace import StepShape
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 
 from planner.hardware import load_gpu
 from planner.schema import Component, Tier

@@ -24,13 +24,6 @@ SMALL = dict(
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is fastest, and steady on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Deterministic non-trivial weights (norm weights away from their 1 / 0 init)."""

@@ -34,17 +34,8 @@ INPUT_BYTES = 2 * SHAPE.batch * SHAPE.seq_len * 8  # int64 input_ids and labels
 
 # ---------------------------------------------------------------------------- step_loss
 
-@pytest.fixture
-def one_thread():
-    """A tiny real step on a shared 2-core machine is 10x faster with one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("tied", [False, True])
-def test_chunked_loss_equals_hf_loss_and_gradients(tied, one_thread):
+def test_chunked_loss_equals_hf_loss_and_gradients(tied):
     torch.manual_seed(0)
     model = llama_spec(2, tied=tied).build(device="cpu", dtype=torch.float64)
     ids = torch.randint(0, 1024, (2, 33))
