@@ -67,9 +67,9 @@ def main() -> None:
         rel = lambda p: str(p.relative_to(ROOT))  # noqa: E731 - paths in the committed files stay relative
         chunkft("plan", rel(model_dir), "--gpu", "80GiB", *SHAPE, *pins, "-o", rel(d / "plan.json"))
         chunkft("simulate", rel(d / "plan.json"), "-o", rel(d / "timeline.jsonl"))
-        chunkft("run", rel(d / "plan.json"), "--data", rel(data), "--steps", str(STEPS), "--device", "cpu",
-                "--no-progress", "--out", tempfile.mkdtemp(prefix="chunkft-cpu-traces-"),
-                "--trace", rel(d / "trace.jsonl"))
+        with tempfile.TemporaryDirectory(prefix="chunkft-cpu-traces-") as run_dir:  # checkpoints are not kept
+            chunkft("run", rel(d / "plan.json"), "--data", rel(data), "--steps", str(STEPS), "--device", "cpu",
+                    "--no-progress", "--out", run_dir, "--trace", rel(d / "trace.jsonl"))
         chunkft("compare", rel(d / "timeline.jsonl"), rel(d / "trace.jsonl"), "-o", rel(d / "report"),
                 "--perfetto", rel(d / "report" / "perfetto.json"))
         with open(d / "report" / "peaks.csv") as f:
