@@ -87,10 +87,6 @@ DEEPSPEED_BUCKETS = 2
 STREAM_RESIDENT_LAYERS = 2
 # Pinned bounce buffers between disk and GPU (large sequential blocks): two of 64 MiB.
 DISK_BOUNCE_BYTES = 2 * 64 * 2**20
-# A host optimizer with state on disk steps it in blocks of at most this many parameters (a
-# 128K-vocabulary embedding is 525M parameters: 6.3 GB of state in one piece): 2**26 parameters
-# is 768 MiB of fp32 master + moments per block.
-DISK_STEP_BLOCK_PARAMS = 2**26
 # cuBLAS workspace size in planner.memory depends on the architecture: Hopper (sm90) parts.
 _HOPPER = re.compile(r"^(h100|h200|h800|h20|gh200)")
 
@@ -399,9 +395,11 @@ def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet, a
     if off_gpu and strategy.state_tier == Tier.DISK:
         put(disk, Component.MASTER, master * total_params)
         put(disk, Component.OPTIMIZER, moments * total_params)
-        if strategy.optimizer_device == OptimizerDevice.HOST:  # state window: block being stepped + prefetched
-            block = min(largest, DISK_STEP_BLOCK_PARAMS)
-            put(host, Component.TEMPORARIES, (1 + strategy.prefetch_depth) * (master + moments) * block)
+        if strategy.optimizer_device == OptimizerDevice.HOST:
+            # state window: the span being stepped + prefetched ones. runtime.chunk_optim streams
+            # state one whole span at a time (a 128K-vocabulary 8B embedding is 525M parameters,
+            # 6.3 GB of fp32 master + moments), so the largest span sets the window.
+            put(host, Component.TEMPORARIES, (1 + strategy.prefetch_depth) * (master + moments) * largest)
         else:
             put(host, Component.TEMPORARIES, DISK_BOUNCE_BYTES)
     if strategy.optimizer_device == OptimizerDevice.HOST:

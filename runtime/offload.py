@@ -39,7 +39,7 @@ Known limitations:
 - The CUDA path (pinned buffers, non-blocking copies) is written for CUDA and tested on CPU.
 - State on disk is read and written synchronously, one span at a time (no prefetch of the
   next span); a span is a whole tensor (the embedding of a 128K vocabulary is 6 GB of fp32
-  state), where the planner assumes blocks of at most DISK_STEP_BLOCK_PARAMS.
+  state), and the planner sizes the host window by the largest span accordingly.
 """
 
 from __future__ import annotations
