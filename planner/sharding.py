@@ -233,32 +233,38 @@ def _op_units(traced: "TracedStep", u: _Units, n: int) -> list[int | None]:
     return out
 
 
-def rank_live(traced: "TracedStep", layout: "ParamLayout", spans: Sequence[tuple[str, int]], world: int, *,
-              forward_prefetch: bool = True, shard_embeddings: bool = False,
-              live: np.ndarray | None = None) -> np.ndarray:
-    """Per-rank live bytes per component after every traced op (module doc), W > 1.
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Schedule:
+    """What FSDP2 does around every traced op, independent of which parameters train."""
 
-    `spans`: (parameter name, 16-bit bytes) of what trains this step; `live`: the trace's live
-    array after evaluate's adjustments (default: traced.live)."""
-    live = (traced.live if live is None else live).astype(np.int64).copy()
-    u = _units(layout, world, spans, shard_embeddings)
-    n = live.shape[1]
+    gathered: np.ndarray
+    """Unsharded parameter bytes held after each op (root + running + prefetched unit)."""
+    ag_buffer: np.ndarray
+    """All-gather output buffers alive after each op."""
+    done_count: np.ndarray
+    """How many units have finished backward (reduce-scattered) by each op."""
+    done_order: tuple[int, ...]
+    """Units in the order their backward finishes."""
+    rs_unit: np.ndarray
+    """The unit whose reduce-scatter input is copied at each op (-1: none)."""
+
+
+def _schedule(traced: "TracedStep", u: _Units, n: int, forward_prefetch: bool) -> _Schedule:
     phases = traced.phases or (None,) * n
     backward = (Phase.BACKWARD, Phase.RECOMPUTE)
     gathered = np.full(n, u.root_full, dtype=np.int64)
-    done_full = np.zeros(n, dtype=np.int64)
-    done_shard = np.zeros(n, dtype=np.int64)
-    rs_buffer = np.zeros(n, dtype=np.int64)
     ag_buffer = np.zeros(n, dtype=np.int64)
-    done = set()
+    done_count = np.zeros(n, dtype=np.int64)
+    rs_unit = np.full(n, -1, dtype=np.int64)
+    order: list[int] = []
     current: int | None = None  # unit whose backward runs
     seen_unit = False
     for t, k in enumerate(_op_units(traced, u, n)):
         in_bwd = phases[t] in backward
         if in_bwd and k is not None and k != current:
             if current is not None and k < current:
-                done.add(current)  # its post-backward reduce-scatters: input copy, then shards
-                rs_buffer[t] = u.trained[current]
+                order.append(current)  # its post-backward reduce-scatters: input copy, then shards
+                rs_unit[t] = current
             # pre-backward of unit k: the prefetched unit's all-gather output (or k's own, for
             # the first unit of backward) lives until its copy-out is done
             ag = k - 1 if current is not None and k > 0 else (k if current is None else None)
@@ -274,14 +280,36 @@ def rank_live(traced: "TracedStep", layout: "ParamLayout", spans: Sequence[tuple
             # before the first unit: the root's own all-gather output; after the last: the last
             # unit's, until the root's post-forward
             ag_buffer[t] = u.full[-1] if seen_unit and u.full else (u.root_full if not seen_unit else 0)
-        if done:
-            done_full[t] = sum(u.trained[d] for d in done)
-            done_shard[t] = sum(math.ceil(u.trained[d] / world) for d in done)
+        done_count[t] = len(order)
+    return _Schedule(gathered=gathered, ag_buffer=ag_buffer, done_count=done_count, done_order=tuple(order),
+                     rs_unit=rs_unit)
+
+
+def rank_live(traced: "TracedStep", layout: "ParamLayout", spans: Sequence[tuple[str, int]], world: int, *,
+              forward_prefetch: bool = True, shard_embeddings: bool = False,
+              live: np.ndarray | None = None, schedule: _Schedule | None = None) -> np.ndarray:
+    """Per-rank live bytes per component after every traced op (module doc), W > 1.
+
+    `spans`: (parameter name, 16-bit bytes) of what trains this step; `live`: the trace's live
+    array after evaluate's adjustments (default: traced.live); `schedule`: `_schedule` of this
+    trace, layout, world and options, when the caller reuses it across chunks."""
+    live = (traced.live if live is None else live).astype(np.int64).copy()
+    u = _units(layout, world, spans, shard_embeddings)
+    n = live.shape[1]
+    if schedule is None:
+        schedule = _schedule(traced, u, n, forward_prefetch)
+    trained = np.asarray(u.trained + (0,), dtype=np.int64)  # index -1: no unit
+    order = list(schedule.done_order)
+    cum_full = np.concatenate([[0], np.cumsum(trained[order])]).astype(np.int64)
+    cum_shard = np.concatenate([[0], np.cumsum(-(-trained[order] // world))]).astype(np.int64)
+    done_full = cum_full[schedule.done_count]
+    done_shard = cum_shard[schedule.done_count]
+    rs_buffer = trained[schedule.rs_unit]
     w = _CI[Component.WEIGHTS]
     gr = _CI[Component.GRADIENTS]
-    live[w] = live[w] - layout.total_bytes + u.shard + gathered
+    live[w] = live[w] - layout.total_bytes + u.shard + schedule.gathered
     live[gr] = np.maximum(live[gr] - done_full, 0) + done_shard
-    live[_CI[Component.TEMPORARIES]] += rs_buffer + ag_buffer
+    live[_CI[Component.TEMPORARIES]] += rs_buffer + schedule.ag_buffer
     return live
 
 
@@ -351,10 +379,15 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
             for k in ev._bound_candidates(actives, layout):
                 cases.append((traced, actives[k], [(s.param, s.nbytes) for s in table.chunks[k]]))
     sharded_spans = tuple(math.ceil(b / world) for b in all_spans)
+    schedules: dict[int, _Schedule] = {}  # keyed by id of a trace `cases` keeps alive
     best = None
     for traced, active, spans in cases:
         live, reserved = ev.adjusted_gpu_live(traced, strategy, layout, active)
-        rank = rank_live(traced, layout, spans, world, live=live, shard_embeddings=shard_embeddings)
+        if id(traced) not in schedules:  # the same trace serves a whole group of chunks
+            units = _units(layout, world, spans, shard_embeddings)
+            schedules[id(traced)] = _schedule(traced, units, live.shape[1], True)
+        rank = rank_live(traced, layout, spans, world, live=live, shard_embeddings=shard_embeddings,
+                         schedule=schedules[id(traced)])
         rank_reserved = np.maximum(reserved - live.sum(axis=0) + rank.sum(axis=0), rank.sum(axis=0))
         sh_active = _sharded_active(active, world)
         statics = ev._gpu_statics(strategy, layout, sh_active, sharded_spans)
