@@ -443,10 +443,13 @@ def world_sizes(gpus_per_node: int, max_gpus: int = MAX_GPUS) -> list[tuple[int,
 def min_gpus(model: "ModelSpec", shape: "StepShape", strategy: Strategy | Sequence[Strategy],
              gpu_profile: "GpuProfile | str", *, gpus_per_node: int = 8, max_gpus: int = 64,
              host_bytes_per_node: int | None = None, shard_embeddings: bool = False,
-             hw_overrides: dict | None = None) -> int | None:
+             chunk_traces: str = "auto", hw_overrides: dict | None = None) -> int | None:
     """Fewest GPUs of this kind (one node up to `gpus_per_node`, then whole nodes) on which some
     of the strategies fits every card (reserved + CUDA context <= its memory) and, if given,
-    each node's host memory; None if `max_gpus` do not suffice."""
+    each node's host memory; None if `max_gpus` do not suffice. `chunk_traces` as in
+    planner.evaluate.evaluate ("bound", auto's choice above 2B parameters, carries the full-FT
+    trace's free-block slack into the reserved bytes: at 70B it answers 3 x 80 GB where the
+    exact chunk traces answer 2)."""
     from planner.hardware import hardware
 
     hw = hardware(gpu_profile, **(hw_overrides or {}))
@@ -457,7 +460,7 @@ def min_gpus(model: "ModelSpec", shape: "StepShape", strategy: Strategy | Sequen
         for s in strategies:
             try:
                 est = evaluate_sharded(model, shape, s, hw, gpus_per_node=per_node, nodes=nodes,
-                                       shard_embeddings=shard_embeddings)
+                                       shard_embeddings=shard_embeddings, chunk_traces=chunk_traces)
             except ChunkftError:
                 continue
             host_ok = host_bytes_per_node is None or per_node * est.need_bytes(Tier.HOST) <= host_bytes_per_node

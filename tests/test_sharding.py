@@ -160,3 +160,6 @@ def test_llama3_70b_fits_two_80gb_gpus_reserved_with_exact_chunk_traces():
                            chunk_traces="exact")
     assert two.card_need_bytes() <= hw.gpu.memory_bytes, two.card_need_bytes() / 2**30
     assert two.peak_bytes[Tier.GPU] < two.card_need_bytes()
+    assert min_gpus(spec, shape, LLAMA70_PLAN, "h800", shard_embeddings=True, chunk_traces="exact") == 2
+    # the root holding embedding and lm_head unsharded through the step (4.2 GB) tips it over
+    assert min_gpus(spec, shape, LLAMA70_PLAN, "h800", chunk_traces="exact") == 3
