@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-chunk-tokens", type=int, default=0)
     p.add_argument("--shard-embeddings", action="store_true")
     p.add_argument("--out", help="directory for the consolidated checkpoint after the last step")
+    p.add_argument("--init-from", help="HF model directory whose weights to start from (default: random init)")
     p.add_argument("--resume", help="consolidated checkpoint directory to continue from")
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per local rank)")
     return p.parse_args(argv)
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         config = DistConfig(model_config=model_config, batches=batches, seed=args.seed, dtype=args.dtype, lr=args.lr,
                             chunks=args.chunks, update_interval=args.update_interval, checkpointing=args.checkpointing,
                             loss_chunk_tokens=args.loss_chunk_tokens, shard_embeddings=args.shard_embeddings,
-                            out_dir=args.out, resume_from=args.resume, device=args.device)
+                            out_dir=args.out, init_from=args.init_from, resume_from=args.resume,
+                            device=args.device)
         init_process_group(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                            init_method="env://", device=args.device)
         try:

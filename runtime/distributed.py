@@ -68,6 +68,9 @@ class DistConfig:
     loss_chunk_tokens: int = 0
     out_dir: str | None = None
     """Where the consolidated checkpoint goes after the last step (None: not saved)."""
+    init_from: str | None = None
+    """An HF model directory (config + *.safetensors) whose weights replace the random ones (every
+    rank first builds the whole model on CPU, then shards it: host RAM for one model per rank)."""
     stop_after: int | None = None
     """Stop (and save) after this many steps in all, of `batches` (None: train every batch)."""
     resume_from: str | None = None
@@ -229,27 +232,51 @@ def _tied_duplicates(model, weights: dict[str, torch.Tensor]) -> set[str]:
     return dup
 
 
+def _full_weights(model, path: Path) -> dict[str, torch.Tensor]:
+    """Every parameter's full tensor from an HF directory's safetensors file(s), by name; a tied
+    parameter saved once (lm_head tied to the embedding) is filled from its twin."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ChunkftError(f"no *.safetensors weights in {str(path)!r}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        twin = first.setdefault(id(p), name)
+        if name not in weights and twin in weights:
+            weights[name] = weights[twin]
+    missing = [n for n, _ in model.named_parameters() if n not in weights]
+    if missing:
+        raise ChunkftError(f"weights in {str(path)!r} lack {len(missing)} parameters, e.g. {missing[0]!r}")
+    return weights
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    """Rank 0 reads an HF directory's weights and broadcasts them into the sharded model."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    path = Path(path)
+    weights = _full_weights(model, path) if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 def load_consolidated(model, optimizer, path: str | os.PathLike) -> int:
     """Rank 0 reads a consolidated checkpoint and broadcasts it into the sharded model and
     optimizer; returns the step it was saved after."""
     import torch.distributed as dist
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     path = Path(path)
-    if not (path / "model.safetensors").is_file():
-        raise ChunkftError(f"no consolidated checkpoint in {str(path)!r} (model.safetensors missing)")
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    rank0 = dist.get_rank() == 0
-    weights = load_file(str(path / "model.safetensors")) if rank0 else {}
-    if rank0:
-        for name, p in model.named_parameters(remove_duplicate=False):
-            weights.setdefault(name, None)
-        weights = {k: v for k, v in weights.items() if v is not None}
-    set_model_state_dict(model, weights, options=options)
-    optim = torch.load(path / OPTIMIZER_FILE, weights_only=True) if rank0 else {}
-    set_optimizer_state_dict(model, optimizer, optim, options=options)
+    if not (path / OPTIMIZER_FILE).is_file() or not (path / STATE_FILE).is_file():
+        raise ChunkftError(f"no consolidated checkpoint in {str(path)!r} ({OPTIMIZER_FILE} or {STATE_FILE} missing)")
+    load_weights(model, path)
+    optim = torch.load(path / OPTIMIZER_FILE, weights_only=True) if dist.get_rank() == 0 else {}
+    set_optimizer_state_dict(model, optimizer, optim,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return int(json.loads((path / STATE_FILE).read_text())["step"])
 
 
@@ -269,6 +296,8 @@ def train_rank(config: DistConfig) -> RankResult:
     chunks = whole_tensor_chunks(model, config.chunks) if config.chunks > 1 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   foreach=False)
+    if config.init_from and not config.resume_from:
+        load_weights(model, config.init_from)
     start = load_consolidated(model, optimizer, config.resume_from) if config.resume_from else 0
     losses = []
     peak = baseline = None
@@ -339,6 +368,10 @@ def run_single(config: DistConfig) -> tuple[list[float], torch.nn.Module]:
     from planner.step import step_loss
 
     model = build_model(config)
+    if config.init_from:
+        with torch.no_grad():
+            for name, t in _full_weights(model, Path(config.init_from)).items():
+                model.get_parameter(name).copy_(t)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   foreach=False)
     chunks = whole_tensor_chunks(model, config.chunks) if config.chunks > 1 else None

@@ -1,6 +1,6 @@
 """runtime.distributed on CPU: 2 gloo processes with FSDP2 against one process.
 
-One sharded run of 2 steps (the second measured with mallinfo2 on every rank) saves a
+All start from the same saved HF weights (init_from). One sharded run of 2 steps (the second measured with mallinfo2 on every rank) saves a
 consolidated checkpoint; a second run resumes it for 2 more steps and saves again. The one
 process reference trains the same 4 steps on the whole global batch.
 """
@@ -39,9 +39,13 @@ def _config(**kw) -> DistConfig:
 def runs(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("dist")
-    first = run_distributed(_config(stop_after=2, measure_step=1, out_dir=str(tmp / "step2")), WORLD)
-    second = run_distributed(_config(resume_from=str(tmp / "step2"), out_dir=str(tmp / "step4")), WORLD)
-    losses, model = run_single(_config())
+    # every run starts from these weights (seed 7; the runs' own random init is seed 0)
+    torch.manual_seed(7)
+    AutoModelForCausalLM.from_config(CONFIG).save_pretrained(tmp / "init")
+    init = str(tmp / "init")
+    first = run_distributed(_config(init_from=init, stop_after=2, measure_step=1, out_dir=str(tmp / "step2")), WORLD)
+    second = run_distributed(_config(init_from=init, resume_from=str(tmp / "step2"), out_dir=str(tmp / "step4")), WORLD)
+    losses, model = run_single(_config(init_from=init))
     return first, second, losses, model, tmp
 
 
@@ -59,8 +63,11 @@ def test_consolidated_checkpoint_loads_in_transformers_and_equals_one_process(ru
     _, _, _, model, tmp = runs
     loaded = AutoModelForCausalLM.from_pretrained(tmp / "step4", dtype=torch.float32)
     reference = dict(model.named_parameters())
+    # Adam divides by sqrt(v): for a gradient near zero the ranks' different summation order
+    # moves an update by up to a few % of lr (1e-3); atol is a tenth of one step
     for name, p in loaded.named_parameters():
-        torch.testing.assert_close(p, reference[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(p, reference[name], rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
 
 
 def test_each_rank_holds_half_the_parameters(runs):
