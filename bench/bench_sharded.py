@@ -33,12 +33,14 @@ RESULTS = ROOT / "bench" / "results" / "sharded.csv"
 GIB = 2**30
 MODEL = "llama3-70b"
 SHAPE = StepShape(batch=1, seq_len=1024, dtype="bf16")
+_CKPT = {"checkpointing": True, "loss_chunk_tokens": 256}
+# (strategy, embedding and head as FSDP units of their own, chunk_traces)
 PLANS = (
-    (Strategy(checkpointing=True, loss_chunk_tokens=256), False, "bound"),
-    (Strategy(chunks=256, state_tier="host", checkpointing=True, loss_chunk_tokens=256, prefetch_depth=0), True, "exact"),
-    (Strategy(chunks=256, state_tier="host", checkpointing=True, loss_chunk_tokens=256, prefetch_depth=0), False, "exact"),
-    (Strategy(chunks=256, state_tier="host", checkpointing=True, loss_chunk_tokens=256), True, "exact"),
-    (Strategy(chunks=128, state_tier="host", checkpointing=True, loss_chunk_tokens=256, prefetch_depth=0), True, "exact"),
+    (Strategy(**_CKPT), False, "bound"),
+    (Strategy(chunks=256, state_tier="host", prefetch_depth=0, **_CKPT), True, "exact"),
+    (Strategy(chunks=256, state_tier="host", prefetch_depth=0, **_CKPT), False, "exact"),
+    (Strategy(chunks=256, state_tier="host", **_CKPT), True, "exact"),
+    (Strategy(chunks=128, state_tier="host", prefetch_depth=0, **_CKPT), True, "exact"),
 )
 GPUS = ("h800", "h100")
 WORLD = (1, 2, 4, 8)

@@ -286,7 +286,10 @@ def _schedule(traced: "TracedStep", u: _Units, n: int, forward_prefetch: bool) -
             current = k
         if k is not None:
             seen_unit = True
-            nxt = (k - 1 if k > 0 else None) if in_bwd else (k + 1 if forward_prefetch and k + 1 < len(u.full) else None)
+            if in_bwd:
+                nxt = k - 1 if k > 0 else None
+            else:
+                nxt = k + 1 if forward_prefetch and k + 1 < len(u.full) else None
             gathered[t] += u.full[k] + (u.full[nxt] if nxt is not None else 0)
             if not in_bwd:  # forward: the newest all-gather's output is freed at the next copy-out
                 ag_buffer[t] = u.full[nxt if nxt is not None else k]
@@ -349,7 +352,6 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     `shape` is one rank's micro-batch. The worst chunk (highest per-rank GPU need) is reported
     for C > 1, among the chunks evaluate itself examines."""
     from planner import evaluate as ev
-    from planner.steptime import predict_step_time
 
     _check(strategy, gpus_per_node, nodes)
     world = gpus_per_node * nodes

@@ -1,8 +1,9 @@
 """runtime.distributed on CPU: 2 gloo processes with FSDP2 against one process.
 
-All start from the same saved HF weights (init_from). One sharded run of 2 steps (the second measured with mallinfo2 on every rank) saves a
-consolidated checkpoint; a second run resumes it for 2 more steps and saves again. The one
-process reference trains the same 4 steps on the whole global batch.
+All start from the same saved HF weights (init_from). One sharded run of 2 steps (the second
+measured with mallinfo2 on every rank) saves a consolidated checkpoint; a second run resumes it
+for 2 more steps and saves again. The one-process reference trains the same 4 steps on the
+whole global batch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ MEMORY_TOLERANCE = 0.05
 
 def _config(**kw) -> DistConfig:
     # the same global batch every step, so the loss has to fall
-    batch = torch.randint(0, CONFIG.vocab_size, (1, WORLD * LOCAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    batch = torch.randint(0, CONFIG.vocab_size, (1, WORLD * LOCAL_BATCH, SEQ),
+                          generator=torch.Generator().manual_seed(1))
     batches = batch.expand(STEPS, -1, -1).clone()
     return DistConfig(model_config=CONFIG.to_dict(), batches=batches, lr=1e-3, **kw)
 
@@ -43,8 +45,10 @@ def runs(tmp_path_factory):
     torch.manual_seed(7)
     AutoModelForCausalLM.from_config(CONFIG).save_pretrained(tmp / "init")
     init = str(tmp / "init")
-    first = run_distributed(_config(init_from=init, stop_after=2, measure_step=1, out_dir=str(tmp / "step2")), WORLD)
-    second = run_distributed(_config(init_from=init, resume_from=str(tmp / "step2"), out_dir=str(tmp / "step4")), WORLD)
+    first = run_distributed(_config(init_from=init, stop_after=2, measure_step=1, out_dir=str(tmp / "step2")),
+                            WORLD)
+    second = run_distributed(_config(init_from=init, resume_from=str(tmp / "step2"), out_dir=str(tmp / "step4")),
+                             WORLD)
     losses, model = run_single(_config(init_from=init))
     return first, second, losses, model, tmp
 
