@@ -68,8 +68,9 @@ if TYPE_CHECKING:
 # The CUDA context (driver, kernels of torch's loaded modules with lazy loading) sits outside
 # PyTorch's allocator: 300-600 MiB on recent drivers; 512 MiB is a round, conservative figure.
 CUDA_CONTEXT_BYTES = 512 * 2**20
-# fp32 AdamW moments (exp_avg, exp_avg_sq) per parameter; fp32 master per parameter when the
-# training dtype is 16-bit.
+# fp32 AdamW moments (exp_avg, exp_avg_sq) and an fp32 master per parameter. The master exists
+# for fp32 training too: runtime.chunk_optim keeps each chunk's state (master included) apart
+# from the model's weights, so it can rest off the GPU.
 MOMENT_BYTES_PER_PARAM = 8
 MASTER_BYTES_PER_PARAM = 4
 FP32_BYTES = 4
@@ -268,8 +269,8 @@ class _Alloc:
 
 
 def _state_per_param(elem_bytes: int) -> tuple[int, int]:
-    """(master, moments) bytes per parameter: no master when training in fp32."""
-    return (MASTER_BYTES_PER_PARAM if elem_bytes < FP32_BYTES else 0), MOMENT_BYTES_PER_PARAM
+    """(master, moments) bytes per parameter, whatever the training dtype (see above)."""
+    return MASTER_BYTES_PER_PARAM, MOMENT_BYTES_PER_PARAM
 
 
 def _state_allocs(tensor_bytes: tuple[int, ...], elem: int) -> list[_Alloc]:
