@@ -293,8 +293,6 @@ def find_layer_list(model: "torch.nn.Module") -> "tuple[str, torch.nn.ModuleList
     return best
 
 
-_find_layer_list = find_layer_list  # the name planner/evaluate.py imported first
-
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
