@@ -45,6 +45,11 @@ def chunkft(*args: str) -> str:
     return proc.stdout
 
 
+def rel(path: Path) -> str:
+    """Paths relative to the repository, so the committed plans and traces name no machine."""
+    return str(path.relative_to(ROOT))
+
+
 def write_inputs() -> tuple[Path, Path]:
     model_dir = OUT / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +69,6 @@ def main() -> None:
     for case, pins in CASES.items():
         d = OUT / case
         d.mkdir(parents=True, exist_ok=True)
-        rel = lambda p: str(p.relative_to(ROOT))  # noqa: E731 - paths in the committed files stay relative
         chunkft("plan", rel(model_dir), "--gpu", "80GiB", *SHAPE, *pins, "-o", rel(d / "plan.json"))
         chunkft("simulate", rel(d / "plan.json"), "-o", rel(d / "timeline.jsonl"))
         with tempfile.TemporaryDirectory(prefix="chunkft-cpu-traces-") as run_dir:  # checkpoints are not kept
