@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "fit": "planner.fit",
     "plan": "planner.plan_cli",
     "simulate": "planner.plan_cli",
-    "size": "planner.plan_cli",
+    "size": "planner.size_cli",
     "compare": "analysis.cli",
     "report": "analysis.cli",
     "run": "runtime.run_cli",

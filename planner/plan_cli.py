@@ -1,11 +1,10 @@
-"""`chunkft plan`, `chunkft simulate` and `chunkft size`: solve, replay and size from the shell.
+"""`chunkft plan` and `chunkft simulate`: solve and replay from the shell.
 
   chunkft plan MODEL [--gpu 24GiB] [--host-ram ..] [--disk ..] [--seq 1024] [--batch 1]
                [--chunks 4,16] [--optimizer gpu|host] [--state gpu|host|disk] [--grad-staging ..]
                [--dtype bf16] [--gpu-kind rtx4090] [--objective memory|speed] [-o plan.json]
       exit 0 with a plan written; exit 1 when nothing fits (what is missing, per tier).
   chunkft simulate PLAN [-o timeline.jsonl] [--model SPEC] [--gpu-kind KIND]
-  chunkft size MODEL [--seq 1024] [--batch 1] [--dtype bf16] [--gpu-kind KIND]
 
 torch and transformers are imported inside run(), not at module top (CLI start-up time).
 """
@@ -18,15 +17,15 @@ from planner.errors import ChunkftError
 from planner.solve import MAX_CHUNKS
 from planner.units import describe_size, format_bytes, parse_bytes
 
-COMMANDS = ("plan", "simulate", "size")
+COMMANDS = ("plan", "simulate")
 
 DEFAULT_GPU_KIND = "rtx4090"
 _TIERS_TEXT = {"gpu": "GPU", "host": "host RAM", "disk": "disk"}
 
 
 def add_parser(subparsers) -> None:
-    """Register plan, simulate and size. planner.cli calls this once per SUBCOMMANDS entry
-    naming this module; the first call registers all three, later calls do nothing."""
+    """Register plan and simulate. planner.cli calls this once per SUBCOMMANDS entry
+    naming this module; the first call registers both, later calls do nothing."""
     if "plan" in subparsers.choices:
         return
     p = subparsers.add_parser("plan", help="find the best plan that fits a memory budget",
@@ -36,7 +35,7 @@ def add_parser(subparsers) -> None:
                                  "less the CUDA context)")
     p.add_argument("--host-ram", help="host RAM budget (default: not limited)")
     p.add_argument("--disk", help="disk budget (default: not limited)")
-    _shape_args(p)
+    add_shape_args(p)
     p.add_argument("--gpu-kind", help=f"GPU profile for step times (default {DEFAULT_GPU_KIND}); "
                                       "without --gpu its memory less the CUDA context is the budget")
     p.add_argument("--objective", choices=["memory", "speed"], default="memory",
@@ -53,16 +52,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("--gpu-kind", help="re-time on another GPU profile (default: the plan's)")
     s.set_defaults(run=run_simulate)
 
-    z = subparsers.add_parser("size", help="what hardware a fine-tuning job needs",
-                              description="Minimum GPU memory, host RAM and disk per strategy family, "
-                                          "the catalogue GPUs that suffice, and sharded GPU counts.")
-    z.add_argument("model", help="preset name, HF model directory, config.json, or package.module:function")
-    _shape_args(z)
-    z.add_argument("--gpu-kind", default="rtx4090", help="GPU profile the estimates are made on")
-    z.set_defaults(run=run_size)
 
-
-def _shape_args(p: argparse.ArgumentParser) -> None:
+def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, default=1024, help="sequence length in tokens (default 1024)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="training dtype")
@@ -91,7 +82,7 @@ def _parse_chunk_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
-def _space(args, model):
+def search_space(args, model):
     import dataclasses
 
     from planner.schema import Tier
@@ -119,7 +110,7 @@ def _space(args, model):
     return space
 
 
-def _shape(args):
+def step_shape(args):
     from planner.trace import StepShape
 
     return StepShape(batch=args.batch, seq_len=args.seq, dtype=args.dtype)
@@ -174,10 +165,10 @@ def run_plan(args) -> int:
     budget = Budget(gpu_bytes=gpu_bytes,
                     host_bytes=None if args.host_ram is None else parse_bytes(args.host_ram, what="host RAM budget"),
                     disk_bytes=None if args.disk is None else parse_bytes(args.disk, what="disk budget"))
-    shape = _shape(args)
+    shape = step_shape(args)
     model = resolve_model(args.model)
     objective = Objective(args.objective)
-    solution = solve_model(model, shape, hw, budget, objective=objective, space=_space(args, model))
+    solution = solve_model(model, shape, hw, budget, objective=objective, space=search_space(args, model))
     print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}; "
           f"times for {hw.gpu.name}")
     print(f"budget    {_budget_line(budget)}")
@@ -243,31 +234,4 @@ def run_simulate(args) -> int:
                   f"(plan predicted {format_bytes(plan.peak_bytes.get(tier, 0))})")
     print(f"step      {h['step_time_s']:.3f} s predicted on {h['gpu']}")
     print(f"wrote {args.output}")
-    return 0
-
-
-def run_size(args) -> int:
-    from planner.hardware import hardware
-    from planner.model import resolve_model
-    from planner.size import size_model
-
-    hw = hardware(args.gpu_kind)
-    shape = _shape(args)
-    model = resolve_model(args.model)
-    report = size_model(model, shape, hw, space=_space(args, model))
-    print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}")
-    print(f"{'strategy family':<46} {'GPU':>11} {'host RAM':>11} {'disk':>11}  best strategy; GPUs that suffice")
-    for f in report.families:
-        gpus = ", ".join(f.gpus) if f.gpus else "none in the catalogue"
-        print(f"{f.family:<46} {format_bytes(f.gpu_bytes):>11} {format_bytes(f.host_bytes):>11} "
-              f"{format_bytes(f.disk_bytes):>11}  {f.estimate.strategy.label()}; {gpus}")
-    print("GPU = allocator reserved + CUDA context, what the card must hold.")
-    if report.sharded:
-        alone = ", ".join(report.single_gpus) or "none"
-        print(f"With weights resident, one GPU suffices on: {alone}. Otherwise, with states sharded "
-              "across GPUs (FSDP arithmetic, an estimate):")
-        for s in report.sharded:
-            print(f"  {s.num_gpus} x {s.gpu}: {format_bytes(s.per_rank_bytes)} per GPU "
-                  f"({s.estimate.strategy.label()})")
-    print(f"evaluated {report.evaluated} strategies")
     return 0
