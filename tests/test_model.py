@@ -28,6 +28,7 @@ PUBLISHED_PARAMETERS = {
     "qwen2.5-72b": 72.7e9,
     "gemma2-9b": 9.24e9,
     "phi3-mini": 3.82e9,
+    "llama3.2-1b": 1.24e9,
 }
 
 TINY_LLAMA = {
