@@ -4,7 +4,7 @@ The GPU side starts from a replay of the traced step (planner.trace + planner.me
 CUDA allocator model): weights, gradients, activations, temporaries, logits, block rounding and
 the cuBLAS workspace, op by op, for exactly the parameters that need gradients (all of them for
 C = 1, the active chunk's sub-tensors otherwise), with or without checkpointing and chunked
-loss. Onto that timeline go the bytes the trace does not hold (see `_gpu_statics`):
+loss. Onto that timeline go the bytes the trace does not hold (see `gpu_static_allocs`):
 
   - fp32 master weights and AdamW moments on the GPU: all of them for the GPU optimizer with
     state on the GPU; the active chunk's plus `prefetch_depth` upcoming chunks' when inactive
@@ -36,6 +36,11 @@ offsets from their first layer, whole or sliced alike, behave alike except for p
 earliest of a group keeps the most activations (every layer after the first trained one saves
 what its backward needs), so each group's first chunk is traced and stands for its members.
 Bound: the full-FT trace, with gradients capped at the chunk's bytes, stands for every chunk.
+
+Public cost API (what planner.sharding builds on): `param_layout`, `chunk_table`, `chunk_groups`,
+`traced_step`, `active_set_for`, `bound_candidates`, `adjusted_gpu_live`, `gpu_static_allocs`,
+`optimizer_temp_allocs`, `state_allocs`, `add_allocs`, `segment_bytes`, `host_and_disk_bytes`,
+`sm_arch`, `combine`.
 
 Known limitations: the CUDA context is reported (`CUDA_CONTEXT_BYTES`), not measured; reserved
 bytes of the static buffers are their own segments (no reuse of freed activation blocks by the
@@ -233,7 +238,9 @@ def chunk_groups(table: "ChunkTable", layer_prefix: str | None) -> list[list[int
     return sorted(groups.values(), key=lambda g: g[0])
 
 
-def _sm(hw: Any) -> int:
+def sm_arch(hw: Any) -> int:
+    """CUDA architecture of the hardware's GPU as planner.memory's cuBLAS workspace model takes
+    it: 90 for Hopper parts, 80 otherwise. The only way the GPU kind changes traced memory."""
     return 90 if _HOPPER.match(hw.gpu.name.lower()) else 80
 
 
@@ -263,7 +270,9 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class _Alloc:
+class Alloc:
+    """One allocation the trace does not hold (state, optimizer temporaries), before rounding."""
+
     component: Component
     nbytes: int
 
@@ -273,38 +282,40 @@ def _state_per_param(elem_bytes: int) -> tuple[int, int]:
     return MASTER_BYTES_PER_PARAM, MOMENT_BYTES_PER_PARAM
 
 
-def _state_allocs(tensor_bytes: tuple[int, ...], elem: int) -> list[_Alloc]:
+def state_allocs(tensor_bytes: tuple[int, ...], elem: int) -> list[Alloc]:
     """fp32 master and moments, one tensor each per span of these 16-bit sizes."""
     master, moments = _state_per_param(elem)
     out = []
     for nbytes in tensor_bytes:
         n = nbytes // elem
         if master:
-            out.append(_Alloc(component=Component.MASTER, nbytes=master * n))
-        out += [_Alloc(component=Component.OPTIMIZER, nbytes=FP32_BYTES * n)] * (moments // FP32_BYTES)
+            out.append(Alloc(component=Component.MASTER, nbytes=master * n))
+        out += [Alloc(component=Component.OPTIMIZER, nbytes=FP32_BYTES * n)] * (moments // FP32_BYTES)
     return out
 
 
-def _gpu_statics(strategy: Strategy, layout: ParamLayout, active: ActiveSet,
-                 all_spans: tuple[int, ...]) -> list[_Alloc]:
-    """Allocations resident on the GPU for the whole step that the trace does not hold."""
+def gpu_static_allocs(strategy: Strategy, layout: ParamLayout, active: ActiveSet,
+                      all_spans: tuple[int, ...]) -> list[Alloc]:
+    """Allocations resident on the GPU for the whole step that the trace does not hold: fp32
+    master + moments of `all_spans` (C = 1, or state on the GPU) or of the active set's spans
+    and prefetch (state on host / disk); none for a host optimizer."""
     if strategy.optimizer_device == OptimizerDevice.HOST:
         return []
     elem = layout.elem_bytes
     if strategy.chunks == 1 or strategy.state_tier == Tier.GPU:
-        return _state_allocs(all_spans or active.tensor_bytes, elem)
-    return _state_allocs(active.tensor_bytes + active.prefetch_bytes, elem)
+        return state_allocs(all_spans or active.tensor_bytes, elem)
+    return state_allocs(active.tensor_bytes + active.prefetch_bytes, elem)
 
 
-def _optimizer_temps(strategy: Strategy, layout: ParamLayout, active: ActiveSet) -> list[_Alloc]:
+def optimizer_temp_allocs(strategy: Strategy, layout: ParamLayout, active: ActiveSet) -> list[Alloc]:
     """GPU temporaries of the AdamW step: one span at a time, so the largest span's."""
     if strategy.optimizer_device == OptimizerDevice.HOST or not active.tensor_bytes:
         return []
     elem = layout.elem_bytes
     n = max(active.tensor_bytes) // elem
-    out = [_Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n)] * (SINGLE_TENSOR_TEMP_BYTES_PER_PARAM // FP32_BYTES)
+    out = [Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n)] * (SINGLE_TENSOR_TEMP_BYTES_PER_PARAM // FP32_BYTES)
     if elem < FP32_BYTES:
-        out.append(_Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n))
+        out.append(Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n))
     return out
 
 
@@ -317,14 +328,15 @@ def _grad_cap(strategy: Strategy, layout: ParamLayout, active: ActiveSet) -> int
     return None
 
 
-def _add(comps: dict[Component, int], allocs: list[_Alloc]) -> None:
+def add_allocs(comps: dict[Component, int], allocs: list[Alloc]) -> None:
+    """Add allocations to a component breakdown, with the allocator's rounding as ROUNDING."""
     for a in allocs:
         r = round_size(a.nbytes)
         comps[a.component] = comps.get(a.component, 0) + a.nbytes
         comps[Component.ROUNDING] = comps.get(Component.ROUNDING, 0) + r - a.nbytes
 
 
-def _segments(allocs: list[_Alloc]) -> int:
+def segment_bytes(allocs: list[Alloc]) -> int:
     """Reserved bytes for allocations made back to back into fresh segments: small ones
     (<= 1 MiB) pack into 2 MiB segments, 1-10 MiB ones into 20 MiB segments, larger ones get
     their own segment rounded up to 2 MiB (planner.memory.segment_size)."""
@@ -371,8 +383,9 @@ def _pow2_ceil(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else n
 
 
-def _host_and_disk(strategy: Strategy, layout: ParamLayout, active: ActiveSet, all_spans: tuple[int, ...]
-                   ) -> tuple[dict[Component, int], dict[Component, int]]:
+def host_and_disk_bytes(strategy: Strategy, layout: ParamLayout, active: ActiveSet, all_spans: tuple[int, ...]
+                        ) -> tuple[dict[Component, int], dict[Component, int]]:
+    """(host, disk) bytes per component of one step: see the module doc."""
     host: dict[Component, int] = {}
     disk: dict[Component, int] = {}
     elem = layout.elem_bytes
@@ -428,11 +441,11 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
     `all_spans`: 16-bit bytes of every span of every chunk (default: the active set's);
     `flops`: the step's flops when not the traced step's own (bound mode)."""
     live, reserved = adjusted_gpu_live(traced, strategy, layout, active)
-    statics = _gpu_statics(strategy, layout, active, all_spans)
+    statics = gpu_static_allocs(strategy, layout, active, all_spans)
     static_comps: dict[Component, int] = {}
-    _add(static_comps, statics)
+    add_allocs(static_comps, statics)
     static_total = sum(static_comps.values())
-    static_reserved = _segments(statics)
+    static_reserved = segment_bytes(statics)
 
     total = live.sum(axis=0)
     t = int(np.argmax(total))
@@ -442,20 +455,20 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
     gpu_peak = int(total[t]) + static_total
     gpu_reserved = int(reserved.max()) + static_reserved  # reserved only grows: its high-water mark
 
-    temps = _optimizer_temps(strategy, layout, active)
+    temps = optimizer_temp_allocs(strategy, layout, active)
     if temps:  # the optimizer step after backward: what is left at the end, plus temporaries
         end = {c: int(live[i, -1]) for i, c in enumerate(COMPONENTS)}
         for c, b in static_comps.items():
             end[c] = end.get(c, 0) + b
-        _add(end, temps)
+        add_allocs(end, temps)
         opt_peak = sum(end.values())
-        gpu_reserved = max(gpu_reserved, int(reserved.max()) + static_reserved + _segments(temps))
+        gpu_reserved = max(gpu_reserved, int(reserved.max()) + static_reserved + segment_bytes(temps))
         if opt_peak > gpu_peak:
             gpu, gpu_peak = end, opt_peak
     gpu = {c: b for c, b in gpu.items() if b}
     assert sum(gpu.values()) == gpu_peak
 
-    host, disk = _host_and_disk(strategy, layout, active, all_spans)
+    host, disk = host_and_disk_bytes(strategy, layout, active, all_spans)
     work = _work(layout, sum(active.tensor_bytes), traced.flops if flops is None else flops, dtype)
     parts = predict_step_time(work, strategy, hw)
     return Estimate(
@@ -498,7 +511,7 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
     if chunk_traces not in CHUNK_TRACE_MODES:
         raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(CHUNK_TRACE_MODES)}")
     layout = param_layout(model, shape.dtype)
-    sm = _sm(hw)
+    sm = sm_arch(hw)
 
     def trace(grad: dict | None) -> TracedStep:
         return traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
@@ -518,13 +531,13 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
             traced = trace(table.grad_spec(group[0]))
             flops += [traced.flops] * len(group)
             for k in group:
-                estimates.append(combine(traced, strategy, layout, _active_for(table, k, strategy), hw,
+                estimates.append(combine(traced, strategy, layout, active_set_for(table, k, strategy), hw,
                                          dtype=shape.dtype, all_spans=spans))
     else:
         traced = trace(None)
         flops = _bound_flops(traced.flops, table, layout, shape)
-        actives = [_active_for(table, k, strategy) for k in range(table.num_chunks)]
-        for k in _bound_candidates(actives, layout):
+        actives = [active_set_for(table, k, strategy) for k in range(table.num_chunks)]
+        for k in bound_candidates(actives, layout):
             estimates.append(combine(traced, strategy, layout, actives[k], hw, dtype=shape.dtype,
                                      all_spans=spans, flops=flops[k]))
     worst = max(estimates, key=lambda e: (e.need_bytes(Tier.GPU), -(e.worst_chunk or 0)))
@@ -554,7 +567,9 @@ def _analytic_bytes(active: ActiveSet, layout: ParamLayout) -> tuple[int, int]:
     return sum(active.tensor_bytes), state + temps
 
 
-def _bound_candidates(actives: list[ActiveSet], layout: ParamLayout) -> list[int]:
+def bound_candidates(actives: list[ActiveSet], layout: ParamLayout) -> list[int]:
+    """The chunks bound mode evaluates against the shared full-FT trace: the BOUND_CANDIDATES
+    largest by analytic bytes, the largest by gradients and the largest by state + temporaries."""
     keyed = [(_analytic_bytes(a, layout), k) for k, a in enumerate(actives)]
     by_total = sorted(keyed, key=lambda x: (-(x[0][0] + x[0][1]), x[1]))[:BOUND_CANDIDATES]
     by_grad = max(keyed, key=lambda x: (x[0][0], -x[1]))
@@ -595,7 +610,7 @@ def _work(layout: ParamLayout, step_bytes: int, flops: int, dtype: str) -> StepW
     )
 
 
-def _active_for(table: "ChunkTable", k: int, strategy: Strategy) -> ActiveSet:
+def active_set_for(table: "ChunkTable", k: int, strategy: Strategy) -> ActiveSet:
     """Chunk k's spans, plus the spans of the chunks whose state is prefetched to the GPU."""
     gpu_prefetch = strategy.optimizer_device == OptimizerDevice.GPU and strategy.state_tier != Tier.GPU
     depth = min(strategy.prefetch_depth, table.num_chunks - 1) if gpu_prefetch else 0
@@ -623,7 +638,7 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
         table = chunk_table(model, shape.dtype, strategy.chunks)
         if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < table.num_chunks:
             raise ChunkftError(f"chunk {chunk!r} does not exist; valid chunks are 0..{table.num_chunks - 1}")
-        active = _active_for(table, chunk, strategy)
+        active = active_set_for(table, chunk, strategy)
         spans = tuple(s.nbytes for c in table.chunks for s in c)
         if chunk_traces == "auto":
             chunk_traces = "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
@@ -631,17 +646,17 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
             group = next(g for g in chunk_groups(table, layout.layer_prefix) if chunk in g)
             grad = table.grad_spec(group[0])
     traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                         loss_chunk_tokens=strategy.loss_chunk_tokens, sm=_sm(hw))
+                         loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw))
     return timeline_events(traced, strategy, layout, active, all_spans=spans)
 
 
 def timeline_events(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active: ActiveSet,
                     *, all_spans: tuple[int, ...] = ()) -> list[Event]:
     live, reserved = adjusted_gpu_live(traced, strategy, layout, active)
-    statics = _gpu_statics(strategy, layout, active, all_spans)
+    statics = gpu_static_allocs(strategy, layout, active, all_spans)
     static_comps: dict[Component, int] = {}
-    _add(static_comps, statics)
-    static_reserved = _segments(statics)
+    add_allocs(static_comps, statics)
+    static_reserved = segment_bytes(statics)
     events = []
     run_reserved = 0
     for t in range(live.shape[1]):
@@ -654,10 +669,10 @@ def timeline_events(traced: TracedStep, strategy: Strategy, layout: ParamLayout,
                             layer=traced.layers[t] if traced.layers else None, chunk=active.chunk))
     n = live.shape[1]
     end = {c: int(live[i, -1]) + static_comps.get(c, 0) for i, c in enumerate(COMPONENTS)}
-    temps = _optimizer_temps(strategy, layout, active)
+    temps = optimizer_temp_allocs(strategy, layout, active)
     opt = dict(end)
-    _add(opt, temps)
-    opt_reserved = max(run_reserved + _segments(temps), sum(opt.values()))
+    add_allocs(opt, temps)
+    opt_reserved = max(run_reserved + segment_bytes(temps), sum(opt.values()))
     events.append(Event(t=float(n), event=EventKind.OPTIMIZER_STEP, tier=Tier.GPU, allocated=sum(opt.values()),
                         reserved=opt_reserved, bytes={c: b for c, b in opt.items() if b},
                         phase=Phase.OPTIMIZER, chunk=active.chunk, name="AdamW"))

@@ -365,7 +365,7 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
                                step_time_parts_s=dict(single.step_time_parts_s), single=single,
                                worst_chunk=single.worst_chunk)
     layout = ev.param_layout(model, shape.dtype)
-    sm = ev._sm(hw)
+    sm = ev.sm_arch(hw)
     names = [n for n, _, _ in layout.named_shapes]
 
     def trace(grad):
@@ -387,12 +387,12 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
             for group in ev.chunk_groups(table, layout.layer_prefix):
                 traced = trace(table.grad_spec(group[0]))
                 for k in group:
-                    cases.append((traced, ev._active_for(table, k, strategy),
+                    cases.append((traced, ev.active_set_for(table, k, strategy),
                                   [(s.param, s.nbytes) for s in table.chunks[k]]))
         else:
             traced = trace(None)  # evaluate's bound: its candidate chunks stand for the rest
-            actives = [ev._active_for(table, k, strategy) for k in range(table.num_chunks)]
-            for k in ev._bound_candidates(actives, layout):
+            actives = [ev.active_set_for(table, k, strategy) for k in range(table.num_chunks)]
+            for k in ev.bound_candidates(actives, layout):
                 cases.append((traced, actives[k], [(s.param, s.nbytes) for s in table.chunks[k]]))
     sharded_spans = tuple(math.ceil(b / world) for b in all_spans)
     schedules: dict[int, _Schedule] = {}  # keyed by id of a trace `cases` keeps alive
@@ -406,23 +406,23 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
                          schedule=schedules[id(traced)])
         rank_reserved = np.maximum(reserved - live.sum(axis=0) + rank.sum(axis=0), rank.sum(axis=0))
         sh_active = _sharded_active(active, world)
-        statics = ev._gpu_statics(strategy, layout, sh_active, sharded_spans)
+        statics = ev.gpu_static_allocs(strategy, layout, sh_active, sharded_spans)
         comps_static: dict[Component, int] = {}
-        ev._add(comps_static, statics)
+        ev.add_allocs(comps_static, statics)
         total = rank.sum(axis=0)
         t = int(np.argmax(total))
         gpu = {c: int(rank[i, t]) + comps_static.get(c, 0) for i, c in enumerate(COMPONENTS)}
         peak = sum(gpu.values())
-        res = int(rank_reserved.max()) + ev._segments(statics)
-        temps = ev._optimizer_temps(strategy, layout, sh_active)
+        res = int(rank_reserved.max()) + ev.segment_bytes(statics)
+        temps = ev.optimizer_temp_allocs(strategy, layout, sh_active)
         if temps:  # optimizer step: every gradient sharded, plus the step's temporaries
             end = {c: int(rank[i, -1]) + comps_static.get(c, 0) for i, c in enumerate(COMPONENTS)}
             end[Component.GRADIENTS] = grad_shard_bytes(spans, world)
-            ev._add(end, temps)
-            res = max(res, int(rank_reserved.max()) + ev._segments(statics) + ev._segments(temps))
+            ev.add_allocs(end, temps)
+            res = max(res, int(rank_reserved.max()) + ev.segment_bytes(statics) + ev.segment_bytes(temps))
             if sum(end.values()) > peak:
                 gpu, peak = end, sum(end.values())
-        host, disk = ev._host_and_disk(strategy, layout, sh_active, sharded_spans)
+        host, disk = ev.host_and_disk_bytes(strategy, layout, sh_active, sharded_spans)
         key = (max(res, peak), peak)
         if best is None or key > best[0]:
             best = (key, gpu, peak, res, host, disk, active, spans)
