@@ -52,6 +52,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order (default 0)")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
+    p.add_argument("--gpu-memory-cap", default=None,
+                   help="cap what PyTorch's allocator may reserve on the GPU, e.g. 24GiB, to emulate a smaller "
+                        "card (torch.cuda.set_per_process_memory_fraction); CUDA only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -99,6 +102,8 @@ def build_run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ChunkftError("--device cuda was given but no CUDA device is available; valid here: cpu")
+    if args.gpu_memory_cap is not None:
+        cap_gpu_memory(args.gpu_memory_cap, device)
     out = check_writable(args.out)
     if args.trace is not None:
         check_writable(Path(args.trace).parent if str(Path(args.trace).parent) else ".")
@@ -171,6 +176,23 @@ def build_run(args):
             trace.attach(layers)
         trainer.trace = trace
     return trainer, trace, plan, spec
+
+
+def cap_gpu_memory(text: str, device) -> int:
+    """Limit the caching allocator on `device` to `text` bytes (a smaller card, emulated)."""
+    import torch
+
+    from planner.units import describe_size, parse_bytes
+
+    cap = parse_bytes(text, what="--gpu-memory-cap")
+    if device.type != "cuda":
+        raise ChunkftError(f"--gpu-memory-cap {text} needs a CUDA device; this run is on {device.type}")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap > total:
+        raise ChunkftError(f"--gpu-memory-cap {text} ({describe_size(cap)}) is more than the GPU has "
+                           f"({describe_size(total)})")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap
 
 
 def _data_fingerprint(examples, seq_len: int, tokenizer: str, seed: int) -> str:

@@ -206,6 +206,8 @@ def test_bad_inputs_are_one_line_errors_before_training(planned, tmp_path, capsy
         (["--data", train, "--out", tmp_path / "file" / "out"], "is not writable"),
         (["--data", train, "--tokenizer", tmp_path / "nodir"], "is not a directory"),
         (["--data", train, "--steps", 0], "--steps must be >= 1"),
+        (["--data", train, "--device", "cpu", "--gpu-memory-cap", "24GiB"], "needs a CUDA device"),
+        (["--data", train, "--device", "cpu", "--gpu-memory-cap", "24XB"], "24XB"),
     ]
     for argv, message in cases:
         out = tmp_path / "o"
