@@ -11,7 +11,13 @@ A plan is JSON (written atomically):
      "strategy": {Strategy.to_json()},
      "chunk_table": {ChunkTable.to_json(): shapes + per chunk (param, dim, start, end, nbytes)},
      "predicted": {"peak_bytes": {"gpu": ..}, "components": {"gpu": {"weights": ..}},
-                   "reserved_bytes": .., "step_time_s": .., "worst_chunk": ..}}
+                   "reserved_bytes": .., "step_time_s": .., "worst_chunk": ..},
+     "parallel": {"gpus_per_node": 2, "nodes": 1, "shard_embeddings": true,
+                  "all_gather_bytes": .., "reduce_scatter_bytes": .., "interconnect_Bps": ..,
+                  "comm_time_s": ..}}
+
+"parallel" is present only in a plan for several GPUs (planner.parallel): then the shape is one
+rank's micro-batch and every prediction is per rank (per GPU; host and disk: one rank's share).
 
 `load_plan` validates every field (type, presence, enum value, chunk table consistency) and
 refuses an unknown schema version; given the model it also refuses a plan made for another
@@ -32,6 +38,7 @@ from planner.chunks import ChunkTable, NamedShape, make_chunk_table
 from planner.errors import ChunkftError
 from planner.fsio import atomic_write_json, read_json
 from planner.hardware import GpuProfile, Hardware
+from planner.parallel import ParallelLayout, runs_sharded
 from planner.schema import Component, Tier
 from planner.solve import Objective
 from planner.strategy import Budget, Estimate, Strategy
@@ -39,8 +46,10 @@ from planner.trace import StepShape
 
 if TYPE_CHECKING:
     from planner.model import ModelSpec
+    from planner.sharding import ShardedEstimate
 
 PLAN_SCHEMA_VERSION = 1
+COMMUNICATION_FIELDS = ("all_gather_bytes", "reduce_scatter_bytes", "interconnect_Bps", "comm_time_s")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,7 +75,16 @@ class Plan:
     context_bytes: int = 0
     """CUDA context outside the allocator: a real card needs reserved + this."""
     step_time_parts_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    parallel: ParallelLayout | None = None
+    """Several GPUs (FSDP2): the layout; predictions are then per rank."""
+    communication: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Parallel plans: all_gather_bytes, reduce_scatter_bytes (per step, unsharded),
+    interconnect_Bps and comm_time_s (the collectives' time before overlap)."""
     planner_version: str = __version__
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.parallel is None else self.parallel.world_size
 
     def estimate(self) -> Estimate:
         """The plan's predictions as the Estimate the solver picked."""
@@ -77,7 +95,7 @@ class Plan:
                         step_time_parts_s=dict(self.step_time_parts_s))
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "schema_version": PLAN_SCHEMA_VERSION,
             "planner_version": self.planner_version,
             "model": {"name": self.model_name, "fingerprint": self.model_fingerprint},
@@ -99,6 +117,9 @@ class Plan:
                 "worst_chunk": self.worst_chunk,
             },
         }
+        if self.parallel is not None:
+            out["parallel"] = {**self.parallel.to_json(), **self.communication}
+        return out
 
     def fingerprint(self) -> str:
         """sha256 hex of the canonical plan JSON (names the plan in timelines and traces)."""
@@ -148,7 +169,20 @@ class Plan:
                 _enum(Component, c, f"predicted.components.{k}"): b
                 for c, b in comps_r.mapping(k, int).items()}
             for k in comps_r.keys()}
+        parallel, communication = None, {}
+        if data.get("parallel") is not None:
+            par = r.sub("parallel")
+            communication = {k: par.field(k, float) for k in COMMUNICATION_FIELDS}
+            try:
+                parallel = ParallelLayout.from_json({k: v for k, v in par.data.items()
+                                                     if k not in COMMUNICATION_FIELDS})
+            except ChunkftError as e:
+                raise ChunkftError(f"plan field 'parallel' is invalid: {e}") from None
+            if not runs_sharded(strategy):
+                raise ChunkftError(f"plan field 'parallel' is set but strategy {strategy.label()!r} does not run "
+                                   "sharded (AdamW on the GPU, weights resident, state on gpu or host, no staging)")
         return cls(
+            parallel=parallel, communication=communication,
             model_name=model.field("name", str),
             model_fingerprint=model.field("fingerprint", str),
             shape=shape, budget=budget, hardware=_hardware_from_json(r.sub("hardware")),
@@ -175,8 +209,16 @@ def named_shapes(model: "ModelSpec", dtype: str) -> list[NamedShape]:
 
 def make_plan(model: "ModelSpec", shape: StepShape, hardware: Hardware, budget: Budget,
               objective: Objective, estimate: Estimate,
-              shapes: list[NamedShape] | None = None) -> Plan:
-    """The Plan for the solver's winner `estimate`."""
+              shapes: list[NamedShape] | None = None, sharded: "ShardedEstimate | None" = None,
+              parallel: ParallelLayout | None = None) -> Plan:
+    """The Plan for the solver's winner `estimate`; for several GPUs also `parallel` and the
+    winner's `sharded` estimate (planner.parallel.solve_parallel), whose per-rank figures
+    `estimate` carries."""
+    if (sharded is None) != (parallel is None):
+        raise ChunkftError("a parallel plan needs both the layout and its sharded estimate")
+    communication = {} if sharded is None else {
+        "all_gather_bytes": float(sharded.all_gather_bytes), "reduce_scatter_bytes": float(sharded.reduce_scatter_bytes),
+        "interconnect_Bps": float(sharded.interconnect_Bps), "comm_time_s": float(sharded.comm_time_s)}
     shapes = named_shapes(model, shape.dtype) if shapes is None else shapes
     return Plan(model_name=model.name, model_fingerprint=model.fingerprint(), shape=shape,
                 budget=budget, hardware=hardware, objective=objective, strategy=estimate.strategy,
@@ -185,7 +227,8 @@ def make_plan(model: "ModelSpec", shape: StepShape, hardware: Hardware, budget: 
                 components={t: dict(c) for t, c in estimate.components.items()},
                 reserved_bytes=estimate.reserved_bytes, step_time_s=estimate.step_time_s,
                 worst_chunk=estimate.worst_chunk, context_bytes=estimate.context_bytes,
-                step_time_parts_s=dict(estimate.step_time_parts_s))
+                step_time_parts_s=dict(estimate.step_time_parts_s), parallel=parallel,
+                communication=communication)
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:

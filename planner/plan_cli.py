@@ -41,6 +41,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--objective", choices=["memory", "speed"], default="memory",
                    help="memory: fewest chunks first (default); speed: shortest step time first")
     _pin_args(p)
+    g = p.add_argument_group("several GPUs (FSDP2; the budget is per GPU, --host-ram and --disk per node)")
+    g.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one rank each (default 1)")
+    g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    g.add_argument("--shard-embeddings", action="store_true",
+                   help="the input embedding and the output head as FSDP units of their own")
+    g.add_argument("--chunk-traces", choices=["auto", "exact", "bound"], default="auto",
+                   help="ChunkFT per-chunk traces: exact traces every chunk pattern; bound (auto above 2B "
+                        "parameters) shares one full-FT trace, pessimistic by its free-block slack")
     p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
     p.set_defaults(run=run_plan)
 
@@ -116,6 +124,21 @@ def step_shape(args):
     return StepShape(batch=args.batch, seq_len=args.seq, dtype=args.dtype)
 
 
+def _layout(args):
+    """The ParallelLayout the flags ask for, or None for one GPU."""
+    from planner.parallel import ParallelLayout
+
+    if args.gpus_per_node < 1 or args.nodes < 1:
+        bad = "--gpus-per-node" if args.gpus_per_node < 1 else "--nodes"
+        raise ChunkftError(f"invalid {bad} {getattr(args, bad[2:].replace('-', '_'))}: must be 1 or more")
+    layout = ParallelLayout(gpus_per_node=args.gpus_per_node, nodes=args.nodes, shard_embeddings=args.shard_embeddings)
+    if layout.world_size == 1:
+        if args.shard_embeddings:
+            raise ChunkftError("--shard-embeddings needs several GPUs (--gpus-per-node or --nodes above 1)")
+        return None
+    return layout
+
+
 def _budget_line(budget) -> str:
     parts = [f"GPU {describe_size(budget.gpu_bytes)}"]
     for name, value in (("host RAM", budget.host_bytes), ("disk", budget.disk_bytes)):
@@ -168,10 +191,25 @@ def run_plan(args) -> int:
     shape = step_shape(args)
     model = resolve_model(args.model)
     objective = Objective(args.objective)
-    solution = solve_model(model, shape, hw, budget, objective=objective, space=search_space(args, model))
+    layout, sharded = _layout(args), None
+    if layout is None:
+        solution = solve_model(model, shape, hw, budget, objective=objective, space=search_space(args, model))
+    else:
+        from planner.parallel import per_rank_budget, solve_parallel
+
+        solution, sharded = solve_parallel(model, shape, hw, budget, layout, objective=objective,
+                                           space=search_space(args, model), chunk_traces=args.chunk_traces)
     print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}; "
           f"times for {hw.gpu.name}")
-    print(f"budget    {_budget_line(budget)}")
+    if layout is not None:
+        print(f"GPUs      {layout.gpus_per_node} per node x {layout.nodes} node{'s' if layout.nodes > 1 else ''} "
+              f"(FSDP2{', embeddings sharded apart' if layout.shard_embeddings else ''}); batch {shape.batch} "
+              f"per GPU, {shape.batch * layout.world_size} in all; figures below are per GPU")
+        rank = per_rank_budget(budget, layout)
+        share = "" if rank == budget else f" (per rank: {_budget_line(rank)})"
+        print(f"budget    {_budget_line(budget)}{share}")
+    else:
+        print(f"budget    {_budget_line(budget)}")
     print(f"objective {objective.describe()}")
     searched = (f"searched {len(solution.estimates)} of {solution.space_size} strategies "
                 f"({solution.pruned} skipped by proven rules)")
@@ -194,10 +232,18 @@ def run_plan(args) -> int:
         print(searched)
         return 1
     best = solution.best
-    plan = make_plan(model, shape, hw, budget, objective, best)
+    if layout is None:
+        plan = make_plan(model, shape, hw, budget, objective, best)
+    else:
+        plan = make_plan(model, shape, hw, budget, objective, best, parallel=layout, sharded=sharded[best.strategy])
     save_plan(plan, args.output)
     print(f"plan      {best.strategy.label()}")
-    print_estimate(best, budget)
+    print_estimate(best, None if layout is None else per_rank_budget(budget, layout))
+    if layout is not None:
+        c = plan.communication
+        print(f"  comm     all-gather {format_bytes(int(c['all_gather_bytes']))}, reduce-scatter "
+              f"{format_bytes(int(c['reduce_scatter_bytes']))} per step: {c['comm_time_s']:.3f} s at "
+              f"{c['interconnect_Bps'] / 1e9:.0f} GB/s before overlap with compute")
     print(searched)
     if objective == Objective.MEMORY:
         print("(--objective speed puts the predicted step time before the chunk count)")

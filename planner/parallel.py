@@ -1,0 +1,130 @@
+"""Plans for several GPUs: the solver with planner.sharding's per-rank model as its cost.
+
+A parallel plan runs one FSDP2 rank per GPU on `gpus_per_node` GPUs in each of `nodes`
+nodes (runtime.distributed). Its step shape is one rank's micro-batch: the global batch is
+the world size times it. What the plan predicts is per rank: the GPU peak and reserved bytes
+of one card, and one rank's share of host RAM and disk (a node holds `gpus_per_node` shares).
+
+    layout = ParallelLayout(gpus_per_node=2, shard_embeddings=True)
+    solution = solve_parallel(model, shape, hw, budget, layout, space=space)
+
+The budget is per GPU for the GPU tier and per node for host RAM and disk; `per_rank_budget`
+turns it into what one rank may use. The strategy space is narrowed to what runs sharded
+(`sharded_strategies`): AdamW on the GPU with every layer resident, no gradient staging, and
+the resting optimizer state on the GPU or in host RAM.
+
+Known limitations: one micro-batch per rank and step (no gradient accumulation term in the
+communication); the host link of a node is not shared out among its ranks in the step time;
+several nodes are planned, but `chunkft run --nproc` starts one node's ranks (several nodes
+start with torchrun on each node).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Iterable
+
+from planner.errors import ChunkftError
+from planner.schema import Tier
+from planner.strategy import Budget, Estimate, OptimizerDevice, Strategy, WeightResidency
+
+if TYPE_CHECKING:
+    from planner.hardware import Hardware
+    from planner.model import ModelSpec
+    from planner.sharding import ShardedEstimate
+    from planner.solve import Objective, SearchSpace, Solution
+    from planner.trace import StepShape
+
+CHUNK_TRACE_MODES = ("auto", "exact", "bound")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ParallelLayout:
+    """How many GPUs a plan runs on, and how FSDP2 wraps the model."""
+
+    gpus_per_node: int
+    nodes: int = 1
+    shard_embeddings: bool = False
+    """Input embedding and output head (final norm + lm_head) are FSDP units of their own."""
+
+    def __post_init__(self) -> None:
+        for what in ("gpus_per_node", "nodes"):
+            v = getattr(self, what)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ChunkftError(f"invalid {what} {v!r}: must be an integer >= 1")
+        if not isinstance(self.shard_embeddings, bool):
+            raise ChunkftError(f"invalid shard_embeddings {self.shard_embeddings!r}: must be true or false")
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    def to_json(self) -> dict:
+        return {"gpus_per_node": self.gpus_per_node, "nodes": self.nodes, "shard_embeddings": self.shard_embeddings}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ParallelLayout":
+        if not isinstance(data, dict):
+            raise ChunkftError(f"parallel layout must be a JSON object, got {type(data).__name__}")
+        unknown = set(data) - {"gpus_per_node", "nodes", "shard_embeddings"}
+        if unknown:
+            raise ChunkftError(f"parallel layout has unknown field {sorted(unknown)[0]!r}; "
+                               "valid fields: gpus_per_node, nodes, shard_embeddings")
+        if "gpus_per_node" not in data:
+            raise ChunkftError("parallel layout is missing field 'gpus_per_node'")
+        return cls(gpus_per_node=data["gpus_per_node"], nodes=data.get("nodes", 1),
+                   shard_embeddings=data.get("shard_embeddings", False))
+
+
+def runs_sharded(strategy: Strategy) -> bool:
+    """Whether runtime.distributed executes this strategy (and planner.sharding models it)."""
+    return (strategy.optimizer_device == OptimizerDevice.GPU and strategy.weights == WeightResidency.GPU
+            and strategy.grad_staging is None and strategy.state_tier in (Tier.GPU, Tier.HOST))
+
+
+def sharded_strategies(strategies: Iterable[Strategy]) -> list[Strategy]:
+    return [s for s in strategies if runs_sharded(s)]
+
+
+def per_rank_budget(budget: Budget, layout: ParallelLayout) -> Budget:
+    """GPU per card stays; host RAM and disk per node are shared out among its ranks."""
+    def share(b: int | None) -> int | None:
+        return None if b is None else b // layout.gpus_per_node
+
+    return Budget(gpu_bytes=budget.gpu_bytes, host_bytes=share(budget.host_bytes), disk_bytes=share(budget.disk_bytes))
+
+
+def as_estimate(est: "ShardedEstimate") -> Estimate:
+    """One rank's prediction in the solver's Estimate type (step time with communication)."""
+    return Estimate(strategy=est.strategy, peak_bytes=dict(est.peak_bytes),
+                    components={t: dict(c) for t, c in est.components.items()},
+                    reserved_bytes=est.reserved_bytes, step_time_s=est.step_time_s, worst_chunk=est.worst_chunk,
+                    context_bytes=est.context_bytes, step_time_parts_s=dict(est.step_time_parts_s))
+
+
+def solve_parallel(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: Budget, layout: ParallelLayout, *,
+                   objective: "Objective | None" = None, space: "SearchSpace | None" = None,
+                   chunk_traces: str = "auto") -> "tuple[Solution, dict[Strategy, ShardedEstimate]]":
+    """planner.solve.solve over the sharded strategies of `space`, each rank held against
+    `per_rank_budget(budget, layout)`. Returns the solution and the sharded estimate of every
+    strategy evaluated (the winner's communication figures go into the plan)."""
+    from planner.sharding import evaluate_sharded
+    from planner.solve import Objective, SearchSpace, default_space, solve
+
+    if chunk_traces not in CHUNK_TRACE_MODES:
+        raise ChunkftError(f"invalid chunk trace mode {chunk_traces!r}: valid are {', '.join(CHUNK_TRACE_MODES)}")
+    if space is None:
+        space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
+    strategies = sharded_strategies(space.strategies() if isinstance(space, SearchSpace) else space)
+    if not strategies:
+        raise ChunkftError("no strategy in the space runs sharded: a sharded plan steps AdamW on the GPU "
+                           "(--optimizer gpu) with state on gpu or host and no --grad-staging")
+    sharded: dict[Strategy, ShardedEstimate] = {}
+
+    def cost(s: Strategy) -> Estimate:
+        sharded[s] = evaluate_sharded(model, shape, s, hw, gpus_per_node=layout.gpus_per_node, nodes=layout.nodes,
+                                      shard_embeddings=layout.shard_embeddings, chunk_traces=chunk_traces)
+        return as_estimate(sharded[s])
+
+    solution = solve(strategies, cost, per_rank_budget(budget, layout), objective=objective or Objective.MEMORY)
+    return solution, sharded
