@@ -29,6 +29,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
+from planner.errors import ChunkftError
 from planner.fsio import atomic_write_jsonl
 from planner.schema import TIMELINE_SCHEMA_VERSION, Component, Event, EventKind, Phase, Tier
 from planner.strategy import OptimizerDevice
@@ -64,6 +65,9 @@ def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None) 
     """The plan's predicted timeline (hardware: the plan's own profile unless `hw` is given)."""
     from planner.evaluate import evaluate, gpu_timeline
 
+    if plan.parallel is not None:
+        raise ChunkftError(f"the plan is for {plan.world_size} GPUs (FSDP2); simulate replays one unsharded GPU "
+                           "step, which would not be this plan's per-rank prediction")
     hw = plan.hardware if hw is None else hw
     strategy = plan.strategy
     chunk = plan.worst_chunk if strategy.chunks > 1 else None
