@@ -1,34 +1,47 @@
-"""Training on several processes with torch.distributed and FSDP2 (`fully_shard`).
+"""Training on several processes with torch.distributed, FSDP2 (`fully_shard`) and sharded ChunkFT.
 
 One rank per process. Every decoder layer is its own FSDP2 unit and the root (embeddings,
-final norm, lm_head) is the last, as planner.sharding models it: 16-bit (or fp32) weights,
-gradients and AdamW state are sharded along dim 0 across the ranks; a layer's full weights
-exist only while it runs (all-gathered, then freed), and each layer's gradients are
-reduce-scattered (averaged) right after its backward. The global batch of a step is split
-evenly across ranks; every rank computes `planner.step.step_loss` on its slice, so with the
-same number of tokens per rank the averaged gradient equals the one-process gradient of the
-whole batch.
+final norm, lm_head) is the last, as planner.sharding models it: weights and gradients in the
+training dtype are sharded along dim 0 across the ranks; a layer's full weights exist only
+while it runs (all-gathered, then freed), and each layer's gradients are reduce-scattered
+(averaged) right after its backward.
+
+The optimizer is `runtime.sharded_optim.ShardedChunkAdamW`: it executes a ChunkFT chunk table
+(`DistConfig.chunk_table`; None = one chunk of whole tensors, i.e. plain AdamW) with the plan's
+state tier (gpu or host), update interval, prefetch depth, AdamW hyper-parameters, clipping and
+LR schedule. Chunk k trains every parameter it touches (requires_grad; FSDP2 reduce-scatters
+their whole gradients) and steps only its spans' local slices; masters and moments exist only
+for those slices (see that module).
+
+The global batch of a step (`batches[s]`, labels `labels[s]` or the ids, -100 = ignored) is
+split evenly across ranks and each rank's part into micro-batches of `micro_batch_size` rows
+(gradients accumulate; one optimizer step per global batch). Each micro-batch's mean loss
+(`planner.step.step_loss`) is weighted by its share of the global batch's labelled tokens
+(times W, undoing FSDP2's averaging), so the accumulated gradient is the one-process gradient
+of the global batch's mean loss even when ranks hold different numbers of labelled tokens.
 
     results = run_distributed(DistConfig(model_config=cfg.to_dict(), batches=ids), world_size=2)
 
-spawns `world_size` processes (gloo on CPU, nccl on CUDA) and returns one RankResult per rank.
-`python -m runtime.dist_worker` is the torchrun entry with the same worker.
+spawns `world_size` processes (gloo on CPU, nccl on CUDA) and returns one RankResult per rank;
+a ChunkftError on the ranks (all ranks agree on it before raising, so none is left waiting in a
+collective) comes back as a ChunkftError. `python -m runtime.dist_worker` is the torchrun entry
+with the same worker. `run_single` is the one-process reference: the same training with
+`runtime.chunk_optim.ChunkAdamW` (sub-tensor gradients) over the same table.
 
-Checkpoints are consolidated: `torch.distributed.checkpoint.state_dict.get_model_state_dict`
-(full_state_dict, cpu_offload) gathers the weights to rank 0, which writes an HF directory
-(config.json + model.safetensors) that `AutoModelForCausalLM.from_pretrained` loads, plus the
-full optimizer state and the step for `resume`; resuming broadcasts both from rank 0.
+Checkpoints (`save_checkpoint` / `load_checkpoint`): the weights consolidated on rank 0 as an HF
+directory (`model.safetensors` + `config.json`, which `AutoModelForCausalLM.from_pretrained`
+loads), each rank's optimizer state in its own `optimizer-rank{r}-of-{W}.safetensors` (local
+slices of every chunk, counters in its header, crc32-checked), and `trainer_state.json` (steps
+trained, world size, the fp16 loss scaler) written last; every file atomically. Resuming
+needs the same world size and chunk table; a resumed run equals the uninterrupted one bitwise
+on CPU.
 
-ChunkFT sharded: `chunks > 1` trains whole-tensor chunks in turn (module order, byte-balanced
-over whole parameters, `update_interval` steps each) by setting `requires_grad` per chunk on
-the sharded parameters: frozen parameters get no gradient and no reduce-scatter. AdamW is plain
-torch.optim.AdamW over the sharded parameters, so the moments of a chunk, once created, stay in
-memory (sharded 1/G) while the chunk rests; ChunkAdamW's host/disk tiers and the sub-tensor
-gradients of chunk cuts inside a tensor are single-process only.
-
-Known limitations: one FSDP unit per decoder layer plus the root (no separate units for the
-embeddings); no mixed-precision policy (weights, gradients and reduce in the training dtype);
-data is a tensor of token ids given in the config, not runtime.data's loader.
+Known limitations: one FSDP unit per decoder layer plus the root (optionally the embedding and
+the head as units of their own); no mixed-precision policy (weights, gradients and reduce in
+the training dtype); the gradient of a tensor that straddles a chunk cut is computed and
+reduce-scattered whole (the planner models this), not as ChunkAdamW's sub-tensor gradient; the
+DISK state tier is single-process only (refused here); data is a tensor of token ids given in
+the config, not runtime.data's loader; every micro-batch must hold at least one labelled token.
 """
 
 from __future__ import annotations
@@ -38,13 +51,20 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from planner.errors import ChunkftError
+from planner.fsio import atomic_path, atomic_write_json, atomic_write_text
+from runtime.chunk_optim import AdamWConfig, LRSchedule
+from runtime.scaler import ScalerConfig
 
-OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "model.safetensors"
+IGNORE_INDEX = -100
+STATE_TIERS = ("gpu", "host")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,22 +74,39 @@ class DistConfig:
     model_config: dict
     """The HF config as `PretrainedConfig.to_dict()` (model_type included)."""
     batches: torch.Tensor
-    """Token ids, (steps, global_batch, seq_len): step s trains on batches[s]; labels = ids."""
+    """Token ids, (steps, global_batch, seq_len): step s trains on batches[s]."""
+    labels: torch.Tensor | None = None
+    """Labels of the same shape as `batches` (-100 = ignored); None: the ids themselves."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward on a rank (gradients accumulate over the rank's global_batch / W
+    rows, one optimizer step per step); None: all of the rank's rows at once."""
     seed: int = 0
     """Seed of the weight initialisation (the same on every rank: identical starting weights)."""
     dtype: str = "fp32"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    chunks: int = 1
-    """1 = full fine-tuning; > 1 = whole-tensor ChunkFT chunks trained in turn (module doc)."""
+    """Training dtype of weights, gradients and communication: bf16, fp16 or fp32."""
+    adamw: AdamWConfig = AdamWConfig(lr=1e-3)
+    """AdamW hyper-parameters, max_grad_norm included (clipping over the active chunk's spans)."""
+    schedule: LRSchedule = LRSchedule()
+    """LR multiplier by successful optimizer steps (runtime.chunk_optim.LRSchedule)."""
+    loss_scaler: ScalerConfig = ScalerConfig()
+    """fp16 only: the dynamic loss-scale policy."""
+    chunk_table: dict | None = None
+    """A planner.chunks.ChunkTable's JSON form (spans may slice a tensor along dim 0 or 1); None:
+    one chunk of whole tensors (plain AdamW, full fine-tuning)."""
+    state_tier: str = "gpu"
+    """Where resting chunks' fp32 masters and moments live: "gpu" (the step device) or "host"."""
+    prefetch_depth: int = 1
+    """HOST tier: >= 1 copies the next chunk's state to the device while the current trains."""
     update_interval: int = 1
+    """Successful optimizer steps on a chunk before the next one becomes active."""
     checkpointing: bool = False
     loss_chunk_tokens: int = 0
     out_dir: str | None = None
-    """Where the consolidated checkpoint goes after the last step (None: not saved)."""
+    """Where the checkpoint goes after the last step (None: not saved)."""
     init_from: str | None = None
-    """An HF model directory (config + *.safetensors) whose weights replace the random ones (every
-    rank first builds the whole model on CPU, then shards it: host RAM for one model per rank)."""
+    """An HF model directory (config + *.safetensors) whose weights replace the random ones (rank 0
+    reads them and broadcasts them into the shards; every rank first builds the whole model on
+    CPU: host RAM for one model per rank)."""
     stop_after: int | None = None
     """Stop (and save) after this many steps in all, of `batches` (None: train every batch)."""
     resume_from: str | None = None
@@ -82,6 +119,27 @@ class DistConfig:
     """Input embedding and output head (final norm + lm_head) as FSDP units of their own."""
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ChunkftError(f"invalid dtype {self.dtype!r}: valid dtypes are {', '.join(DTYPES)}")
+        if self.state_tier not in STATE_TIERS:
+            raise ChunkftError(f"state tier {self.state_tier!r} is not supported for sharded runs; "
+                               f"valid: {', '.join(STATE_TIERS)}")
+        if self.update_interval < 1:
+            raise ChunkftError(f"invalid update interval {self.update_interval}: must be >= 1")
+        if self.prefetch_depth < 0:
+            raise ChunkftError(f"invalid prefetch depth {self.prefetch_depth}: must be >= 0")
+        if self.batches.dim() != 3:
+            raise ChunkftError(f"batches must be (steps, global_batch, seq_len), got shape {list(self.batches.shape)}")
+        if self.labels is not None and self.labels.shape != self.batches.shape:
+            raise ChunkftError(f"labels shape {list(self.labels.shape)} differs from batches "
+                               f"{list(self.batches.shape)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ChunkftError(f"invalid micro-batch size {self.micro_batch_size}: must be >= 1")
+
+    def step_labels(self, step: int) -> torch.Tensor:
+        return self.batches[step] if self.labels is None else self.labels[step]
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RankResult:
@@ -90,22 +148,53 @@ class RankResult:
     rank: int
     world_size: int
     losses: tuple[float, ...]
-    """Global loss of every step trained (the ranks' losses averaged: equal token counts)."""
+    """Global loss of every step trained (mean over the global batch's labelled tokens)."""
     start_step: int
+    grad_norms: tuple[float | None, ...] = ()
+    """Global L2 norm of the active chunk's span gradients before clipping, per step trained
+    (None where not clipping or the step was skipped)."""
+    skipped_steps: int = 0
+    """fp16: steps whose gradients overflowed (weights, chunk and schedule did not move)."""
     peak_bytes: int | None = None
     """Measured C-heap peak of `measure_step` above the bytes in use before it."""
     baseline_bytes: int | None = None
     local_param_bytes: int = 0
     """Bytes of this rank's parameter shards."""
+    state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
+    """This rank's optimizer-state bytes after training: "device" (GPU tier, or the active and
+    prefetched chunks' working copies) and "host" (HOST tier's resting state)."""
     samples: tuple = ()
     """(op name, bytes above baseline) after every op of the measured step, if recorded."""
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if name not in table:
-        raise ChunkftError(f"invalid dtype {name!r}: valid dtypes are {', '.join(table)}")
-    return table[name]
+def _labelled(labels: torch.Tensor) -> int:
+    """Tokens that count in the causal-LM loss (the label of position t is labels[t + 1])."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+def check_config(config: DistConfig, world_size: int) -> None:
+    """ChunkftError (one line) for what a run of `config` on `world_size` ranks would fail on:
+    every rank checks this too; run_distributed checks it before spawning."""
+    if world_size < 1:
+        raise ChunkftError(f"invalid world size {world_size}: must be >= 1")
+    steps, global_batch, _ = config.batches.shape
+    if global_batch % world_size:
+        raise ChunkftError(f"global batch {global_batch} does not split over {world_size} ranks")
+    local = global_batch // world_size
+    micro = config.micro_batch_size or local
+    if local % micro:
+        raise ChunkftError(f"micro-batch size {micro} does not divide the {local} rows of a rank")
+    for step in range(steps):
+        labels = config.step_labels(step)
+        for start in range(0, global_batch, micro):
+            if _labelled(labels[start:start + micro]) == 0:
+                raise ChunkftError(f"step {step}: rows {start}..{start + micro - 1} hold no labelled token "
+                                   f"(all -100); every micro-batch needs one")
+    if config.resume_from is not None:
+        saved = read_trainer_state(config.resume_from)
+        if saved["world_size"] != world_size:
+            raise ChunkftError(f"checkpoint {config.resume_from!r} was saved by {saved['world_size']} ranks; "
+                               f"this run has {world_size} (resume with the same world size)")
 
 
 def build_model(config: DistConfig) -> torch.nn.Module:
@@ -115,13 +204,30 @@ def build_model(config: DistConfig) -> torch.nn.Module:
     cfg_dict = dict(config.model_config)
     cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
     torch.manual_seed(config.seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=_torch_dtype(config.dtype))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[config.dtype])
     model.train()
     if config.checkpointing:
         from planner.step import enable_checkpointing
 
         enable_checkpointing(model)
     return model
+
+
+def chunk_table_for(model_config: dict, num_chunks: int, *, dtype: str = "fp32",
+                    cut_dims: dict[str, int] | None = None) -> dict:
+    """The JSON form of `planner.chunks.make_chunk_table_from_model` over the model of
+    `model_config` (built on the meta device) in `dtype`: what `--chunks N` trains."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from planner.chunks import make_chunk_table_from_model
+
+    if dtype not in DTYPES:
+        raise ChunkftError(f"invalid dtype {dtype!r}: valid dtypes are {', '.join(DTYPES)}")
+    cfg_dict = dict(model_config)
+    cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=DTYPES[dtype])
+    return make_chunk_table_from_model(model, num_chunks, cut_dims=cut_dims).to_json()
 
 
 def shard_model(model: torch.nn.Module, *, shard_embeddings: bool = False) -> None:
@@ -154,70 +260,35 @@ def shard_model(model: torch.nn.Module, *, shard_embeddings: bool = False) -> No
     fully_shard(model)
 
 
-def whole_tensor_chunks(model: torch.nn.Module, num_chunks: int) -> list[list[str]]:
-    """Parameter names in module order cut into `num_chunks` groups of whole tensors, each
-    closing once it holds its share of the bytes (every chunk at least one tensor)."""
-    named = [(n, p.numel() * p.element_size()) for n, p in model.named_parameters()]
-    if not 1 <= num_chunks <= len(named):
-        raise ChunkftError(f"invalid chunk count {num_chunks}: must be 1..{len(named)} (whole tensors)")
-    total = sum(b for _, b in named)
-    chunks: list[list[str]] = [[] for _ in range(num_chunks)]
-    done = 0
-    k = 0
-    for i, (name, nbytes) in enumerate(named):
-        left_tensors = len(named) - i
-        if chunks[k] and (done >= total * (k + 1) / num_chunks or left_tensors == num_chunks - k - 1):
-            k += 1
-        chunks[k].append(name)
-        done += nbytes
-    assert all(chunks), chunks
-    return chunks
+def _table(config: DistConfig, model: torch.nn.Module):
+    from planner.chunks import ChunkTable, make_chunk_table_from_model
+
+    if config.chunk_table is None:
+        return make_chunk_table_from_model(model, 1)
+    return ChunkTable.from_json(config.chunk_table)
 
 
-def _set_active_chunk(model: torch.nn.Module, chunks: list[list[str]], k: int) -> None:
-    active = set(chunks[k])
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in active)
-
-
-def _global_mean(value: torch.Tensor) -> float:
+def _agree(error: str | None) -> None:
+    """Raise on every rank the first rank's error, if any rank has one (all ranks must call
+    this at the same point: a rank that raised alone would leave the others in a collective)."""
     import torch.distributed as dist
 
-    out = value.detach().clone().float()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return float(out) / dist.get_world_size()
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    for rank, e in enumerate(errors):
+        if e is not None:
+            raise ChunkftError(e if dist.get_world_size() == 1 else f"rank {rank}: {e}")
 
 
-def _train_step(model, optimizer, ids: torch.Tensor, config: DistConfig) -> torch.Tensor:
-    from planner.step import step_loss
-
-    optimizer.zero_grad(set_to_none=True)
-    loss = step_loss(model, ids, ids, loss_chunk_tokens=config.loss_chunk_tokens)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
-def save_consolidated(model, optimizer, out_dir: str | os.PathLike, *, step: int) -> None:
-    """Gather full weights (and optimizer state) to rank 0 and write an HF directory there."""
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    optim = get_optimizer_state_dict(model, optimizer, options=options)
-    if dist.get_rank() == 0:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tied = _tied_duplicates(model, weights)
-        tensors = {k: v.contiguous() for k, v in weights.items() if k not in tied}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(out)
-        torch.save(optim, out / OPTIMIZER_FILE)
-        (out / STATE_FILE).write_text(json.dumps({"step": step}))
-    dist.barrier()
+def _collective(fn: Callable[[], object]):
+    """fn() on every rank; a ChunkftError on any rank is raised on all (see `_agree`)."""
+    result, error = None, None
+    try:
+        result = fn()
+    except ChunkftError as e:
+        error = str(e)
+    _agree(error)
+    return result
 
 
 def _tied_duplicates(model, weights: dict[str, torch.Tensor]) -> set[str]:
@@ -237,11 +308,15 @@ def _full_weights(model, path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = sorted(path.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("optimizer-")]
     if not files:
         raise ChunkftError(f"no *.safetensors weights in {str(path)!r}")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(load_file(str(f)))
+        try:
+            weights.update(load_file(str(f)))
+        except Exception as e:  # safetensors' own error types
+            raise ChunkftError(f"weights file {str(f)!r} is unreadable ({str(e).splitlines()[0]})") from None
     first: dict[int, str] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         twin = first.setdefault(id(p), name)
@@ -258,25 +333,121 @@ def load_weights(model, path: str | os.PathLike) -> None:
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    path = Path(path)
-    weights = _full_weights(model, path) if dist.get_rank() == 0 else {}
+    weights = _collective(lambda: _full_weights(model, Path(path)) if dist.get_rank() == 0 else {})
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def load_consolidated(model, optimizer, path: str | os.PathLike) -> int:
-    """Rank 0 reads a consolidated checkpoint and broadcasts it into the sharded model and
-    optimizer; returns the step it was saved after."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """A checkpoint's trainer_state.json: {"step", "world_size", "loss_scaler"}; ChunkftError if
+    it is missing or malformed (it is written last: without it the checkpoint is incomplete)."""
+    from planner.fsio import read_json
 
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise ChunkftError(f"no complete checkpoint in {str(path)!r} ({STATE_FILE} missing)")
+    state = read_json(file, what="trainer state")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
+            or not isinstance(state.get("world_size"), int):
+        raise ChunkftError(f"{str(file)!r} is malformed: expected integer 'step' and 'world_size'")
+    return state
+
+
+def save_checkpoint(model, optimizer, out_dir: str | os.PathLike, *, step: int, scaler=None) -> None:
+    """Consolidated HF weights on rank 0, each rank's optimizer state in its own file, then
+    trainer_state.json (module docstring). Collective: every rank calls it."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from runtime.sharded_optim import save_state_file, state_file_name
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(out_dir)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def write() -> None:
+        save_state_file(optimizer, out / state_file_name(rank, world))
+        if rank == 0:
+            tied = _tied_duplicates(model, weights)
+            tensors = {k: v.contiguous() for k, v in weights.items() if k not in tied}
+            try:
+                with atomic_path(out / WEIGHTS_FILE) as tmp:
+                    save_file(tensors, str(tmp), metadata={"format": "pt"})
+            except OSError as e:
+                raise ChunkftError(f"cannot write {str(out / WEIGHTS_FILE)!r}: {e.strerror or e}") from None
+            atomic_write_text(out / "config.json", model.config.to_json_string(use_diff=True))
+
+    _collective(write)
+    del weights
+
+    def finish() -> None:
+        if rank == 0:
+            atomic_write_json(out / STATE_FILE, {"step": step, "world_size": world,
+                                                 "loss_scaler": scaler.state_dict() if scaler else None})
+
+    _collective(finish)
+
+
+def load_checkpoint(model, optimizer, path: str | os.PathLike, *, scaler=None) -> int:
+    """Restore `save_checkpoint`'s directory into the sharded model and this rank's optimizer
+    (same world size and chunk table); returns the step it was saved after. Collective."""
+    import torch.distributed as dist
+
+    from runtime.sharded_optim import read_state_file, state_file_name
+
+    rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(path)
-    if not (path / OPTIMIZER_FILE).is_file() or not (path / STATE_FILE).is_file():
-        raise ChunkftError(f"no consolidated checkpoint in {str(path)!r} ({OPTIMIZER_FILE} or {STATE_FILE} missing)")
+    state = _collective(lambda: read_trainer_state(path))
+    if state["world_size"] != world:  # the same on every rank
+        raise ChunkftError(f"checkpoint {str(path)!r} was saved by {state['world_size']} ranks; "
+                           f"this run has {world} (resume with the same world size)")
     load_weights(model, path)
-    optim = torch.load(path / OPTIMIZER_FILE, weights_only=True) if dist.get_rank() == 0 else {}
-    set_optimizer_state_dict(model, optimizer, optim,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return int(json.loads((path / STATE_FILE).read_text())["step"])
+
+    def read():
+        tensors, meta = read_state_file(path / state_file_name(rank, world))
+        optimizer.check_state(tensors, meta)
+        return tensors, meta
+
+    tensors, meta = _collective(read)
+    optimizer.load_state_dict(tensors, meta)
+    if scaler is not None and state.get("loss_scaler") is not None:
+        scaler.load_state_dict(state["loss_scaler"])
+    return state["step"]
+
+
+def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, world: int) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches of `step`; returns this rank's share of
+    the global mean loss (the ranks' shares add up to it)."""
+    from planner.step import step_loss
+
+    ids_all, labels_all = config.batches[step], config.step_labels(step)
+    total = _labelled(labels_all)
+    local = ids_all.shape[0] // world
+    micro = config.micro_batch_size or local
+    share = torch.zeros((), dtype=torch.float64)
+    for start in range(rank * local, (rank + 1) * local, micro):
+        ids = ids_all[start:start + micro].to(config.device)
+        labels = labels_all[start:start + micro].to(config.device)
+        count = _labelled(labels)
+        loss = step_loss(model, ids, labels, loss_chunk_tokens=config.loss_chunk_tokens)
+        weight = count * world / total  # FSDP2 averages over ranks: x W makes it a sum
+        optimizer.backward(loss if weight == 1.0 else loss * weight)
+        share += loss.detach().double().cpu() * (count / total)
+        del loss
+    return share
+
+
+def _train_step(model, optimizer, config: DistConfig, step: int, rank: int, world: int):
+    share = _micro_steps(model, optimizer, config, step, rank, world)
+    return share, optimizer.step()
+
+
+def _global_sum(value: torch.Tensor, device: str) -> float:
+    import torch.distributed as dist
+
+    out = value.detach().to(device=device, dtype=torch.float64 if device == "cpu" else torch.float32)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return float(out)
 
 
 def train_rank(config: DistConfig) -> RankResult:
@@ -284,43 +455,52 @@ def train_rank(config: DistConfig) -> RankResult:
     import torch.distributed as dist
 
     from planner.measure import measure_malloc_peak
+    from planner.schema import Tier
+    from runtime.scaler import LossScaler
+    from runtime.sharded_optim import ShardedChunkAdamW
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    steps, global_batch, _ = config.batches.shape
-    if global_batch % world:
-        raise ChunkftError(f"global batch {global_batch} does not split over {world} ranks")
-    local = global_batch // world
+    check_config(config, world)  # deterministic: every rank raises the same error, or none does
+    steps = config.batches.shape[0]
     model = build_model(config)
+    table = _table(config, model)
     shard_model(model, shard_embeddings=config.shard_embeddings)
-    chunks = whole_tensor_chunks(model, config.chunks) if config.chunks > 1 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  foreach=False)
     if config.init_from and not config.resume_from:
         load_weights(model, config.init_from)
-    start = load_consolidated(model, optimizer, config.resume_from) if config.resume_from else 0
-    losses = []
-    peak = baseline = None
-    samples: tuple = ()
-    end = steps if config.stop_after is None else min(steps, config.stop_after)
-    for step in range(start, end):
-        if chunks is not None:
-            _set_active_chunk(model, chunks, (step // config.update_interval) % len(chunks))
-        ids = config.batches[step, rank * local:(rank + 1) * local].to(config.device)
-        if step == config.measure_step:
-            optimizer.zero_grad(set_to_none=True)
-            out: list[torch.Tensor] = []
-            m = measure_malloc_peak(lambda: out.append(_train_step(model, optimizer, ids, config)),
-                                    record_samples=config.record_samples)
-            peak, baseline, samples = m.peak_bytes, m.baseline_bytes, m.samples
-            loss = out[0]
-        else:
-            loss = _train_step(model, optimizer, ids, config)
-        losses.append(_global_mean(loss))
-    if config.out_dir is not None:
-        save_consolidated(model, optimizer, config.out_dir, step=end)
+    scaler = LossScaler(config.loss_scaler) if config.dtype == "fp16" else None
+    optimizer = ShardedChunkAdamW(model, table, config=config.adamw, schedule=config.schedule,
+                                  update_interval=config.update_interval, state_tier=Tier(config.state_tier),
+                                  prefetch_depth=config.prefetch_depth, scaler=scaler)
+    try:
+        start = load_checkpoint(model, optimizer, config.resume_from, scaler=scaler) if config.resume_from else 0
+        losses, norms = [], []
+        skipped = 0
+        peak = baseline = None
+        samples: tuple = ()
+        end = steps if config.stop_after is None else min(steps, config.stop_after)
+        for step in range(start, end):
+            if step == config.measure_step:
+                optimizer.zero_grad()
+                out: list = []
+                m = measure_malloc_peak(lambda: out.append(_train_step(model, optimizer, config, step, rank, world)),
+                                        record_samples=config.record_samples)
+                peak, baseline, samples = m.peak_bytes, m.baseline_bytes, m.samples
+                share, result = out[0]
+            else:
+                share, result = _train_step(model, optimizer, config, step, rank, world)
+            skipped += not result.stepped
+            norms.append(result.grad_norm)
+            losses.append(_global_sum(share, config.device))
+        if config.out_dir is not None:
+            save_checkpoint(model, optimizer, config.out_dir, step=end, scaler=scaler)
+        state_bytes = optimizer.state_bytes()
+    finally:
+        optimizer.close()
     local_bytes = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    return RankResult(rank=rank, world_size=world, losses=tuple(losses), start_step=start, peak_bytes=peak,
-                      baseline_bytes=baseline, local_param_bytes=local_bytes, samples=samples)
+    return RankResult(rank=rank, world_size=world, losses=tuple(losses), start_step=start, grad_norms=tuple(norms),
+                      skipped_steps=skipped,
+                      peak_bytes=peak, baseline_bytes=baseline, local_param_bytes=local_bytes,
+                      state_bytes=state_bytes, samples=samples)
 
 
 def init_process_group(*, rank: int, world_size: int, init_method: str, device: str) -> None:
@@ -339,49 +519,58 @@ def _spawned(rank: int, world_size: int, config: DistConfig, init_method: str, r
     torch.set_num_threads(1)  # ranks share the machine's cores
     init_process_group(rank=rank, world_size=world_size, init_method=init_method, device=config.device)
     try:
-        result = train_rank(config)
+        out = dataclasses.asdict(train_rank(config))
+    except ChunkftError as e:  # raised on every rank together (see _agree)
+        out = {"error": str(e)}
     finally:
         dist.destroy_process_group()
-    torch.save(dataclasses.asdict(result), Path(result_dir) / f"rank{rank}.pt")
+    torch.save(out, Path(result_dir) / f"rank{rank}.pt")
 
 
 def run_distributed(config: DistConfig, world_size: int) -> list[RankResult]:
     """Spawn `world_size` processes that train `config` together; one RankResult per rank."""
     import torch.multiprocessing as mp
 
-    if world_size < 1:
-        raise ChunkftError(f"invalid world size {world_size}: must be >= 1")
+    check_config(config, world_size)
     with tempfile.TemporaryDirectory(prefix="chunkft-dist-") as tmp:
         init_method = f"file://{Path(tmp) / 'rendezvous'}"
         mp.spawn(_spawned, args=(world_size, config, init_method, tmp), nprocs=world_size, join=True)
         out = []
         for rank in range(world_size):
             d = torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=True)
-            d["losses"] = tuple(d["losses"])
+            if "error" in d:
+                raise ChunkftError(d["error"])
+            d["losses"], d["grad_norms"] = tuple(d["losses"]), tuple(d["grad_norms"])
             out.append(RankResult(**d))
     return out
 
 
 def run_single(config: DistConfig) -> tuple[list[float], torch.nn.Module]:
-    """The same training in this process without sharding: the reference the ranks must match."""
+    """The same training in this process without sharding, with runtime.chunk_optim.ChunkAdamW
+    (sub-tensor gradients) over the same chunk table, tier and hyper-parameters: the reference
+    the ranks must match. Trains every step of `batches`, the whole global batch at once."""
+    from planner.schema import Tier
     from planner.step import step_loss
+    from runtime.chunk_optim import ChunkAdamW
+    from runtime.scaler import LossScaler
 
     model = build_model(config)
     if config.init_from:
         with torch.no_grad():
             for name, t in _full_weights(model, Path(config.init_from)).items():
                 model.get_parameter(name).copy_(t)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  foreach=False)
-    chunks = whole_tensor_chunks(model, config.chunks) if config.chunks > 1 else None
+    scaler = LossScaler(config.loss_scaler) if config.dtype == "fp16" else None
+    optimizer = ChunkAdamW(model, _table(config, model), config=config.adamw, schedule=config.schedule,
+                           update_interval=config.update_interval, state_tier=Tier(config.state_tier),
+                           prefetch_depth=config.prefetch_depth, scaler=scaler, host_state_in_place=False)
     losses = []
-    for step in range(config.batches.shape[0]):
-        if chunks is not None:
-            _set_active_chunk(model, chunks, (step // config.update_interval) % len(chunks))
-        ids = config.batches[step]
-        optimizer.zero_grad(set_to_none=True)
-        loss = step_loss(model, ids, ids, loss_chunk_tokens=config.loss_chunk_tokens)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    try:
+        for step in range(config.batches.shape[0]):
+            loss = step_loss(model, config.batches[step], config.step_labels(step),
+                             loss_chunk_tokens=config.loss_chunk_tokens)
+            optimizer.backward(loss)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        optimizer.close()
     return losses, model

@@ -1,0 +1,523 @@
+"""ShardedChunkAdamW: ChunkFT's exact chunked AdamW on FSDP2-sharded parameters.
+
+The model is sharded with FSDP2 (`fully_shard`): every parameter is a DTensor split along dim 0
+across the W ranks, ceil(rows / W) rows per rank (the last ranks may hold fewer real rows, or
+none: FSDP2 pads dim 0 to a multiple of W and `to_local()` returns the real rows only; a 1-D
+tensor's rows are its elements). One chunk of a `planner.chunks.ChunkTable` is active at a time:
+
+- Gradients. Every parameter the active chunk touches (any span) gets requires_grad=True, every
+  other parameter False. FSDP2 then computes the touched tensors' whole gradients and
+  reduce-scatters them (averaged over ranks) to each rank's dim-0 shard; frozen parameters get
+  no gradient and no reduce-scatter. (Unlike ChunkAdamW's sub-tensor gradients, a tensor that
+  straddles a chunk cut gets its whole gradient, of which the step reads the span's part.)
+- State. For every span of every chunk, only the part inside this rank's shard: a dim-0 span
+  (or a 1-D tensor's element range) intersected with the shard's rows, a dim-1 span as all local
+  rows x the span's columns (`local_span`). An fp32 master (float64 for a float64 model, as
+  ChunkAdamW) and the two AdamW moments of that local slice; a rank may hold an empty slice (no
+  state). All of it is created when the optimizer is, from the weights at that moment.
+- Step. ChunkAdamW's arithmetic line for line (decoupled weight decay, bias correction with one
+  step count per span, LR = config.lr x `LRSchedule.factor(successful steps so far)`); clipping
+  by the global L2 norm of the active spans' gradients: each rank sums the squares of its local
+  span slices (never the rest of a touched tensor, never padding) and one all_reduce adds them.
+  The master is written back into the local shard (cast to the parameter dtype) and every
+  gradient is dropped. After `update_interval` successful steps the next chunk (cyclically)
+  becomes active.
+- fp16. A `runtime.scaler.LossScaler` scales the loss (`backward`); the step checks its local
+  span slices for inf/nan and all_reduces the flag (MAX), so every rank skips the same steps and
+  backs off the same scale. The check runs on the reduce-scattered gradients, not as each
+  gradient is produced (FSDP2 produces them inside its own reduce-scatter).
+- Tiers. GPU: every chunk's state on the step device. HOST: every chunk's state rests in host
+  memory (pinned with CUDA); the active chunk's is a working copy on the step device (also on a
+  CPU run, where it is a separate clone: the memory layout of a GPU run, like ChunkAdamW's
+  host_state_in_place=False), written back when the chunk is switched out. With
+  prefetch_depth >= 1 a background thread (on a side CUDA stream where there is one) copies the
+  next chunk's state to the device while the current chunk trains. DISK is refused.
+
+`state_dict()` / `load_state_dict()` are this rank's state (local slices plus counters);
+`save_state_file` / `read_state_file` put them in one safetensors file per rank with a crc32 of
+the tensor bytes, checked when read.
+
+Known limitations:
+- Only FSDP2's default layout is understood: DTensors with the single placement Shard(0) on a
+  1-D mesh (or plain tensors: one process, no sharding); 0-dim parameters are refused.
+- Prefetch depth beyond 1 behaves as 1; eviction is synchronous (as ChunkAdamW).
+- The fp16 overflow check reads each span's reduced gradient once after backward (one extra
+  pass over the active spans' gradient bytes), not NVMSA's on-the-fly check.
+- The CUDA paths (pinned host memory, the side stream) are written for CUDA but tested on CPU.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from planner.chunks import ChunkSpan, ChunkTable
+from planner.errors import ChunkftError
+from planner.fsio import atomic_path
+from planner.schema import Tier
+from runtime.chunk_optim import AdamWConfig, LRSchedule, StepResult
+from runtime.scaler import LossScaler
+
+STATE_VERSION = 1
+_KINDS = ("master", "exp_avg", "exp_avg_sq")
+_META_KEY = "chunkft_sharded_optimizer"
+_CRC_KEY = "tensors_crc32"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LocalSpan:
+    """The part of a chunk span inside this rank's dim-0 shard, in local coordinates:
+    `param.to_local().narrow(dim, start, length)`; `length == 0` means this rank holds none."""
+
+    param: str
+    dim: int
+    start: int
+    length: int
+
+
+def shard_rows(p: torch.Tensor) -> tuple[int, int]:
+    """(global row offset, real rows) of this rank's dim-0 shard of parameter `p`: FSDP2 gives
+    rank r the rows [r * ceil(rows / W), ...) that exist (torch.chunk's split)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if p.dim() == 0:
+        raise ChunkftError("a 0-dim parameter cannot be sharded along dim 0; sharded ChunkFT needs >= 1-dim parameters")
+    if not isinstance(p, DTensor):
+        return 0, p.shape[0]
+    if len(p.placements) != 1 or p.placements[0] != Shard(0):
+        raise ChunkftError(f"parameter placement {p.placements} is not FSDP2's (Shard(0),) on a 1-D mesh")
+    world, rank, rows = p.device_mesh.size(), p.device_mesh.get_local_rank(), p.shape[0]
+    per = -(-rows // world)
+    offset = min(rank * per, rows)
+    local = p.to_local().shape[0]
+    assert local == min(per, rows - offset), (tuple(p.shape), rank, world, local)
+    return offset, local
+
+
+def local_span(span: ChunkSpan, offset: int, rows: int) -> LocalSpan:
+    """`span` cut to the local rows [offset, offset + rows) of its parameter."""
+    if span.dim == 0:
+        lo, hi = max(span.start, offset), min(span.end, offset + rows)
+        return LocalSpan(param=span.param, dim=0, start=lo - offset if hi > lo else 0, length=max(hi - lo, 0))
+    return LocalSpan(param=span.param, dim=span.dim, start=span.start, length=(span.end - span.start) if rows else 0)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+class _HostStore:
+    """HOST tier: chunk k's state resting in host memory (pinned with CUDA), by state key."""
+
+    def __init__(self) -> None:
+        self.mem: dict[int, dict[str, torch.Tensor]] = {}
+        self._pin = torch.cuda.is_available()
+
+    def put(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        old = self.mem.setdefault(k, {})
+        for n, t in state.items():
+            if n not in old:
+                old[n] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._pin)
+            old[n].copy_(t)
+
+    def get(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {n: t.to(device, non_blocking=self._pin, copy=True) for n, t in self.mem[k].items()}
+
+
+class ShardedChunkAdamW:
+    """Exact AdamW over a ChunkTable on FSDP2-sharded parameters (see the module docstring).
+
+    Args:
+        model: the model, already `fully_shard`ed (or plain: one process); weights final (the
+            masters are copied from them here).
+        table: the chunk table over the model's (global) parameter shapes.
+        config / schedule: AdamW hyper-parameters (incl. max_grad_norm) and the LR schedule.
+        update_interval: successful steps on a chunk before the next one becomes active.
+        state_tier: Tier.GPU or Tier.HOST (where resting chunks' state lives).
+        prefetch_depth: HOST only: 0 loads the next chunk's state at the switch, >= 1 before.
+        scaler: a LossScaler for fp16 (None for bf16 / fp32).
+        group: the process group of the clipping and overflow all_reduces (default: world).
+    """
+
+    def __init__(self, model: nn.Module, table: ChunkTable, *, config: AdamWConfig | None = None,
+                 schedule: LRSchedule | None = None, update_interval: int = 1, state_tier: Tier | str = Tier.GPU,
+                 prefetch_depth: int = 1, scaler: LossScaler | None = None, group=None):
+        if update_interval < 1:
+            raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
+        if prefetch_depth < 0:
+            raise ChunkftError(f"prefetch_depth must be >= 0, got {prefetch_depth}")
+        try:
+            tier = Tier(state_tier)
+        except ValueError:
+            tier = None
+        if tier not in (Tier.GPU, Tier.HOST):
+            raise ChunkftError(f"state tier {getattr(state_tier, 'value', state_tier)!r} is not supported for sharded "
+                               f"runs; valid: gpu, host")
+        self._params = dict(model.named_parameters())
+        table.validate([(n, tuple(p.shape), p.element_size()) for n, p in self._params.items()])
+        self.model, self.table = model, table
+        self.config = config or AdamWConfig()
+        self.schedule = schedule or LRSchedule()
+        self.update_interval = update_interval
+        self.tier = tier
+        self.scaler = scaler
+        self.group = group
+        self.device = _local(next(iter(self._params.values()))).device
+        rows = {n: shard_rows(p) for n, p in self._params.items()}
+        self.local_spans: tuple[tuple[LocalSpan, ...], ...] = tuple(
+            tuple(local_span(s, *rows[s.param]) for s in chunk) for chunk in table.chunks)
+        self._touched = [frozenset(s.param for s in chunk) for chunk in table.chunks]
+        self.global_step = 0
+        self.active_steps = 0
+        self.span_steps: dict[int, dict[str, int]] = {k: {} for k in range(table.num_chunks)}
+        self.active_chunk = 0
+        self._resting: dict[int, dict[str, torch.Tensor]] = {}  # GPU tier: every chunk's state
+        self._host = _HostStore() if tier == Tier.HOST else None
+        for k in range(table.num_chunks):
+            fresh = self._fresh_state(k)
+            if self._host is None:
+                self._resting[k] = fresh
+            else:
+                self._host.put(k, fresh)
+                del fresh
+        self._prefetch = tier == Tier.HOST and prefetch_depth >= 1 and table.num_chunks > 1
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1) if self._prefetch else None
+        self._stream = torch.cuda.Stream(self.device) if self._prefetch and self.device.type == "cuda" else None
+        self._pending: tuple[int, concurrent.futures.Future] | None = None
+        self._state: dict[str, torch.Tensor] = {}
+        self._activate(0)
+
+    # -- public API ---------------------------------------------------------------------
+
+    def lr(self) -> float:
+        """The learning rate the next successful step will use."""
+        return self.config.lr * self.schedule.factor(self.global_step)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), scaled by the loss scaler when there is one."""
+        (self.scaler.scale_loss(loss) if self.scaler is not None else loss).backward()
+
+    def zero_grad(self) -> None:
+        for p in self._params.values():
+            p.grad = None
+
+    def step(self) -> StepResult:
+        """One AdamW step on the active chunk's spans (local slices), then drop the gradients;
+        every rank must call it (clipping and the fp16 check are collectives)."""
+        k = self.active_chunk
+        lr = self.lr()
+        scale = self.scaler.scale if self.scaler is not None else None
+        live = [(span, ls) for span, ls in zip(self.table.chunks[k], self.local_spans[k])
+                if self._params[span.param].grad is not None]
+        slices = {ls.param: self._grad_slice(ls) for _, ls in live if ls.length}
+        if self.scaler is not None:
+            bad = torch.zeros((), dtype=torch.float32, device=self.device)
+            for g in slices.values():
+                bad = torch.maximum(bad, (~torch.isfinite(g.sum(dtype=torch.float32))).float())
+            if self._all_reduce(bad, "MAX") > 0:
+                self.zero_grad()
+                self.scaler.update(True)
+                return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale)
+        inv_scale = 1.0 / scale if scale is not None else 1.0
+        grads = {n: self._grad32(g, inv_scale) for n, g in slices.items()}
+        coef, grad_norm = None, None
+        if self.config.max_grad_norm is not None and live:
+            dtype = self._master_dtype(next(iter(self._params.values())))
+            sq = torch.zeros((), dtype=dtype, device=self.device)
+            for g in grads.values():
+                sq = sq + torch.linalg.vector_norm(g, 2) ** 2
+            total = torch.sqrt(torch.as_tensor(self._all_reduce(sq, "SUM"), dtype=dtype, device=self.device))
+            coef = torch.clamp(self.config.max_grad_norm / (total + 1e-6), max=1.0)
+            grad_norm = float(total)
+        for span, ls in live:
+            step = self.span_steps[k].get(span.param, 0) + 1
+            self.span_steps[k][span.param] = step
+            if ls.length:
+                g = grads.pop(span.param)
+                if coef is not None:
+                    g.mul_(coef)
+                self._adamw(ls, g, lr, step)
+                del g
+        self.zero_grad()
+        if self.scaler is not None:
+            self.scaler.update(False)
+        self.global_step += 1
+        self.active_steps += 1
+        switched = None
+        if self.active_steps >= self.update_interval:
+            self.active_steps = 0
+            if self.table.num_chunks > 1:
+                switched = (k + 1) % self.table.num_chunks
+                self._evict()
+                self._activate(switched)
+        return StepResult(stepped=True, chunk=k, lr=lr, grad_norm=grad_norm, switched_to=switched, loss_scale=scale)
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's optimizer-state bytes: "device" (the GPU tier's state, or the active
+        chunk's working copy and a prefetched one) and "host" (the HOST tier's resting state)."""
+        def nbytes(states) -> int:
+            return sum(t.numel() * t.element_size() for s in states for t in s.values())
+
+        if self._host is None:
+            return {"device": nbytes(self._resting.values()), "host": 0}
+        pending = [self._pending[1].result()] if self._pending is not None else []
+        return {"device": nbytes([self._state, *pending]), "host": nbytes(self._host.mem.values())}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta): this rank's local state as CPU tensors "chunk<k>/<param>/<kind>" and a
+        JSON-able dict of counters, hyper-parameters, the chunk table and the world size."""
+        self._wait_prefetch()
+        tensors: dict[str, torch.Tensor] = {}
+        for k in range(self.table.num_chunks):
+            if k == self.active_chunk:
+                state = self._state
+            else:
+                state = self._resting[k] if self._host is None else self._host.mem[k]
+            for key, t in state.items():
+                tensors[f"chunk{k}/{key}"] = t.detach().to("cpu", copy=True)
+        meta = {
+            "version": STATE_VERSION,
+            "world_size": self._world_size(),
+            "rank": self._rank(),
+            "active_chunk": self.active_chunk,
+            "active_steps": self.active_steps,
+            "global_step": self.global_step,
+            "span_steps": {str(k): dict(v) for k, v in self.span_steps.items()},
+            "update_interval": self.update_interval,
+            "config": asdict(self.config),
+            "schedule": asdict(self.schedule),
+            "table": self.table.to_json(),
+        }
+        return tensors, meta
+
+    def check_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """ChunkftError (one line) unless `state_dict()`'s output fits this optimizer exactly:
+        same version, world size, rank, chunk table, and every local slice's tensors present
+        with the right shape and dtype (nothing else)."""
+        try:
+            if meta.get("version") != STATE_VERSION:
+                raise ChunkftError(f"optimizer state version {meta.get('version')!r} is not {STATE_VERSION}")
+            if int(meta["world_size"]) != self._world_size():
+                raise ChunkftError(f"optimizer state was saved by {meta['world_size']} ranks; this run has "
+                                   f"{self._world_size()} (resuming with another world size is not supported)")
+            if int(meta["rank"]) != self._rank():
+                raise ChunkftError(f"optimizer state is rank {meta['rank']}'s, not rank {self._rank()}'s")
+            if ChunkTable.from_json(meta["table"]) != self.table:
+                raise ChunkftError("optimizer state was saved with a different chunk table")
+            span_steps = meta["span_steps"]
+            if set(span_steps) != {str(k) for k in range(self.table.num_chunks)}:
+                raise ChunkftError("optimizer state's step counts do not match the chunk table's chunks")
+            if not 0 <= int(meta["active_chunk"]) < self.table.num_chunks:
+                raise ChunkftError(f"optimizer state's active chunk {meta['active_chunk']} does not exist")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ChunkftError(f"optimizer state is malformed ({type(e).__name__}: {e})") from None
+        expected = {}
+        for k, chunk in enumerate(self.local_spans):
+            for ls in chunk:
+                if ls.length:
+                    view = self._view(ls)
+                    for kind in _KINDS:
+                        expected[f"chunk{k}/{ls.param}/{kind}"] = (tuple(view.shape), self._master_dtype(view))
+        got = {key: (tuple(t.shape), t.dtype) for key, t in tensors.items()}
+        if got != expected:
+            diff = sorted(key for key in set(got) | set(expected) if got.get(key) != expected.get(key))
+            raise ChunkftError(f"optimizer state does not match this rank's shards: {len(diff)} tensors differ, "
+                               f"e.g. {diff[0]!r} (saved {got.get(diff[0])}, expected {expected.get(diff[0])})")
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore `state_dict()`'s output (checked first; the weights are the caller's)."""
+        self.check_state(tensors, meta)
+        config = dict(meta["config"])
+        config["betas"] = tuple(config["betas"])
+        self.config = AdamWConfig(**config)
+        self.schedule = LRSchedule(**meta["schedule"])
+        self.update_interval = int(meta["update_interval"])
+        self._wait_prefetch()
+        self._pending = None
+        self._state = {}
+        for key, t in tensors.items():
+            head, _, rest = key.partition("/")
+            k = int(head[len("chunk"):])
+            if self._host is None:
+                self._resting[k][rest].copy_(t)
+            else:
+                self._host.mem[k][rest].copy_(t)
+        self.span_steps = {int(k): {str(n): int(s) for n, s in v.items()} for k, v in meta["span_steps"].items()}
+        self.global_step, self.active_steps = int(meta["global_step"]), int(meta["active_steps"])
+        self._activate(int(meta["active_chunk"]))
+
+    def close(self) -> None:
+        """Stop the prefetch thread."""
+        self._wait_prefetch()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _world_size(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size(self.group) if dist.is_initialized() else 1
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank(self.group) if dist.is_initialized() else 0
+
+    def _all_reduce(self, value: torch.Tensor, op: str) -> float:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return float(value)
+        out = value.detach().clone()
+        dist.all_reduce(out, op=getattr(dist.ReduceOp, op), group=self.group)
+        return float(out)
+
+    @staticmethod
+    def _master_dtype(p: torch.Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _view(self, ls: LocalSpan) -> torch.Tensor:
+        """The local slice of the parameter (a view into its shard)."""
+        with torch.no_grad():
+            return _local(self._params[ls.param].detach()).narrow(ls.dim, ls.start, ls.length)
+
+    def _grad_slice(self, ls: LocalSpan) -> torch.Tensor:
+        return _local(self._params[ls.param].grad).narrow(ls.dim, ls.start, ls.length)
+
+    def _grad32(self, g: torch.Tensor, inv_scale: float) -> torch.Tensor:
+        """As ChunkAdamW._grad32: cast to the master dtype on the step device, unscaled."""
+        out = g.to(device=self.device, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+        return out * inv_scale if inv_scale != 1.0 else out
+
+    def _adamw(self, ls: LocalSpan, grad: torch.Tensor, lr: float, step: int) -> None:
+        """ChunkAdamW._adamw (torch.optim.adam._single_tensor_adam, decoupled decay), line for line."""
+        beta1, beta2 = self.config.betas
+        master = self._state[f"{ls.param}/master"]
+        exp_avg = self._state[f"{ls.param}/exp_avg"]
+        exp_avg_sq = self._state[f"{ls.param}/exp_avg_sq"]
+        if self.config.weight_decay != 0:
+            master.mul_(1 - lr * self.config.weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1 ** float(step)
+        bias_correction2 = 1 - beta2 ** float(step)
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.config.eps)
+        master.addcdiv_(exp_avg, denom, value=-step_size)
+        with torch.no_grad():
+            self._view(ls).copy_(master)
+
+    def _fresh_state(self, k: int) -> dict[str, torch.Tensor]:
+        state = {}
+        for ls in self.local_spans[k]:
+            if ls.length:
+                view = self._view(ls)
+                master = view.to(device=self.device, dtype=self._master_dtype(view), copy=True)
+                state.update({f"{ls.param}/master": master, f"{ls.param}/exp_avg": torch.zeros_like(master),
+                              f"{ls.param}/exp_avg_sq": torch.zeros_like(master)})
+        return state
+
+    def _load(self, k: int) -> dict[str, torch.Tensor]:
+        """Chunk k's working copy on the step device (HOST tier)."""
+        if self._stream is None:
+            return self._host.get(k, self.device)
+        with torch.cuda.stream(self._stream):
+            state = self._host.get(k, self.device)
+        self._stream.synchronize()
+        return state
+
+    def _wait_prefetch(self) -> None:
+        if self._pending is not None:
+            self._pending[1].result()
+
+    def _activate(self, k: int) -> None:
+        for name, p in self._params.items():
+            p.requires_grad_(name in self._touched[k])
+        if self._host is None:
+            self._state = self._resting[k]
+        elif self._pending is not None and self._pending[0] == k:
+            self._state = self._pending[1].result()
+            if self._stream is not None:  # allocated on the side stream, used on this one
+                for t in self._state.values():
+                    t.record_stream(torch.cuda.current_stream(self.device))
+        else:
+            self._wait_prefetch()
+            self._state = self._load(k)
+        self._pending = None
+        self.active_chunk = k
+        if self._prefetch:
+            nxt = (k + 1) % self.table.num_chunks
+            self._pending = (nxt, self._executor.submit(self._load, nxt))
+
+    def _evict(self) -> None:
+        if self._host is not None:
+            self._host.put(self.active_chunk, self._state)
+        self._state = {}
+
+
+def state_file_name(rank: int, world_size: int) -> str:
+    """The file of one rank's optimizer state in a checkpoint directory."""
+    return f"optimizer-rank{rank}-of-{world_size}.safetensors"
+
+
+def _tensors_crc32(tensors: dict[str, torch.Tensor]) -> int:
+    crc = 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        crc = zlib.crc32(key.encode(), crc)
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def save_state_file(optimizer: ShardedChunkAdamW, path: str | os.PathLike) -> None:
+    """Write this rank's `state_dict()` to one safetensors file, atomically, with the JSON meta
+    and a crc32 of the tensor bytes in its header."""
+    from safetensors.torch import save_file
+
+    tensors, meta = optimizer.state_dict()
+    header = {_META_KEY: json.dumps(meta), _CRC_KEY: f"{_tensors_crc32(tensors):08x}"}
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=header)
+    except ChunkftError:
+        raise
+    except Exception as e:  # OSError, or safetensors' own error types
+        raise ChunkftError(f"cannot write optimizer state {str(path)!r}: {str(e).splitlines()[0]}") from None
+
+
+def read_state_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of `save_state_file`'s file; ChunkftError (one line) if it is missing,
+    unreadable or its tensors fail the crc32 written with them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ChunkftError(f"optimizer state {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+        meta = json.loads(header[_META_KEY])
+        want = header[_CRC_KEY]
+    except Exception as e:  # safetensors' and json's error types, KeyError for a foreign file
+        what = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise ChunkftError(f"optimizer state {str(path)!r} is unreadable or not chunkft's ({what})") from None
+    got = f"{_tensors_crc32(tensors):08x}"
+    if got != want:
+        raise ChunkftError(f"optimizer state {str(path)!r} is corrupted: crc32 of its tensors is {got}, "
+                           f"it was written as {want}")
+    if not isinstance(meta, dict):
+        raise ChunkftError(f"optimizer state {str(path)!r} has malformed metadata")
+    return tensors, meta
