@@ -103,6 +103,8 @@ class DistConfig:
     loss_chunk_tokens: int = 0
     out_dir: str | None = None
     """Where the checkpoint goes after the last step (None: not saved)."""
+    save_at: tuple[tuple[int, str], ...] = ()
+    """(steps trained, directory) pairs: also save a checkpoint there once that many steps are done."""
     init_from: str | None = None
     """An HF model directory (config + *.safetensors) whose weights replace the random ones (rank 0
     reads them and broadcasts them into the shards; every rank first builds the whole model on
@@ -490,6 +492,9 @@ def train_rank(config: DistConfig) -> RankResult:
                 share, result = _train_step(model, optimizer, config, step, rank, world)
             skipped += not result.stepped
             norms.append(result.grad_norm)
+            for at, directory in config.save_at:
+                if at == step + 1:
+                    save_checkpoint(model, optimizer, directory, step=step + 1, scaler=scaler)
             losses.append(_global_sum(share, config.device))
         if config.out_dir is not None:
             save_checkpoint(model, optimizer, config.out_dir, step=end, scaler=scaler)

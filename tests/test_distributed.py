@@ -1,15 +1,15 @@
 """runtime.distributed on CPU: 2 gloo processes with FSDP2 and ShardedChunkAdamW against one process.
 
-Full fine-tuning (one chunk, plain AdamW): one sharded run of 2 steps (the second measured with
-mallinfo2 on every rank) saves a checkpoint; a second run resumes it for 2 more steps. The
-one-process reference trains the same 4 steps on the whole global batch.
+Full fine-tuning (one chunk, plain AdamW): one sharded run of 4 steps (the second measured with
+mallinfo2 on every rank) saves a checkpoint; the one-process reference trains the same 4 steps
+on the whole global batch.
 
 ChunkFT: a 5-chunk table of a tiny Llama whose cuts slice the embedding and lm_head along dim 0
 (odd vocabulary: uneven shards, one rank holding none of a span) and two MLP weights along dim
 1; host state tier, update interval 2, clipping, weight decay, labels with ignored tokens
 spread unevenly over the ranks, two micro-batches per rank. An uninterrupted run of 12 steps
-against ChunkAdamW in one process, and the same run stopped after 6 steps, resumed for 1 (stop
-mid-chunk) and resumed to the end.
+against ChunkAdamW in one process, saving after 6 and 7 steps (7: mid-chunk), and a run resumed
+from the 7-step checkpoint to the end.
 """
 
 from __future__ import annotations
@@ -58,26 +58,20 @@ def runs(tmp_path_factory):
     torch.manual_seed(7)
     AutoModelForCausalLM.from_config(CONFIG).save_pretrained(tmp / "init")
     init = str(tmp / "init")
-    first = run_distributed(_config(init_from=init, stop_after=2, measure_step=1, out_dir=str(tmp / "step2")),
-                            WORLD)
-    second = run_distributed(_config(init_from=init, resume_from=str(tmp / "step2"), out_dir=str(tmp / "step4")),
-                             WORLD)
+    ranks = run_distributed(_config(init_from=init, measure_step=1, out_dir=str(tmp / "step4")), WORLD)
     losses, model = run_single(_config(init_from=init))
-    return first, second, losses, model, tmp
+    return ranks, losses, model, tmp
 
 
 def test_loss_trajectory_matches_one_process(runs):
-    first, second, losses, _, _ = runs
-    for a, b in zip(first, second):
-        assert a.losses == first[0].losses and b.losses == second[0].losses  # one global loss
-        assert b.start_step == 2
-    sharded = list(first[0].losses) + list(second[0].losses)
-    assert sharded == pytest.approx(losses, rel=1e-5, abs=1e-5)
+    ranks, losses, _, _ = runs
+    assert all(r.losses == ranks[0].losses for r in ranks)  # one global loss
+    assert list(ranks[0].losses) == pytest.approx(losses, rel=1e-5, abs=1e-5)
     assert losses[-1] < losses[0]  # it trains
 
 
 def test_consolidated_checkpoint_loads_in_transformers_and_equals_one_process(runs):
-    _, _, _, model, tmp = runs
+    _, _, model, tmp = runs
     loaded = AutoModelForCausalLM.from_pretrained(tmp / "step4", dtype=torch.float32)
     reference = dict(model.named_parameters())
     # Adam divides by sqrt(v): for a gradient near zero the ranks' different summation order
@@ -88,7 +82,7 @@ def test_consolidated_checkpoint_loads_in_transformers_and_equals_one_process(ru
 
 
 def test_each_rank_holds_half_the_parameters_and_their_state(runs):
-    first, _, _, model, _ = runs
+    first, _, model, _ = runs
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     assert all(r.local_param_bytes == total // WORLD for r in first)  # every dim 0 even
     # GPU tier, fp32: master + two moments of the rank's half, all on the (CPU) step device
@@ -97,7 +91,7 @@ def test_each_rank_holds_half_the_parameters_and_their_state(runs):
 
 @pytest.mark.skipif(not mallinfo2_available(), reason="needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
 def test_rank_peak_matches_sharded_prediction(runs):
-    first, _, _, _, _ = runs
+    first, _, _, _ = runs
     spec = ModelSpec(name="tiny-llama", source="config", config=CONFIG, num_layers=4)
     predicted = cpu_rank_rise_bytes(spec, StepShape(batch=LOCAL_BATCH, seq_len=SEQ, dtype="fp32"), WORLD)
     for r in first:
@@ -130,13 +124,11 @@ def chunked(tmp_path_factory):
     torch.manual_seed(7)
     AutoModelForCausalLM.from_config(SMALL).save_pretrained(tmp / "init")
     init = str(tmp / "init")
-    full = run_distributed(_chunked_config(init_from=init, out_dir=str(tmp / "full")), WORLD)
-    parts = [run_distributed(_chunked_config(init_from=init, stop_after=6, out_dir=str(tmp / "ck6")), WORLD),
-             run_distributed(_chunked_config(resume_from=str(tmp / "ck6"), stop_after=7, out_dir=str(tmp / "ck7")),
-                             WORLD),
-             run_distributed(_chunked_config(resume_from=str(tmp / "ck7"), out_dir=str(tmp / "end")), WORLD)]
+    full = run_distributed(_chunked_config(init_from=init, out_dir=str(tmp / "full"),
+                                           save_at=((6, str(tmp / "ck6")), (7, str(tmp / "ck7")))), WORLD)
+    resumed = run_distributed(_chunked_config(resume_from=str(tmp / "ck7"), out_dir=str(tmp / "end")), WORLD)
     losses, model = run_single(_chunked_config(init_from=init))
-    return full, parts, losses, model, tmp
+    return full, resumed, losses, model, tmp
 
 
 def test_table_slices_tensors_along_both_dims():
@@ -192,9 +184,9 @@ def test_a_step_changes_only_the_active_chunks_spans(chunked):
 
 
 def test_resume_mid_chunk_equals_uninterrupted_bitwise(chunked):
-    full, parts, _, _, tmp = chunked
-    assert [p[0].start_step for p in parts] == [0, 6, 7]
-    assert sum((list(p[0].losses) for p in parts), []) == list(full[0].losses)
+    full, resumed, _, _, tmp = chunked
+    assert resumed[0].start_step == 7
+    assert resumed[0].losses == full[0].losses[7:]
     a, b = load_file(str(tmp / "full" / "model.safetensors")), load_file(str(tmp / "end" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     for rank in range(WORLD):
