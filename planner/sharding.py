@@ -3,10 +3,11 @@
 The layout modelled is runtime.distributed's: `fully_shard` on every decoder layer, then on the
 root (embeddings, final norm, lm_head), world size W = gpus_per_node x nodes; with
 `shard_embeddings` the input embedding and the output head (final norm + lm_head) are units of
-their own first (as torchtitan wraps them), so they are unsharded only while they run. `shape` is the
-per-rank micro-batch (the global batch is W times it). Per rank, op by op over the traced step
-of that micro-batch (planner.evaluate.traced_step: the same trace, replay and caching as
-`evaluate`, so activations, logits and temporaries are exactly evaluate's):
+their own first (as torchtitan wraps them), so they are unsharded only while they run. The
+optimizer is runtime.sharded_optim.ShardedChunkAdamW (full fine-tuning is its one chunk of
+whole tensors). `shape` is the per-rank micro-batch (the global batch is W times it). Per rank,
+op by op over the traced step of that micro-batch (planner.evaluate.traced_step: the same trace,
+replay and caching as `evaluate`, so activations, logits and temporaries are exactly evaluate's):
 
   weights    every parameter's dim-0 shard, padded as FSDP2 pads it (ceil(rows / W) rows on
              every rank), plus the unsharded copies in flight: the root's parameters from the
@@ -15,48 +16,74 @@ of that micro-batch (planner.evaluate.traced_step: the same trace, replay and ca
              prefetched (FSDP2 issues the next unit's all-gather while the current one
              computes: in backward explicitly, in forward on CUDA by the CPU running ahead of
              the GPU; `forward_prefetch=False` is a CPU run, where it cannot), with padding.
-  gradients  the trace's gradient bytes, except that a unit's gradients are reduce-scattered
-             once its backward is done: from then on 1/W of them. The root's gradients (lm_head
-             first in backward, unless a unit of its own) stay unsharded to the end of
-             backward. During the optimizer step all gradients are sharded.
+             During the optimizer step every unit is resharded.
+  gradients  ChunkFT chunk k gives every parameter it touches (any span, sliced or whole)
+             requires_grad and nothing else: FSDP2 computes those tensors' WHOLE gradients, so
+             chunk k's step is traced with a grad spec where every slice is the whole tensor
+             (`whole_tensor_grad_spec`). A unit's gradients are reduce-scattered once its
+             backward is done: from then on its padded shards (FSDP2's reduce-scatter output).
+             The root's gradients (lm_head first in backward, unless a unit of its own) stay
+             unsharded to the end of backward. During the optimizer step all are shards.
   comm       in TEMPORARIES: FSDP2's all-gather output buffers, which it copies the unsharded
              parameters out of. In forward the newest one lives until the next unit's copy-out
              (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, `all_gather_state`:
              freeing is deferred to overlap the copy-out with the next all-gather), the last
              unit's until the root's post-forward (after the loss); in backward a unit's is
              freed right after its copy-out (counted on the op that starts the unit). And the
-             reduce-scatter input (a flat copy of the unit's gradients, made before they are
-             freed) on the first op after a unit's backward.
-  states     fp32 master + AdamW moments 12 B/param (8 in fp32 training), the spans' shards:
-             all of them on the GPU for C = 1 / state on GPU; the active (+ prefetched)
-             chunk's for ChunkFT with state on host or disk, where the resting state is on
-             each rank's host / disk, sharded too. The AdamW step works on local shards: its
-             temporaries are the largest span's shard's.
+             reduce-scatter input (_fsdp_collectives.py `foreach_reduce`: the unit's gradients
+             copied into one buffer with dim 0 padded, before they are freed) on the first op
+             after a unit's backward.
+  states     fp32 master + AdamW moments (12 B/param, for fp32 training too) of the spans'
+             local slices only: each rank holds the part of each span inside its own dim-0
+             shard rows (`local_span_bytes`, runtime.sharded_optim.local_span), so a slice of a
+             big tensor may sit whole on one rank. State tier GPU: every chunk's on the GPU;
+             HOST: every chunk's rests in (pinned) host memory, the active chunk's working copy
+             is on the GPU, plus the next chunk's with prefetch_depth >= 1 (deeper prefetch
+             behaves as 1 in the runtime). DISK is not run sharded (ChunkftError). The AdamW step
+             (`step_temp_allocs`) holds fp32 copies of the chunk's local gradient slices (16-bit
+             training) and one slice's sqrt / division at a time.
 
-W = 1 is not sharded (no FSDP) and returns `evaluate`'s estimate exactly.
+Every rank is evaluated (ranks differ in the slices they hold); the reported GPU figures are
+the worst (chunk, rank)'s, host / disk the fullest rank's, `node_host_bytes` the fullest node's.
+W = 1 is not sharded (no FSDP) and returns `evaluate`'s estimate exactly (sub-tensor gradients,
+runtime.chunk_optim).
+
+Chunk traces: "exact" traces each chunk-pattern group's first chunk with whole-tensor gradients
+(evaluate's `chunk_groups`) and evaluates every chunk; "bound" uses the full-FT trace with the
+gradients capped at the chunk's touched tensors for every chunk, evaluated for the chunks with
+the largest analytic bytes (`_bound_chunks`); "auto" is exact up to 2B parameters. Everything
+that does not depend on W (traces, layouts, chunk groups) is cached across world sizes and GPU
+kinds (`_prepare`; only the cuBLAS workspace, via the SM architecture, depends on the kind).
 
 Communication per step (ring collectives: each rank sends and receives (W-1)/W of the
-unsharded bytes): all-gather of every parameter in forward and of every unit again in backward
-(the root is not resharded after forward); reduce-scatter of the trained parameters'
-gradients, in the training dtype (no mixed-precision reduce). Bandwidth: NVLink per GPU kind
-within a node (`NVLINK_BANDWIDTH_BPS`, PCIe peer-to-peer for kinds without NVLink), the
-inter-node network across nodes (`INTER_NODE_BANDWIDTH_BPS`); the slowest link paces a ring.
-FSDP overlaps communication with compute: the step time adds the part of the communication
-time that exceeds the step's compute time (`comm` term); the optimizer and chunk-switch terms
-shrink by W (each rank steps and moves its shards only).
+unsharded bytes): all-gather of every parameter in forward and, in backward, of every unit
+backward reaches (with the one below it, prefetched) - the root is not resharded after
+forward; reduce-scatter of the touched tensors' padded gradients, in the training dtype (no
+mixed-precision reduce). Bandwidth: NVLink per GPU kind within a node
+(`NVLINK_BANDWIDTH_BPS`, PCIe peer-to-peer for kinds without NVLink), the inter-node network
+across nodes (`INTER_NODE_BANDWIDTH_BPS`); the slowest link paces a ring. FSDP overlaps
+communication with compute: the step time adds the part of the communication time that exceeds
+the step's compute time (`comm` term); the optimizer and chunk-switch terms shrink by W.
 
-Measured on CPU (tests/test_distributed.py: 2 gloo ranks, tiny Llama, fp32, 512 tokens, full FT
-step with AdamW): each rank's mallinfo2 peak 34.46 MB against `cpu_rank_rise_bytes`' 34.07 MB
-(1.2% under: malloc headers and autograd nodes, ~1 KB per forward op).
+Measured on CPU (2 gloo ranks, tiny Llama: hidden 128, 4 layers, vocab 2048, 512 tokens):
+full FT fp32 (tests/test_distributed.py), each rank's mallinfo2 peak 34.46 MB against
+`cpu_rank_rise_bytes`' 34.07 MB (1.2% under: malloc headers and autograd nodes, ~1 KB per
+forward op); ChunkFT C = 4 (sliced spans), every chunk at steps 1-4, fp32 / bf16, state on
+host (prefetch 0 / 1) or GPU: 0.7-1.6% under (tests/test_sharding.py pins one). The first step
+of a run measures ~10% more (lazy initialisation), and is not what is modelled.
 
-Known limitations: the reserved bytes keep the single-rank trace's free-block slack (the bound
-mode's full-FT trace: ~6 GiB at 70B); NCCL's own buffers (a few hundred MiB per rank) are not
-counted. The trace does not mark where backward starts inside the loss phase, so with
-`shard_embeddings` the head unit and its all-gather buffer count as held through the loss's
-backward, where FSDP2 has resharded it until its pre-backward: pessimistic by up to two head
-units (measured on CPU: predicted 33.48 MB, measured 31.77 MB, 5.4% over). A sliced ChunkFT
-span is counted as its slice (the runtime trains whole tensors sharded); no tensor / pipeline
-parallelism; `shape` must be the same on every rank.
+Known limitations: the reserved bytes keep the single-rank trace's free-block slack, and the
+optimizer step's temporaries and state are counted as fresh segments on top of the highest
+reserved bytes (no reuse of freed blocks: pessimistic, as evaluate); NCCL's own buffers (a few
+hundred MiB per rank) are not counted. The trace does not mark where backward starts inside
+the loss phase, so with `shard_embeddings` the head unit and its all-gather buffer count as held
+through the loss's backward, where FSDP2 has resharded it until its pre-backward: pessimistic by
+up to two head units (measured on CPU: predicted 33.48 MB, measured 31.77 MB, 5.4% over). Every
+rank's shards and gathered units are modelled padded (the last ranks hold fewer real rows). The
+step time's compute is evaluate's (bound chunk traces: sub-tensor weight-gradient matmuls for
+sliced spans; the runtime's whole-tensor gradients of the one or two straddling tensors per
+chunk add a fraction of a percent). No tensor / pipeline parallelism; `shape` must be the same
+on every rank.
 """
 
 from __future__ import annotations
@@ -64,7 +91,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 import numpy as np
 
@@ -74,6 +101,7 @@ from planner.schema import Component, Phase, Tier
 from planner.strategy import Budget, Estimate, OptimizerDevice, Strategy, WeightResidency
 
 if TYPE_CHECKING:
+    from planner.chunks import ChunkSpan, ChunkTable
     from planner.evaluate import ActiveSet, ParamLayout, TracedStep
     from planner.hardware import GpuProfile, Hardware
     from planner.model import ModelSpec
@@ -124,10 +152,17 @@ class ShardedEstimate:
     step_time_s: float
     step_time_parts_s: dict[str, float]
     single: Estimate
-    """evaluate()'s unsharded estimate of the same per-rank micro-batch."""
+    """evaluate()'s unsharded estimate of the same per-rank micro-batch (W > 1: with bound chunk
+    traces; it supplies the step-time terms only)."""
     worst_chunk: int | None = None
     shard_embeddings: bool = False
     """Input embedding and output head (final norm + lm_head) are FSDP units of their own."""
+    worst_rank: int = 0
+    """The rank whose GPU need is reported (ranks hold different parts of sliced spans)."""
+    node_host_bytes: int = 0
+    """Host bytes of the fullest node: the sum over its ranks (HOST state tier: their slices)."""
+    chunk_traces: str = "exact"
+    """How the chunks' steps were traced: "exact" or "bound" (see evaluate_sharded)."""
 
     @property
     def world_size(self) -> int:
@@ -161,10 +196,6 @@ def shard_bytes(shape: tuple[int, ...], elem: int, world: int) -> int:
     return rows * math.prod(shape[1:]) * elem
 
 
-def _padded_full(shape: tuple[int, ...], elem: int, world: int) -> int:
-    return world * shard_bytes(shape, elem, world)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class _Units:
     """The FSDP units in forward order and what each holds (padded, unsharded bytes)."""
@@ -174,7 +205,11 @@ class _Units:
     full: tuple[int, ...]
     """Unsharded bytes of each unit: [input embedding,] layer 0 .. L-1 [, output head]."""
     trained: tuple[int, ...]
-    """Unsharded gradient bytes of each unit this step."""
+    """Gradient bytes of each unit this step, as autograd produces them (unpadded)."""
+    trained_padded: tuple[int, ...]
+    """The reduce-scatter input of each unit: its gradients with dim 0 padded to W rows' multiple."""
+    trained_shard: tuple[int, ...]
+    """The reduce-scatter output of each unit: one rank's padded gradient shards."""
     root_full: int
     """Unsharded bytes the root unit keeps from the first forward op to the end of backward."""
     offset: int
@@ -198,29 +233,33 @@ def _unit_of_param(layout: "ParamLayout", shard_embeddings: bool) -> tuple[Any, 
     return unit, L + 2 * off
 
 
-def _units(layout: "ParamLayout", world: int, spans: Sequence[tuple[str, int]], shard_embeddings: bool) -> _Units:
+def _units(layout: "ParamLayout", world: int, grads: Collection[str], shard_embeddings: bool) -> _Units:
     unit, count = _unit_of_param(layout, shard_embeddings)
     full = [0] * count
     trained = [0] * count
+    padded = [0] * count
+    shards = [0] * count
     root = shard = 0
-    for name, shape, elem in layout.named_shapes:
+    for (name, shape, elem), nbytes in zip(layout.named_shapes, layout.tensor_bytes):
         u = unit(name)
-        shard += shard_bytes(shape, elem, world)
+        one = shard_bytes(shape, elem, world)
+        shard += one
         if u is None:
-            root += _padded_full(shape, elem, world)
+            root += world * one
         else:
-            full[u] += _padded_full(shape, elem, world)
-    for name, nbytes in spans:
-        u = unit(name)
-        if u is not None:
-            trained[u] += nbytes
-    return _Units(shard=shard, full=tuple(full), trained=tuple(trained), root_full=root,
-                  offset=1 if shard_embeddings else 0)
+            full[u] += world * one
+            if name in grads:
+                trained[u] += nbytes
+                padded[u] += world * one
+                shards[u] += one
+    return _Units(shard=shard, full=tuple(full), trained=tuple(trained), trained_padded=tuple(padded),
+                  trained_shard=tuple(shards), root_full=root, offset=1 if shard_embeddings else 0)
 
 
-def grad_shard_bytes(spans: Sequence[tuple[str, int]], world: int) -> int:
-    """One rank's gradient shards once every unit has reduce-scattered."""
-    return sum(math.ceil(b / world) for _, b in spans)
+def grad_shard_bytes(layout: "ParamLayout", grads: Collection[str], world: int) -> int:
+    """One rank's gradient shards once every unit has reduce-scattered: FSDP2's reduce-scatter
+    output, padded shards of the parameters that got a gradient."""
+    return sum(shard_bytes(shape, elem, world) for name, shape, elem in layout.named_shapes if name in grads)
 
 
 def _op_units(traced: "TracedStep", u: _Units, n: int) -> list[int | None]:
@@ -261,6 +300,9 @@ class _Schedule:
     """Units in the order their backward finishes."""
     rs_unit: np.ndarray
     """The unit whose reduce-scatter input is copied at each op (-1: none)."""
+    backward_gathered: int
+    """Unsharded bytes all-gathered in backward: the units backward reaches, each with the one
+    below it (prefetched, used or not)."""
 
 
 def _schedule(traced: "TracedStep", u: _Units, n: int, forward_prefetch: bool) -> _Schedule:
@@ -271,6 +313,7 @@ def _schedule(traced: "TracedStep", u: _Units, n: int, forward_prefetch: bool) -
     done_count = np.zeros(n, dtype=np.int64)
     rs_unit = np.full(n, -1, dtype=np.int64)
     order: list[int] = []
+    regathered: set[int] = set()
     current: int | None = None  # unit whose backward runs
     seen_unit = False
     for t, k in enumerate(_op_units(traced, u, n)):
@@ -288,6 +331,7 @@ def _schedule(traced: "TracedStep", u: _Units, n: int, forward_prefetch: bool) -
             seen_unit = True
             if in_bwd:
                 nxt = k - 1 if k > 0 else None
+                regathered |= {k} if nxt is None else {k, nxt}
             else:
                 nxt = k + 1 if forward_prefetch and k + 1 < len(u.full) else None
             gathered[t] += u.full[k] + (u.full[nxt] if nxt is not None else 0)
@@ -299,29 +343,30 @@ def _schedule(traced: "TracedStep", u: _Units, n: int, forward_prefetch: bool) -
             ag_buffer[t] = u.full[-1] if seen_unit and u.full else (u.root_full if not seen_unit else 0)
         done_count[t] = len(order)
     return _Schedule(gathered=gathered, ag_buffer=ag_buffer, done_count=done_count, done_order=tuple(order),
-                     rs_unit=rs_unit)
+                     rs_unit=rs_unit, backward_gathered=sum(u.full[k] for k in regathered))
 
 
-def rank_live(traced: "TracedStep", layout: "ParamLayout", spans: Sequence[tuple[str, int]], world: int, *,
+def rank_live(traced: "TracedStep", layout: "ParamLayout", grads: Collection[str], world: int, *,
               forward_prefetch: bool = True, shard_embeddings: bool = False,
               live: np.ndarray | None = None, schedule: _Schedule | None = None) -> np.ndarray:
     """Per-rank live bytes per component after every traced op (module doc), W > 1.
 
-    `spans`: (parameter name, 16-bit bytes) of what trains this step; `live`: the trace's live
-    array after evaluate's adjustments (default: traced.live); `schedule`: `_schedule` of this
-    trace, layout, world and options, when the caller reuses it across chunks."""
+    `grads`: names of the parameters that get a (whole-tensor) gradient this step; `live`: the
+    trace's live array after evaluate's adjustments (default: traced.live); `schedule`:
+    `_schedule` of this trace, layout, world and options, when the caller reuses it."""
     live = (traced.live if live is None else live).astype(np.int64).copy()
-    u = _units(layout, world, spans, shard_embeddings)
+    u = _units(layout, world, grads, shard_embeddings)
     n = live.shape[1]
     if schedule is None:
         schedule = _schedule(traced, u, n, forward_prefetch)
     trained = np.asarray(u.trained + (0,), dtype=np.int64)  # index -1: no unit
+    padded = np.asarray(u.trained_padded + (0,), dtype=np.int64)
     order = list(schedule.done_order)
     cum_full = np.concatenate([[0], np.cumsum(trained[order])]).astype(np.int64)
-    cum_shard = np.concatenate([[0], np.cumsum(-(-trained[order] // world))]).astype(np.int64)
+    cum_shard = np.concatenate([[0], np.cumsum(np.asarray(u.trained_shard, dtype=np.int64)[order])]).astype(np.int64)
     done_full = cum_full[schedule.done_count]
     done_shard = cum_shard[schedule.done_count]
-    rs_buffer = trained[schedule.rs_unit]
+    rs_buffer = padded[schedule.rs_unit]
     w = _CI[Component.WEIGHTS]
     gr = _CI[Component.GRADIENTS]
     live[w] = live[w] - layout.total_bytes + u.shard + schedule.gathered
@@ -330,9 +375,219 @@ def rank_live(traced: "TracedStep", layout: "ParamLayout", spans: Sequence[tuple
     return live
 
 
-def _sharded_active(active: "ActiveSet", world: int) -> "ActiveSet":
-    return dataclasses.replace(active, tensor_bytes=tuple(math.ceil(b / world) for b in active.tensor_bytes),
-                               prefetch_bytes=tuple(math.ceil(b / world) for b in active.prefetch_bytes))
+# ---------------------------------------------------------------------------------------------
+# Optimizer state per rank: runtime.sharded_optim's local span slices
+
+
+def _spans_of(strategy: Strategy, model: "ModelSpec", layout: "ParamLayout", dtype: str) -> tuple:
+    """The chunk table's spans per chunk (C = 1: every parameter whole, one chunk)."""
+    from planner import evaluate as ev
+    from planner.chunks import ChunkSpan
+
+    if strategy.chunks > 1:
+        return ev.chunk_table(model, dtype, strategy.chunks).chunks
+    return (tuple(ChunkSpan(param=n, dim=0, start=0, end=shape[0] if shape else 1, nbytes=b)
+                  for (n, shape, _), b in zip(layout.named_shapes, layout.tensor_bytes)),)
+
+
+def local_span_bytes(spans: Sequence["ChunkSpan"], shapes: dict[str, tuple[int, ...]], world: int) -> np.ndarray:
+    """(len(spans), world): bytes (training dtype) of each span inside each rank's dim-0 shard.
+
+    FSDP2 gives rank r the rows [r * ceil(rows / W), ...) that exist; a dim-0 span keeps its
+    rows inside them, a dim-1 span all local rows of its columns
+    (runtime.sharded_optim.local_span)."""
+    out = np.zeros((len(spans), world), dtype=np.int64)
+    ranks = np.arange(world, dtype=np.int64)
+    for i, s in enumerate(spans):
+        shape = shapes[s.param]
+        rows = shape[0] if shape else 1
+        per = -(-rows // world)
+        lo = np.minimum(ranks * per, rows)
+        hi = np.minimum(lo + per, rows)
+        if s.dim == 0:
+            row_bytes = s.nbytes // (s.end - s.start) if s.end > s.start else 0
+            out[i] = np.clip(np.minimum(s.end, hi) - np.maximum(s.start, lo), 0, None) * row_bytes
+        else:
+            out[i] = s.nbytes * (hi - lo) // max(rows, 1)
+    return out
+
+
+def step_temp_allocs(local_bytes: Sequence[int], elem: int) -> list:
+    """Temporaries of ShardedChunkAdamW.step on one rank, its local span slices in chunk order
+    (runtime/sharded_optim.py `step`): the fp32 copies of every slice's gradient are made at
+    once (`grads = {n: self._grad32(g, ...) ...}`; none for fp32 training, where `.to` returns
+    the gradient itself) and dropped one by one after each slice's AdamW, whose
+    `exp_avg_sq.sqrt()` and its division live together: slice i's step holds the copies of
+    slices i.. plus 8 B per parameter of slice i. Returns the allocations at the worst slice."""
+    from planner import evaluate as ev
+
+    params = [b // elem for b in local_bytes if b]
+    if not params:
+        return []
+    copies = elem < ev.FP32_BYTES
+    after = np.concatenate([np.cumsum(params[::-1])[::-1], [0]])  # params of slices i.. (incl. i)
+    worst = max(range(len(params)), key=lambda i: copies * ev.FP32_BYTES * after[i]
+                + ev.SINGLE_TENSOR_TEMP_BYTES_PER_PARAM * params[i])
+    temp = Component.TEMPORARIES
+    out = [ev.Alloc(component=temp, nbytes=ev.FP32_BYTES * n) for n in params[worst:]] if copies else []
+    per = ev.SINGLE_TENSOR_TEMP_BYTES_PER_PARAM // ev.FP32_BYTES
+    return out + [ev.Alloc(component=temp, nbytes=ev.FP32_BYTES * params[worst])] * per
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _RankState:
+    """One rank's optimizer-side bytes for one chunk's step."""
+
+    static: dict
+    """GPU components of the state resident through the step (rounded: ROUNDING apart)."""
+    static_reserved: int
+    temps: dict
+    temps_reserved: int
+    temps_bytes: int
+    """Exact bytes of the step's temporaries (the CPU allocator's view)."""
+    host: dict
+    disk: dict
+
+
+def _rank_states(strategy: Strategy, layout: "ParamLayout", spans: tuple, local: np.ndarray, k: int,
+                 prefetch: int | None, world: int, cache: dict) -> list[_RankState]:
+    """Per rank r: state resident on the GPU (every chunk's for C = 1 / GPU tier; else chunk
+    k's working copy and chunk `prefetch`'s), the step's temporaries, host (and disk)."""
+    from planner import evaluate as ev
+
+    bounds = cache.setdefault("bounds", np.cumsum([0] + [len(c) for c in spans]))
+    elem = layout.elem_bytes
+    out = []
+    for r in range(world):
+        def chunk_local(j: int) -> tuple[int, ...]:
+            return tuple(int(b) for b in local[bounds[j]:bounds[j + 1], r] if b)
+
+        if ("all", r) not in cache:
+            cache[("all", r)] = tuple(int(b) for b in local[:, r] if b)
+        every = cache[("all", r)]
+        mine = chunk_local(k)
+        ahead = chunk_local(prefetch) if prefetch is not None else ()
+        key = ("rank", r, k, prefetch)  # a whole-model cache: a GPU-tier rank's statics repeat
+        if key not in cache:
+            active = ev.ActiveSet(chunk=k, tensor_bytes=mine, prefetch_bytes=ahead)
+            statics = ev.gpu_static_allocs(strategy, layout, active, every)
+            static: dict = {}
+            ev.add_allocs(static, statics)
+            temps_list = step_temp_allocs(mine, elem)
+            temps: dict = {}
+            ev.add_allocs(temps, temps_list)
+            if ("host", r) not in cache:
+                cache[("host", r)] = ev.host_and_disk_bytes(strategy, layout, active, every)
+            host, disk = cache[("host", r)]
+            cache[key] = _RankState(static=static, static_reserved=ev.segment_bytes(statics), temps=temps,
+                                    temps_reserved=ev.segment_bytes(temps_list),
+                                    temps_bytes=sum(a.nbytes for a in temps_list), host=host, disk=disk)
+        out.append(cache[key])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What each chunk's step traces, independent of the world size (cached across world sizes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Prepared:
+    layout: "ParamLayout"
+    spans: tuple
+    """Spans per chunk (C = 1: one chunk of every parameter whole)."""
+    touched: tuple[frozenset, ...]
+    """Per chunk: the parameters that get a whole-tensor gradient."""
+    cases: tuple[tuple["TracedStep", int], ...]
+    """(traced step, chunk) for every chunk examined; exact mode: every chunk, each with its
+    group's representative trace; bound mode: every chunk, with the one full-FT trace."""
+    mode: str
+    """"exact" or "bound" (C = 1: "exact", the full-FT trace is exact)."""
+    flops: tuple[int, ...]
+
+
+_PREPARED: dict[tuple, _Prepared] = {}
+
+
+def whole_tensor_grad_spec(table: "ChunkTable", k: int) -> dict[str, bool]:
+    """Chunk k's GradSpec as the sharded runtime trains it: every touched tensor whole."""
+    return {name: v is not False for name, v in table.grad_spec(k).items()}
+
+
+def _prepare(model: "ModelSpec", shape: "StepShape", strategy: Strategy, sm: int, chunk_traces: str) -> _Prepared:
+    from planner import evaluate as ev
+
+    layout = ev.param_layout(model, shape.dtype)
+    mode = chunk_traces
+    if mode == "auto":
+        mode = "exact" if layout.total_params <= ev.EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
+    if strategy.chunks == 1:
+        mode = "exact"
+    key = (model.fingerprint(), shape, strategy.chunks, strategy.checkpointing, strategy.loss_chunk_tokens, sm, mode)
+    if key in _PREPARED:
+        return _PREPARED[key]
+
+    def trace(grad):
+        return ev.traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
+                              loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm)
+
+    spans = _spans_of(strategy, model, layout, shape.dtype)
+    touched = tuple(frozenset(s.param for s in chunk) for chunk in spans)
+    if strategy.chunks == 1:
+        traced = trace(None)
+        cases: list = [(traced, 0)]
+        flops = [traced.flops]
+    elif mode == "exact":
+        table = ev.chunk_table(model, shape.dtype, strategy.chunks)
+        cases = []
+        for group in ev.chunk_groups(table, layout.layer_prefix):
+            traced = trace(whole_tensor_grad_spec(table, group[0]))
+            cases += [(traced, k) for k in group]
+        cases.sort(key=lambda c: c[1])
+        flops = [c[0].flops for c in cases]
+    else:
+        traced = trace(None)
+        cases = [(traced, k) for k in range(len(spans))]
+        flops = [traced.flops] * len(spans)
+    prepared = _Prepared(layout=layout, spans=spans, touched=touched, cases=tuple(cases), mode=mode,
+                         flops=tuple(flops))
+    if len(_PREPARED) >= 32:
+        _PREPARED.pop(next(iter(_PREPARED)))
+    _PREPARED[key] = prepared
+    return prepared
+
+
+def _bound_chunks(prep: _Prepared, strategy: Strategy, local: np.ndarray, world: int) -> list[int]:
+    """Bound mode: the chunks whose analytic bytes (whole gradients of the touched tensors; the
+    worst rank's state on the GPU plus step temporaries) are largest, as evaluate's
+    `bound_candidates` picks them; the shared trace makes the rest differ by these terms only."""
+    from planner import evaluate as ev
+
+    layout = prep.layout
+    elem = layout.elem_bytes
+    per_param = ev.MASTER_BYTES_PER_PARAM + ev.MOMENT_BYTES_PER_PARAM
+    bounds = np.cumsum([0] + [len(c) for c in prep.spans])
+    sums = np.add.reduceat(local, bounds[:-1], axis=0)  # (C, W) local bytes per chunk
+    maxes = np.maximum.reduceat(local, bounds[:-1], axis=0)
+    copies = ev.FP32_BYTES if elem < ev.FP32_BYTES else 0
+    temps = (copies * sums + ev.SINGLE_TENSOR_TEMP_BYTES_PER_PARAM * maxes) // elem
+    if strategy.state_tier == Tier.GPU:
+        state = np.zeros_like(sums)
+    else:
+        state = per_param * (sums + (np.roll(sums, -1, axis=0) if _prefetches(strategy, len(prep.spans)) else 0)) // elem
+    static = (state + temps).max(axis=1)
+    tensor = dict(zip((n for n, _, _ in layout.named_shapes), layout.tensor_bytes))
+    grads = [sum(tensor[n] for n in t) for t in prep.touched]
+    keyed = [((g, int(st)), k) for k, (g, st) in enumerate(zip(grads, static))]
+    by_total = sorted(keyed, key=lambda x: (-(x[0][0] + x[0][1]), x[1]))[:ev.BOUND_CANDIDATES]
+    by_grad = max(keyed, key=lambda x: (x[0][0], -x[1]))
+    by_static = max(keyed, key=lambda x: (x[0][1], -x[1]))
+    return sorted({k for _, k in by_total} | {by_grad[1], by_static[1]})
+
+
+def _prefetches(strategy: Strategy, num_chunks: int) -> bool:
+    """HOST tier with prefetch_depth >= 1: the next chunk's working copy is on the device too
+    (runtime.sharded_optim: depth beyond 1 behaves as 1)."""
+    return strategy.state_tier == Tier.HOST and strategy.prefetch_depth >= 1 and num_chunks > 1
 
 
 def _check(strategy: Strategy, gpus_per_node: Any, nodes: Any) -> None:
@@ -344,93 +599,97 @@ def _check(strategy: Strategy, gpus_per_node: Any, nodes: Any) -> None:
                            "GPU with weights resident (optimizer_device 'gpu', weights 'gpu')")
 
 
+def _check_tier(strategy: Strategy) -> None:
+    if strategy.chunks > 1 and strategy.state_tier not in (Tier.GPU, Tier.HOST):
+        raise ChunkftError(f"state tier {strategy.state_tier.value!r} is not supported sharded "
+                           "(runtime.sharded_optim refuses it): valid state tiers are gpu, host")
+
+
 def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: "Hardware", *,
                      gpus_per_node: int, nodes: int = 1, interconnect_Bps: float | None = None,
                      shard_embeddings: bool = False, chunk_traces: str = "auto") -> ShardedEstimate:
     """Per-rank peaks, communication and step time of `strategy` on gpus_per_node x nodes GPUs.
 
-    `shape` is one rank's micro-batch. The worst chunk (highest per-rank GPU need) is reported
-    for C > 1, among the chunks evaluate itself examines."""
+    `shape` is one rank's micro-batch. The worst (chunk, rank) by GPU need is reported; host
+    and disk are the largest rank's, `node_host_bytes` the fullest node's. `chunk_traces` as in
+    planner.evaluate.evaluate (exact: every chunk with its group's whole-tensor-gradient trace;
+    bound: the full-FT trace for every chunk, evaluated for the chunks `_bound_chunks` picks)."""
     from planner import evaluate as ev
 
     _check(strategy, gpus_per_node, nodes)
+    if chunk_traces not in ev.CHUNK_TRACE_MODES:
+        raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(ev.CHUNK_TRACE_MODES)}")
     world = gpus_per_node * nodes
-    single = ev.evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces)
     bw = interconnect_Bps if interconnect_Bps is not None else interconnect_bandwidth(hw.gpu, nodes)
     if world == 1:
+        single = ev.evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces)
+        host = single.peak_bytes.get(Tier.HOST, 0)
         return ShardedEstimate(strategy=strategy, gpus_per_node=1, nodes=1, peak_bytes=dict(single.peak_bytes),
                                components=dict(single.components), reserved_bytes=single.reserved_bytes,
                                context_bytes=single.context_bytes, all_gather_bytes=0, reduce_scatter_bytes=0,
                                interconnect_Bps=bw, comm_time_s=0.0, step_time_s=single.step_time_s,
                                step_time_parts_s=dict(single.step_time_parts_s), single=single,
-                               worst_chunk=single.worst_chunk)
-    layout = ev.param_layout(model, shape.dtype)
-    sm = ev.sm_arch(hw)
-    names = [n for n, _, _ in layout.named_shapes]
-
-    def trace(grad):
-        return ev.traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                              loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm)
-
-    cases: list[tuple[Any, Any, list[tuple[str, int]]]] = []  # (traced, active, spans)
-    if strategy.chunks == 1:
-        active = ev.ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes)
-        cases.append((trace(None), active, list(zip(names, layout.tensor_bytes))))
-        all_spans = layout.tensor_bytes
-    else:
-        table = ev.chunk_table(model, shape.dtype, strategy.chunks)
-        all_spans = tuple(s.nbytes for c in table.chunks for s in c)
-        mode = chunk_traces
-        if mode == "auto":
-            mode = "exact" if layout.total_params <= ev.EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
-        if mode == "exact":
-            for group in ev.chunk_groups(table, layout.layer_prefix):
-                traced = trace(table.grad_spec(group[0]))
-                for k in group:
-                    cases.append((traced, ev.active_set_for(table, k, strategy),
-                                  [(s.param, s.nbytes) for s in table.chunks[k]]))
-        else:
-            traced = trace(None)  # evaluate's bound: its candidate chunks stand for the rest
-            actives = [ev.active_set_for(table, k, strategy) for k in range(table.num_chunks)]
-            for k in ev.bound_candidates(actives, layout):
-                cases.append((traced, actives[k], [(s.param, s.nbytes) for s in table.chunks[k]]))
-    sharded_spans = tuple(math.ceil(b / world) for b in all_spans)
-    schedules: dict[int, _Schedule] = {}  # keyed by id of a trace `cases` keeps alive
+                               worst_chunk=single.worst_chunk, node_host_bytes=host, chunk_traces=chunk_traces)
+    _check_tier(strategy)
+    prep = _prepare(model, shape, strategy, ev.sm_arch(hw), chunk_traces)
+    layout = prep.layout
+    shapes = {n: s for n, s, _ in layout.named_shapes}
+    flat = [s for chunk in prep.spans for s in chunk]
+    local = local_span_bytes(flat, shapes, world)
+    num_chunks = len(prep.spans)
+    chunks = range(num_chunks) if prep.mode == "exact" else _bound_chunks(prep, strategy, local, world)
+    tensor = dict(zip(shapes, layout.tensor_bytes))
+    schedules: dict[int, _Schedule] = {}  # keyed by id of a trace `prep` keeps alive
+    cache: dict = {}
     best = None
-    for traced, active, spans in cases:
-        live, reserved = ev.adjusted_gpu_live(traced, strategy, layout, active)
+    for k in chunks:
+        traced, _ = prep.cases[k]
+        grads = prep.touched[k]
+        grad_active = ev.ActiveSet(chunk=k if strategy.chunks > 1 else None,
+                                   tensor_bytes=tuple(tensor[n] for n in shapes if n in grads))
+        live, reserved = ev.adjusted_gpu_live(traced, strategy, layout, grad_active)
         if id(traced) not in schedules:  # the same trace serves a whole group of chunks
-            units = _units(layout, world, spans, shard_embeddings)
+            units = _units(layout, world, grads, shard_embeddings)
             schedules[id(traced)] = _schedule(traced, units, live.shape[1], True)
-        rank = rank_live(traced, layout, spans, world, live=live, shard_embeddings=shard_embeddings,
-                         schedule=schedules[id(traced)])
-        rank_reserved = np.maximum(reserved - live.sum(axis=0) + rank.sum(axis=0), rank.sum(axis=0))
-        sh_active = _sharded_active(active, world)
-        statics = ev.gpu_static_allocs(strategy, layout, sh_active, sharded_spans)
-        comps_static: dict[Component, int] = {}
-        ev.add_allocs(comps_static, statics)
+        schedule = schedules[id(traced)]
+        rank = rank_live(traced, layout, grads, world, live=live, shard_embeddings=shard_embeddings,
+                         schedule=schedule)
         total = rank.sum(axis=0)
+        rank_reserved = np.maximum(reserved - live.sum(axis=0) + total, total)
         t = int(np.argmax(total))
-        gpu = {c: int(rank[i, t]) + comps_static.get(c, 0) for i, c in enumerate(COMPONENTS)}
-        peak = sum(gpu.values())
-        res = int(rank_reserved.max()) + ev.segment_bytes(statics)
-        temps = ev.optimizer_temp_allocs(strategy, layout, sh_active)
-        if temps:  # optimizer step: every gradient sharded, plus the step's temporaries
-            end = {c: int(rank[i, -1]) + comps_static.get(c, 0) for i, c in enumerate(COMPONENTS)}
-            end[Component.GRADIENTS] = grad_shard_bytes(spans, world)
-            ev.add_allocs(end, temps)
-            res = max(res, int(rank_reserved.max()) + ev.segment_bytes(statics) + ev.segment_bytes(temps))
+        # the optimizer step: every unit resharded (FSDP2's post-backward), its all-gather and
+        # reduce-scatter buffers freed, every gradient a padded shard
+        end_base = {c: int(rank[i, -1]) for i, c in enumerate(COMPONENTS)}
+        rs_input = (_units(layout, world, grads, shard_embeddings).trained_padded + (0,))[schedule.rs_unit[-1]]
+        end_base[Component.WEIGHTS] -= int(schedule.gathered[-1])
+        end_base[Component.TEMPORARIES] -= int(schedule.ag_buffer[-1]) + rs_input
+        end_base[Component.GRADIENTS] = grad_shard_bytes(layout, grads, world)
+        nxt = (k + 1) % num_chunks if _prefetches(strategy, num_chunks) else None
+        for r, st in enumerate(_rank_states(strategy, layout, prep.spans, local, k, nxt, world, cache)):
+            gpu = {c: int(rank[i, t]) + st.static.get(c, 0) for i, c in enumerate(COMPONENTS)}
+            peak = sum(gpu.values())
+            res = int(rank_reserved.max()) + st.static_reserved
+            # optimizer step: every gradient sharded, plus the step's temporaries
+            end = {c: b + st.static.get(c, 0) for c, b in end_base.items()}
+            for c, b in st.temps.items():
+                end[c] = end.get(c, 0) + b
+            res = max(res, int(rank_reserved.max()) + st.static_reserved + st.temps_reserved)
             if sum(end.values()) > peak:
                 gpu, peak = end, sum(end.values())
-        host, disk = ev.host_and_disk_bytes(strategy, layout, sh_active, sharded_spans)
-        key = (max(res, peak), peak)
-        if best is None or key > best[0]:
-            best = (key, gpu, peak, res, host, disk, active, spans)
-    _, gpu, peak, res, host, disk, active, spans = best
-    u = _units(layout, world, spans, shard_embeddings)
-    all_gather = u.root_full + 2 * sum(u.full)  # every unit again in backward; the root once
-    reduce_scatter = sum(b for _, b in spans) if strategy.chunks > 1 else layout.total_bytes
+            key = (max(res, peak), peak)
+            if best is None or key > best[0]:
+                best = (key, gpu, peak, res, k, r, schedule)
+    _, gpu, peak, res, worst, worst_rank, schedule = best
+    states = _rank_states(strategy, layout, prep.spans, local, worst, None, world, cache)
+    hosts = [sum(st.host.values()) for st in states]
+    fullest = max(range(world), key=lambda r: (hosts[r], -r))
+    node_host = max(sum(hosts[n * gpus_per_node:(n + 1) * gpus_per_node]) for n in range(nodes))
+    u = _units(layout, world, prep.touched[worst], shard_embeddings)
+    all_gather = u.root_full + sum(u.full) + schedule.backward_gathered
+    reduce_scatter = world * grad_shard_bytes(layout, prep.touched[worst], world)  # padded, root's included
     comm = (world - 1) / world * (all_gather + reduce_scatter) / bw
+    # step time: evaluate's terms (bound chunk traces: they only supply times) with the comm term
+    single = ev.evaluate(model, shape, strategy, hw, chunk_traces="bound" if strategy.chunks > 1 else chunk_traces)
     parts = dict(single.step_time_parts_s)
     for term in ("optimizer", "switch"):
         if term in parts:
@@ -438,22 +697,32 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     parts["comm"] = max(0.0, comm - parts.get("compute", 0.0))
     return ShardedEstimate(
         strategy=strategy, gpus_per_node=gpus_per_node, nodes=nodes,
-        peak_bytes={Tier.GPU: peak, Tier.HOST: sum(host.values()), Tier.DISK: sum(disk.values())},
-        components={Tier.GPU: {c: b for c, b in gpu.items() if b}, Tier.HOST: host, Tier.DISK: disk},
-        reserved_bytes=max(res, peak), context_bytes=single.context_bytes, all_gather_bytes=all_gather,
+        peak_bytes={Tier.GPU: peak, Tier.HOST: hosts[fullest],
+                    Tier.DISK: sum(states[fullest].disk.values())},
+        components={Tier.GPU: {c: b for c, b in gpu.items() if b}, Tier.HOST: dict(states[fullest].host),
+                    Tier.DISK: dict(states[fullest].disk)},
+        reserved_bytes=max(res, peak), context_bytes=ev.CUDA_CONTEXT_BYTES, all_gather_bytes=all_gather,
         reduce_scatter_bytes=reduce_scatter, interconnect_Bps=bw, comm_time_s=comm,
         step_time_s=float(sum(parts.values())), step_time_parts_s=parts, single=single,
-        worst_chunk=active.chunk)
+        worst_chunk=worst if strategy.chunks > 1 else None, worst_rank=worst_rank, node_host_bytes=node_host,
+        chunk_traces=prep.mode, shard_embeddings=shard_embeddings)
 
 
 def world_sizes(gpus_per_node: int, max_gpus: int = MAX_GPUS) -> list[tuple[int, int]]:
     """(gpus_per_node, nodes) in increasing GPU count: 1..gpus_per_node on one node, then whole nodes."""
-    out = [(g, 1) for g in range(1, gpus_per_node + 1)]
+    out = [(g, 1) for g in range(1, min(gpus_per_node, max_gpus) + 1)]
     nodes = 2
     while gpus_per_node * nodes <= max_gpus:
         out.append((gpus_per_node, nodes))
         nodes += 1
     return out
+
+
+def fits_card(est: ShardedEstimate, memory_bytes: int, host_bytes_per_node: int | None = None) -> bool:
+    """Every card holds its rank (reserved + CUDA context) and, if given, every node's host
+    memory holds its ranks' host bytes."""
+    host_ok = host_bytes_per_node is None or est.node_host_bytes <= host_bytes_per_node
+    return est.card_need_bytes() <= memory_bytes and host_ok
 
 
 def min_gpus(model: "ModelSpec", shape: "StepShape", strategy: Strategy | Sequence[Strategy],
@@ -464,8 +733,8 @@ def min_gpus(model: "ModelSpec", shape: "StepShape", strategy: Strategy | Sequen
     of the strategies fits every card (reserved + CUDA context <= its memory) and, if given,
     each node's host memory; None if `max_gpus` do not suffice. `chunk_traces` as in
     planner.evaluate.evaluate ("bound", auto's choice above 2B parameters, carries the full-FT
-    trace's free-block slack into the reserved bytes: at 70B it answers 3 x 80 GB where the
-    exact chunk traces answer 2)."""
+    trace's free-block slack into the reserved bytes). Strategies the sharded runtime does not
+    run (host optimizer, streamed weights, disk state) are skipped."""
     from planner.hardware import hardware
 
     hw = hardware(gpu_profile, **(hw_overrides or {}))
@@ -479,37 +748,76 @@ def min_gpus(model: "ModelSpec", shape: "StepShape", strategy: Strategy | Sequen
                                        shard_embeddings=shard_embeddings, chunk_traces=chunk_traces)
             except ChunkftError:
                 continue
-            host_ok = host_bytes_per_node is None or per_node * est.need_bytes(Tier.HOST) <= host_bytes_per_node
-            if est.card_need_bytes() <= hw.gpu.memory_bytes and host_ok:
+            if fits_card(est, hw.gpu.memory_bytes, host_bytes_per_node):
                 return per_node * nodes
     return None
 
 
 def cpu_rank_rise_bytes(model: "ModelSpec", shape: "StepShape", world: int, *, checkpointing: bool = False,
-                        loss_chunk_tokens: int = 0, shard_embeddings: bool = False) -> int:
-    """Predicted C-heap rise of one rank's full fine-tuning step on a CPU run of
-    runtime.distributed (gloo; torch.optim.AdamW with foreach=False), above the bytes in use
-    before the step: what planner.measure's MallocSampler measures there.
+                        loss_chunk_tokens: int = 0, shard_embeddings: bool = False,
+                        strategy: Strategy | None = None, chunk: int = 0, rank: int | None = None) -> int:
+    """Predicted C-heap rise of one rank's training step on a CPU run of runtime.distributed
+    (gloo; runtime.sharded_optim.ShardedChunkAdamW), above the bytes in use before the step:
+    what planner.measure's MallocSampler measures there.
+
+    Without `strategy`: full fine-tuning (one chunk of whole tensors) with `checkpointing` and
+    `loss_chunk_tokens`. With a `strategy` (its chunks, state tier, prefetch, checkpointing and
+    chunked loss): the step of chunk `chunk`, on rank `rank` (None: the largest over ranks).
 
     The same per-rank model as `evaluate_sharded` over the trace replayed with the CPU
     allocator (exact byte sizes), without forward prefetch (a CPU rank cannot run ahead of its
-    own compute). The optimizer step keeps the gradient shards and adds the single-tensor
-    AdamW temporaries of the largest shard: `exp_avg_sq.sqrt()` and its division, 2 elements
-    per parameter in the training dtype (torch/optim/adam.py `_single_tensor_adam`)."""
+    own compute), the chunk's touched tensors traced with whole gradients. Optimizer state is
+    not part of the rise: the GPU tier's exists from the start, and the HOST tier's working copy
+    of the chunk (a separate clone on CPU) and the prefetched next one are made at the previous
+    chunk switch, before the step. The optimizer step keeps the touched tensors' padded gradient
+    shards and adds `step_temp_allocs` for the rank's slices. With update_interval 1 the step
+    ends in a chunk switch (HOST tier): the working copy of chunk `chunk` is written back and
+    freed, the next one's loaded (or, prefetching, the one after it): a rise of the difference,
+    counted when positive."""
     from planner import evaluate as ev
     from planner.trace import TraceOptions, trace_step
 
     if isinstance(world, bool) or not isinstance(world, int) or world < 2:
         raise ChunkftError(f"invalid world size {world!r}: a sharded CPU run has at least 2 ranks")
-    graph = trace_step(model, shape, TraceOptions(checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens))
+    if strategy is None:
+        strategy = Strategy(checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens)
+    elif not isinstance(strategy, Strategy):
+        raise ChunkftError(f"expected a Strategy, got {type(strategy).__name__}")
+    _check(strategy, world, 1)
+    _check_tier(strategy)
+    layout = ev.param_layout(model, shape.dtype)
+    spans = _spans_of(strategy, model, layout, shape.dtype)
+    num_chunks = len(spans)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < num_chunks:
+        raise ChunkftError(f"chunk {chunk!r} does not exist; valid chunks are 0..{num_chunks - 1}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world):
+        raise ChunkftError(f"rank {rank!r} does not exist; valid ranks are 0..{world - 1}")
+    grad = None
+    if strategy.chunks > 1:
+        grad = whole_tensor_grad_spec(ev.chunk_table(model, shape.dtype, strategy.chunks), chunk)
+    graph = trace_step(model, shape, TraceOptions(grad=grad, checkpointing=strategy.checkpointing,
+                                                  loss_chunk_tokens=strategy.loss_chunk_tokens))
     tl = graph.replay(allocator="cpu")
     traced = ev.TracedStep(live=np.stack([tl.live_bytes[c] for c in COMPONENTS]),
                            reserved=np.asarray(tl.total_bytes, dtype=np.int64), flops=0,
                            phases=tuple(op.phase for op in graph.ops), layers=tuple(op.layer for op in graph.ops))
-    layout = ev.param_layout(model, shape.dtype)
-    spans = list(zip([n for n, _, _ in layout.named_shapes], layout.tensor_bytes))
-    rank = rank_live(traced, layout, spans, world, forward_prefetch=False, shard_embeddings=shard_embeddings)
-    start = tl.start_bytes - layout.total_bytes + _units(layout, world, spans, shard_embeddings).shard
-    step = int(rank.sum(axis=0).max()) - start
-    optimizer = grad_shard_bytes(spans, world) + 2 * max(math.ceil(b / world) for b in layout.tensor_bytes)
-    return max(step, optimizer)
+    grads = frozenset(s.param for s in spans[chunk])
+    live = rank_live(traced, layout, grads, world, forward_prefetch=False, shard_embeddings=shard_embeddings)
+    start = tl.start_bytes - layout.total_bytes + _units(layout, world, grads, shard_embeddings).shard
+    step = int(live.sum(axis=0).max()) - start
+    shapes = {n: s for n, s, _ in layout.named_shapes}
+    local = local_span_bytes([s for c in spans for s in c], shapes, world)
+    bounds = np.cumsum([0] + [len(c) for c in spans])
+    per_param = ev.MASTER_BYTES_PER_PARAM + ev.MOMENT_BYTES_PER_PARAM
+    grad_shards = grad_shard_bytes(layout, grads, world)
+    rises = []
+    for r in range(world) if rank is None else (rank,):
+        mine = local[bounds[chunk]:bounds[chunk + 1], r]
+        temps = sum(a.nbytes for a in step_temp_allocs([int(b) for b in mine], layout.elem_bytes))
+        switch = 0
+        if strategy.state_tier == Tier.HOST and num_chunks > 1 and strategy.update_interval == 1:
+            ahead = 2 if _prefetches(strategy, num_chunks) else 1
+            new = (chunk + ahead) % num_chunks
+            switch = per_param * (int(local[bounds[new]:bounds[new + 1], r].sum()) - int(mine.sum())) // layout.elem_bytes
+        rises.append(max(step, grad_shards + temps, switch))
+    return max(rises)
