@@ -56,10 +56,13 @@ def add_parser(subparsers) -> None:
                    help="cap what PyTorch's allocator may reserve on the GPU, e.g. 24GiB, to emulate a smaller "
                         "card (torch.cuda.set_per_process_memory_fraction); CUDA only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="ranks to start for a parallel plan (`chunkft plan --gpus-per-node G`); default: the "
+                        "plan's GPU count. One GPU each with CUDA (nccl), else CPU ranks (gloo)")
     p.set_defaults(run=run)
 
 
-def _check_args(args) -> None:
+def check_args(args) -> None:
     problems = []
     for name in ("steps", "grad_accum"):
         if getattr(args, name) < 1:
@@ -91,7 +94,7 @@ def build_run(args):
     from runtime.scaler import LossScaler
     from runtime.train import ChunkOptimizer, LoopConfig, Trainer
 
-    _check_args(args)
+    check_args(args)
     plan = load_plan(args.plan)
     spec = resolve_model(plan.model_name)
     check_plan_model(plan, spec)
@@ -157,9 +160,9 @@ def build_run(args):
     evals = eval_batches(eval_examples, seq_len=plan.shape.seq_len, batch_size=plan.shape.batch,
                          pad_token_id=pad) if eval_examples else None
     # the data position of a checkpoint means nothing for other data: resume checks these
-    data_fingerprint = _data_fingerprint(train_examples, plan.shape.seq_len, tok.name, args.seed)
+    data_print = data_fingerprint(train_examples, plan.shape.seq_len, tok.name, args.seed)
     run_state = {"model_fingerprint": plan.model_fingerprint, "plan_fingerprint": plan.fingerprint(),
-                 "data_fingerprint": data_fingerprint, "tokenizer": tok.name, "seed": args.seed}
+                 "data_fingerprint": data_print, "tokenizer": tok.name, "seed": args.seed}
     config = LoopConfig(steps=args.steps, grad_accum=args.grad_accum, loss_chunk_tokens=strategy.loss_chunk_tokens,
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress)
@@ -195,7 +198,7 @@ def cap_gpu_memory(text: str, device) -> int:
     return cap
 
 
-def _data_fingerprint(examples, seq_len: int, tokenizer: str, seed: int) -> str:
+def data_fingerprint(examples, seq_len: int, tokenizer: str, seed: int) -> str:
     """sha256 over the tokenized examples and what orders and packs them."""
     import hashlib
     from array import array
@@ -233,6 +236,18 @@ def decoder_layers(model, spec) -> list:
 
 
 def run(args) -> int:
+    from planner.model import resolve_model
+    from planner.plan import check_plan_model, load_plan
+    from runtime.dist_run import check_parallel_args, run_parallel
+
+    if args.nproc is not None and args.nproc < 1:
+        raise ChunkftError(f"invalid --nproc {args.nproc}: must be 1 or more")
+    plan = load_plan(args.plan)
+    world = check_parallel_args(args, plan)
+    if plan.parallel is not None:
+        spec = resolve_model(plan.model_name)
+        check_plan_model(plan, spec)
+        return run_parallel(args, plan, spec, world)
     trainer, trace, plan, spec = build_run(args)
     if args.resume:
         if trainer.resume():

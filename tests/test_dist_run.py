@@ -1,0 +1,129 @@
+"""`chunkft run PLAN --nproc 2` on CPU ranks (gloo): a parallel plan executed end to end, resumed
+bit for bit, and the refusals of what does not go with a parallel plan."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from planner.cli import main
+from planner.plan import load_plan
+from planner.schema import Tier
+
+SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    tmp = tmp_path_factory.mktemp("distrun")
+    LlamaConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=False).save_pretrained(tmp / "model")
+    rng = random.Random(0)
+    words = "the cat sat on a mat while chunks of memory move between tiers".split()
+    with open(tmp / "data.jsonl", "w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(60))}) + "\n")
+    assert main(["plan", str(tmp / "model"), "--gpus-per-node", "2", "--seq", str(SEQ), "--gpu", "1GiB",
+                 "--chunks", "3", "--state", "host", "-o", str(tmp / "plan.json")]) == 0
+    one_gpu = tmp / "plan1.json"
+    assert main(["plan", str(tmp / "model"), "--seq", str(SEQ), "--gpu", "1GiB", "--chunks", "3",
+                 "-o", str(one_gpu)]) == 0
+    return tmp
+
+
+def run(setup, *args) -> int:
+    return main(["run", str(setup / "plan.json"), "--data", str(setup / "data.jsonl"), "--lr", "1e-3",
+                 "--no-progress", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    out = setup / "full"
+    assert run(setup, "--steps", 5, "--checkpoint-every", 2, "--out", out) == 0
+    return out
+
+
+def test_parallel_plan_trains_and_writes_checkpoints(setup, trained):
+    plan = load_plan(setup / "plan.json")
+    assert plan.parallel.gpus_per_node == 2 and plan.strategy.chunks == 3
+    assert sorted(p.name for p in trained.glob("step-*")) == ["step-2", "step-4", "step-5"]
+    report = json.loads((trained / "ranks.json").read_text())
+    ranks = report["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
+    losses = ranks[0]["losses"]
+    assert len(losses) == 5 and ranks[1]["losses"] == losses  # one global loss
+    assert losses[-1] < losses[0]
+    assert all(r["peak_bytes"] > 0 for r in ranks)  # the last step measured on every rank
+    assert report["predicted"]["gpu_peak_bytes"] == plan.peak_bytes[Tier.GPU]
+    # an HF directory transformers loads
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(trained / "step-5")
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_resume_equals_the_uninterrupted_run(setup, trained, tmp_path):
+    import shutil
+
+    out = tmp_path / "resumed"
+    shutil.copytree(trained, out)
+    shutil.rmtree(out / "step-5")
+    shutil.rmtree(out / "step-4")  # killed after step 3: the newest complete checkpoint is step-2
+    assert run(setup, "--steps", 5, "--checkpoint-every", 2, "--out", out, "--resume") == 0
+    a = load_file(trained / "step-5" / "model.safetensors")
+    b = load_file(out / "step-5" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for r in range(2):
+        name = f"optimizer-rank{r}-of-2.safetensors"
+        sa, sb = load_file(trained / "step-5" / name), load_file(out / "step-5" / name)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    resumed = json.loads((out / "ranks.json").read_text())["ranks"][0]
+    full = json.loads((trained / "ranks.json").read_text())["ranks"][0]
+    assert resumed["start_step"] == 2 and resumed["losses"] == full["losses"][2:]
+
+
+def test_resume_of_another_run_is_refused(setup, trained, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "other"
+    shutil.copytree(trained, out)
+    capsys.readouterr()
+    assert run(setup, "--steps", 5, "--out", out, "--resume", "--seed", 1) == 2
+    err = capsys.readouterr().err
+    assert "is of another run (data_fingerprint differs)" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--nproc", 3], "--nproc 3 does not match the plan's 2 GPUs"),
+    (["--nproc", 0], "invalid --nproc 0"),
+    (["--eval", "x.jsonl"], "--eval is not supported for a parallel plan"),
+    (["--trace", "t.jsonl"], "--trace is not supported for a parallel plan"),
+    (["--steps", 0], "--steps must be >= 1"),
+])
+def test_bad_parallel_runs_are_one_line_errors(setup, tmp_path, capsys, args, text):
+    assert run(setup, "--out", tmp_path / "o", *args) == 2
+    err = capsys.readouterr().err
+    assert text in err and err.count("\n") == 1
+    assert not (tmp_path / "o" / "run.json").exists()
+
+
+def test_nproc_with_a_one_gpu_plan_is_refused(setup, tmp_path, capsys):
+    rc = main(["run", str(setup / "plan1.json"), "--data", str(setup / "data.jsonl"), "--nproc", "2",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the plan is for one GPU" in err and "--gpus-per-node 2" in err
+
+
+def test_a_plan_over_several_nodes_points_to_torchrun(setup, tmp_path, capsys):
+    data = json.loads((setup / "plan.json").read_text())
+    data["parallel"]["nodes"] = 2
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    rc = main(["run", str(tmp_path / "p.json"), "--data", str(setup / "data.jsonl"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "spans 2 nodes" in err and "torchrun --nnodes 2" in err
