@@ -16,9 +16,11 @@ for those slices (see that module).
 The global batch of a step (`batches[s]`, labels `labels[s]` or the ids, -100 = ignored) is
 split evenly across ranks and each rank's part into micro-batches of `micro_batch_size` rows
 (gradients accumulate; one optimizer step per global batch). Each micro-batch's mean loss
-(`planner.step.step_loss`) is weighted by its share of the global batch's labelled tokens
-(times W, undoing FSDP2's averaging), so the accumulated gradient is the one-process gradient
-of the global batch's mean loss even when ranks hold different numbers of labelled tokens.
+(`planner.step.step_loss`) is weighted by its share of the global batch's labelled tokens and
+the optimizer multiplies FSDP2's average of the ranks' gradients by W, so the gradient is the
+one-process gradient of the global batch's mean loss even when ranks hold different numbers of
+labelled tokens, and every backward sees one-process gradient magnitudes (what an fp16 loss
+scale has to fit).
 
     results = run_distributed(DistConfig(model_config=cfg.to_dict(), batches=ids), world_size=2)
 
@@ -432,8 +434,11 @@ def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, wor
         labels = labels_all[start:start + micro].to(config.device)
         count = _labelled(labels)
         loss = step_loss(model, ids, labels, loss_chunk_tokens=config.loss_chunk_tokens)
-        weight = count * world / total  # FSDP2 averages over ranks: x W makes it a sum
-        optimizer.backward(loss if weight == 1.0 else loss * weight)
+        # this micro-batch's share of the global mean; the optimizer multiplies FSDP2's average
+        # of the ranks' gradients by W (grad_multiplier): their sum, the global gradient. The
+        # backward then sees the one-process magnitudes (what an fp16 loss scale must fit)
+        weight = count / total
+        optimizer.backward(loss * weight)
         share += loss.detach().double().cpu() * (count / total)
         del loss
     return share
@@ -472,7 +477,7 @@ def train_rank(config: DistConfig) -> RankResult:
     scaler = LossScaler(config.loss_scaler) if config.dtype == "fp16" else None
     optimizer = ShardedChunkAdamW(model, table, config=config.adamw, schedule=config.schedule,
                                   update_interval=config.update_interval, state_tier=Tier(config.state_tier),
-                                  prefetch_depth=config.prefetch_depth, scaler=scaler)
+                                  prefetch_depth=config.prefetch_depth, scaler=scaler, grad_multiplier=world)
     try:
         start = load_checkpoint(model, optimizer, config.resume_from, scaler=scaler) if config.resume_from else 0
         losses, norms = [], []

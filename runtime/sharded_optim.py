@@ -146,11 +146,15 @@ class ShardedChunkAdamW:
         prefetch_depth: HOST only: 0 loads the next chunk's state at the switch, >= 1 before.
         scaler: a LossScaler for fp16 (None for bf16 / fp32).
         group: the process group of the clipping and overflow all_reduces (default: world).
+        grad_multiplier: every gradient is multiplied by this before use (runtime.distributed
+            passes W: its losses are weighted by token shares, so the ranks' gradients must be
+            summed, and FSDP2 averages them).
     """
 
     def __init__(self, model: nn.Module, table: ChunkTable, *, config: AdamWConfig | None = None,
                  schedule: LRSchedule | None = None, update_interval: int = 1, state_tier: Tier | str = Tier.GPU,
-                 prefetch_depth: int = 1, scaler: LossScaler | None = None, group=None):
+                 prefetch_depth: int = 1, scaler: LossScaler | None = None, group=None,
+                 grad_multiplier: float = 1.0):
         if update_interval < 1:
             raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
         if prefetch_depth < 0:
@@ -171,6 +175,7 @@ class ShardedChunkAdamW:
         self.tier = tier
         self.scaler = scaler
         self.group = group
+        self.grad_multiplier = grad_multiplier
         self.device = _local(next(iter(self._params.values()))).device
         rows = {n: shard_rows(p) for n, p in self._params.items()}
         self.local_spans: tuple[tuple[LocalSpan, ...], ...] = tuple(
@@ -227,7 +232,7 @@ class ShardedChunkAdamW:
                 self.zero_grad()
                 self.scaler.update(True)
                 return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale)
-        inv_scale = 1.0 / scale if scale is not None else 1.0
+        inv_scale = (1.0 / scale if scale is not None else 1.0) * self.grad_multiplier
         grads = {n: self._grad32(g, inv_scale) for n, g in slices.items()}
         coef, grad_norm = None, None
         if self.config.max_grad_norm is not None and live:
@@ -395,9 +400,10 @@ class ShardedChunkAdamW:
         return _local(self._params[ls.param].grad).narrow(ls.dim, ls.start, ls.length)
 
     def _grad32(self, g: torch.Tensor, inv_scale: float) -> torch.Tensor:
-        """As ChunkAdamW._grad32: cast to the master dtype on the step device, unscaled."""
+        """As ChunkAdamW._grad32: cast to the master dtype on the step device, unscaled (in
+        place: `g` is a slice of a gradient the step drops anyway, or already a copy)."""
         out = g.to(device=self.device, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
-        return out * inv_scale if inv_scale != 1.0 else out
+        return out.mul_(inv_scale) if inv_scale != 1.0 else out
 
     def _adamw(self, ls: LocalSpan, grad: torch.Tensor, lr: float, step: int) -> None:
         """ChunkAdamW._adamw (torch.optim.adam._single_tensor_adam, decoupled decay), line for line."""
