@@ -30,26 +30,33 @@ collective) comes back as a ChunkftError. `python -m runtime.dist_worker` is the
 with the same worker. `run_single` is the one-process reference: the same training with
 `runtime.chunk_optim.ChunkAdamW` (sub-tensor gradients) over the same table.
 
-Checkpoints (`save_checkpoint` / `load_checkpoint`): the weights consolidated on rank 0 as an HF
-directory (`model.safetensors` + `config.json`, which `AutoModelForCausalLM.from_pretrained`
-loads), each rank's optimizer state in its own `optimizer-rank{r}-of-{W}.safetensors` (local
-slices of every chunk, counters in its header, crc32-checked), and `trainer_state.json` (steps
-trained, world size, the fp16 loss scaler) written last; every file atomically. Resuming
-needs the same world size and chunk table; a resumed run equals the uninterrupted one bitwise
-on CPU.
+fp16 is trained with dynamic loss scaling (`runtime.scaler.LossScaler`, `DistConfig.loss_scaler`):
+the ranks all_reduce the overflow flag of their span slices, so all skip the same steps and back
+off alike; on CPU they skip exactly the steps one process skips. bf16 and fp32 need no scaler.
+
+Checkpoints (`save_checkpoint`, after the last step and the steps in `save_at`;
+`load_checkpoint` = `read_checkpoint` + `restore_checkpoint`): the weights consolidated on rank
+0 as an HF directory (`model.safetensors` + `config.json`, which
+`AutoModelForCausalLM.from_pretrained` loads), each rank's optimizer state in its own
+`optimizer-rank{r}-of-{W}.safetensors` (local slices of every chunk, counters in its header,
+crc32-checked), and `trainer_state.json` (steps trained, world size, the fp16 loss scaler)
+written last; every file atomically. Resuming needs the same world size and chunk table; a
+resumed run equals the uninterrupted one bitwise on CPU.
 
 Known limitations: one FSDP unit per decoder layer plus the root (optionally the embedding and
 the head as units of their own); no mixed-precision policy (weights, gradients and reduce in
 the training dtype); the gradient of a tensor that straddles a chunk cut is computed and
-reduce-scattered whole (the planner models this), not as ChunkAdamW's sub-tensor gradient; the
-DISK state tier is single-process only (refused here); data is a tensor of token ids given in
-the config, not runtime.data's loader; every micro-batch must hold at least one labelled token.
+reduce-scattered whole (the planner models this), not as ChunkAdamW's sub-tensor gradient, so
+sharded and one-process runs agree to rounding, not bitwise; the DISK state tier is
+single-process only (refused here); no offloaded (host) optimizer step or gradient staging
+(runtime.offload) on the sharded path; data is a tensor of token ids given in the config, not
+runtime.data's loader; every micro-batch must hold at least one labelled token; the CUDA/NCCL
+path is written but was tested only on CPU with gloo.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -114,7 +121,8 @@ class DistConfig:
     stop_after: int | None = None
     """Stop (and save) after this many steps in all, of `batches` (None: train every batch)."""
     resume_from: str | None = None
-    """A checkpoint directory of an earlier run to continue from (its step count is kept)."""
+    """A checkpoint directory of an earlier run to continue from: same world size and chunk table;
+    its step count, and the optimizer's hyper-parameters, schedule and update interval, are kept."""
     measure_step: int | None = None
     """Measure this step's C-heap peak per rank (planner.measure.MallocSampler, CPU only)."""
     record_samples: bool = False
@@ -392,31 +400,44 @@ def save_checkpoint(model, optimizer, out_dir: str | os.PathLike, *, step: int, 
     _collective(finish)
 
 
-def load_checkpoint(model, optimizer, path: str | os.PathLike, *, scaler=None) -> int:
-    """Restore `save_checkpoint`'s directory into the sharded model and this rank's optimizer
-    (same world size and chunk table); returns the step it was saved after. Collective."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(trainer state, this rank's optimizer tensors, their meta) of `save_checkpoint`'s
+    directory, checked: complete, saved by this world size, the file intact. Collective (a
+    ChunkftError on any rank is raised on all); train_rank reads before building the model."""
     import torch.distributed as dist
 
     from runtime.sharded_optim import read_state_file, state_file_name
 
     rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(path)
-    state = _collective(lambda: read_trainer_state(path))
-    if state["world_size"] != world:  # the same on every rank
-        raise ChunkftError(f"checkpoint {str(path)!r} was saved by {state['world_size']} ranks; "
-                           f"this run has {world} (resume with the same world size)")
-    load_weights(model, path)
 
     def read():
-        tensors, meta = read_state_file(path / state_file_name(rank, world))
-        optimizer.check_state(tensors, meta)
-        return tensors, meta
+        state = read_trainer_state(path)
+        if state["world_size"] != world:
+            raise ChunkftError(f"checkpoint {str(path)!r} was saved by {state['world_size']} ranks; "
+                               f"this run has {world} (resume with the same world size)")
+        return (state, *read_state_file(path / state_file_name(rank, world)))
 
-    tensors, meta = _collective(read)
+    return _collective(read)
+
+
+def restore_checkpoint(model, optimizer, path: str | os.PathLike, saved: tuple[dict, dict, dict], *,
+                       scaler=None) -> int:
+    """Load `read_checkpoint(path)`'s result and the directory's weights into the sharded model,
+    this rank's optimizer (same chunk table) and the fp16 scaler; returns the step it was saved
+    after. Collective."""
+    state, tensors, meta = saved
+    load_weights(model, path)
+    _collective(lambda: optimizer.check_state(tensors, meta))
     optimizer.load_state_dict(tensors, meta)
     if scaler is not None and state.get("loss_scaler") is not None:
         scaler.load_state_dict(state["loss_scaler"])
     return state["step"]
+
+
+def load_checkpoint(model, optimizer, path: str | os.PathLike, *, scaler=None) -> int:
+    """`read_checkpoint` then `restore_checkpoint`: the step the checkpoint was saved after."""
+    return restore_checkpoint(model, optimizer, path, read_checkpoint(path), scaler=scaler)
 
 
 def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, world: int) -> torch.Tensor:
@@ -468,6 +489,7 @@ def train_rank(config: DistConfig) -> RankResult:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     check_config(config, world)  # deterministic: every rank raises the same error, or none does
+    saved = read_checkpoint(config.resume_from) if config.resume_from else None  # fail before building
     steps = config.batches.shape[0]
     model = build_model(config)
     table = _table(config, model)
@@ -479,7 +501,7 @@ def train_rank(config: DistConfig) -> RankResult:
                                   update_interval=config.update_interval, state_tier=Tier(config.state_tier),
                                   prefetch_depth=config.prefetch_depth, scaler=scaler, grad_multiplier=world)
     try:
-        start = load_checkpoint(model, optimizer, config.resume_from, scaler=scaler) if config.resume_from else 0
+        start = 0 if saved is None else restore_checkpoint(model, optimizer, config.resume_from, saved, scaler=scaler)
         losses, norms = [], []
         skipped = 0
         peak = baseline = None

@@ -20,8 +20,9 @@ tensor's rows are its elements). One chunk of a `planner.chunks.ChunkTable` is a
   by the global L2 norm of the active spans' gradients: each rank sums the squares of its local
   span slices (never the rest of a touched tensor, never padding) and one all_reduce adds them.
   The master is written back into the local shard (cast to the parameter dtype) and every
-  gradient is dropped. After `update_interval` successful steps the next chunk (cyclically)
-  becomes active.
+  gradient is dropped. `grad_multiplier` scales every gradient read (runtime.distributed: W,
+  turning FSDP2's average of token-share-weighted gradients into their sum). After
+  `update_interval` successful steps the next chunk (cyclically) becomes active.
 - fp16. A `runtime.scaler.LossScaler` scales the loss (`backward`); the step checks its local
   span slices for inf/nan and all_reduces the flag (MAX), so every rank skips the same steps and
   backs off the same scale. The check runs on the reduce-scattered gradients, not as each
@@ -323,6 +324,7 @@ class ShardedChunkAdamW:
                 raise ChunkftError("optimizer state's step counts do not match the chunk table's chunks")
             if not 0 <= int(meta["active_chunk"]) < self.table.num_chunks:
                 raise ChunkftError(f"optimizer state's active chunk {meta['active_chunk']} does not exist")
+            _parse_meta(meta)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ChunkftError(f"optimizer state is malformed ({type(e).__name__}: {e})") from None
         expected = {}
@@ -341,11 +343,7 @@ class ShardedChunkAdamW:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Restore `state_dict()`'s output (checked first; the weights are the caller's)."""
         self.check_state(tensors, meta)
-        config = dict(meta["config"])
-        config["betas"] = tuple(config["betas"])
-        self.config = AdamWConfig(**config)
-        self.schedule = LRSchedule(**meta["schedule"])
-        self.update_interval = int(meta["update_interval"])
+        self.config, self.schedule, self.update_interval, span_steps, counters = _parse_meta(meta)
         self._wait_prefetch()
         self._pending = None
         self._state = {}
@@ -356,9 +354,9 @@ class ShardedChunkAdamW:
                 self._resting[k][rest].copy_(t)
             else:
                 self._host.mem[k][rest].copy_(t)
-        self.span_steps = {int(k): {str(n): int(s) for n, s in v.items()} for k, v in meta["span_steps"].items()}
-        self.global_step, self.active_steps = int(meta["global_step"]), int(meta["active_steps"])
-        self._activate(int(meta["active_chunk"]))
+        self.span_steps = span_steps
+        self.global_step, self.active_steps, active = counters
+        self._activate(active)
 
     def close(self) -> None:
         """Stop the prefetch thread."""
@@ -470,6 +468,16 @@ class ShardedChunkAdamW:
         if self._host is not None:
             self._host.put(self.active_chunk, self._state)
         self._state = {}
+
+
+def _parse_meta(meta: dict):
+    """(AdamWConfig, LRSchedule, update interval, span steps, (global step, active steps, active
+    chunk)) of `state_dict()`'s meta; KeyError / TypeError / ValueError when malformed."""
+    config = dict(meta["config"])
+    config["betas"] = tuple(config["betas"])
+    span_steps = {int(k): {str(n): int(s) for n, s in v.items()} for k, v in meta["span_steps"].items()}
+    counters = (int(meta["global_step"]), int(meta["active_steps"]), int(meta["active_chunk"]))
+    return AdamWConfig(**config), LRSchedule(**meta["schedule"]), int(meta["update_interval"]), span_steps, counters
 
 
 def state_file_name(rank: int, world_size: int) -> str:
