@@ -80,9 +80,9 @@ the loss phase, so with `shard_embeddings` the head unit and its all-gather buff
 through the loss's backward, where FSDP2 has resharded it until its pre-backward: pessimistic by
 up to two head units (measured on CPU: predicted 33.48 MB, measured 31.77 MB, 5.4% over). Every
 rank's shards and gathered units are modelled padded (the last ranks hold fewer real rows). The
-step time's compute is evaluate's (bound chunk traces: sub-tensor weight-gradient matmuls for
-sliced spans; the runtime's whole-tensor gradients of the one or two straddling tensors per
-chunk add a fraction of a percent). No tensor / pipeline parallelism; `shape` must be the same
+step time's compute is evaluate's model at the mean flops of the chunks' steps (exact: the
+whole-tensor-gradient traces; bound: evaluate's analytic flops, which count sliced spans'
+weight-gradient matmuls as slices). No tensor / pipeline parallelism; `shape` must be the same
 on every rank.
 """
 
@@ -153,7 +153,7 @@ class ShardedEstimate:
     step_time_parts_s: dict[str, float]
     single: Estimate
     """evaluate()'s unsharded estimate of the same per-rank micro-batch (W > 1: with bound chunk
-    traces; it supplies the step-time terms only)."""
+    traces, its step time at the sharded model's mean flops; it supplies the step-time terms)."""
     worst_chunk: int | None = None
     shard_embeddings: bool = False
     """Input embedding and output head (final norm + lm_head) are FSDP units of their own."""
@@ -506,6 +506,30 @@ class _Prepared:
 
 
 _PREPARED: dict[tuple, _Prepared] = {}
+# Per world size, reused across strategies, GPU kinds and calls (chunkft size asks many): FSDP
+# schedules per trace (keyed by the trace object, kept alive beside its value), local span
+# bytes and per-rank state per chunk table, and evaluate's one-GPU estimates (step times).
+_SCHEDULES: dict[tuple, tuple] = {}
+_RANK_CACHES: dict[tuple, dict] = {}
+_SINGLES: dict[tuple, Estimate] = {}
+_CACHE_SIZE = 256
+
+
+def _remember(store: dict, key: tuple, value: Any) -> Any:
+    if len(store) >= _CACHE_SIZE:
+        store.pop(next(iter(store)))
+    store[key] = value
+    return value
+
+
+def _cached_schedule(traced: "TracedStep", layout: "ParamLayout", world: int, shard_embeddings: bool,
+                     forward_prefetch: bool) -> _Schedule:
+    key = (id(traced), world, shard_embeddings, forward_prefetch)
+    hit = _SCHEDULES.get(key)
+    if hit is None or hit[0] is not traced:
+        units = _units(layout, world, (), shard_embeddings)
+        hit = _remember(_SCHEDULES, key, (traced, _schedule(traced, units, traced.live.shape[1], forward_prefetch)))
+    return hit[1]
 
 
 def whole_tensor_grad_spec(table: "ChunkTable", k: int) -> dict[str, bool]:
@@ -594,9 +618,11 @@ def _check(strategy: Strategy, gpus_per_node: Any, nodes: Any) -> None:
     for what, v in (("gpus_per_node", gpus_per_node), ("nodes", nodes)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ChunkftError(f"invalid {what} {v!r}: must be an integer >= 1")
-    if strategy.optimizer_device != OptimizerDevice.GPU or strategy.weights != WeightResidency.GPU:
+    if (strategy.optimizer_device != OptimizerDevice.GPU or strategy.weights != WeightResidency.GPU
+            or strategy.grad_staging is not None):
         raise ChunkftError(f"strategy {strategy.label()!r} is not modelled sharded: FSDP plans run AdamW on the "
-                           "GPU with weights resident (optimizer_device 'gpu', weights 'gpu')")
+                           "GPU with weights resident and no gradient staging (optimizer_device 'gpu', weights "
+                           "'gpu', grad_staging none)")
 
 
 def _check_tier(strategy: Strategy) -> None:
@@ -634,13 +660,17 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     prep = _prepare(model, shape, strategy, ev.sm_arch(hw), chunk_traces)
     layout = prep.layout
     shapes = {n: s for n, s, _ in layout.named_shapes}
-    flat = [s for chunk in prep.spans for s in chunk]
-    local = local_span_bytes(flat, shapes, world)
     num_chunks = len(prep.spans)
+    cache_key = (model.fingerprint(), shape.dtype, strategy.chunks, world, strategy.state_tier,
+                 _prefetches(strategy, num_chunks))
+    cache = _RANK_CACHES.get(cache_key)
+    if cache is None:
+        cache = _remember(_RANK_CACHES, cache_key, {})
+    if "local" not in cache:
+        cache["local"] = local_span_bytes([s for chunk in prep.spans for s in chunk], shapes, world)
+    local = cache["local"]
     chunks = range(num_chunks) if prep.mode == "exact" else _bound_chunks(prep, strategy, local, world)
     tensor = dict(zip(shapes, layout.tensor_bytes))
-    schedules: dict[int, _Schedule] = {}  # keyed by id of a trace `prep` keeps alive
-    cache: dict = {}
     best = None
     for k in chunks:
         traced, _ = prep.cases[k]
@@ -648,10 +678,7 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
         grad_active = ev.ActiveSet(chunk=k if strategy.chunks > 1 else None,
                                    tensor_bytes=tuple(tensor[n] for n in shapes if n in grads))
         live, reserved = ev.adjusted_gpu_live(traced, strategy, layout, grad_active)
-        if id(traced) not in schedules:  # the same trace serves a whole group of chunks
-            units = _units(layout, world, grads, shard_embeddings)
-            schedules[id(traced)] = _schedule(traced, units, live.shape[1], True)
-        schedule = schedules[id(traced)]
+        schedule = _cached_schedule(traced, layout, world, shard_embeddings, True)
         rank = rank_live(traced, layout, grads, world, live=live, shard_embeddings=shard_embeddings,
                          schedule=schedule)
         total = rank.sum(axis=0)
@@ -688,8 +715,20 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     all_gather = u.root_full + sum(u.full) + schedule.backward_gathered
     reduce_scatter = world * grad_shard_bytes(layout, prep.touched[worst], world)  # padded, root's included
     comm = (world - 1) / world * (all_gather + reduce_scatter) / bw
-    # step time: evaluate's terms (bound chunk traces: they only supply times) with the comm term
-    single = ev.evaluate(model, shape, strategy, hw, chunk_traces="bound" if strategy.chunks > 1 else chunk_traces)
+    # step time: evaluate's terms at the mean flops of the chunks' steps (exact: the whole-tensor
+    # gradient traces, the runtime's work; bound: evaluate's analytic flops), plus the comm term
+    single_key = (model.fingerprint(), shape, strategy, hw, prep.mode)
+    single = _SINGLES.get(single_key)
+    if single is None:
+        single = ev.evaluate(model, shape, strategy, hw, chunk_traces="bound")
+        if prep.mode == "exact":
+            spans_bytes = tuple(sp.nbytes for chunk in prep.spans for sp in chunk)
+            mean = ev.ActiveSet(chunk=None, tensor_bytes=(sum(spans_bytes) // num_chunks,))
+            timed = ev.combine(prep.cases[0][0], strategy, layout, mean, hw, dtype=shape.dtype, all_spans=spans_bytes,
+                               flops=int(sum(prep.flops) / len(prep.flops)))
+            single = dataclasses.replace(single, step_time_s=timed.step_time_s,
+                                         step_time_parts_s=dict(timed.step_time_parts_s))
+        _remember(_SINGLES, single_key, single)
     parts = dict(single.step_time_parts_s)
     for term in ("optimizer", "switch"):
         if term in parts:

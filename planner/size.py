@@ -6,31 +6,41 @@ family with the smallest GPU need (CUDA reserved bytes plus the CUDA context: wh
 physically hold), reports its host RAM and disk, and lists the catalogue GPUs that suffice.
 
 For each catalogue GPU that cannot hold the job alone with the weights resident, it says how
-many of it would, with the states sharded across them, FSDP / ZeRO-3 style. That answer is arithmetic on the one-GPU
-estimate, not a traced multi-GPU step (an estimate, and labelled as one):
+many of it would, run the way runtime.distributed runs it (FSDP2 + runtime.sharded_optim):
+planner.sharding's per-rank model of the traced step, every rank of every examined world size
+(one node of 2 .. `gpus_per_node` GPUs, then whole nodes, up to `max_gpus`). The answer is the
+fewest GPUs on which every card holds its rank (reserved + CUDA context) and, if a budget is
+given, every node's host RAM holds its ranks' host bytes; with the strategy that fits (the
+fewest chunks, the GPU state tier before the host tier), its per-GPU need and host RAM per node.
 
-    per_rank(G) = sharded / G + unsharded + gather(G)
-      sharded   = weights + gradients + fp32 master + moments on the GPU at its peak;
-      unsharded = everything else at the peak (activations, logits, temporaries, rounding,
-                  reserved-but-free bytes) plus the CUDA context: every rank has its own;
-      gather    = 0 for G = 1, else two all-gathered layers (the one computing and the one
-                  prefetched: FSDP's default forward / backward prefetch of one module) and one
-                  layer's gradients being reduce-scattered, in the training dtype.
+The sharded search (`size_sharded`) examines the strategies the sharded runtime runs: AdamW on
+the GPU, weights resident, no gradient staging, state on the GPU or (ChunkFT) the host; per
+chunk count and state tier only the space's most memory-saving corner (checkpointing on,
+the smallest loss chunk, prefetch 0, update interval 1: the memory representative whose
+activations and state copies are least; `sharded_candidates`). A world size is examined in
+full only when the leanest of them (the largest chunk count, per tier) fits the largest GPU
+still unanswered: the per-rank need falls with the chunk count (smaller working copies and
+step temporaries). Everything that does not depend on the world size (traces, layouts, chunk
+tables) is computed once (planner.sharding caches it), and memory depends on the GPU kind only
+through the cuBLAS workspace (the SM architecture), so one evaluation per architecture serves
+every kind of it.
 
-Known limitations: the sharded answer ignores communication buffers beyond one layer, NCCL's
-own memory (a few hundred MiB per rank) and the host RAM of each node; temporaries (the
-optimizer step's fp32 gradient copies among them) are counted per rank, unsharded, which is
-pessimistic for full fine-tuning. Memory does not depend on the GPU kind except through the
-cuBLAS workspace, so one set of estimates (on `hw`) stands for the whole catalogue.
+Known limitations: chunk traces follow planner.evaluate's "auto" (exact up to 2B parameters,
+"bound" above: one full-FT trace for every chunk, pessimistic by what frozen layers would not
+save), reported in `SizeReport.sharded_chunk_traces`; the leanest-first skip above is a
+heuristic (a chunk count below the largest that fits where the largest does not is not found);
+the sharded estimate's step time is one catalogue GPU's of its architecture; NCCL's own
+buffers are not counted (planner.sharding). The one-GPU families use one set of estimates (on
+`hw`) for the whole catalogue.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from planner.hardware import list_gpus, load_gpu
+from planner.errors import ChunkftError
+from planner.hardware import GpuProfile, list_gpus, load_gpu
 from planner.schema import Component, Tier
 from planner.solve import SearchSpace, default_space, memory_representatives, objective_key, Objective
 from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidency
@@ -38,14 +48,8 @@ from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidenc
 if TYPE_CHECKING:
     from planner.hardware import Hardware
     from planner.model import ModelSpec
+    from planner.sharding import ShardedEstimate
     from planner.trace import StepShape
-
-# Largest GPU count the sharded answer considers (a few nodes of 8).
-MAX_SHARDED_GPUS = 64
-SHARDED_COMPONENTS = (Component.WEIGHTS, Component.GRADIENTS, Component.MASTER, Component.OPTIMIZER)
-# Unsharded layers an FSDP rank holds at once: computing + prefetched (weights) + one being
-# reduce-scattered (gradients). torch.distributed.fsdp: forward/backward prefetch one module.
-GATHERED_LAYERS = 3
 
 FAMILIES: tuple[tuple[str, Callable[[Strategy], bool]], ...] = (
     ("full FT, AdamW on GPU",
@@ -88,13 +92,18 @@ class FamilyNeed:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ShardedNeed:
-    """How many GPUs of one kind suffice with states sharded (an estimate, see module doc)."""
+    """The fewest GPUs of one kind that hold the job sharded (planner.sharding's model)."""
 
     gpu: str
     num_gpus: int
-    per_rank_bytes: int
-    estimate: Estimate
-    """The weights-resident strategy the count is based on."""
+    gpus_per_node: int
+    nodes: int
+    gpu_bytes: int
+    """What each card must hold: the worst rank's reserved bytes + CUDA context."""
+    host_bytes_per_node: int
+    """Host RAM of the fullest node (HOST state tier: its ranks' slices of every chunk)."""
+    estimate: "ShardedEstimate"
+    """The fitting strategy's per-rank estimate."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,24 +113,20 @@ class SizeReport:
     families: tuple[FamilyNeed, ...]
     sharded: tuple[ShardedNeed, ...]
     """Per catalogue GPU that cannot hold the job alone with weights resident: the fewest
-    GPUs of that kind with sharded states (none listed if 64 do not suffice)."""
+    GPUs of that kind, run sharded (none listed if `max_gpus` do not suffice)."""
     single_gpus: tuple[str, ...]
     """Catalogue GPUs that alone hold some weights-resident strategy."""
     evaluated: int
+    unsized: tuple[str, ...] = ()
+    """Catalogue GPUs neither alone nor up to `max_gpus` of them hold the job."""
+    sharded_chunk_traces: str = ""
+    """How the sharded ChunkFT estimates traced chunks: "exact" or "bound" ("" if none ran)."""
+    sharded_evaluated: int = 0
 
 
-def per_rank_bytes(est: Estimate, num_gpus: int, layer_bytes: int) -> int:
-    """The FSDP arithmetic of the module docstring for one estimate on `num_gpus` ranks."""
-    gpu = est.components.get(Tier.GPU, {})
-    sharded = sum(gpu.get(c, 0) for c in SHARDED_COMPONENTS)
-    unsharded = card_need_bytes(est) - sharded
-    gather = 0 if num_gpus == 1 else GATHERED_LAYERS * layer_bytes
-    return math.ceil(sharded / num_gpus) + unsharded + gather
-
-
-def size_estimates(estimates: list[Estimate], *, model_name: str, shape: "StepShape",
-                   layer_bytes: int) -> SizeReport:
-    """The report from estimates of (a superset of) the memory representatives."""
+def size_estimates(estimates: list[Estimate], *, model_name: str, shape: "StepShape") -> SizeReport:
+    """The one-GPU part of the report from estimates of (a superset of) the memory
+    representatives: families, the catalogue GPUs that suffice, and which hold it alone."""
     catalogue = [load_gpu(name) for name in list_gpus()]
     families = []
     for name, member in FAMILIES:
@@ -138,27 +143,112 @@ def size_estimates(estimates: list[Estimate], *, model_name: str, shape: "StepSh
     resident = [e for e in estimates if e.strategy.weights == WeightResidency.GPU]
     least = min((card_need_bytes(e) for e in resident), default=None)
     single = tuple(g.name for g in catalogue if least is not None and least <= g.memory_bytes)
-    sharded = []
-    for g in catalogue:
-        if g.name in single or not resident:
-            continue
-        for n in range(2, MAX_SHARDED_GPUS + 1):
-            fits = [(b, e) for e in resident if (b := per_rank_bytes(e, n, layer_bytes)) <= g.memory_bytes]
-            if fits:
-                b, e = min(fits, key=lambda be: (be[0], objective_key(be[1], Objective.MEMORY)))
-                sharded.append(ShardedNeed(gpu=g.name, num_gpus=n, per_rank_bytes=b, estimate=e))
-                break
-    return SizeReport(model_name=model_name, shape=shape, families=tuple(families), sharded=tuple(sharded),
+    return SizeReport(model_name=model_name, shape=shape, families=tuple(families), sharded=(),
                       single_gpus=single, evaluated=len(estimates))
 
 
-def size_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", *,
-               space: SearchSpace | None = None) -> SizeReport:
-    """Evaluate the memory representatives of the space and size the job."""
-    from planner.evaluate import evaluate, param_layout
+def sharded_candidates(strategies: Iterable[Strategy]) -> list[Strategy]:
+    """The strategies the sharded search examines (module doc), in preference order: fewest
+    chunks first, the GPU state tier before the host tier."""
+    runs = [s for s in strategies if s.optimizer_device == OptimizerDevice.GPU and s.weights == WeightResidency.GPU
+            and s.grad_staging is None and (s.chunks == 1 or s.state_tier in (Tier.GPU, Tier.HOST))]
+    lean: dict[tuple, Strategy] = {}
+    for s in runs:
+        key = (s.chunks, s.state_tier)
+        rank = (not s.checkpointing, s.loss_chunk_tokens == 0, s.loss_chunk_tokens, s.prefetch_depth,
+                s.update_interval)
+        if key not in lean or rank < lean[key][0]:
+            lean[key] = (rank, s)
+    tier_order = {Tier.GPU: 0, Tier.HOST: 1}
+    return [s for _, s in sorted(lean.values(), key=lambda rs: (rs[1].chunks, tier_order[rs[1].state_tier]))]
 
+
+def size_sharded(model: "ModelSpec", shape: "StepShape", candidates: list[Strategy],
+                 gpus: Iterable["str | GpuProfile"], *,
+                 gpus_per_node: int = 8, max_gpus: int = 64, shard_embeddings: bool = False,
+                 host_bytes_per_node: int | None = None, chunk_traces: str = "auto"
+                 ) -> tuple[list[ShardedNeed], list[str], str, int]:
+    """(answers, GPUs max_gpus cannot hold, chunk trace mode, evaluations) for these GPUs
+    (catalogue names or profiles): the fewest of each kind that hold the job sharded, trying
+    `candidates` in order at each world size (module doc)."""
+    from planner.evaluate import sm_arch
+    from planner.hardware import hardware
+    from planner.sharding import evaluate_sharded, fits_card, world_sizes
+
+    _check_counts(gpus_per_node, max_gpus)
+    kinds = sorted((g if isinstance(g, GpuProfile) else load_gpu(g) for g in gpus), key=lambda g: -g.memory_bytes)
+    by_tier = [[c for c in candidates if c.state_tier == tier] for tier in (Tier.HOST, Tier.GPU)]
+    leanest = [max(mine, key=lambda c: c.chunks) for mine in by_tier if mine]
+    answers: dict[str, ShardedNeed] = {}
+    modes: set[str] = set()
+    evaluated = 0
+    groups: dict[int, list] = {}
+    for g in kinds:
+        groups.setdefault(sm_arch(hardware(g)), []).append(g)
+    for group in groups.values():
+        hw = hardware(group[-1])
+        open_kinds = list(group)  # largest memory first
+        for per_node, nodes in world_sizes(gpus_per_node, max_gpus):
+            if not open_kinds:
+                break
+            if per_node * nodes == 1:
+                continue
+            seen: dict[Strategy, Any] = {}
+
+            def estimate(s: Strategy):
+                nonlocal evaluated
+                if s not in seen:
+                    evaluated += 1
+                    seen[s] = evaluate_sharded(model, shape, s, hw, gpus_per_node=per_node, nodes=nodes,
+                                               shard_embeddings=shard_embeddings, chunk_traces=chunk_traces)
+                    if s.chunks > 1:
+                        modes.add(seen[s].chunk_traces)
+                return seen[s]
+
+            top = open_kinds[0].memory_bytes
+            if not any(fits_card(estimate(s), top, host_bytes_per_node) for s in leanest):
+                continue
+            for kind in list(open_kinds):
+                for s in candidates:
+                    est = estimate(s)
+                    if fits_card(est, kind.memory_bytes, host_bytes_per_node):
+                        answers[kind.name] = ShardedNeed(gpu=kind.name, num_gpus=per_node * nodes,
+                                                         gpus_per_node=per_node, nodes=nodes,
+                                                         gpu_bytes=est.card_need_bytes(),
+                                                         host_bytes_per_node=est.node_host_bytes, estimate=est)
+                        open_kinds.remove(kind)
+                        break
+    order = [g.name for g in kinds]
+    found = sorted(answers.values(), key=lambda a: (a.num_gpus, order.index(a.gpu)))
+    mode = "bound" if "bound" in modes else ("exact" if modes else "")
+    return found, [g for g in order if g not in answers], mode, evaluated
+
+
+def _check_counts(gpus_per_node: Any, max_gpus: Any) -> None:
+    for what, v in (("gpus per node", gpus_per_node), ("max gpus", max_gpus)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ChunkftError(f"invalid {what} {v!r}: must be an integer >= 1")
+
+
+def size_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", *, space: SearchSpace | None = None,
+               gpus_per_node: int = 8, max_gpus: int = 64, shard_embeddings: bool = False,
+               host_bytes_per_node: int | None = None, chunk_traces: str = "auto") -> SizeReport:
+    """Evaluate the memory representatives of the space on one GPU, then size the job sharded
+    on every catalogue GPU that cannot hold it alone (module doc)."""
+    from planner.evaluate import evaluate
+
+    _check_counts(gpus_per_node, max_gpus)
     if space is None:
         space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
-    estimates = [evaluate(model, shape, s, hw) for s in memory_representatives(space.strategies())]
-    layout = param_layout(model, shape.dtype)
-    return size_estimates(estimates, model_name=model.name, shape=shape, layer_bytes=layout.layer_weight_bytes)
+    strategies = memory_representatives(space.strategies())
+    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in strategies]
+    report = size_estimates(estimates, model_name=model.name, shape=shape)
+    rest = [g for g in list_gpus() if g not in report.single_gpus]
+    candidates = sharded_candidates(space.strategies())
+    if not rest or not candidates:
+        return dataclasses.replace(report, unsized=tuple(rest))
+    found, unsized, mode, count = size_sharded(model, shape, candidates, rest, gpus_per_node=gpus_per_node,
+                                               max_gpus=max_gpus, shard_embeddings=shard_embeddings,
+                                               host_bytes_per_node=host_bytes_per_node, chunk_traces=chunk_traces)
+    return dataclasses.replace(report, sharded=tuple(found), unsized=tuple(unsized), sharded_chunk_traces=mode,
+                               sharded_evaluated=count)

@@ -1,14 +1,21 @@
-"""Sizing: the per-family minimum, the catalogue GPUs that suffice, and the FSDP arithmetic of
-the sharded answer, on hand-made estimates (hand-solved) and on a small traced model."""
+"""Sizing: the per-family minimum and the catalogue GPUs that suffice on hand-made estimates
+(hand-solved); the sharded GPU counts against planner.sharding on a small traced model (the
+count fits, one fewer does not), Llama 3-70B, and the CLI."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
+import pytest
+from transformers import LlamaConfig
 
-from planner.hardware import load_gpu
+from planner.errors import ChunkftError
+from planner.hardware import hardware, load_gpu
+from planner.model import ModelSpec
 from planner.schema import Component, Tier
-from planner.size import GATHERED_LAYERS, card_need_bytes, per_rank_bytes, size_estimates
+from planner.sharding import evaluate_sharded
+from planner.size import sharded_candidates, size_estimates, size_sharded
+from planner.solve import SearchSpace
 from planner.strategy import Estimate, Strategy
 from planner.trace import StepShape
 
@@ -34,19 +41,10 @@ FULL = est(Strategy(), {Component.WEIGHTS: 100 * GIB, Component.GRADIENTS: 100 *
 STREAMED = est(Strategy(chunks=64, optimizer_device="host", state_tier=Tier.HOST, grad_staging=Tier.HOST,
                         checkpointing=True, weights="stream"), {Component.WEIGHTS: 4 * GIB,
                                                                 Component.ACTIVATIONS: 6 * GIB}, host=900 * GIB)
-LAYER = 1 * GIB
-
-
-def test_per_rank_arithmetic_by_hand():
-    # sharded 103 GiB; unsharded: 3 GiB activations + 1 GiB reserved slack + 0.5 GiB context
-    assert card_need_bytes(CHUNKED) == 107 * GIB + CONTEXT
-    assert per_rank_bytes(CHUNKED, 1, LAYER) == 107 * GIB + CONTEXT
-    assert per_rank_bytes(CHUNKED, 2, LAYER) == 103 * GIB // 2 + 4 * GIB + CONTEXT + GATHERED_LAYERS * LAYER
-    assert per_rank_bytes(CHUNKED, 3, LAYER) == math.ceil(103 * GIB / 3) + 4 * GIB + CONTEXT + 3 * LAYER
 
 
 def test_size_report_by_hand():
-    report = size_estimates([CHUNKED, FULL, STREAMED], model_name="toy", shape=StepShape(), layer_bytes=LAYER)
+    report = size_estimates([CHUNKED, FULL, STREAMED], model_name="toy", shape=StepShape())
     fam = {f.family: f for f in report.families}
     assert fam["ChunkFT, state on host"].gpu_bytes == 107 * GIB + CONTEXT
     assert fam["ChunkFT, state on host"].gpus == ("h200-141gb",)  # 107.5 GiB: only 139.81 GiB holds it
@@ -55,47 +53,95 @@ def test_size_report_by_hand():
     assert streamed.gpu_bytes == 10 * GIB + CONTEXT and streamed.host_bytes == 900 * GIB
     assert "rtx4090" in streamed.gpus and "h100-80gb" in streamed.gpus
     assert report.single_gpus == ("h200-141gb",)
-    sharded = {s.gpu: s for s in report.sharded}
-    assert "h200-141gb" not in sharded and set(sharded) == {"l4", "a10", "rtx4090", "rtx3090", "a100-40gb",
-                                                            "h100-80gb", "h800-80gb", "a100-80gb"}
-    # 80 GB card (79.11 GiB): 51.5 + 4 + 0.5 + 3 = 59 GiB per rank with 2 GPUs
-    h100 = sharded["h100-80gb"]
-    assert h100.num_gpus == 2 and h100.estimate is CHUNKED
-    assert h100.per_rank_bytes == 59 * GIB
-    # RTX 4090 (23.65 GiB): 103/G + 7.5 GiB <= 23.65 GiB  ->  G >= 6.38  ->  7
-    assert sharded["rtx4090"].num_gpus == 7
-    assert per_rank_bytes(CHUNKED, 6, LAYER) > load_gpu("rtx4090").memory_bytes
+    assert report.sharded == ()  # the sharded answer needs a model to trace: size_sharded
 
 
 def test_single_gpu_suffices_means_no_sharded_answer():
     small = est(Strategy(chunks=8, state_tier=Tier.HOST), {Component.WEIGHTS: 14 * GIB, Component.ACTIVATIONS: 2 * GIB})
-    report = size_estimates([small], model_name="toy", shape=StepShape(), layer_bytes=LAYER)
+    report = size_estimates([small], model_name="toy", shape=StepShape())
     assert report.single_gpus[0] == "l4" and report.sharded == ()
     assert report.families[0].gpus[0] == "l4"  # smallest catalogue card first (22.17 GiB >= 16.5 GiB)
 
 
-def test_llama3_70b_needs_more_than_one_80gb_gpu_and_fits_two():
-    from planner.hardware import hardware
-    from planner.model import resolve_model
-    from planner.size import size_model
-    from planner.solve import SearchSpace
-    from planner.strategy import WeightResidency
+SMALL = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=False)
+SHAPE = StepShape(batch=1, seq_len=64, dtype="bf16")
 
-    space = SearchSpace(chunk_counts=(1,), checkpointing=(True,), loss_chunk_tokens=(256,))
-    report = size_model(resolve_model("llama3-70b"), StepShape(seq_len=1024), hardware("h100"), space=space)
-    h100 = load_gpu("h100-80gb")
-    assert "h100-80gb" not in report.single_gpus
-    # with the weights resident no strategy fits one 80 GB card: the bf16 weights alone don't
-    resident = [f for f in report.families if f.estimate.strategy.weights == WeightResidency.GPU]
-    assert resident and all(f.gpu_bytes > h100.memory_bytes for f in resident)
-    sharded = {s.gpu: s for s in report.sharded}
-    assert sharded["h100-80gb"].num_gpus == 2
-    assert sharded["h100-80gb"].per_rank_bytes <= h100.memory_bytes
+
+def _small():
+    # 27M parameters: big enough that sharding beats the per-rank CUDA context and workspace
+    return ModelSpec(name="small-llama", source="config", config=SMALL, num_layers=4)
+
+
+def _candidates():
+    return sharded_candidates(SearchSpace(chunk_counts=(1, 4), checkpointing=(False, True),
+                                          loss_chunk_tokens=(0,)).strategies())
+
+
+def test_sharded_candidates_are_what_the_sharded_runtime_runs():
+    labels = [s.label() for s in _candidates()]
+    # per chunk count and state tier the leanest corner, fewest chunks first, GPU tier first
+    assert labels == ["full FT, ckpt", "ChunkFT C=4, ckpt", "ChunkFT C=4, state host, prefetch 0, ckpt"]
+
+
+def test_sharded_count_is_the_fewest_that_fits():
+    spec, hw = _small(), hardware("h100")
+    cands = _candidates()
+    need = {w: {s: evaluate_sharded(spec, SHAPE, s, hw, gpus_per_node=w) for s in cands} for w in (2, 3)}
+    least = {w: min(e.card_need_bytes() for e in need[w].values()) for w in need}
+    assert least[3] < least[2]
+    card = (least[2] + least[3]) // 2
+    kind = dataclasses.replace(load_gpu("h100"), memory_bytes=card)
+    found, unsized, mode, count = size_sharded(spec, SHAPE, cands, [kind], gpus_per_node=8)
+    assert unsized == [] and mode == "exact" and count > 0
+    (answer,) = found
+    assert (answer.num_gpus, answer.nodes, answer.gpus_per_node) == (3, 1, 3)
+    # it fits at 3 with the strategy it names, and nothing fits at 2
+    assert need[3][answer.estimate.strategy].card_need_bytes() == answer.gpu_bytes <= card
+    assert all(e.card_need_bytes() > card for e in need[2].values())
+    # the fewest chunks that fit at 3, the GPU tier before the host tier
+    first = next(s for s in cands if need[3][s].card_need_bytes() <= card)
+    assert answer.estimate.strategy == first
+    # a node's host RAM: both tiers' ranks; with 1 byte of host RAM the host tier cannot run
+    tight, _, _, _ = size_sharded(spec, SHAPE, cands, [kind], host_bytes_per_node=1)
+    assert all(a.estimate.strategy.state_tier == Tier.GPU and a.host_bytes_per_node == 0 for a in tight)
+    # too few GPUs allowed: no answer, and said so
+    assert size_sharded(spec, SHAPE, cands, [kind], max_gpus=2)[:2] == ([], ["h100-80gb"])
+    with pytest.raises(ChunkftError, match="gpus per node"):
+        size_sharded(spec, SHAPE, cands, [kind], gpus_per_node=0)
+
+
+def test_nodes_beyond_one_are_whole_nodes():
+    spec, hw = _small(), hardware("h100")
+    cands = _candidates()
+    need = {w: min(evaluate_sharded(spec, SHAPE, s, hw, gpus_per_node=w).card_need_bytes() for s in cands)
+            for w in (2, 3, 4)}
+    card = (need[3] + need[4]) // 2  # needs 4: with 2 per node, 2 nodes x 2
+    kind = dataclasses.replace(load_gpu("h100"), memory_bytes=card)
+    (answer,), _, _, _ = size_sharded(spec, SHAPE, cands, [kind], gpus_per_node=2)
+    assert (answer.num_gpus, answer.nodes, answer.gpus_per_node) == (4, 2, 2)
+    two_nodes = evaluate_sharded(spec, SHAPE, answer.estimate.strategy, hw, gpus_per_node=2, nodes=2)
+    assert two_nodes.card_need_bytes() == answer.gpu_bytes <= card
+
+
+@pytest.mark.slow
+def test_llama3_70b_on_80gb_cards_needs_three():
+    """Bound chunk traces (auto above 2B): 3 x 80 GB (planner.sharding: the lm_head chunks'
+    whole gradient and the reserved slack do not fit two); a 24 GB card needs whole nodes."""
+    from planner.model import resolve_model
+
+    space = SearchSpace(chunk_counts=(1, 32, 256), checkpointing=(True,), loss_chunk_tokens=(256,),
+                        update_intervals=(1,))
+    found, unsized, mode, _ = size_sharded(resolve_model("llama3-70b"), StepShape(seq_len=1024),
+                                           sharded_candidates(space.strategies()), ["h100", "rtx4090"])
+    answers = {a.gpu: a for a in found}
+    assert mode == "bound" and unsized == []
+    assert answers["h100-80gb"].num_gpus == 3 and answers["h100-80gb"].gpu_bytes <= load_gpu("h100").memory_bytes
+    assert answers["h100-80gb"].estimate.strategy.chunks == 32  # fewest chunks that fit
+    assert answers["rtx4090"].nodes > 1 and answers["rtx4090"].num_gpus % 8 == 0
 
 
 def test_cli_size_on_a_small_model(tmp_path, capsys):
-    from transformers import LlamaConfig
-
     from planner.cli import main
 
     LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
@@ -106,4 +152,42 @@ def test_cli_size_on_a_small_model(tmp_path, capsys):
     assert "full FT, AdamW on GPU" in rows and "ChunkFT, state on host" in rows
     assert "h200-141gb" in rows["full FT, AdamW on GPU"]  # a 5M-parameter model fits every card
     assert "GPU = allocator reserved + CUDA context" in out
-    assert main(["size", str(tmp_path), "--seq", "0"]) == 2
+    assert "Sharded" not in out  # every card holds it alone
+
+
+def test_cli_size_sharded_answer(tmp_path, capsys):
+    from planner.cli import main
+
+    # 13.9B parameters (bound chunk traces): 26 GB of bf16 weights, more than a 24 GB card holds
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=64, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False).save_pretrained(tmp_path)
+    assert main(["size", str(tmp_path), "--seq", "256", "--max-chunks", "8", "--gpus-per-node", "4",
+                 "--max-gpus", "8", "--host-ram-per-node", "1TiB"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "With weights resident, one GPU suffices on: a100-40gb, h100-80gb, h800-80gb, a100-80gb, h200-141gb." in lines
+    head = next(i for i, line in enumerate(lines) if line.startswith("Sharded"))
+    assert "bound chunk traces" in lines[head] and "up to 4 GPUs per node, 8 in all, host RAM <= 1.00 TiB" in lines[head]
+    answers = {line.split(":")[0].strip(): line for line in lines[head + 1:] if " x " in line}
+    assert set(answers) == {"4 x l4", "4 x a10", "4 x rtx4090", "4 x rtx3090"}
+    assert answers["4 x rtx4090"].endswith("(ChunkFT C=8, state host, prefetch 0, ckpt)")
+    assert lines[-1].startswith("evaluated ") and lines[-1].endswith(" sharded")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpus-per-node", "0"], "invalid --gpus-per-node 0"),
+    (["--max-gpus", "-1"], "invalid --max-gpus -1"),
+    (["--host-ram-per-node", "12XB"], "invalid --host-ram-per-node"),
+    (["--host-ram-per-node", "0GiB"], "invalid --host-ram-per-node"),
+    (["--gpus-per-node", "two"], "invalid int value"),
+])
+def test_cli_size_bad_flags_exit_2_with_one_line(tmp_path, capsys, flags, message):
+    from planner.cli import main
+
+    LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)
+    try:
+        code = main(["size", str(tmp_path), "--seq", "128", *flags])
+    except SystemExit as e:  # argparse's own type errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
