@@ -236,7 +236,7 @@ class ShardedChunkAdamW:
         inv_scale = (1.0 / scale if scale is not None else 1.0) * self.grad_multiplier
         grads = {n: self._grad32(g, inv_scale) for n, g in slices.items()}
         coef, grad_norm = None, None
-        if self.config.max_grad_norm is not None and live:
+        if self.config.max_grad_norm is not None:  # every rank joins the all_reduce, spans or not
             dtype = self._master_dtype(next(iter(self._params.values())))
             sq = torch.zeros((), dtype=dtype, device=self.device)
             for g in grads.values():
