@@ -78,6 +78,8 @@ def _pin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-staging", choices=["none", "host", "disk"],
                    help="16-bit gradient offload as produced (default: search)")
     p.add_argument("--checkpointing", choices=["on", "off"], help="activation checkpointing (default: search)")
+    p.add_argument("--weights", choices=["gpu", "stream"],
+                   help="every layer resident on the GPU, or decoder layers streamed from host (default: search)")
 
 
 def _parse_chunk_counts(text: str) -> tuple[int, ...]:
@@ -95,7 +97,7 @@ def search_space(args, model):
 
     from planner.schema import Tier
     from planner.solve import default_space
-    from planner.strategy import OptimizerDevice
+    from planner.strategy import OptimizerDevice, WeightResidency
 
     if args.max_chunks < 1:
         raise ChunkftError(f"invalid --max-chunks {args.max_chunks}: must be 1 or more")
@@ -111,9 +113,11 @@ def search_space(args, model):
         pins["grad_stagings"] = (None if args.grad_staging == "none" else Tier(args.grad_staging),)
     if getattr(args, "checkpointing", None):
         pins["checkpointing"] = (args.checkpointing == "on",)
+    if getattr(args, "weights", None):
+        pins["weights"] = (WeightResidency(args.weights),)
     space = dataclasses.replace(space, **pins)
     if not space.strategies():
-        raise ChunkftError("the pinned flags (--chunks/--optimizer/--state/--grad-staging) leave no valid strategy; "
+        raise ChunkftError("the pinned flags (--chunks/--optimizer/--state/--grad-staging/--weights) leave no valid strategy; "
                            "e.g. a host optimizer keeps its state on host or disk, and gradient staging needs --optimizer host")
     return space
 
