@@ -4,12 +4,13 @@
 
 Per-GPU predicted peak (allocated), CUDA reserved, what a card needs (reserved + CUDA
 context), host RAM per rank, the step's collective bytes and times, and the step time, for
-full FT and ChunkFT plans on 1, 2, 4 and 8 H800 / H100 (80 GB) in one node, batch 1 per GPU,
+full FT and ChunkFT plans on 1, 2, 3, 4 and 8 H800 / H100 (80 GB) in one node, batch 1 per GPU,
 1024 tokens, bf16. The paper's claim (ChunkFT, arXiv 2605.21177): Llama 3-70B on 2 x 80 GB.
+The model is runtime.distributed's (FSDP2 + runtime.sharded_optim): a chunk's touched tensors
+get whole gradients, state exists for each rank's slices of the spans (planner.sharding).
 
-The ChunkFT rows trace every chunk pattern (`chunk_traces="exact"`, ~30 s the first time);
-the bound (one shared full-FT trace) carries ~6 GiB of the full-FT trace's free-block slack in
-its reserved bytes. Predictions, not measurements: no 80 GB GPU was used.
+The ChunkFT rows trace every chunk pattern with whole-tensor gradients (`chunk_traces="exact"`,
+10-20 s per chunk count the first time). Predictions, not measurements: no 80 GB GPU was used.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ PLANS = (
     (Strategy(chunks=256, state_tier="host", prefetch_depth=0, **_CKPT), True, "exact"),
     (Strategy(chunks=256, state_tier="host", prefetch_depth=0, **_CKPT), False, "exact"),
     (Strategy(chunks=256, state_tier="host", **_CKPT), True, "exact"),
-    (Strategy(chunks=128, state_tier="host", prefetch_depth=0, **_CKPT), True, "exact"),
+    (Strategy(chunks=1024, state_tier="host", prefetch_depth=0, checkpointing=True, loss_chunk_tokens=128), True,
+     "exact"),
 )
 GPUS = ("h800", "h100")
-WORLD = (1, 2, 4, 8)
+WORLD = (1, 2, 3, 4, 8)
 
 
 def main() -> int:
@@ -65,6 +67,8 @@ def main() -> int:
                     "card_GiB": round(hw.gpu.memory_bytes / GIB, 2),
                     "fits": e.card_need_bytes() <= hw.gpu.memory_bytes,
                     "host_per_rank_GiB": round(e.peak_bytes[Tier.HOST] / GIB, 1),
+                    "host_per_node_GiB": round(e.node_host_bytes / GIB, 1),
+                    "worst_chunk": e.worst_chunk, "worst_rank": e.worst_rank,
                     "all_gather_GB": round(e.all_gather_bytes / 1e9, 1),
                     "reduce_scatter_GB": round(e.reduce_scatter_bytes / 1e9, 2),
                     "comm_s": round(e.comm_time_s, 3),

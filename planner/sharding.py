@@ -233,27 +233,43 @@ def _unit_of_param(layout: "ParamLayout", shard_embeddings: bool) -> tuple[Any, 
     return unit, L + 2 * off
 
 
+_PARAM_UNITS: dict[tuple, tuple] = {}
+
+
+def _param_units(layout: "ParamLayout", world: int, shard_embeddings: bool) -> tuple:
+    """(name -> index, unit per parameter (-1: root), unit count, padded shard bytes per parameter),
+    cached per layout, world size and unit layout (chunk evaluations ask for it per chunk)."""
+    key = (id(layout), world, shard_embeddings)
+    hit = _PARAM_UNITS.get(key)
+    if hit is None or hit[0] is not layout:
+        unit, count = _unit_of_param(layout, shard_embeddings)
+        units = np.asarray([-1 if (u := unit(n)) is None else u for n, _, _ in layout.named_shapes], dtype=np.int64)
+        shards = np.asarray([shard_bytes(sh, e, world) for _, sh, e in layout.named_shapes], dtype=np.int64)
+        index = {n: i for i, (n, _, _) in enumerate(layout.named_shapes)}
+        hit = (layout, (index, units, count, shards))
+        if len(_PARAM_UNITS) >= _CACHE_SIZE:
+            _PARAM_UNITS.pop(next(iter(_PARAM_UNITS)))
+        _PARAM_UNITS[key] = hit
+    return hit[1]
+
+
 def _units(layout: "ParamLayout", world: int, grads: Collection[str], shard_embeddings: bool) -> _Units:
-    unit, count = _unit_of_param(layout, shard_embeddings)
-    full = [0] * count
-    trained = [0] * count
-    padded = [0] * count
-    shards = [0] * count
-    root = shard = 0
-    for (name, shape, elem), nbytes in zip(layout.named_shapes, layout.tensor_bytes):
-        u = unit(name)
-        one = shard_bytes(shape, elem, world)
-        shard += one
-        if u is None:
-            root += world * one
-        else:
-            full[u] += world * one
-            if name in grads:
-                trained[u] += nbytes
-                padded[u] += world * one
-                shards[u] += one
-    return _Units(shard=shard, full=tuple(full), trained=tuple(trained), trained_padded=tuple(padded),
-                  trained_shard=tuple(shards), root_full=root, offset=1 if shard_embeddings else 0)
+    index, units, count, shards = _param_units(layout, world, shard_embeddings)
+    sizes = np.asarray(layout.tensor_bytes, dtype=np.int64)
+    in_unit = units >= 0
+    full = np.bincount(units[in_unit], weights=world * shards[in_unit], minlength=count)
+    trained_idx = np.asarray(sorted(index[n] for n in grads if n in index), dtype=np.int64)
+    t_units = units[trained_idx] if trained_idx.size else trained_idx
+    t_in = t_units >= 0
+    t_sel = trained_idx[t_in]
+
+    def per_unit(values: np.ndarray) -> tuple[int, ...]:
+        return tuple(int(v) for v in np.bincount(t_units[t_in], weights=values[t_sel], minlength=count)) \
+            if t_sel.size else (0,) * count
+
+    return _Units(shard=int(shards.sum()), full=tuple(int(v) for v in full), trained=per_unit(sizes),
+                  trained_padded=per_unit(world * shards), trained_shard=per_unit(shards),
+                  root_full=int(world * shards[~in_unit].sum()), offset=1 if shard_embeddings else 0)
 
 
 def grad_shard_bytes(layout: "ParamLayout", grads: Collection[str], world: int) -> int:
@@ -443,8 +459,6 @@ class _RankState:
     static_reserved: int
     temps: dict
     temps_reserved: int
-    temps_bytes: int
-    """Exact bytes of the step's temporaries (the CPU allocator's view)."""
     host: dict
     disk: dict
 
@@ -467,21 +481,26 @@ def _rank_states(strategy: Strategy, layout: "ParamLayout", spans: tuple, local:
         every = cache[("all", r)]
         mine = chunk_local(k)
         ahead = chunk_local(prefetch) if prefetch is not None else ()
-        key = ("rank", r, k, prefetch)  # a whole-model cache: a GPU-tier rank's statics repeat
+        key = ("rank", r, k, prefetch)
         if key not in cache:
             active = ev.ActiveSet(chunk=k, tensor_bytes=mine, prefetch_bytes=ahead)
-            statics = ev.gpu_static_allocs(strategy, layout, active, every)
-            static: dict = {}
-            ev.add_allocs(static, statics)
+            # every chunk's state on the GPU (C = 1, GPU tier): the same for every chunk
+            everything = strategy.chunks == 1 or strategy.state_tier == Tier.GPU
+            static_key = ("static", r) if everything else ("static", r, k, prefetch)
+            if static_key not in cache:
+                statics = ev.gpu_static_allocs(strategy, layout, active, every)
+                static: dict = {}
+                ev.add_allocs(static, statics)
+                cache[static_key] = (static, ev.segment_bytes(statics))
+            static, static_reserved = cache[static_key]
             temps_list = step_temp_allocs(mine, elem)
             temps: dict = {}
             ev.add_allocs(temps, temps_list)
             if ("host", r) not in cache:
                 cache[("host", r)] = ev.host_and_disk_bytes(strategy, layout, active, every)
             host, disk = cache[("host", r)]
-            cache[key] = _RankState(static=static, static_reserved=ev.segment_bytes(statics), temps=temps,
-                                    temps_reserved=ev.segment_bytes(temps_list),
-                                    temps_bytes=sum(a.nbytes for a in temps_list), host=host, disk=disk)
+            cache[key] = _RankState(static=static, static_reserved=static_reserved, temps=temps,
+                                    temps_reserved=ev.segment_bytes(temps_list), host=host, disk=disk)
         out.append(cache[key])
     return out
 
@@ -687,7 +706,9 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
         # the optimizer step: every unit resharded (FSDP2's post-backward), its all-gather and
         # reduce-scatter buffers freed, every gradient a padded shard
         end_base = {c: int(rank[i, -1]) for i, c in enumerate(COMPONENTS)}
-        rs_input = (_units(layout, world, grads, shard_embeddings).trained_padded + (0,))[schedule.rs_unit[-1]]
+        rs_input = 0
+        if schedule.rs_unit[-1] >= 0:  # a reduce-scatter copy on the last op
+            rs_input = _units(layout, world, grads, shard_embeddings).trained_padded[schedule.rs_unit[-1]]
         end_base[Component.WEIGHTS] -= int(schedule.gathered[-1])
         end_base[Component.TEMPORARIES] -= int(schedule.ag_buffer[-1]) + rs_input
         end_base[Component.GRADIENTS] = grad_shard_bytes(layout, grads, world)
