@@ -22,7 +22,9 @@ tensor's rows are its elements). One chunk of a `planner.chunks.ChunkTable` is a
   The master is written back into the local shard (cast to the parameter dtype) and every
   gradient is dropped. `grad_multiplier` scales every gradient read (runtime.distributed: W,
   turning FSDP2's average of token-share-weighted gradients into their sum). After
-  `update_interval` successful steps the next chunk (cyclically) becomes active.
+  `update_interval` successful steps the next chunk (cyclically) becomes active. The step's
+  temporaries are one span slice's at a time, as ChunkAdamW's: its gradient cast to fp32 (none
+  for fp32, which is scaled in place) and AdamW's `exp_avg_sq.sqrt()` and its quotient.
 - fp16. A `runtime.scaler.LossScaler` scales the loss (`backward`); the step checks its local
   span slices for inf/nan and all_reduces the flag (MAX), so every rank skips the same steps and
   backs off the same scale. The check runs on the reduce-scattered gradients, not as each
@@ -234,13 +236,12 @@ class ShardedChunkAdamW:
                 self.scaler.update(True)
                 return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale)
         inv_scale = (1.0 / scale if scale is not None else 1.0) * self.grad_multiplier
-        grads = {n: self._grad32(g, inv_scale) for n, g in slices.items()}
         coef, grad_norm = None, None
         if self.config.max_grad_norm is not None:  # every rank joins the all_reduce, spans or not
             dtype = self._master_dtype(next(iter(self._params.values())))
             sq = torch.zeros((), dtype=dtype, device=self.device)
-            for g in grads.values():
-                sq = sq + torch.linalg.vector_norm(g, 2) ** 2
+            for g in slices.values():  # one span's cast at a time, as ChunkAdamW: no chunk-sized copy
+                sq = sq + (torch.linalg.vector_norm(g.to(dtype), 2) * inv_scale) ** 2
             total = torch.sqrt(torch.as_tensor(self._all_reduce(sq, "SUM"), dtype=dtype, device=self.device))
             coef = torch.clamp(self.config.max_grad_norm / (total + 1e-6), max=1.0)
             grad_norm = float(total)
@@ -248,7 +249,7 @@ class ShardedChunkAdamW:
             step = self.span_steps[k].get(span.param, 0) + 1
             self.span_steps[k][span.param] = step
             if ls.length:
-                g = grads.pop(span.param)
+                g = self._grad32(slices.pop(span.param), inv_scale)
                 if coef is not None:
                     g.mul_(coef)
                 self._adamw(ls, g, lr, step)
