@@ -313,7 +313,8 @@ def optimizer_temp_allocs(strategy: Strategy, layout: ParamLayout, active: Activ
         return []
     elem = layout.elem_bytes
     n = max(active.tensor_bytes) // elem
-    out = [Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n)] * (SINGLE_TENSOR_TEMP_BYTES_PER_PARAM // FP32_BYTES)
+    per = SINGLE_TENSOR_TEMP_BYTES_PER_PARAM // FP32_BYTES
+    out = [Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n)] * per
     if elem < FP32_BYTES:
         out.append(Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n))
     return out

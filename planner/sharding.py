@@ -616,7 +616,8 @@ def _bound_chunks(prep: _Prepared, strategy: Strategy, local: np.ndarray, world:
     if strategy.state_tier == Tier.GPU:
         state = np.zeros_like(sums)
     else:
-        state = per_param * (sums + (np.roll(sums, -1, axis=0) if _prefetches(strategy, len(prep.spans)) else 0)) // elem
+        ahead = np.roll(sums, -1, axis=0) if _prefetches(strategy, len(prep.spans)) else 0
+        state = per_param * (sums + ahead) // elem
     static = (state + temps).max(axis=1)
     tensor = dict(zip((n for n, _, _ in layout.named_shapes), layout.tensor_bytes))
     grads = [sum(tensor[n] for n in t) for t in prep.touched]
@@ -878,6 +879,7 @@ def cpu_rank_rise_bytes(model: "ModelSpec", shape: "StepShape", world: int, *, c
         if strategy.state_tier == Tier.HOST and num_chunks > 1 and strategy.update_interval == 1:
             ahead = 2 if _prefetches(strategy, num_chunks) else 1
             new = (chunk + ahead) % num_chunks
-            switch = per_param * (int(local[bounds[new]:bounds[new + 1], r].sum()) - int(mine.sum())) // layout.elem_bytes
+            grown = int(local[bounds[new]:bounds[new + 1], r].sum()) - int(mine.sum())
+            switch = per_param * grown // layout.elem_bytes
         rises.append(max(step, grad_shards + temps, switch))
     return max(rises)

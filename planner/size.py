@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from planner.errors import ChunkftError
 from planner.hardware import GpuProfile, list_gpus, load_gpu
-from planner.schema import Component, Tier
+from planner.schema import Tier
 from planner.solve import SearchSpace, default_space, memory_representatives, objective_key, Objective
 from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidency
 

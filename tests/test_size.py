@@ -164,9 +164,11 @@ def test_cli_size_sharded_answer(tmp_path, capsys):
     assert main(["size", str(tmp_path), "--seq", "256", "--max-chunks", "8", "--gpus-per-node", "4",
                  "--max-gpus", "8", "--host-ram-per-node", "1TiB"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "With weights resident, one GPU suffices on: a100-40gb, h100-80gb, h800-80gb, a100-80gb, h200-141gb." in lines
+    alone = "a100-40gb, h100-80gb, h800-80gb, a100-80gb, h200-141gb"
+    assert f"With weights resident, one GPU suffices on: {alone}." in lines
     head = next(i for i, line in enumerate(lines) if line.startswith("Sharded"))
-    assert "bound chunk traces" in lines[head] and "up to 4 GPUs per node, 8 in all, host RAM <= 1.00 TiB" in lines[head]
+    assert "bound chunk traces" in lines[head]
+    assert "up to 4 GPUs per node, 8 in all, host RAM <= 1.00 TiB" in lines[head]
     answers = {line.split(":")[0].strip(): line for line in lines[head + 1:] if " x " in line}
     assert set(answers) == {"4 x l4", "4 x a10", "4 x rtx4090", "4 x rtx3090"}
     assert answers["4 x rtx4090"].endswith("(ChunkFT C=8, state host, prefetch 0, ckpt)")
