@@ -1,4 +1,4 @@
-"""`chunkft run PLAN --nproc G`: execute a parallel plan (planner.parallel) on G ranks of one node.
+"""`chunkft run PLAN --nproc G`: execute a parallel plan (planner.parallel) on G ranks.
 
 The plan fixes the model, one rank's micro-batch (batch x sequence length, dtype), the
 strategy (chunk table, state tier, update interval, prefetch, checkpointing, chunked loss) and
@@ -14,8 +14,17 @@ records what the run was (plan, data, tokenizer and seed fingerprints, world siz
 continues from the newest complete OUT/step-N only when they match. OUT/ranks.json has each
 rank's losses and measured memory beside the plan's per-rank prediction.
 
-Known limitations: one node (several nodes start `torchrun -m runtime.dist_worker` on each);
-every step's token ids are materialised up front (steps x global batch x sequence length
+`chunkft run` spawns the G ranks of one node itself. Under torchrun (several nodes, or any
+launcher that sets torchrun's RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), every rank runs
+the same command with `--launcher torchrun`:
+
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m planner.cli run plan.json --data d.jsonl --launcher torchrun
+
+Each rank then reads and packs the data itself (the same bytes everywhere) and rank 0 writes
+run.json and ranks.json; OUT must be a directory every node sees (checkpoints are written by
+every rank into it).
+
+Known limitations: every step's token ids are materialised up front (steps x global batch x sequence length
 int64s); no periodic eval loss (`--eval` is refused) and no per-op memory trace (`--trace` is
 refused): ranks.json has the per-rank peaks instead.
 """
@@ -41,16 +50,19 @@ RANKS_FILE = "ranks.json"
 def check_parallel_args(args, plan: "Plan") -> int:
     """The world size to start (one-line ChunkftError for what does not go with a parallel plan)."""
     nproc = args.nproc
+    if plan.parallel is None and args.launcher == "torchrun":
+        raise ChunkftError("--launcher torchrun runs a parallel plan; this plan is for one GPU "
+                           "(make one with `chunkft plan MODEL --gpus-per-node G`)")
     if plan.parallel is None:
         if nproc not in (None, 1):
             raise ChunkftError(f"--nproc {nproc}: the plan is for one GPU; make a plan for {nproc} with "
                                f"`chunkft plan MODEL --gpus-per-node {nproc}`")
         return 1
     layout = plan.parallel
-    if layout.nodes > 1:
+    if layout.nodes > 1 and args.launcher != "torchrun":
         raise ChunkftError(f"the plan spans {layout.nodes} nodes; `chunkft run` starts one node's ranks: run "
                            f"`torchrun --nnodes {layout.nodes} --nproc-per-node {layout.gpus_per_node} "
-                           "-m runtime.dist_worker` on every node")
+                           "-m planner.cli run PLAN ... --launcher torchrun` on every node")
     if nproc is not None and nproc != layout.world_size:
         raise ChunkftError(f"--nproc {nproc} does not match the plan's {layout.world_size} GPUs; "
                            f"leave --nproc out or make a plan with --gpus-per-node {nproc}")
@@ -118,14 +130,14 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
 
     check_args(args)
     cuda = torch.cuda.is_available() if args.device is None else args.device == "cuda"
-    if cuda and torch.cuda.device_count() < world:
+    if cuda and args.launcher == "spawn" and torch.cuda.device_count() < world:
         raise ChunkftError(f"the plan needs {world} GPUs; this machine has {torch.cuda.device_count()} "
                            "(valid: --device cpu to run the ranks on the CPU with gloo)")
     device = "cuda" if cuda else "cpu"
     if args.gpu_memory_cap is not None:
-        cap_gpu_memory(args.gpu_memory_cap, torch.device(device))
-    if args.gpu_memory_cap is not None and world > 1:
-        raise ChunkftError("--gpu-memory-cap is applied in this process only; a parallel run cannot cap its ranks yet")
+        raise ChunkftError("--gpu-memory-cap caps this process only, not the ranks of a parallel run; leave it out")
+    torchrun = args.launcher == "torchrun"
+    rank = int(_torchrun_env("RANK")) if torchrun else 0
     out = check_writable(args.out)
     tok = load_tokenizer(args.tokenizer, model_vocab_size=spec.config.vocab_size)
     examples = read_examples(args.data, tok)
@@ -136,11 +148,12 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
     run_state = {"model_fingerprint": plan.model_fingerprint, "plan_fingerprint": plan.fingerprint(),
                  "data_fingerprint": data_fingerprint(examples, plan.shape.seq_len, tok.name, args.seed),
                  "tokenizer": tok.name, "seed": args.seed, "world_size": world, "global_batch": rows}
+    say = print if rank == 0 else (lambda *a, **k: None)
     resume_from = None
     if args.resume:
         found = latest_checkpoint(out)
         if found is None:
-            print(f"no checkpoint in {out}; starting from step 0")
+            say(f"no checkpoint in {out}; starting from step 0")
         else:
             saved = read_json(out / RUN_FILE, what="run record")
             differs = [k for k, v in run_state.items() if saved.get(k) != v]
@@ -148,14 +161,17 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
                 raise ChunkftError(f"the checkpoint in {str(out)!r} is of another run ({differs[0]} differs); "
                                    "resume with the same plan, data, tokenizer and seed, or use a new --out")
             resume_from = found[1]
-            print(f"resuming from step {found[0]} ({resume_from})")
-    atomic_write_json(out / RUN_FILE, run_state)
+            say(f"resuming from step {found[0]} ({resume_from})")
+    if rank == 0:
+        atomic_write_json(out / RUN_FILE, run_state)
     config = dist_config(plan, spec, args, ids=ids, labels=labels, device=device, out=out, resume_from=resume_from)
     s = plan.strategy
-    print(f"training {spec.name} on {world} {'GPUs' if cuda else 'CPU ranks (gloo)'} with FSDP2 "
-          f"({plan.shape.dtype}, {rows} x {plan.shape.seq_len} tokens per step) with {s.chunks} "
-          f"chunk{'s' if s.chunks != 1 else ''}, state on {s.state_tier.value}, for {args.steps} steps")
-    results = run_distributed(config, world)
+    say(f"training {spec.name} on {world} {'GPUs' if cuda else 'CPU ranks (gloo)'} with FSDP2 "
+        f"({plan.shape.dtype}, {rows} x {plan.shape.seq_len} tokens per step) with {s.chunks} "
+        f"chunk{'s' if s.chunks != 1 else ''}, state on {s.state_tier.value}, for {args.steps} steps")
+    results = run_torchrun_rank(config, world) if torchrun else run_distributed(config, world)
+    if results is None:  # a rank other than 0 of a torchrun launch: rank 0 reports
+        return 0
     losses = results[0].losses
     atomic_write_json(out / RANKS_FILE, ranks_report(results, plan))
     if losses:
@@ -165,6 +181,42 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
             print(f"  rank {r.rank}: step {config.measure_step + 1} raised the C heap by {r.peak_bytes / 2**20:.1f} MiB")
     print(f"checkpoint: {out}/step-{args.steps}; per-rank report: {out / RANKS_FILE}")
     return 0
+
+
+def _torchrun_env(name: str) -> str:
+    import os
+
+    if name not in os.environ:
+        raise ChunkftError(f"--launcher torchrun: {name} is not set; start the command with torchrun, e.g. "
+                           "`torchrun --nproc-per-node 2 -m planner.cli run plan.json --data d.jsonl --launcher torchrun`")
+    return os.environ[name]
+
+
+def run_torchrun_rank(config: "DistConfig", world: int):
+    """This process is one rank of a torchrun launch: join, train, and gather every rank's
+    RankResult on rank 0 (None on the others)."""
+    import torch.distributed as dist
+
+    from runtime.distributed import RankResult, init_process_group, train_rank
+
+    launched = int(_torchrun_env("WORLD_SIZE"))
+    if launched != world:
+        raise ChunkftError(f"torchrun started {launched} ranks but the plan is for {world} GPUs")
+    init_process_group(rank=int(_torchrun_env("RANK")), world_size=world, init_method="env://", device=config.device)
+    try:
+        result = train_rank(config)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, dataclasses.asdict(result))
+        rank = dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    out = []
+    for d in gathered:
+        d["losses"], d["grad_norms"] = tuple(d["losses"]), tuple(d["grad_norms"])
+        out.append(RankResult(**d))
+    return out
 
 
 def ranks_report(results, plan: "Plan") -> dict:

@@ -59,6 +59,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks to start for a parallel plan (`chunkft plan --gpus-per-node G`); default: the "
                         "plan's GPU count. One GPU each with CUDA (nccl), else CPU ranks (gloo)")
+    p.add_argument("--launcher", choices=("spawn", "torchrun"), default="spawn",
+                   help="parallel plans: spawn the ranks here (default), or this process is one rank that "
+                        "torchrun started (several nodes)")
     p.set_defaults(run=run)
 
 

@@ -127,3 +127,32 @@ def test_a_plan_over_several_nodes_points_to_torchrun(setup, tmp_path, capsys):
     rc = main(["run", str(tmp_path / "p.json"), "--data", str(setup / "data.jsonl"), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "spans 2 nodes" in err and "torchrun --nnodes 2" in err
+
+
+def test_torchrun_launch_equals_the_spawned_run(setup, trained, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    out = tmp_path / "torchrun"
+    proc = subprocess.run(["torchrun", "--nproc-per-node", "2", "-m", "planner.cli", "run", str(setup / "plan.json"),
+                           "--data", str(setup / "data.jsonl"), "--lr", "1e-3", "--no-progress", "--steps", "5",
+                           "--checkpoint-every", "2", "--out", str(out), "--launcher", "torchrun", "--device", "cpu"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("training ") == 1  # rank 0 speaks
+    a = load_file(trained / "step-5" / "model.safetensors")
+    b = load_file(out / "step-5" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ranks = json.loads((out / "ranks.json").read_text())["ranks"]
+    full = json.loads((trained / "ranks.json").read_text())["ranks"]
+    assert [r["losses"] for r in ranks] == [r["losses"] for r in full]
+
+
+def test_torchrun_launcher_needs_torchrun_and_a_parallel_plan(setup, tmp_path, capsys):
+    assert run(setup, "--out", tmp_path / "o", "--launcher", "torchrun") == 2
+    assert "RANK is not set" in capsys.readouterr().err
+    rc = main(["run", str(setup / "plan1.json"), "--data", str(setup / "data.jsonl"), "--launcher", "torchrun",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2 and "runs a parallel plan" in capsys.readouterr().err

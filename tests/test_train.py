@@ -148,7 +148,7 @@ def _args(plan, train, out, *, trace=None, steps=3, **extra):
     base = dict(plan=str(plan), data=str(train), eval=None, steps=steps, out=str(out), trace=trace and str(trace),
                 resume=False, tokenizer=None, lr=1e-3, schedule="cosine", warmup_steps=0, weight_decay=0.0,
                 max_grad_norm=1.0, grad_accum=1, eval_every=0, checkpoint_every=0, seed=0, device="cpu",
-                no_progress=True, trace_steps=20, gpu_memory_cap=None, nproc=None)
+                no_progress=True, trace_steps=20, gpu_memory_cap=None, nproc=None, launcher="spawn")
     base.update(extra)
     return argparse.Namespace(**base)
 
