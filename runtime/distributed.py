@@ -177,6 +177,9 @@ class RankResult:
     prefetched chunks' working copies) and "host" (HOST tier's resting state)."""
     samples: tuple = ()
     """(op name, bytes above baseline) after every op of the measured step, if recorded."""
+    grad_bytes: tuple = ()
+    """Per step trained, after its backward and before its optimizer step:
+    `ShardedChunkAdamW.grad_bytes()` (the gradients this rank holds, by parameter)."""
 
 
 def _labelled(labels: torch.Tensor) -> int:
@@ -467,7 +470,8 @@ def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, wor
 
 def _train_step(model, optimizer, config: DistConfig, step: int, rank: int, world: int):
     share = _micro_steps(model, optimizer, config, step, rank, world)
-    return share, optimizer.step()
+    held = optimizer.grad_bytes()
+    return share, optimizer.step(), held
 
 
 def _global_sum(value: torch.Tensor, device: str) -> float:
@@ -502,7 +506,7 @@ def train_rank(config: DistConfig) -> RankResult:
                                   prefetch_depth=config.prefetch_depth, scaler=scaler, grad_multiplier=world)
     try:
         start = 0 if saved is None else restore_checkpoint(model, optimizer, config.resume_from, saved, scaler=scaler)
-        losses, norms = [], []
+        losses, norms, held = [], [], []
         skipped = 0
         peak = baseline = None
         samples: tuple = ()
@@ -514,9 +518,10 @@ def train_rank(config: DistConfig) -> RankResult:
                 m = measure_malloc_peak(lambda: out.append(_train_step(model, optimizer, config, step, rank, world)),
                                         record_samples=config.record_samples)
                 peak, baseline, samples = m.peak_bytes, m.baseline_bytes, m.samples
-                share, result = out[0]
+                share, result, grads = out[0]
             else:
-                share, result = _train_step(model, optimizer, config, step, rank, world)
+                share, result, grads = _train_step(model, optimizer, config, step, rank, world)
+            held.append(grads)
             skipped += not result.stepped
             norms.append(result.grad_norm)
             for at, directory in config.save_at:
@@ -532,7 +537,7 @@ def train_rank(config: DistConfig) -> RankResult:
     return RankResult(rank=rank, world_size=world, losses=tuple(losses), start_step=start, grad_norms=tuple(norms),
                       skipped_steps=skipped,
                       peak_bytes=peak, baseline_bytes=baseline, local_param_bytes=local_bytes,
-                      state_bytes=state_bytes, samples=samples)
+                      state_bytes=state_bytes, samples=samples, grad_bytes=tuple(held))
 
 
 def init_process_group(*, rank: int, world_size: int, init_method: str, device: str) -> None:
@@ -572,7 +577,8 @@ def run_distributed(config: DistConfig, world_size: int) -> list[RankResult]:
             d = torch.load(Path(tmp) / f"rank{rank}.pt", weights_only=True)
             if "error" in d:
                 raise ChunkftError(d["error"])
-            d["losses"], d["grad_norms"] = tuple(d["losses"]), tuple(d["grad_norms"])
+            d["losses"], d["grad_norms"], d["grad_bytes"] = tuple(d["losses"]), tuple(d["grad_norms"]), \
+                tuple(d["grad_bytes"])
             out.append(RankResult(**d))
     return out
 

@@ -67,6 +67,7 @@ from planner.fsio import atomic_path
 from planner.schema import Tier
 from runtime.chunk_optim import AdamWConfig, LRSchedule, StepResult
 from runtime.scaler import LossScaler
+from runtime.subgrad import SubgradHandle, install, recomputes_in_backward
 
 STATE_VERSION = 1
 _KINDS = ("master", "exp_avg", "exp_avg_sq")
@@ -180,10 +181,15 @@ class ShardedChunkAdamW:
         self.group = group
         self.grad_multiplier = grad_multiplier
         self.device = _local(next(iter(self._params.values()))).device
-        rows = {n: shard_rows(p) for n, p in self._params.items()}
+        self._rows = {n: shard_rows(p) for n, p in self._params.items()}
         self.local_spans: tuple[tuple[LocalSpan, ...], ...] = tuple(
-            tuple(local_span(s, *rows[s.param]) for s in chunk) for chunk in table.chunks)
-        self._touched = [frozenset(s.param for s in chunk) for chunk in table.chunks]
+            tuple(local_span(s, *self._rows[s.param]) for s in chunk) for chunk in table.chunks)
+        # per chunk: the sliced spans' parameters that get sub-tensor gradients (runtime.subgrad);
+        # a slice whose rule recomputes its module in backward gets its whole gradient instead
+        self.sub_tensor: tuple[frozenset[str], ...] = tuple(
+            frozenset(s.param for s in chunk if not table.is_whole(s) and not recomputes_in_backward(model, s.param))
+            for chunk in table.chunks)
+        self._handle: SubgradHandle | None = None
         self.global_step = 0
         self.active_steps = 0
         self.span_steps: dict[int, dict[str, int]] = {k: {} for k in range(table.num_chunks)}
@@ -215,18 +221,45 @@ class ShardedChunkAdamW:
         (self.scaler.scale_loss(loss) if self.scaler is not None else loss).backward()
 
     def zero_grad(self) -> None:
+        """Drop every gradient: the shards' (FSDP2's) and the sub-tensor slice buffers."""
         for p in self._params.values():
             p.grad = None
+        if self._handle is not None:
+            self._handle.zero_grad()
+
+    def grad_spec(self, k: int) -> dict:
+        """The GradSpec chunk k installs: SliceSpec for its `sub_tensor` spans, True for its
+        other spans (whole tensors, and slices whose rule would recompute in backward), False
+        for every other parameter."""
+        spec = dict.fromkeys(self._params, False)
+        for span in self.table.chunks[k]:
+            spec[span.param] = span.slice_spec() if span.param in self.sub_tensor[k] else True
+        return spec
+
+    def grad_bytes(self) -> dict[str, dict[str, int]]:
+        """The gradients this rank holds now, in bytes by parameter: "shard" (a parameter's
+        local `.grad`, FSDP2's reduce-scattered shard) and "slice" (a sub-tensor gradient
+        buffer's storage), plus "requires_grad" (1 for each parameter that has it): what the
+        tests check to see that no dense gradient exists for a sliced parameter."""
+        shard = {n: _local(p.grad).numel() * p.grad.element_size()
+                 for n, p in self._params.items() if p.grad is not None}
+        slices = {n: g.untyped_storage().nbytes() for n, g in self._handle.grads().items()
+                  if n in self.sub_tensor[self.active_chunk]}
+        return {"shard": shard, "slice": slices,
+                "requires_grad": {n: 1 for n, p in self._params.items() if p.requires_grad}}
 
     def step(self) -> StepResult:
         """One AdamW step on the active chunk's spans (local slices), then drop the gradients;
-        every rank must call it (clipping and the fp16 check are collectives)."""
+        every rank must call it (the slice reductions, clipping and the fp16 check are
+        collectives)."""
         k = self.active_chunk
         lr = self.lr()
         scale = self.scaler.scale if self.scaler is not None else None
+        reduced = self._reduce_slices(k)  # sub-tensor spans: full slices, summed over ranks
         live = [(span, ls) for span, ls in zip(self.table.chunks[k], self.local_spans[k])
-                if self._params[span.param].grad is not None]
-        slices = {ls.param: self._grad_slice(ls) for _, ls in live if ls.length}
+                if (span.param in reduced if span.param in self.sub_tensor[k]
+                    else self._params[span.param].grad is not None)]
+        slices = {ls.param: self._grad_slice(span, ls, reduced) for span, ls in live if ls.length}
         if self.scaler is not None:
             bad = torch.zeros((), dtype=torch.float32, device=self.device)
             for g in slices.values():
@@ -235,13 +268,17 @@ class ShardedChunkAdamW:
                 self.zero_grad()
                 self.scaler.update(True)
                 return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale)
-        inv_scale = (1.0 / scale if scale is not None else 1.0) * self.grad_multiplier
+        # FSDP2's reduce-scatter averages over the ranks; a slice's all_reduce sums, so it is
+        # divided by W here: both are then multiplied by grad_multiplier (W / W = 1 exactly)
+        unscale = 1.0 / scale if scale is not None else 1.0
+        factor = {n: unscale * (self.grad_multiplier / self._world_size() if n in reduced else self.grad_multiplier)
+                  for n in slices}
         coef, grad_norm = None, None
         if self.config.max_grad_norm is not None:  # every rank joins the all_reduce, spans or not
             dtype = self._master_dtype(next(iter(self._params.values())))
             sq = torch.zeros((), dtype=dtype, device=self.device)
-            for g in slices.values():  # one span's cast at a time, as ChunkAdamW: no chunk-sized copy
-                sq = sq + (torch.linalg.vector_norm(g.to(dtype), 2) * inv_scale) ** 2
+            for n, g in slices.items():  # one span's cast at a time, as ChunkAdamW: no chunk-sized copy
+                sq = sq + (torch.linalg.vector_norm(g.to(dtype), 2) * factor[n]) ** 2
             total = torch.sqrt(torch.as_tensor(self._all_reduce(sq, "SUM"), dtype=dtype, device=self.device))
             coef = torch.clamp(self.config.max_grad_norm / (total + 1e-6), max=1.0)
             grad_norm = float(total)
@@ -249,11 +286,12 @@ class ShardedChunkAdamW:
             step = self.span_steps[k].get(span.param, 0) + 1
             self.span_steps[k][span.param] = step
             if ls.length:
-                g = self._grad32(slices.pop(span.param), inv_scale)
+                g = self._grad32(slices.pop(span.param), factor[span.param])
                 if coef is not None:
                     g.mul_(coef)
                 self._adamw(ls, g, lr, step)
                 del g
+        del reduced
         self.zero_grad()
         if self.scaler is not None:
             self.scaler.update(False)
@@ -360,8 +398,12 @@ class ShardedChunkAdamW:
         self._activate(active)
 
     def close(self) -> None:
-        """Stop the prefetch thread."""
+        """Remove the sub-tensor gradient hooks (every parameter's requires_grad as it was before
+        this optimizer) and stop the prefetch thread."""
         self._wait_prefetch()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
@@ -395,8 +437,45 @@ class ShardedChunkAdamW:
         with torch.no_grad():
             return _local(self._params[ls.param].detach()).narrow(ls.dim, ls.start, ls.length)
 
-    def _grad_slice(self, ls: LocalSpan) -> torch.Tensor:
-        return _local(self._params[ls.param].grad).narrow(ls.dim, ls.start, ls.length)
+    def _reduce_slices(self, k: int) -> dict[str, torch.Tensor]:
+        """{param: the full slice gradient summed over the ranks} for chunk k's sub-tensor spans
+        that received a gradient on any rank: each rank's accumulated buffer (runtime.subgrad's,
+        in the parameter dtype), all_reduced (SUM) in place, in table order on every rank. A
+        rank whose micro-batches gave none joins with zeros."""
+        import torch.distributed as dist
+
+        names = [s.param for s in self.table.chunks[k] if s.param in self.sub_tensor[k]]
+        if not names:
+            return {}
+        grads = self._handle.grads()
+        if not dist.is_initialized():
+            return {n: grads[n] for n in names if n in grads}
+        have = torch.tensor([float(n in grads) for n in names], device=self.device)
+        dist.all_reduce(have, op=dist.ReduceOp.MAX, group=self.group)
+        out = {}
+        for n, h in zip(names, have.tolist()):
+            if not h:
+                continue
+            g = grads.get(n)
+            if g is None:
+                spec = self._handle.spec[n]
+                p = self._params[n]
+                shape = list(p.shape)
+                shape[spec.dim] = spec.end - spec.start
+                g = torch.zeros(shape, dtype=p.dtype, device=self.device)
+            dist.all_reduce(g, op=dist.ReduceOp.SUM, group=self.group)
+            out[n] = g
+        return out
+
+    def _grad_slice(self, span: ChunkSpan, ls: LocalSpan, reduced: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's local rows of the span's gradient: of the parameter's shard gradient (whole
+        gradients) or of the reduced full slice (sub-tensor spans)."""
+        if span.param not in reduced:
+            return _local(self._params[ls.param].grad).narrow(ls.dim, ls.start, ls.length)
+        offset, rows = self._rows[span.param]
+        if span.dim == 0:  # the slice's rows [span.start, span.end); the local span is in shard rows
+            return reduced[span.param].narrow(0, offset + ls.start - span.start, ls.length)
+        return reduced[span.param].narrow(0, offset, rows)
 
     def _grad32(self, g: torch.Tensor, inv_scale: float) -> torch.Tensor:
         """As ChunkAdamW._grad32: cast to the master dtype on the step device, unscaled (in
@@ -447,8 +526,9 @@ class ShardedChunkAdamW:
             self._pending[1].result()
 
     def _activate(self, k: int) -> None:
-        for name, p in self._params.items():
-            p.requires_grad_(name in self._touched[k])
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = install(self.model, self.grad_spec(k))
         if self._host is None:
             self._state = self._resting[k]
         elif self._pending is not None and self._pending[0] == k:

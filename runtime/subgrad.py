@@ -266,6 +266,16 @@ def _rule_kind(mod_name: str, mod: nn.Module, attr: str, param: torch.Tensor, na
     )
 
 
+def recomputes_in_backward(model: nn.Module, name: str) -> bool:
+    """True if a SliceSpec for parameter `name` would use the generic rule: an owner module that
+    is neither nn.Linear nor nn.Embedding (a 1-D norm weight) is recomputed in backward with
+    functional_call on the parameter it holds then. A caller whose parameters are swapped
+    between hooks (FSDP2 reshards a unit after its forward or its backward) gives such a
+    parameter its whole gradient instead (runtime.sharded_optim does)."""
+    p = model.get_parameter(name)
+    return any(_rule_kind(mod_name, mod, attr, p, name)[0] == "generic" for mod_name, mod, attr in _owners(model, p))
+
+
 def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = None) -> SubgradHandle:
     """Apply `grad` to `model` (see the module docstring) and return the handle.
 

@@ -1,6 +1,8 @@
 """runtime.sharded_optim without processes: shard geometry, and ShardedChunkAdamW on an unsharded
-model (one process, plain tensors) against ChunkAdamW; state round trips (bitwise) and refusals.
-The sharded runs themselves are tests/test_distributed.py's."""
+model (one process, plain tensors) against ChunkAdamW -- sliced spans with sub-tensor gradients
+(no dense gradient for a sliced parameter, checked after every backward), a sliced norm weight
+with its whole gradient (the fallback); state round trips (bitwise) and refusals. The sharded
+runs themselves are tests/test_distributed.py's."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from planner.chunks import ChunkSpan, make_chunk_table_from_model
+from planner.chunks import ChunkSpan, ChunkTable, make_chunk_table_from_model
 from planner.errors import ChunkftError
 from planner.schema import Tier
 from planner.step import step_loss
@@ -53,17 +55,45 @@ def _batch(step: int) -> torch.Tensor:
     return torch.randint(0, CONFIG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(step % 2))
 
 
-def _train(model, opt, steps: range, norms: list | None = None) -> list[float]:
+def _train(model, opt, steps: range, norms: list | None = None, probe=None) -> list[float]:
     losses = []
     for s in steps:
         ids = _batch(s)
         loss = step_loss(model, ids, ids)
         opt.backward(loss)
+        if probe is not None:
+            probe(opt)
         result = opt.step()
         losses.append(float(loss.detach()))
         if norms is not None:
             norms.append(result.grad_norm)
     return losses
+
+
+def split_span(table: ChunkTable, param: str, at: int, into: int) -> ChunkTable:
+    """`table` with `param`'s (whole) span cut at `at`: [0, at) stays, [at, end) joins chunk `into`."""
+    chunks = [list(c) for c in table.chunks]
+    k, i = next((k, i) for k, c in enumerate(chunks) for i, s in enumerate(c) if s.param == param)
+    span = chunks[k][i]
+    row = span.nbytes // (span.end - span.start)
+    chunks[k][i] = ChunkSpan(param=param, dim=span.dim, start=0, end=at, nbytes=at * row)
+    chunks[into].append(ChunkSpan(param=param, dim=span.dim, start=at, end=span.end, nbytes=(span.end - at) * row))
+    return ChunkTable(chunks=tuple(tuple(c) for c in chunks), shapes=table.shapes)
+
+
+def expected_grad_bytes(model, table: ChunkTable, k: int, sub_tensor) -> dict:
+    """One process, fp32: whole gradients for whole spans (and slices outside `sub_tensor`),
+    slice-shaped buffers for the rest (an embedding's has one more row: subgrad's dummy row)."""
+    params = dict(model.named_parameters())
+    shard, slices = {}, {}
+    for s in table.chunks[k]:
+        p = params[s.param]
+        if s.param not in sub_tensor:
+            shard[s.param] = p.numel() * 4
+        else:
+            rows = s.end - s.start + isinstance(model.get_submodule(s.param.rpartition(".")[0]), torch.nn.Embedding)
+            slices[s.param] = p.numel() // p.shape[s.dim] * rows * 4
+    return {"shard": shard, "slice": slices, "requires_grad": dict.fromkeys(shard, 1)}
 
 
 @pytest.mark.parametrize("tier", [Tier.GPU, Tier.HOST])
@@ -75,12 +105,16 @@ def test_unsharded_equals_chunk_adamw(tier):
     ref = ChunkAdamW(ref_model, table, config=ADAMW, schedule=SCHEDULE, update_interval=2, state_tier=tier,
                      host_state_in_place=False)
     opt = ShardedChunkAdamW(model, table, config=ADAMW, schedule=SCHEDULE, update_interval=2, state_tier=tier)
+    assert opt.sub_tensor == tuple(frozenset(s.param for s in c if not table.is_whole(s)) for c in table.chunks)
     steps = range(10)  # every chunk twice, bar the last; warm-up and cosine decay; clipping
-    norms, ref_norms = [], []
-    losses = _train(model, opt, steps, norms)
-    # not bitwise: a sliced span's gradient is here the slice of the whole tensor's gradient,
-    # in ChunkAdamW a product of the slice's shapes (measured: 1e-9 apart; whole tensors agree
-    # bitwise until a difference reaches them through the weights)
+    norms, ref_norms, held = [], [], []
+
+    def probe(o):  # after backward: the sliced parameters hold no gradient and require none
+        held.append(o.grad_bytes() == expected_grad_bytes(model, table, o.active_chunk, o.sub_tensor[o.active_chunk]))
+
+    losses = _train(model, opt, steps, norms, probe)
+    assert held == [True] * len(steps)
+    # not bitwise: the clipping norm is summed differently (ChunkAdamW: the norm of per-span norms)
     assert losses == pytest.approx(_train(ref_model, ref, steps, ref_norms), rel=1e-6, abs=0)
     assert norms == pytest.approx(ref_norms, rel=1e-5) and max(norms) > ADAMW.max_grad_norm  # clipped
     assert losses[-1] < losses[1]
@@ -93,6 +127,29 @@ def test_unsharded_equals_chunk_adamw(tier):
         active = 3 * 4 * sum(s.nbytes // 4 for k in (opt.active_chunk, (opt.active_chunk + 1) % 4)
                              for s in table.chunks[k])
         assert opt.state_bytes() == {"device": active, "host": device}
+    opt.close()
+    ref.close()
+
+
+def test_sliced_norm_weight_gets_its_whole_gradient_and_equals_chunk_adamw():
+    # a 1-D norm weight split over chunks 1 and 2: subgrad's rule for it recomputes the norm in
+    # backward (functional_call), which FSDP2's resharding can break; its whole gradient is used
+    ref_model, model = _model(), _model()
+    norm = "model.layers.0.input_layernorm.weight"
+    table = split_span(make_chunk_table_from_model(model, 4, cut_dims=CUT_DIMS), norm, 12, into=2)
+    table.validate([(n, tuple(p.shape), 4) for n, p in model.named_parameters()])
+    ref = ChunkAdamW(ref_model, table, config=ADAMW, update_interval=1, host_state_in_place=False)
+    opt = ShardedChunkAdamW(model, table, config=ADAMW, update_interval=1)
+    assert all(norm not in sub for sub in opt.sub_tensor)
+    held = []
+    steps = range(4)
+    losses = _train(model, opt, steps, probe=lambda o: held.append(o.grad_bytes()))
+    assert norm not in held[1]["slice"] and held[1]["shard"][norm] == 32 * 4  # whole, not 12 elements
+    assert held[2]["shard"][norm] == 32 * 4 and held[0]["shard"].keys().isdisjoint({norm})
+    assert held == [expected_grad_bytes(model, table, k, opt.sub_tensor[k]) for k in steps]
+    assert losses == pytest.approx(_train(ref_model, ref, steps), rel=1e-6, abs=0)
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     opt.close()
     ref.close()
 
