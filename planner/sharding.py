@@ -40,8 +40,8 @@ replay and caching as `evaluate`, so activations, logits and temporaries are exa
              HOST: every chunk's rests in (pinned) host memory, the active chunk's working copy
              is on the GPU, plus the next chunk's with prefetch_depth >= 1 (deeper prefetch
              behaves as 1 in the runtime). DISK is not run sharded (ChunkftError). The AdamW step
-             (`step_temp_allocs`) holds fp32 copies of the chunk's local gradient slices (16-bit
-             training) and one slice's sqrt / division at a time.
+             (`step_temp_allocs`) works one local slice at a time: the largest slice's fp32
+             gradient copy (16-bit training), sqrt and division.
 
 Every rank is evaluated (ranks differ in the slices they hold); the reported GPU figures are
 the worst (chunk, rank)'s, host / disk the fullest rank's, `node_host_bytes` the fullest node's.
@@ -315,7 +315,10 @@ class _Schedule:
     done_order: tuple[int, ...]
     """Units in the order their backward finishes."""
     rs_unit: np.ndarray
-    """The unit whose reduce-scatter input is copied at each op (-1: none)."""
+    """The unit whose reduce-scatter input is held after each op (-1: none): FSDP2 keeps the
+    newest until the next unit's post-backward (_fsdp_param_group.py `post_backward`:
+    `comm_ctx.reduce_scatter_states`, at most `reduce_scatter_max_input_buffers`, default 1)
+    and drops the last at the end of backward (_fsdp_state.py, the root's final callback)."""
     backward_gathered: int
     """Unsharded bytes all-gathered in backward: the units backward reaches, each with the one
     below it (prefetched, used or not)."""
@@ -330,6 +333,8 @@ def _schedule(traced: "TracedStep", u: _Units, n: int, forward_prefetch: bool) -
     rs_unit = np.full(n, -1, dtype=np.int64)
     order: list[int] = []
     regathered: set[int] = set()
+    bwd_ops = [t for t in range(n) if phases[t] in backward]
+    end_of_backward = bwd_ops[-1] + 1 if bwd_ops else n
     current: int | None = None  # unit whose backward runs
     seen_unit = False
     for t, k in enumerate(_op_units(traced, u, n)):
@@ -337,7 +342,7 @@ def _schedule(traced: "TracedStep", u: _Units, n: int, forward_prefetch: bool) -
         if in_bwd and k is not None and k != current:
             if current is not None and k < current:
                 order.append(current)  # its post-backward reduce-scatters: input copy, then shards
-                rs_unit[t] = current
+                rs_unit[t:end_of_backward] = current
             # pre-backward of unit k: the prefetched unit's all-gather output (or k's own, for
             # the first unit of backward) lives until its copy-out is done
             ag = k - 1 if current is not None and k > 0 else (k if current is None else None)
@@ -429,25 +434,22 @@ def local_span_bytes(spans: Sequence["ChunkSpan"], shapes: dict[str, tuple[int, 
 
 
 def step_temp_allocs(local_bytes: Sequence[int], elem: int) -> list:
-    """Temporaries of ShardedChunkAdamW.step on one rank, its local span slices in chunk order
-    (runtime/sharded_optim.py `step`): the fp32 copies of every slice's gradient are made at
-    once (`grads = {n: self._grad32(g, ...) ...}`; none for fp32 training, where `.to` returns
-    the gradient itself) and dropped one by one after each slice's AdamW, whose
-    `exp_avg_sq.sqrt()` and its division live together: slice i's step holds the copies of
-    slices i.. plus 8 B per parameter of slice i. Returns the allocations at the worst slice."""
+    """Temporaries of ShardedChunkAdamW.step on one rank (runtime/sharded_optim.py `step`): one
+    local span slice at a time, `_grad32` casts its gradient to fp32 (16-bit training; for fp32
+    `.to` is the gradient itself, scaled in place) and its AdamW holds `exp_avg_sq.sqrt()` and
+    its division: evaluate's single-tensor temporaries (`optimizer_temp_allocs`) of the largest
+    slice, 12 B per parameter (8 for fp32 training). The clipping pass casts one slice at a
+    time too (4 B per parameter), less than that."""
     from planner import evaluate as ev
 
-    params = [b // elem for b in local_bytes if b]
-    if not params:
+    n = max(local_bytes, default=0) // elem
+    if not n:
         return []
-    copies = elem < ev.FP32_BYTES
-    after = np.concatenate([np.cumsum(params[::-1])[::-1], [0]])  # params of slices i.. (incl. i)
-    worst = max(range(len(params)), key=lambda i: copies * ev.FP32_BYTES * after[i]
-                + ev.SINGLE_TENSOR_TEMP_BYTES_PER_PARAM * params[i])
     temp = Component.TEMPORARIES
-    out = [ev.Alloc(component=temp, nbytes=ev.FP32_BYTES * n) for n in params[worst:]] if copies else []
-    per = ev.SINGLE_TENSOR_TEMP_BYTES_PER_PARAM // ev.FP32_BYTES
-    return out + [ev.Alloc(component=temp, nbytes=ev.FP32_BYTES * params[worst])] * per
+    out = [ev.Alloc(component=temp, nbytes=ev.FP32_BYTES * n)] * (ev.SINGLE_TENSOR_TEMP_BYTES_PER_PARAM // ev.FP32_BYTES)
+    if elem < ev.FP32_BYTES:
+        out.append(ev.Alloc(component=temp, nbytes=ev.FP32_BYTES * n))
+    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -611,8 +613,8 @@ def _bound_chunks(prep: _Prepared, strategy: Strategy, local: np.ndarray, world:
     bounds = np.cumsum([0] + [len(c) for c in prep.spans])
     sums = np.add.reduceat(local, bounds[:-1], axis=0)  # (C, W) local bytes per chunk
     maxes = np.maximum.reduceat(local, bounds[:-1], axis=0)
-    copies = ev.FP32_BYTES if elem < ev.FP32_BYTES else 0
-    temps = (copies * sums + ev.SINGLE_TENSOR_TEMP_BYTES_PER_PARAM * maxes) // elem
+    cast = ev.FP32_BYTES if elem < ev.FP32_BYTES else 0
+    temps = (cast + ev.SINGLE_TENSOR_TEMP_BYTES_PER_PARAM) * maxes // elem
     if strategy.state_tier == Tier.GPU:
         state = np.zeros_like(sums)
     else:

@@ -146,12 +146,12 @@ def test_local_span_bytes_by_hand():
 def test_step_temporaries_by_hand():
     from planner.sharding import step_temp_allocs
 
-    # bf16 slices of 100, 200, (none), 50 parameters: at slice i the fp32 copies of slices i..
-    # live with slice i's sqrt and division (8 B/param): 4*350+8*100, 4*250+8*200, 4*50+8*50
+    # bf16 slices of 100, 200, (none), 50 parameters, stepped one at a time: the largest one's
+    # fp32 gradient copy, sqrt and division, 4 + 4 + 4 B per parameter
     allocs = step_temp_allocs([200, 400, 0, 100], 2)
-    assert sum(a.nbytes for a in allocs) == 4 * 250 + 8 * 200
+    assert sum(a.nbytes for a in allocs) == 12 * 200
     assert all(a.component == Component.TEMPORARIES for a in allocs)
-    # fp32 training: `.to(float32)` is the gradient itself, only the largest slice's 8 B/param
+    # fp32 training: `.to(float32)` is the gradient itself, only sqrt and division
     assert sum(a.nbytes for a in step_temp_allocs([400, 800], 4)) == 8 * 200
     assert step_temp_allocs([0, 0], 2) == []
 

@@ -170,8 +170,18 @@ def test_cli_size_sharded_answer(tmp_path, capsys):
     assert "bound chunk traces" in lines[head]
     assert "up to 4 GPUs per node, 8 in all, host RAM <= 1.00 TiB" in lines[head]
     answers = {line.split(":")[0].strip(): line for line in lines[head + 1:] if " x " in line}
-    assert set(answers) == {"4 x l4", "4 x a10", "4 x rtx4090", "4 x rtx3090"}
-    assert answers["4 x rtx4090"].endswith("(ChunkFT C=8, state host, prefetch 0, ckpt)")
+    assert set(answers) == {"3 x rtx3090", "3 x rtx4090", "4 x a10", "4 x l4"}
+    assert answers["3 x rtx4090"].endswith("(ChunkFT C=8, state host, prefetch 0, ckpt)")
+    # the count against planner.sharding: C=8 on the host fits 3 RTX 4090s, not 2
+    from planner.model import resolve_model
+
+    spec, hw = resolve_model(str(tmp_path)), hardware("rtx4090")
+    plan = Strategy(chunks=8, state_tier="host", prefetch_depth=0, checkpointing=True)
+    shape = StepShape(seq_len=256)
+    three = evaluate_sharded(spec, shape, plan, hw, gpus_per_node=3)
+    assert three.card_need_bytes() <= hw.gpu.memory_bytes < evaluate_sharded(spec, shape, plan, hw, gpus_per_node=2
+                                                                              ).card_need_bytes()
+    assert f"{three.card_need_bytes() / 2**30:.2f} GiB per GPU" in answers["3 x rtx4090"]
     assert lines[-1].startswith("evaluated ") and lines[-1].endswith(" sharded")
 
 
