@@ -31,8 +31,9 @@ replay and caching as `evaluate`, so activations, logits and temporaries are exa
              unit's until the root's post-forward (after the loss); in backward a unit's is
              freed right after its copy-out (counted on the op that starts the unit). And the
              reduce-scatter input (_fsdp_collectives.py `foreach_reduce`: the unit's gradients
-             copied into one buffer with dim 0 padded, before they are freed) on the first op
-             after a unit's backward.
+             copied into one buffer with dim 0 padded, before they are freed) from the first op
+             after a unit's backward until the next unit's post-backward (FSDP2 retains one;
+             the last is dropped at the end of backward).
   states     fp32 master + AdamW moments (12 B/param, for fp32 training too) of the spans'
              local slices only: each rank holds the part of each span inside its own dim-0
              shard rows (`local_span_bytes`, runtime.sharded_optim.local_span), so a slice of a
