@@ -9,9 +9,14 @@ while it runs (all-gathered, then freed), and each layer's gradients are reduce-
 The optimizer is `runtime.sharded_optim.ShardedChunkAdamW`: it executes a ChunkFT chunk table
 (`DistConfig.chunk_table`; None = one chunk of whole tensors, i.e. plain AdamW) with the plan's
 state tier (gpu or host), update interval, prefetch depth, AdamW hyper-parameters, clipping and
-LR schedule. Chunk k trains every parameter it touches (requires_grad; FSDP2 reduce-scatters
-their whole gradients) and steps only its spans' local slices; masters and moments exist only
-for those slices (see that module).
+LR schedule. Chunk k's whole-tensor spans train with requires_grad (FSDP2 reduce-scatters their
+gradients); its sliced spans (tensors that straddle a chunk cut) keep requires_grad=False and
+get sub-tensor gradients from runtime.subgrad -- one buffer the shape of the slice per rank,
+all_reduced at the step -- so no dense gradient of a sliced tensor exists on any rank (a sliced
+1-D norm weight falls back to its whole gradient). Each rank steps only its local rows of the
+spans; masters and moments exist only for those (see that module, which also states the
+memory a sliced span's gradient holds). `RankResult.grad_bytes` reports, per step, the
+gradients each rank held after backward.
 
 The global batch of a step (`batches[s]`, labels `labels[s]` or the ids, -100 = ignored) is
 split evenly across ranks and each rank's part into micro-batches of `micro_batch_size` rows
@@ -45,9 +50,10 @@ resumed run equals the uninterrupted one bitwise on CPU.
 
 Known limitations: one FSDP unit per decoder layer plus the root (optionally the embedding and
 the head as units of their own); no mixed-precision policy (weights, gradients and reduce in
-the training dtype); the gradient of a tensor that straddles a chunk cut is computed and
-reduce-scattered whole (the planner models this), not as ChunkAdamW's sub-tensor gradient, so
-sharded and one-process runs agree to rounding, not bitwise; the DISK state tier is
+the training dtype); sharded and one-process runs agree to rounding, not bitwise (the ranks
+sum their gradients in another order); a sliced norm weight gets its whole gradient; the
+sliced spans' sub-tensor gradients were tested with FSDP2 on CPU (gloo) only, without
+`shard_embeddings` and without activation checkpointing; the DISK state tier is
 single-process only (refused here); no offloaded (host) optimizer step or gradient staging
 (runtime.offload) on the sharded path; data is a tensor of token ids given in the config, not
 runtime.data's loader; every micro-batch must hold at least one labelled token; the CUDA/NCCL

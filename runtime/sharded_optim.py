@@ -5,11 +5,24 @@ across the W ranks, ceil(rows / W) rows per rank (the last ranks may hold fewer 
 none: FSDP2 pads dim 0 to a multiple of W and `to_local()` returns the real rows only; a 1-D
 tensor's rows are its elements). One chunk of a `planner.chunks.ChunkTable` is active at a time:
 
-- Gradients. Every parameter the active chunk touches (any span) gets requires_grad=True, every
-  other parameter False. FSDP2 then computes the touched tensors' whole gradients and
-  reduce-scatters them (averaged over ranks) to each rank's dim-0 shard; frozen parameters get
-  no gradient and no reduce-scatter. (Unlike ChunkAdamW's sub-tensor gradients, a tensor that
-  straddles a chunk cut gets its whole gradient, of which the step reads the span's part.)
+- Gradients. The active chunk's GradSpec is installed with `runtime.subgrad.install`, as
+  ChunkAdamW does. A whole-tensor span's parameter gets requires_grad=True: FSDP2 computes its
+  gradient and reduce-scatters it (averaged over ranks) to each rank's dim-0 shard. A sliced
+  span (a tensor that straddles a chunk cut) keeps requires_grad=False, so FSDP2 neither
+  computes nor reduces a gradient for it (no dense gradient exists, on any rank); subgrad's
+  forward hook on its nn.Linear / nn.Embedding owner adds just the slice's gradient, computed
+  in backward from the saved input (x or the ids) and grad_output, to a buffer shaped like the
+  full (unsharded) slice, accumulated over the rank's micro-batches. FSDP2's hooks do not
+  disturb this: its pre-forward hook is prepended, so subgrad's hook runs after the unshard
+  (or after the post-forward reshard of a unit that is the owner itself); the rule reads the
+  module's parameter only for its dtype and global shape, which a resharded DTensor keeps.
+  At step time each rank all_reduces (SUM) every sliced span's buffer in table order and
+  reads its local rows of the result. Every other parameter: requires_grad=False, nothing.
+  Fallback: a sliced span whose subgrad rule would recompute its module in backward with
+  functional_call (a 1-D norm weight; `subgrad.recomputes_in_backward`) would meet FSDP2's
+  resharded (DTensor) parameter there, so it gets its whole gradient (FSDP2's path; 1-D,
+  hidden_size elements) and the step reads the span's part. `sub_tensor[k]` names chunk k's
+  sub-tensor spans; `grad_bytes()` reports the gradients a rank holds.
 - State. For every span of every chunk, only the part inside this rank's shard: a dim-0 span
   (or a 1-D tensor's element range) intersected with the shard's rows, a dim-1 span as all local
   rows x the span's columns (`local_span`). An fp32 master (float64 for a float64 model, as
@@ -20,15 +33,42 @@ tensor's rows are its elements). One chunk of a `planner.chunks.ChunkTable` is a
   by the global L2 norm of the active spans' gradients: each rank sums the squares of its local
   span slices (never the rest of a touched tensor, never padding) and one all_reduce adds them.
   The master is written back into the local shard (cast to the parameter dtype) and every
-  gradient is dropped. `grad_multiplier` scales every gradient read (runtime.distributed: W,
-  turning FSDP2's average of token-share-weighted gradients into their sum). After
+  gradient is dropped. `grad_multiplier` scales every gradient read, as the ranks' average:
+  FSDP2's reduce-scatter averages, a slice's all_reduce sums and the step divides it by W
+  (runtime.distributed passes W, turning the average of token-share-weighted gradients into
+  their sum: a sliced span's factor is then W / W = 1 exactly). After
   `update_interval` successful steps the next chunk (cyclically) becomes active. The step's
   temporaries are one span slice's at a time, as ChunkAdamW's: its gradient cast to fp32 (none
   for fp32, which is scaled in place) and AdamW's `exp_avg_sq.sqrt()` and its quotient.
 - fp16. A `runtime.scaler.LossScaler` scales the loss (`backward`); the step checks its local
-  span slices for inf/nan and all_reduces the flag (MAX), so every rank skips the same steps and
-  backs off the same scale. The check runs on the reduce-scattered gradients, not as each
-  gradient is produced (FSDP2 produces them inside its own reduce-scatter).
+  span slices for inf/nan -- of the reduce-scattered shards and of the all_reduced slices (each
+  row by the rank that owns it) -- and all_reduces the flag (MAX), so every rank skips the same
+  steps and backs off the same scale. The check runs on the reduced gradients, not as each
+  gradient is produced (FSDP2 produces them inside its own reduce-scatter). Clipping likewise
+  sums the squares of every rank's local rows of both kinds, each row once.
+- Memory of a sliced span's gradient, per rank (what planner.sharding models):
+  * created during the backward of the step's first micro-batch, when the span's owner module
+    runs its backward (runtime.subgrad: the first contribution becomes the buffer);
+  * shape: the whole span, unsharded -- dim 0 rows [s, e) of an (R, C) weight: (e - s) x C;
+    dim 1 columns: R x (e - s); a bias: e - s -- plus one row for an nn.Embedding owner
+    (storage (e - s + 1) x C, or (R + 1) x (e - s): the dummy row subgrad's index_add sends
+    other tokens to); dtype: the parameter's (training) dtype, as ChunkAdamW's;
+  * every later micro-batch computes its contribution (one more slice-sized tensor in that
+    dtype, plus the rule's own operands: grad_output's span columns / the input's span columns
+    for a Linear, an int64 index over the tokens for an Embedding) and adds it in place; the
+    contribution is freed as soon as it is added;
+  * at step(): a 4-byte-per-span flag all_reduce (MAX: which spans got a gradient on any rank),
+    then each buffer all_reduced (SUM) in place, one span after another (NCCL: no temporary;
+    gloo stages through its own buffers); a rank whose micro-batches gave a span nothing joins
+    with a zero buffer of the same size (never for a causal LM's modules). Then, one span at a
+    time, the local rows' fp32 cast for bf16 / fp16 (none for fp32) for clipping and for the
+    AdamW update, as for any span;
+  * freed at the end of step() (or of a skipped fp16 step): the handle's table is emptied.
+  The chunk tables planner.chunks makes slice at most two spans per chunk (its first and
+  last), so a rank holds at most two such buffers, each at most one chunk's bytes (+ one row).
+  No whole-tensor gradient of the parameter exists: neither the unsharded one during backward
+  nor its reduce-scattered shard. Communication: one all_reduce of each sliced span per step
+  (ring: 2 (W - 1) / W x slice bytes sent per rank) instead of the tensor's reduce-scatter.
 - Tiers. GPU: every chunk's state on the step device. HOST: every chunk's state rests in host
   memory (pinned with CUDA); the active chunk's is a working copy on the step device (also on a
   CPU run, where it is a separate clone: the memory layout of a GPU run, like ChunkAdamW's
@@ -43,6 +83,13 @@ the tensor bytes, checked when read.
 Known limitations:
 - Only FSDP2's default layout is understood: DTensors with the single placement Shard(0) on a
   1-D mesh (or plain tensors: one process, no sharding); 0-dim parameters are refused.
+- A sliced 1-D parameter of a module other than nn.Linear / nn.Embedding (a norm weight) gets
+  its whole gradient (hidden_size elements, reduce-scattered by FSDP2), not a sub-tensor one.
+- A sliced span's buffer is the whole unsharded slice on every rank and is all_reduced, not
+  reduce-scattered: each rank reads only its local rows of it (simple, and at most two spans
+  per chunk; a reduce-scatter to the span's row owners would hold less after the reduction).
+- subgrad's limitations apply to sliced spans (owners must be nn.Linear / nn.Embedding or 1-D;
+  only uses inside the owner's forward are seen). Tied weights under FSDP2 are untested.
 - Prefetch depth beyond 1 behaves as 1; eviction is synchronous (as ChunkAdamW).
 - The fp16 overflow check reads each span's reduced gradient once after backward (one extra
   pass over the active spans' gradient bytes), not NVMSA's on-the-fly check.

@@ -6,10 +6,13 @@ on the whole global batch.
 
 ChunkFT: a 5-chunk table of a tiny Llama whose cuts slice the embedding and lm_head along dim 0
 (odd vocabulary: uneven shards, one rank holding none of a span) and two MLP weights along dim
-1; host state tier, update interval 2, clipping, weight decay, labels with ignored tokens
-spread unevenly over the ranks, two micro-batches per rank. An uninterrupted run of 12 steps
-against ChunkAdamW in one process, saving after 6 and 7 steps (7: mid-chunk), and a run resumed
-from the 7-step checkpoint to the end.
+1, and the final norm weight split over the last two chunks (the last then has two sliced
+spans; a norm's slice falls back to its whole gradient); host state tier, update interval 2,
+clipping, weight decay, labels with ignored tokens spread unevenly over the ranks, two
+micro-batches per rank. An uninterrupted run of 12 steps against ChunkAdamW in one process,
+saving after 6 and 7 steps (7: mid-chunk), and a run resumed from the 7-step checkpoint to the
+end. Every step of every rank reports the gradients it holds after backward: sub-tensor slices
+for the sliced spans, no gradient (and no requires_grad) at all for their parameters.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from planner.chunks import ChunkTable
+from planner.chunks import ChunkSpan, ChunkTable
 from planner.errors import ChunkftError
 from planner.measure import mallinfo2_available
 from planner.model import ModelSpec
@@ -85,6 +88,8 @@ def test_each_rank_holds_half_the_parameters_and_their_state(runs):
     first, _, model, _ = runs
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     assert all(r.local_param_bytes == total // WORLD for r in first)  # every dim 0 even
+    for r in first:  # full fine-tuning: every parameter's reduce-scattered shard gradient, no slices
+        assert all(g["slice"] == {} and sum(g["shard"].values()) == total // WORLD for g in r.grad_bytes)
     # GPU tier, fp32: master + two moments of the rank's half, all on the (CPU) step device
     assert all(r.state_bytes == {"device": 3 * total // WORLD, "host": 0} for r in first)
 
@@ -105,6 +110,19 @@ CHUNKED_STEPS = 12
 MAX_GRAD_NORM = 0.5
 
 
+NORM = "model.norm.weight"
+
+
+def _chunked_table() -> ChunkTable:
+    """5 chunks, cuts along dims 0 and 1; the final norm's elements [40, 64) moved to chunk 4."""
+    table = ChunkTable.from_json(chunk_table_for(SMALL.to_dict(), 5, cut_dims=CUT_DIMS))
+    chunks = [list(c) for c in table.chunks]
+    k, i = next((k, i) for k, c in enumerate(chunks) for i, s in enumerate(c) if s.param == NORM)
+    chunks[k][i] = ChunkSpan(param=NORM, dim=0, start=0, end=40, nbytes=40 * 4)
+    chunks[4].insert(0, ChunkSpan(param=NORM, dim=0, start=40, end=64, nbytes=24 * 4))
+    return ChunkTable(chunks=tuple(tuple(c) for c in chunks), shapes=table.shapes)
+
+
 def _chunked_config(**kw) -> DistConfig:
     ids = torch.randint(0, SMALL.vocab_size, (1, 4, 64), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
@@ -113,7 +131,7 @@ def _chunked_config(**kw) -> DistConfig:
     kw = {"state_tier": "host", **kw}
     return DistConfig(model_config=SMALL.to_dict(), batches=ids.expand(CHUNKED_STEPS, -1, -1).clone(),
                       labels=labels.expand(CHUNKED_STEPS, -1, -1).clone(), micro_batch_size=1,
-                      chunk_table=chunk_table_for(SMALL.to_dict(), 5, cut_dims=CUT_DIMS), update_interval=2,
+                      chunk_table=_chunked_table().to_json(), update_interval=2,
                       adamw=AdamWConfig(lr=1e-3, weight_decay=0.1, max_grad_norm=MAX_GRAD_NORM), **kw)
 
 
@@ -134,8 +152,40 @@ def chunked(tmp_path_factory):
 def test_table_slices_tensors_along_both_dims():
     table = ChunkTable.from_json(_chunked_config().chunk_table)
     sliced = {(s.param, s.dim) for c in table.chunks for s in c if not table.is_whole(s)}
-    assert {("model.embed_tokens.weight", 0), ("lm_head.weight", 0)} <= sliced
+    assert {("model.embed_tokens.weight", 0), ("lm_head.weight", 0), (NORM, 0)} <= sliced
     assert {(n, 1) for n in CUT_DIMS} <= sliced
+    assert [s.param for s in table.chunks[4] if not table.is_whole(s)] == [NORM, "lm_head.weight"]
+
+
+def _expected_grad_bytes(table: ChunkTable, k: int, rank: int) -> dict:
+    """fp32 on 2 ranks: a whole-gradient span's parameter holds its dim-0 shard's gradient (rank r
+    the rows [r * ceil(R / 2), ...)); a sliced span (bar the 1-D norm: whole) one full slice-shaped
+    buffer, its rows and columns, plus one row for the embedding (subgrad's dummy row)."""
+    shard, slices = {}, {}
+    for s in table.chunks[k]:
+        shape = table.shapes[s.param]
+        row = 1 if len(shape) == 1 else shape[1]
+        if table.is_whole(s) or s.param == NORM:
+            per = -(-shape[0] // WORLD)
+            shard[s.param] = max(min(per, shape[0] - rank * per), 0) * row * 4
+        else:
+            extra = s.param == "model.embed_tokens.weight"
+            slices[s.param] = ((s.end - s.start + extra) * row if s.dim == 0 else shape[0] * (s.end - s.start)) * 4
+    return {"shard": shard, "slice": slices, "requires_grad": dict.fromkeys(shard, 1)}
+
+
+def test_sliced_parameters_hold_only_their_slices_gradient(chunked):
+    full, resumed, _, _, _ = chunked
+    table = _chunked_table()
+    for runs, first in ((full, 0), (resumed, 7)):
+        for r in runs:
+            for step, held in enumerate(r.grad_bytes, start=first):
+                # after backward: no .grad and no requires_grad for a sliced parameter (FSDP2 neither
+                # computed nor reduce-scattered a dense gradient); its buffer is exactly its slice
+                assert held == _expected_grad_bytes(table, (step // 2) % 5, r.rank), (r.rank, step)
+    # the embedding's first chunk: 435 of 509 rows as one buffer on each rank, nothing sharded
+    assert full[1].grad_bytes[0] == {"shard": {}, "slice": {"model.embed_tokens.weight": 436 * 64 * 4},
+                                     "requires_grad": {}}
 
 
 def test_chunkft_sliced_spans_sharded_match_chunk_adamw(chunked):
