@@ -1,8 +1,10 @@
 """runtime.sharded_optim without processes: shard geometry, and ShardedChunkAdamW on an unsharded
 model (one process, plain tensors) against ChunkAdamW -- sliced spans with sub-tensor gradients
 (no dense gradient for a sliced parameter, checked after every backward), a sliced norm weight
-with its whole gradient (the fallback); state round trips (bitwise) and refusals. The sharded
-runs themselves are tests/test_distributed.py's."""
+with its whole gradient (the fallback); the same under FSDP2 on a one-rank gloo group in this
+process, where forward hooks see what FSDP2 hands each Linear / Embedding (the unsharded
+parameter, requires_grad only for whole spans); state round trips (bitwise) and refusals. The
+multi-rank runs are tests/test_distributed.py's."""
 
 from __future__ import annotations
 
@@ -154,6 +156,47 @@ def test_sliced_norm_weight_gets_its_whole_gradient_and_equals_chunk_adamw():
         assert torch.equal(a, b), name
     opt.close()
     ref.close()
+
+
+def test_fsdp2_hands_sliced_parameters_over_without_requires_grad(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from runtime.distributed import shard_model
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ref_model, model = _model(), _model()
+        table = make_chunk_table_from_model(model, 4, cut_dims=CUT_DIMS)
+        shard_model(model)  # every decoder layer a unit, then the root
+        assert isinstance(model.get_parameter("model.layers.0.self_attn.o_proj.weight"), DTensor)
+        ref = ChunkAdamW(ref_model, table, config=ADAMW, schedule=SCHEDULE, update_interval=2,
+                         host_state_in_place=False)
+        opt = ShardedChunkAdamW(model, table, config=ADAMW, schedule=SCHEDULE, update_interval=2)
+        seen, expected, held = [], [], []
+        names = {m: n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+
+        def record(module, args, out):  # the parameter FSDP2 handed the module for this forward
+            w = module.weight
+            seen.append((names[module], w.requires_grad, type(w) is torch.nn.Parameter, tuple(w.shape)))
+            spec = opt.grad_spec(opt.active_chunk)[names[module] + ".weight"]
+            expected.append((names[module], spec is True, True, table.shapes[names[module] + ".weight"]))
+
+        hooks = [m.register_forward_hook(record) for m in names]
+        steps = range(8)
+        losses = _train(model, opt, steps, probe=lambda o: held.append(
+            o.grad_bytes() == expected_grad_bytes(model, table, o.active_chunk, o.sub_tensor[o.active_chunk])))
+        for h in hooks:
+            h.remove()
+        assert len(seen) == len(steps) * len(names) and seen == expected  # unsharded, frozen unless whole
+        assert held == [True] * len(steps)
+        assert losses == _train(ref_model, ref, steps)  # one rank: FSDP2's reduce-scatter is the identity
+        for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+            assert torch.equal(a.full_tensor(), b), name
+        opt.close()
+        ref.close()
+    finally:
+        dist.destroy_process_group()
 
 
 def test_state_file_round_trip_mid_chunk_continues_bitwise(tmp_path):
