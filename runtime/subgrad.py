@@ -20,6 +20,10 @@
     dense gradient is 1-D (hidden_size elements), so it is negligible.
   A tied weight (lm_head sharing embed_tokens) has two owners; both contribute to its slice.
 
+`recomputes_in_backward(model, name)` says whether a slice of `name` would use the generic
+rule (runtime.sharded_optim gives such a parameter its whole gradient under FSDP2, which may
+swap the module's parameter for its shard between forward and the recompute).
+
 Nothing is replaced or patched: the model's classes and code run unchanged, and nothing is
 stored on nn.Parameter. Works on FakeTensor models (the planner's tracer installs the same
 hooks). Hooks do nothing while grad mode is off (eval, the first pass of reentrant
