@@ -15,8 +15,8 @@ get sub-tensor gradients from runtime.subgrad -- one buffer the shape of the sli
 all_reduced at the step -- so no dense gradient of a sliced tensor exists on any rank (a sliced
 1-D norm weight falls back to its whole gradient). Each rank steps only its local rows of the
 spans; masters and moments exist only for those (see that module, which also states the
-memory a sliced span's gradient holds). `RankResult.grad_bytes` reports, per step, the
-gradients each rank held after backward.
+memory a sliced span's gradient holds). With `record_grad_bytes`, `RankResult.grad_bytes`
+reports, per step, the gradients each rank held after backward.
 
 The global batch of a step (`batches[s]`, labels `labels[s]` or the ids, -100 = ignored) is
 split evenly across ranks and each rank's part into micro-batches of `micro_batch_size` rows
@@ -133,6 +133,9 @@ class DistConfig:
     """Measure this step's C-heap peak per rank (planner.measure.MallocSampler, CPU only)."""
     record_samples: bool = False
     """Keep the measured step's per-op samples (op name, bytes above baseline)."""
+    record_grad_bytes: bool = False
+    """Keep every step's `ShardedChunkAdamW.grad_bytes()` (the gradients each rank holds after
+    backward, by parameter) in RankResult.grad_bytes."""
     shard_embeddings: bool = False
     """Input embedding and output head (final norm + lm_head) as FSDP units of their own."""
     device: str = "cpu"
@@ -184,8 +187,8 @@ class RankResult:
     samples: tuple = ()
     """(op name, bytes above baseline) after every op of the measured step, if recorded."""
     grad_bytes: tuple = ()
-    """Per step trained, after its backward and before its optimizer step:
-    `ShardedChunkAdamW.grad_bytes()` (the gradients this rank holds, by parameter)."""
+    """With `record_grad_bytes`, per step trained, after its backward and before its optimizer
+    step: `ShardedChunkAdamW.grad_bytes()` (the gradients this rank holds, by parameter)."""
 
 
 def _labelled(labels: torch.Tensor) -> int:
@@ -476,7 +479,7 @@ def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, wor
 
 def _train_step(model, optimizer, config: DistConfig, step: int, rank: int, world: int):
     share = _micro_steps(model, optimizer, config, step, rank, world)
-    held = optimizer.grad_bytes()
+    held = optimizer.grad_bytes() if config.record_grad_bytes else None
     return share, optimizer.step(), held
 
 
@@ -527,7 +530,8 @@ def train_rank(config: DistConfig) -> RankResult:
                 share, result, grads = out[0]
             else:
                 share, result, grads = _train_step(model, optimizer, config, step, rank, world)
-            held.append(grads)
+            if grads is not None:
+                held.append(grads)
             skipped += not result.stepped
             norms.append(result.grad_norm)
             for at, directory in config.save_at:

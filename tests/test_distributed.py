@@ -61,7 +61,8 @@ def runs(tmp_path_factory):
     torch.manual_seed(7)
     AutoModelForCausalLM.from_config(CONFIG).save_pretrained(tmp / "init")
     init = str(tmp / "init")
-    ranks = run_distributed(_config(init_from=init, measure_step=1, out_dir=str(tmp / "step4")), WORLD)
+    ranks = run_distributed(_config(init_from=init, measure_step=1, out_dir=str(tmp / "step4"),
+                                    record_grad_bytes=True), WORLD)
     losses, model = run_single(_config(init_from=init))
     return ranks, losses, model, tmp
 
@@ -89,6 +90,7 @@ def test_each_rank_holds_half_the_parameters_and_their_state(runs):
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     assert all(r.local_param_bytes == total // WORLD for r in first)  # every dim 0 even
     for r in first:  # full fine-tuning: every parameter's reduce-scattered shard gradient, no slices
+        assert len(r.grad_bytes) == STEPS
         assert all(g["slice"] == {} and sum(g["shard"].values()) == total // WORLD for g in r.grad_bytes)
     # GPU tier, fp32: master + two moments of the rank's half, all on the (CPU) step device
     assert all(r.state_bytes == {"device": 3 * total // WORLD, "host": 0} for r in first)
@@ -128,7 +130,7 @@ def _chunked_config(**kw) -> DistConfig:
     labels = ids.clone()
     labels[:, 2, :40] = -100  # rank 1's first micro-batch: fewer labelled tokens than the others
     labels[:, 0, 60:] = -100
-    kw = {"state_tier": "host", **kw}
+    kw = {"state_tier": "host", "record_grad_bytes": True, **kw}
     return DistConfig(model_config=SMALL.to_dict(), batches=ids.expand(CHUNKED_STEPS, -1, -1).clone(),
                       labels=labels.expand(CHUNKED_STEPS, -1, -1).clone(), micro_batch_size=1,
                       chunk_table=_chunked_table().to_json(), update_interval=2,
@@ -179,6 +181,7 @@ def test_sliced_parameters_hold_only_their_slices_gradient(chunked):
     table = _chunked_table()
     for runs, first in ((full, 0), (resumed, 7)):
         for r in runs:
+            assert len(r.grad_bytes) == CHUNKED_STEPS - first
             for step, held in enumerate(r.grad_bytes, start=first):
                 # after backward: no .grad and no requires_grad for a sliced parameter (FSDP2 neither
                 # computed nor reduce-scattered a dense gradient); its buffer is exactly its slice
