@@ -11,7 +11,8 @@ spans; a norm's slice falls back to its whole gradient); host state tier, update
 clipping, weight decay, labels with ignored tokens spread unevenly over the ranks, two
 micro-batches per rank. An uninterrupted run of 12 steps against ChunkAdamW in one process,
 saving after 6 and 7 steps (7: mid-chunk), and a run resumed from the 7-step checkpoint to the
-end. Every step of every rank reports the gradients it holds after backward: sub-tensor slices
+end (with the embedding and head as FSDP units of their own and activation checkpointing: the
+same bits). Every step of every rank reports the gradients it holds after backward: sub-tensor slices
 for the sliced spans, no gradient (and no requires_grad) at all for their parameters.
 """
 
@@ -146,7 +147,10 @@ def chunked(tmp_path_factory):
     init = str(tmp / "init")
     full = run_distributed(_chunked_config(init_from=init, out_dir=str(tmp / "full"),
                                            save_at=((6, str(tmp / "ck6")), (7, str(tmp / "ck7")))), WORLD)
-    resumed = run_distributed(_chunked_config(resume_from=str(tmp / "ck7"), out_dir=str(tmp / "end")), WORLD)
+    # the resumed run also shards the embedding and the head as units of their own and
+    # checkpoints activations: sub-tensor gradients under FSDP2's other hook orders, same bits
+    resumed = run_distributed(_chunked_config(resume_from=str(tmp / "ck7"), out_dir=str(tmp / "end"),
+                                              shard_embeddings=True, checkpointing=True), WORLD)
     losses, model = run_single(_chunked_config(init_from=init))
     return full, resumed, losses, model, tmp
 
