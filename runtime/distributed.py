@@ -52,8 +52,8 @@ Known limitations: one FSDP unit per decoder layer plus the root (optionally the
 the head as units of their own); no mixed-precision policy (weights, gradients and reduce in
 the training dtype); sharded and one-process runs agree to rounding, not bitwise (the ranks
 sum their gradients in another order); a sliced norm weight gets its whole gradient; the
-sliced spans' sub-tensor gradients were tested with FSDP2 on CPU (gloo) only, without
-`shard_embeddings` and without activation checkpointing; the DISK state tier is
+sliced spans' sub-tensor gradients were tested with FSDP2 on CPU (gloo) only (fp32 and fp16,
+with and without `shard_embeddings` and activation checkpointing); the DISK state tier is
 single-process only (refused here); no offloaded (host) optimizer step or gradient staging
 (runtime.offload) on the sharded path; data is a tensor of token ids given in the config, not
 runtime.data's loader; every micro-batch must hold at least one labelled token; the CUDA/NCCL
