@@ -17,13 +17,17 @@ replay and caching as `evaluate`, so activations, logits and temporaries are exa
              computes: in backward explicitly, in forward on CUDA by the CPU running ahead of
              the GPU; `forward_prefetch=False` is a CPU run, where it cannot), with padding.
              During the optimizer step every unit is resharded.
-  gradients  ChunkFT chunk k gives every parameter it touches (any span, sliced or whole)
-             requires_grad and nothing else: FSDP2 computes those tensors' WHOLE gradients, so
-             chunk k's step is traced with a grad spec where every slice is the whole tensor
-             (`whole_tensor_grad_spec`). A unit's gradients are reduce-scattered once its
-             backward is done: from then on its padded shards (FSDP2's reduce-scatter output).
-             The root's gradients (lm_head first in backward, unless a unit of its own) stay
-             unsharded to the end of backward. During the optimizer step all are shards.
+  gradients  ChunkFT chunk k, as runtime.sharded_optim trains it (`sharded_grad_spec`): a whole
+             span's tensor, and a sliced 1-D tensor (a norm weight), gets requires_grad and
+             FSDP2's whole gradient; a sliced span of a matrix gets a sub-tensor gradient from
+             runtime.subgrad (requires_grad stays off, FSDP2 neither computes nor reduces it):
+             a buffer of the whole unsharded slice (+ one row for an nn.Embedding owner) on every
+             rank, from its owner's backward to the end of the step, all_reduced at the step.
+             The trace is run with that spec, so both kinds are the trace's own bytes. A unit's
+             FSDP2 gradients are reduce-scattered once its backward is done: from then on its
+             padded shards (FSDP2's reduce-scatter output). The root's gradients (lm_head first
+             in backward, unless a unit of its own) stay unsharded to the end of backward.
+             During the optimizer step FSDP2 gradients are shards, slice buffers whole.
   comm       in TEMPORARIES: FSDP2's all-gather output buffers, which it copies the unsharded
              parameters out of. In forward the newest one lives until the next unit's copy-out
              (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, `all_gather_state`:
@@ -49,9 +53,9 @@ the worst (chunk, rank)'s, host / disk the fullest rank's, `node_host_bytes` the
 W = 1 is not sharded (no FSDP) and returns `evaluate`'s estimate exactly (sub-tensor gradients,
 runtime.chunk_optim).
 
-Chunk traces: "exact" traces each chunk-pattern group's first chunk with whole-tensor gradients
+Chunk traces: "exact" traces each chunk-pattern group's first chunk with `sharded_grad_spec`
 (evaluate's `chunk_groups`) and evaluates every chunk; "bound" uses the full-FT trace with the
-gradients capped at the chunk's touched tensors for every chunk, evaluated for the chunks with
+gradients capped at the chunk's FSDP2 gradients and slice buffers for every chunk, evaluated for the chunks with
 the largest analytic bytes (`_bound_chunks`); "auto" is exact up to 2B parameters. Everything
 that does not depend on W (traces, layouts, chunk groups) is cached across world sizes and GPU
 kinds (`_prepare`; only the cuBLAS workspace, via the SM architecture, depends on the kind).
@@ -59,8 +63,8 @@ kinds (`_prepare`; only the cuBLAS workspace, via the SM architecture, depends o
 Communication per step (ring collectives: each rank sends and receives (W-1)/W of the
 unsharded bytes): all-gather of every parameter in forward and, in backward, of every unit
 backward reaches (with the one below it, prefetched) - the root is not resharded after
-forward; reduce-scatter of the touched tensors' padded gradients, in the training dtype (no
-mixed-precision reduce). Bandwidth: NVLink per GPU kind within a node
+forward; reduce-scatter of the FSDP2 gradients (dim 0 padded), in the training dtype (no
+mixed-precision reduce); all_reduce of the sliced spans' buffers (2 (W-1)/W of their bytes). Bandwidth: NVLink per GPU kind within a node
 (`NVLINK_BANDWIDTH_BPS`, PCIe peer-to-peer for kinds without NVLink), the inter-node network
 across nodes (`INTER_NODE_BANDWIDTH_BPS`); the slowest link paces a ring. FSDP overlaps
 communication with compute: the step time adds the part of the communication time that exceeds
@@ -69,8 +73,9 @@ the step's compute time (`comm` term); the optimizer and chunk-switch terms shri
 Measured on CPU (2 gloo ranks, tiny Llama: hidden 128, 4 layers, vocab 2048, 512 tokens):
 full FT fp32 (tests/test_distributed.py), each rank's mallinfo2 peak 34.46 MB against
 `cpu_rank_rise_bytes`' 34.07 MB (1.2% under: malloc headers and autograd nodes, ~1 KB per
-forward op); ChunkFT C = 4 (sliced spans), every chunk at steps 1-4, fp32 / bf16, state on
-host (prefetch 0 / 1) or GPU: 0.7-1.6% under (tests/test_sharding.py pins one). The first step
+forward op); ChunkFT C = 4 and 8 (sliced k_proj, down_proj, embedding, lm_head spans), fp32 / bf16, state
+on host (prefetch 0 / 1) or GPU, every chunk measured: 0.7-1.6% under (tests/test_sharding.py
+pins one). The first step
 of a run measures ~10% more (lazy initialisation), and is not what is modelled.
 
 Known limitations: the reserved bytes keep the single-rank trace's free-block slack, and the
@@ -82,9 +87,10 @@ through the loss's backward, where FSDP2 has resharded it until its pre-backward
 up to two head units (measured on CPU: predicted 33.48 MB, measured 31.77 MB, 5.4% over). Every
 rank's shards and gathered units are modelled padded (the last ranks hold fewer real rows). The
 step time's compute is evaluate's model at the mean flops of the chunks' steps (exact: the
-whole-tensor-gradient traces; bound: evaluate's analytic flops, which count sliced spans'
-weight-gradient matmuls as slices). No tensor / pipeline parallelism; `shape` must be the same
-on every rank.
+`sharded_grad_spec` traces; bound: evaluate's analytic flops). No tensor / pipeline parallelism; `shape` must be the same
+on every rank. A sliced 1-D tensor is taken to be a norm weight (whole gradient), a Linear
+bias would get a sub-tensor one; gloo's staging buffers for the slices' all_reduce (CPU) and
+NCCL's are not counted.
 """
 
 from __future__ import annotations
@@ -146,7 +152,7 @@ class ShardedEstimate:
     all_gather_bytes: int
     """Unsharded bytes all-gathered per step (forward + backward re-gather)."""
     reduce_scatter_bytes: int
-    """Unsharded gradient bytes reduce-scattered per step."""
+    """Unsharded gradient bytes reduce-scattered per step (FSDP2: dim 0 padded)."""
     interconnect_Bps: float
     comm_time_s: float
     """Time of the step's collectives at `interconnect_Bps`, before overlap."""
@@ -158,6 +164,8 @@ class ShardedEstimate:
     worst_chunk: int | None = None
     shard_embeddings: bool = False
     """Input embedding and output head (final norm + lm_head) are FSDP units of their own."""
+    all_reduce_bytes: int = 0
+    """Bytes of the sub-tensor gradient buffers all_reduced at the step (sliced ChunkFT spans)."""
     worst_rank: int = 0
     """The rank whose GPU need is reported (ranks hold different parts of sliced spans)."""
     node_host_bytes: int = 0
@@ -373,7 +381,7 @@ def rank_live(traced: "TracedStep", layout: "ParamLayout", grads: Collection[str
               live: np.ndarray | None = None, schedule: _Schedule | None = None) -> np.ndarray:
     """Per-rank live bytes per component after every traced op (module doc), W > 1.
 
-    `grads`: names of the parameters that get a (whole-tensor) gradient this step; `live`: the
+    `grads`: names of the parameters FSDP2 computes a (whole) gradient of this step; `live`: the
     trace's live array after evaluate's adjustments (default: traced.live); `schedule`:
     `_schedule` of this trace, layout, world and options, when the caller reuses it."""
     live = (traced.live if live is None else live).astype(np.int64).copy()
@@ -518,7 +526,10 @@ class _Prepared:
     spans: tuple
     """Spans per chunk (C = 1: one chunk of every parameter whole)."""
     touched: tuple[frozenset, ...]
-    """Per chunk: the parameters that get a whole-tensor gradient."""
+    """Per chunk: the parameters FSDP2 computes and reduce-scatters a whole gradient of."""
+    sliced: tuple[tuple[int, ...], ...]
+    """Per chunk: bytes of each sub-tensor gradient buffer (sliced spans, whole and unsharded
+    on every rank, all_reduced at the step)."""
     cases: tuple[tuple["TracedStep", int], ...]
     """(traced step, chunk) for every chunk examined; exact mode: every chunk, each with its
     group's representative trace; bound mode: every chunk, with the one full-FT trace."""
@@ -554,9 +565,32 @@ def _cached_schedule(traced: "TracedStep", layout: "ParamLayout", world: int, sh
     return hit[1]
 
 
-def whole_tensor_grad_spec(table: "ChunkTable", k: int) -> dict[str, bool]:
-    """Chunk k's GradSpec as the sharded runtime trains it: every touched tensor whole."""
-    return {name: v is not False for name, v in table.grad_spec(k).items()}
+def sharded_grad_spec(table: "ChunkTable", k: int) -> dict:
+    """Chunk k's GradSpec as runtime.sharded_optim trains it: a sliced span of a matrix keeps its
+    sub-tensor gradient (runtime.subgrad on its nn.Linear / nn.Embedding owner); a sliced 1-D
+    tensor (a norm weight, whose subgrad rule would recompute the module in backward) gets its
+    whole gradient, as whole spans do."""
+    spec = table.grad_spec(k)
+    return {n: v if v is False or v is True or len(table.shapes[n]) > 1 else True for n, v in spec.items()}
+
+
+def _chunk_grads(table: "ChunkTable", k: int, layout: "ParamLayout") -> tuple[frozenset, tuple[int, ...]]:
+    """(parameters with an FSDP2 gradient, bytes of each sub-tensor gradient buffer) of chunk k.
+    A buffer is the whole unsharded slice in the training dtype, plus one row for an
+    nn.Embedding owner (subgrad's index_add sends other tokens to a dummy row)."""
+    spec = sharded_grad_spec(table, k)
+    whole = frozenset(n for n, v in spec.items() if v is True)
+    shapes = dict(table.shapes)
+    buffers = []
+    for sp in table.chunks[k]:
+        if spec[sp.param] is True:
+            continue
+        extra = 0
+        if sp.param == layout.input_embedding:  # one more row: (e - s + 1) x C, or (R + 1) x (e - s)
+            rows = sp.end - sp.start if sp.dim == 0 else shapes[sp.param][0]
+            extra = sp.nbytes // max(rows, 1)
+        buffers.append(sp.nbytes + extra)
+    return whole, tuple(buffers)
 
 
 def _prepare(model: "ModelSpec", shape: "StepShape", strategy: Strategy, sm: int, chunk_traces: str) -> _Prepared:
@@ -577,7 +611,14 @@ def _prepare(model: "ModelSpec", shape: "StepShape", strategy: Strategy, sm: int
                               loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm)
 
     spans = _spans_of(strategy, model, layout, shape.dtype)
-    touched = tuple(frozenset(s.param for s in chunk) for chunk in spans)
+    if strategy.chunks == 1:
+        touched = (frozenset(n for n, _, _ in layout.named_shapes),)
+        sliced: tuple = ((),)
+    else:
+        table = ev.chunk_table(model, shape.dtype, strategy.chunks)
+        grads = [_chunk_grads(table, k, layout) for k in range(table.num_chunks)]
+        touched = tuple(g[0] for g in grads)
+        sliced = tuple(g[1] for g in grads)
     if strategy.chunks == 1:
         traced = trace(None)
         cases: list = [(traced, 0)]
@@ -586,7 +627,7 @@ def _prepare(model: "ModelSpec", shape: "StepShape", strategy: Strategy, sm: int
         table = ev.chunk_table(model, shape.dtype, strategy.chunks)
         cases = []
         for group in ev.chunk_groups(table, layout.layer_prefix):
-            traced = trace(whole_tensor_grad_spec(table, group[0]))
+            traced = trace(sharded_grad_spec(table, group[0]))
             cases += [(traced, k) for k in group]
         cases.sort(key=lambda c: c[1])
         flops = [c[0].flops for c in cases]
@@ -594,7 +635,7 @@ def _prepare(model: "ModelSpec", shape: "StepShape", strategy: Strategy, sm: int
         traced = trace(None)
         cases = [(traced, k) for k in range(len(spans))]
         flops = [traced.flops] * len(spans)
-    prepared = _Prepared(layout=layout, spans=spans, touched=touched, cases=tuple(cases), mode=mode,
+    prepared = _Prepared(layout=layout, spans=spans, touched=touched, sliced=sliced, cases=tuple(cases), mode=mode,
                          flops=tuple(flops))
     if len(_PREPARED) >= 32:
         _PREPARED.pop(next(iter(_PREPARED)))
@@ -603,7 +644,7 @@ def _prepare(model: "ModelSpec", shape: "StepShape", strategy: Strategy, sm: int
 
 
 def _bound_chunks(prep: _Prepared, strategy: Strategy, local: np.ndarray, world: int) -> list[int]:
-    """Bound mode: the chunks whose analytic bytes (whole gradients of the touched tensors; the
+    """Bound mode: the chunks whose analytic bytes (FSDP2 gradients and slice buffers; the
     worst rank's state on the GPU plus step temporaries) are largest, as evaluate's
     `bound_candidates` picks them; the shared trace makes the rest differ by these terms only."""
     from planner import evaluate as ev
@@ -623,7 +664,7 @@ def _bound_chunks(prep: _Prepared, strategy: Strategy, local: np.ndarray, world:
         state = per_param * (sums + ahead) // elem
     static = (state + temps).max(axis=1)
     tensor = dict(zip((n for n, _, _ in layout.named_shapes), layout.tensor_bytes))
-    grads = [sum(tensor[n] for n in t) for t in prep.touched]
+    grads = [sum(tensor[n] for n in t) + sum(b) for t, b in zip(prep.touched, prep.sliced)]
     keyed = [((g, int(st)), k) for k, (g, st) in enumerate(zip(grads, static))]
     by_total = sorted(keyed, key=lambda x: (-(x[0][0] + x[0][1]), x[1]))[:ev.BOUND_CANDIDATES]
     by_grad = max(keyed, key=lambda x: (x[0][0], -x[1]))
@@ -661,7 +702,7 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
 
     `shape` is one rank's micro-batch. The worst (chunk, rank) by GPU need is reported; host
     and disk are the largest rank's, `node_host_bytes` the fullest node's. `chunk_traces` as in
-    planner.evaluate.evaluate (exact: every chunk with its group's whole-tensor-gradient trace;
+    planner.evaluate.evaluate (exact: every chunk with its group's `sharded_grad_spec` trace;
     bound: the full-FT trace for every chunk, evaluated for the chunks `_bound_chunks` picks)."""
     from planner import evaluate as ev
 
@@ -698,8 +739,9 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     for k in chunks:
         traced, _ = prep.cases[k]
         grads = prep.touched[k]
+        buffers = sum(prep.sliced[k])
         grad_active = ev.ActiveSet(chunk=k if strategy.chunks > 1 else None,
-                                   tensor_bytes=tuple(tensor[n] for n in shapes if n in grads))
+                                   tensor_bytes=tuple(tensor[n] for n in shapes if n in grads) + prep.sliced[k])
         live, reserved = ev.adjusted_gpu_live(traced, strategy, layout, grad_active)
         schedule = _cached_schedule(traced, layout, world, shard_embeddings, True)
         rank = rank_live(traced, layout, grads, world, live=live, shard_embeddings=shard_embeddings,
@@ -715,7 +757,7 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
             rs_input = _units(layout, world, grads, shard_embeddings).trained_padded[schedule.rs_unit[-1]]
         end_base[Component.WEIGHTS] -= int(schedule.gathered[-1])
         end_base[Component.TEMPORARIES] -= int(schedule.ag_buffer[-1]) + rs_input
-        end_base[Component.GRADIENTS] = grad_shard_bytes(layout, grads, world)
+        end_base[Component.GRADIENTS] = grad_shard_bytes(layout, grads, world) + buffers
         nxt = (k + 1) % num_chunks if _prefetches(strategy, num_chunks) else None
         for r, st in enumerate(_rank_states(strategy, layout, prep.spans, local, k, nxt, world, cache)):
             gpu = {c: int(rank[i, t]) + st.static.get(c, 0) for i, c in enumerate(COMPONENTS)}
@@ -739,9 +781,10 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     u = _units(layout, world, prep.touched[worst], shard_embeddings)
     all_gather = u.root_full + sum(u.full) + schedule.backward_gathered
     reduce_scatter = world * grad_shard_bytes(layout, prep.touched[worst], world)  # padded, root's included
-    comm = (world - 1) / world * (all_gather + reduce_scatter) / bw
-    # step time: evaluate's terms at the mean flops of the chunks' steps (exact: the whole-tensor
-    # gradient traces, the runtime's work; bound: evaluate's analytic flops), plus the comm term
+    all_reduce = sum(prep.sliced[worst])
+    comm = (world - 1) / world * (all_gather + reduce_scatter + 2 * all_reduce) / bw
+    # step time: evaluate's terms at the mean flops of the chunks' steps (exact: the sharded
+    # grad-spec traces, the runtime's work; bound: evaluate's analytic flops), plus the comm term
     single_key = (model.fingerprint(), shape, strategy, hw, prep.mode)
     single = _SINGLES.get(single_key)
     if single is None:
@@ -766,7 +809,7 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
         components={Tier.GPU: {c: b for c, b in gpu.items() if b}, Tier.HOST: dict(states[fullest].host),
                     Tier.DISK: dict(states[fullest].disk)},
         reserved_bytes=max(res, peak), context_bytes=ev.CUDA_CONTEXT_BYTES, all_gather_bytes=all_gather,
-        reduce_scatter_bytes=reduce_scatter, interconnect_Bps=bw, comm_time_s=comm,
+        reduce_scatter_bytes=reduce_scatter, all_reduce_bytes=all_reduce, interconnect_Bps=bw, comm_time_s=comm,
         step_time_s=float(sum(parts.values())), step_time_parts_s=parts, single=single,
         worst_chunk=worst if strategy.chunks > 1 else None, worst_rank=worst_rank, node_host_bytes=node_host,
         chunk_traces=prep.mode, shard_embeddings=shard_embeddings)
@@ -830,11 +873,11 @@ def cpu_rank_rise_bytes(model: "ModelSpec", shape: "StepShape", world: int, *, c
 
     The same per-rank model as `evaluate_sharded` over the trace replayed with the CPU
     allocator (exact byte sizes), without forward prefetch (a CPU rank cannot run ahead of its
-    own compute), the chunk's touched tensors traced with whole gradients. Optimizer state is
+    own compute), the chunk traced with `sharded_grad_spec`. Optimizer state is
     not part of the rise: the GPU tier's exists from the start, and the HOST tier's working copy
     of the chunk (a separate clone on CPU) and the prefetched next one are made at the previous
-    chunk switch, before the step. The optimizer step keeps the touched tensors' padded gradient
-    shards and adds `step_temp_allocs` for the rank's slices. With update_interval 1 the step
+    chunk switch, before the step. The optimizer step keeps the FSDP2 gradients' padded shards
+    and the sliced spans' whole buffers, and adds `step_temp_allocs` for the rank's slices. With update_interval 1 the step
     ends in a chunk switch (HOST tier): the working copy of chunk `chunk` is written back and
     freed, the next one's loaded (or, prefetching, the one after it): a rise of the difference,
     counted when positive."""
@@ -857,15 +900,19 @@ def cpu_rank_rise_bytes(model: "ModelSpec", shape: "StepShape", world: int, *, c
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world):
         raise ChunkftError(f"rank {rank!r} does not exist; valid ranks are 0..{world - 1}")
     grad = None
+    grads = frozenset(s.param for s in spans[chunk])
+    buffers = 0
     if strategy.chunks > 1:
-        grad = whole_tensor_grad_spec(ev.chunk_table(model, shape.dtype, strategy.chunks), chunk)
+        table = ev.chunk_table(model, shape.dtype, strategy.chunks)
+        grad = sharded_grad_spec(table, chunk)
+        grads, sliced = _chunk_grads(table, chunk, layout)
+        buffers = sum(sliced)
     graph = trace_step(model, shape, TraceOptions(grad=grad, checkpointing=strategy.checkpointing,
                                                   loss_chunk_tokens=strategy.loss_chunk_tokens))
     tl = graph.replay(allocator="cpu")
     traced = ev.TracedStep(live=np.stack([tl.live_bytes[c] for c in COMPONENTS]),
                            reserved=np.asarray(tl.total_bytes, dtype=np.int64), flops=0,
                            phases=tuple(op.phase for op in graph.ops), layers=tuple(op.layer for op in graph.ops))
-    grads = frozenset(s.param for s in spans[chunk])
     live = rank_live(traced, layout, grads, world, forward_prefetch=False, shard_embeddings=shard_embeddings)
     start = tl.start_bytes - layout.total_bytes + _units(layout, world, grads, shard_embeddings).shard
     step = int(live.sum(axis=0).max()) - start
@@ -873,7 +920,7 @@ def cpu_rank_rise_bytes(model: "ModelSpec", shape: "StepShape", world: int, *, c
     local = local_span_bytes([s for c in spans for s in c], shapes, world)
     bounds = np.cumsum([0] + [len(c) for c in spans])
     per_param = ev.MASTER_BYTES_PER_PARAM + ev.MOMENT_BYTES_PER_PARAM
-    grad_shards = grad_shard_bytes(layout, grads, world)
+    grad_shards = grad_shard_bytes(layout, grads, world) + buffers
     rises = []
     for r in range(world) if rank is None else (rank,):
         mine = local[bounds[chunk]:bounds[chunk + 1], r]

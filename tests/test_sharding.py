@@ -162,25 +162,32 @@ def _sliced_chunk(spec, chunks):
     return table, k
 
 
-def test_sliced_span_gets_its_whole_tensor_gradient():
+def test_sliced_spans_get_sub_tensor_gradients_all_reduced():
     from planner import evaluate as ev
-    from planner.sharding import whole_tensor_grad_spec
+    from planner.chunks import SliceSpec
+    from planner.sharding import sharded_grad_spec
 
     spec = tiny()
-    table, k = _sliced_chunk(spec, 3)
-    spec_k = whole_tensor_grad_spec(table, k)
-    sliced = [s.param for s in table.chunks[k] if not table.is_whole(s)]
-    assert sliced and all(spec_k[n] is True for n in sliced)
-    assert sum(spec_k.values()) == len({s.param for s in table.chunks[k]})
+    table, _ = _sliced_chunk(spec, 3)
     layout = ev.param_layout(spec, "bf16")
     tensor = dict(zip((n for n, _, _ in layout.named_shapes), layout.tensor_bytes))
     est = evaluate_sharded(spec, SHAPE, Strategy(chunks=3, state_tier="host"), HW, gpus_per_node=2,
                            chunk_traces="exact")
-    touched = {s.param for s in table.chunks[est.worst_chunk]}
-    spans = sum(s.nbytes for s in table.chunks[est.worst_chunk])
-    # the reduce-scatter moves the touched tensors whole (every dim 0 here is even: no padding)
-    assert est.reduce_scatter_bytes == sum(tensor[n] for n in touched)
-    assert est.reduce_scatter_bytes > spans or all(table.is_whole(s) for s in table.chunks[est.worst_chunk])
+    k = est.worst_chunk
+    grads = sharded_grad_spec(table, k)
+    whole = [s.param for s in table.chunks[k] if table.is_whole(s) or len(table.shapes[s.param]) == 1]
+    sliced = [s for s in table.chunks[k] if s.param not in whole]
+    assert all(grads[n] is True for n in whole) and all(isinstance(grads[s.param], SliceSpec) for s in sliced)
+    # FSDP2 reduce-scatters the whole tensors (every dim 0 here is even: no padding); the slices'
+    # buffers (+ one row for the embedding) are all_reduced instead
+    assert est.reduce_scatter_bytes == sum(tensor[n] for n in set(whole))
+    emb_row = 64 * 2
+    assert est.all_reduce_bytes == sum(s.nbytes + (emb_row if "embed" in s.param else 0) for s in sliced)
+    # a 1-D tensor cut by a chunk boundary gets its whole gradient (subgrad would recompute its norm)
+    cut_norms = [n for n, shape in table.shapes.items() if len(shape) == 1
+                 and not all(table.is_whole(s) for c in table.chunks for s in c if s.param == n)]
+    for n in cut_norms:
+        assert all(sharded_grad_spec(table, j)[n] in (True, False) for j in range(table.num_chunks))
 
 
 def test_state_tiers_per_rank():
@@ -235,39 +242,41 @@ def test_chunkft_rank_peak_on_cpu_matches_prediction():
 
 
 # Llama 3-70B at 1K tokens on 80 GB cards: the paper's 2 x 80 GB claim.
-LLAMA70_PLAN = Strategy(chunks=256, state_tier="host", checkpointing=True, loss_chunk_tokens=256, prefetch_depth=0)
+LLAMA70_PLAN = Strategy(chunks=512, state_tier="host", checkpointing=True, loss_chunk_tokens=256, prefetch_depth=0)
+LLAMA70_C256 = Strategy(chunks=256, state_tier="host", checkpointing=True, loss_chunk_tokens=256, prefetch_depth=0)
 
 
 def _llama70():
     return resolve_model("llama3-70b"), StepShape(batch=1, seq_len=1024, dtype="bf16"), hardware("h800")
 
 
-def test_llama3_70b_does_not_fit_one_80gb_gpu_and_two_only_by_allocated_bytes():
-    """Fast form (one shared full-FT trace stands for every chunk: `chunk_traces="bound"`). The
-    allocated per-rank peak fits two 80 GB cards; the reserved bytes do not: the chunks on
-    lm_head train its whole 2.1 GB gradient, reduce-scattered through a 2.1 GB buffer while
-    layer 78 is all-gathered, and the single-rank trace's free blocks there come on top."""
+def test_llama3_70b_does_not_fit_one_80gb_gpu_and_fits_two_by_allocated_bytes():
+    """Fast form (one shared full-FT trace stands for every chunk: `chunk_traces="bound"`):
+    the allocated per-rank peak fits; the bound's reserved bytes carry the full-FT trace's
+    free-block slack, so the reserved check is the exact-trace test below."""
     spec, shape, hw = _llama70()
     card = hw.gpu.memory_bytes
     for strategy in (Strategy(checkpointing=True, loss_chunk_tokens=256), LLAMA70_PLAN):
         assert evaluate_sharded(spec, shape, strategy, hw, gpus_per_node=1).card_need_bytes() > card
     two = evaluate_sharded(spec, shape, LLAMA70_PLAN, hw, gpus_per_node=2, shard_embeddings=True,
                            chunk_traces="bound")
-    assert two.peak_bytes[Tier.GPU] + two.context_bytes <= card < two.card_need_bytes()
-    assert two.worst_chunk >= 252  # the lm_head chunks
+    assert two.peak_bytes[Tier.GPU] + two.context_bytes <= card
     # bf16 weight shards alone are half of 141.1 GB
     assert two.components[Tier.GPU][Component.WEIGHTS] > 141_107_412_992 // 2
     full = evaluate_sharded(spec, shape, Strategy(checkpointing=True, loss_chunk_tokens=256), hw, gpus_per_node=2)
     assert full.card_need_bytes() > card  # 12 B/param of fp32 state: 423 GB over two cards
-    three = evaluate_sharded(spec, shape, LLAMA70_PLAN, hw, gpus_per_node=3, chunk_traces="bound")
-    assert three.card_need_bytes() <= card
 
 
 @pytest.mark.slow
-def test_llama3_70b_needs_three_80gb_gpus_with_exact_chunk_traces():
+def test_llama3_70b_fits_two_80gb_gpus_with_512_chunks_exact():
+    """Exact chunk traces: C=512 fits 2 x 80 GB with separate embedding units; C=256 does not
+    (its largest local slices' working copy and step temporaries tip the reserved bytes over)."""
     spec, shape, hw = _llama70()
     two = evaluate_sharded(spec, shape, LLAMA70_PLAN, hw, gpus_per_node=2, shard_embeddings=True,
                            chunk_traces="exact")
-    assert two.peak_bytes[Tier.GPU] + two.context_bytes <= hw.gpu.memory_bytes < two.card_need_bytes()
-    assert min_gpus(spec, shape, LLAMA70_PLAN, "h800", shard_embeddings=True, chunk_traces="exact") == 3
+    assert two.peak_bytes[Tier.GPU] < two.card_need_bytes() <= hw.gpu.memory_bytes, two.card_need_bytes() / 2**30
+    assert two.all_reduce_bytes > 0 and two.node_host_bytes >= two.peak_bytes[Tier.HOST]
+    assert min_gpus(spec, shape, LLAMA70_PLAN, "h800", shard_embeddings=True, chunk_traces="exact") == 2
+    # the root holding embedding and lm_head unsharded through the step tips it over
     assert min_gpus(spec, shape, LLAMA70_PLAN, "h800", chunk_traces="exact") == 3
+    assert min_gpus(spec, shape, LLAMA70_C256, "h800", shard_embeddings=True, chunk_traces="exact") == 3
