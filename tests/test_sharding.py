@@ -217,28 +217,30 @@ MEASURED = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers
 
 @pytest.mark.skipif(not mallinfo2_available(), reason="needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
 def test_chunkft_rank_peak_on_cpu_matches_prediction():
-    """2 gloo ranks, ChunkFT C = 4 (chunk 1 slices a tensor), bf16, state on host with prefetch:
-    step 1 trains chunk 1; each rank's measured rise against `cpu_rank_rise_bytes` (1.6% under
-    when written: malloc headers and autograd nodes)."""
+    """2 gloo ranks, ChunkFT C = 8, bf16, state on host with prefetch: step 1 trains chunk 1,
+    whose embedding rows [1089, 2048) and k_proj rows [0, 2) are sliced (sub-tensor gradients,
+    all_reduced); each rank's measured rise against `cpu_rank_rise_bytes` (1.3% under when
+    written: malloc headers and autograd nodes)."""
     import torch
 
     from planner.sharding import cpu_rank_rise_bytes
     from runtime.distributed import DistConfig, chunk_table_for, run_distributed
 
     spec = ModelSpec(name="tiny-llama", source="config", config=MEASURED, num_layers=4)
-    strategy = Strategy(chunks=4, state_tier="host", prefetch_depth=1)
-    table = chunk_table(spec, "bf16", 4)
-    assert not all(table.is_whole(s) for s in table.chunks[1])  # the k_proj of layer 0, cut
+    strategy = Strategy(chunks=8, state_tier="host", prefetch_depth=1)
+    table = chunk_table(spec, "bf16", 8)
+    sliced = {s.param for s in table.chunks[1] if not table.is_whole(s)}
+    assert sliced == {"model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight"}
     batch = torch.randint(0, 2048, (1, 2, 512), generator=torch.Generator().manual_seed(1))
     config = DistConfig(model_config=MEASURED.to_dict(), batches=batch.expand(2, -1, -1).clone(), dtype="bf16",
-                        chunk_table=chunk_table_for(MEASURED.to_dict(), 4, dtype="bf16"), state_tier="host",
+                        chunk_table=chunk_table_for(MEASURED.to_dict(), 8, dtype="bf16"), state_tier="host",
                         prefetch_depth=1, measure_step=1)
     shape = StepShape(batch=1, seq_len=512, dtype="bf16")
     for r in run_distributed(config, 2):
         predicted = cpu_rank_rise_bytes(spec, shape, 2, strategy=strategy, chunk=1, rank=r.rank)
         assert abs(r.peak_bytes - predicted) / r.peak_bytes < 0.05, (r.rank, r.peak_bytes, predicted)
-    with pytest.raises(ChunkftError, match="valid chunks are 0..3"):
-        cpu_rank_rise_bytes(spec, shape, 2, strategy=strategy, chunk=4)
+    with pytest.raises(ChunkftError, match="valid chunks are 0..7"):
+        cpu_rank_rise_bytes(spec, shape, 2, strategy=strategy, chunk=8)
 
 
 # Llama 3-70B at 1K tokens on 80 GB cards: the paper's 2 x 80 GB claim.
