@@ -4,7 +4,9 @@ One rank per process. Every decoder layer is its own FSDP2 unit and the root (em
 final norm, lm_head) is the last, as planner.sharding models it: weights and gradients in the
 training dtype are sharded along dim 0 across the ranks; a layer's full weights exist only
 while it runs (all-gathered, then freed), and each layer's gradients are reduce-scattered
-(averaged) right after its backward.
+(averaged) right after its backward. With a chunked loss (`loss_chunk_tokens`) the root is a
+`ChunkedLossRoot` holding the model: `planner.step.step_loss` then calls the base model and the
+head itself, and the root's hooks must run around the whole loss.
 
 The optimizer is `runtime.sharded_optim.ShardedChunkAdamW`: it executes a ChunkFT chunk table
 (`DistConfig.chunk_table`; None = one chunk of whole tensors, i.e. plain AdamW) with the plan's
@@ -254,10 +256,29 @@ def chunk_table_for(model_config: dict, num_chunks: int, *, dtype: str = "fp32",
     return make_chunk_table_from_model(model, num_chunks, cut_dims=cut_dims).to_json()
 
 
-def shard_model(model: torch.nn.Module, *, shard_embeddings: bool = False) -> None:
+class ChunkedLossRoot(torch.nn.Module):
+    """FSDP2's root for a chunked loss: `planner.step.step_loss` then calls the base model and
+    the output head itself, never `model.forward`, so the hooks of a root on the model (the
+    all-gather of the parameters outside the decoder layers, the end-of-backward callback)
+    would never run. Sharded as the root instead, this module's forward -- the whole loss --
+    runs between them; it holds no parameters of its own."""
+
+    def __init__(self, model: torch.nn.Module, loss_chunk_tokens: int):
+        super().__init__()
+        self.lm = model
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from planner.step import step_loss
+
+        return step_loss(self.lm, input_ids, labels, loss_chunk_tokens=self.loss_chunk_tokens)
+
+
+def shard_model(model: torch.nn.Module, *, shard_embeddings: bool = False, root: torch.nn.Module | None = None) -> None:
     """fully_shard every decoder layer, then the root (the layout planner.sharding models);
     with `shard_embeddings` the input embedding and the output head (the modules of every other
-    parameter: final norm, lm_head) become units of their own first."""
+    parameter: final norm, lm_head) become units of their own first. `root` (a module holding
+    `model`, e.g. a ChunkedLossRoot) is sharded as the root instead of `model`."""
     from torch.distributed.fsdp import fully_shard
 
     from planner.model import find_layer_list
@@ -281,7 +302,7 @@ def shard_model(model: torch.nn.Module, *, shard_embeddings: bool = False) -> No
             fully_shard(head)
     for layer in layers:
         fully_shard(layer)
-    fully_shard(model)
+    fully_shard(model if root is None else root)
 
 
 def _table(config: DistConfig, model: torch.nn.Module):
@@ -452,9 +473,10 @@ def load_checkpoint(model, optimizer, path: str | os.PathLike, *, scaler=None) -
     return restore_checkpoint(model, optimizer, path, read_checkpoint(path), scaler=scaler)
 
 
-def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, world: int) -> torch.Tensor:
-    """Forward and backward of this rank's micro-batches of `step`; returns this rank's share of
-    the global mean loss (the ranks' shares add up to it)."""
+def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, world: int, root=None) -> torch.Tensor:
+    """Forward and backward of this rank's micro-batches of `step` (the loss from `root`, a
+    ChunkedLossRoot, where there is one); returns this rank's share of the global mean loss
+    (the ranks' shares add up to it)."""
     from planner.step import step_loss
 
     ids_all, labels_all = config.batches[step], config.step_labels(step)
@@ -466,7 +488,7 @@ def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, wor
         ids = ids_all[start:start + micro].to(config.device)
         labels = labels_all[start:start + micro].to(config.device)
         count = _labelled(labels)
-        loss = step_loss(model, ids, labels, loss_chunk_tokens=config.loss_chunk_tokens)
+        loss = root(ids, labels) if root is not None else step_loss(model, ids, labels)
         # this micro-batch's share of the global mean; the optimizer multiplies FSDP2's average
         # of the ranks' gradients by W (grad_multiplier): their sum, the global gradient. The
         # backward then sees the one-process magnitudes (what an fp16 loss scale must fit)
@@ -477,8 +499,8 @@ def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, wor
     return share
 
 
-def _train_step(model, optimizer, config: DistConfig, step: int, rank: int, world: int):
-    share = _micro_steps(model, optimizer, config, step, rank, world)
+def _train_step(model, optimizer, config: DistConfig, step: int, rank: int, world: int, root=None):
+    share = _micro_steps(model, optimizer, config, step, rank, world, root)
     held = optimizer.grad_bytes() if config.record_grad_bytes else None
     return share, optimizer.step(), held
 
@@ -506,7 +528,8 @@ def train_rank(config: DistConfig) -> RankResult:
     steps = config.batches.shape[0]
     model = build_model(config)
     table = _table(config, model)
-    shard_model(model, shard_embeddings=config.shard_embeddings)
+    root = ChunkedLossRoot(model, config.loss_chunk_tokens) if config.loss_chunk_tokens > 0 else None
+    shard_model(model, shard_embeddings=config.shard_embeddings, root=root)
     if config.init_from and not config.resume_from:
         load_weights(model, config.init_from)
     scaler = LossScaler(config.loss_scaler) if config.dtype == "fp16" else None
@@ -524,12 +547,13 @@ def train_rank(config: DistConfig) -> RankResult:
             if step == config.measure_step:
                 optimizer.zero_grad()
                 out: list = []
-                m = measure_malloc_peak(lambda: out.append(_train_step(model, optimizer, config, step, rank, world)),
-                                        record_samples=config.record_samples)
+                m = measure_malloc_peak(
+                    lambda: out.append(_train_step(model, optimizer, config, step, rank, world, root)),
+                    record_samples=config.record_samples)
                 peak, baseline, samples = m.peak_bytes, m.baseline_bytes, m.samples
                 share, result, grads = out[0]
             else:
-                share, result, grads = _train_step(model, optimizer, config, step, rank, world)
+                share, result, grads = _train_step(model, optimizer, config, step, rank, world, root)
             if grads is not None:
                 held.append(grads)
             skipped += not result.stepped

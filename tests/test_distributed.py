@@ -310,11 +310,12 @@ def test_fp16_loss_scaling_skips_the_steps_one_process_skips():
     config = DistConfig(model_config=SMALL.to_dict(), batches=batch.expand(10, -1, -1).clone(), dtype="fp16",
                         chunk_table=chunk_table_for(SMALL.to_dict(), 5, dtype="fp16"), state_tier="host",
                         update_interval=2, adamw=AdamWConfig(lr=1e-3, max_grad_norm=1.0),
-                        loss_scaler=ScalerConfig(init_scale=2.0**24))
+                        loss_scaler=ScalerConfig(init_scale=2.0**24), loss_chunk_tokens=16)
     ranks = run_distributed(config, WORLD)
     losses, _ = run_single(config)
     # 2**24 overflows fp16 gradients until five back-offs bring the scale to 2**19; the ranks
-    # agree on every overflow (one all_reduce) and skip exactly the steps one process skips
+    # agree on every overflow (one all_reduce) and skip exactly the steps one process skips.
+    # Chunked loss: FSDP2's root is a ChunkedLossRoot (step_loss never calls model.forward)
     assert [r.skipped_steps for r in ranks] == [5, 5]
     assert losses[:6] == [losses[0]] * 6 and losses[6] < losses[0]
     assert list(ranks[0].losses) == pytest.approx(losses, rel=0, abs=1e-4)
