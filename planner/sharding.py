@@ -109,7 +109,7 @@ from planner.strategy import Budget, Estimate, OptimizerDevice, Strategy, Weight
 
 if TYPE_CHECKING:
     from planner.chunks import ChunkSpan, ChunkTable
-    from planner.evaluate import ActiveSet, ParamLayout, TracedStep
+    from planner.evaluate import ParamLayout, TracedStep
     from planner.hardware import GpuProfile, Hardware
     from planner.model import ModelSpec
     from planner.trace import StepShape

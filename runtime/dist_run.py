@@ -32,7 +32,6 @@ refused): ranks.json has the per-rank peaks instead.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,7 +125,7 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
     from runtime.checkpoint import check_writable
     from runtime.data import PackedLoader, load_tokenizer, padding_id, read_examples
     from runtime.distributed import run_distributed
-    from runtime.run_cli import cap_gpu_memory, check_args, data_fingerprint
+    from runtime.run_cli import check_args, data_fingerprint
 
     check_args(args)
     cuda = torch.cuda.is_available() if args.device is None else args.device == "cuda"
@@ -197,19 +196,19 @@ def run_torchrun_rank(config: "DistConfig", world: int):
     RankResult on rank 0 (None on the others)."""
     import torch.distributed as dist
 
-    from runtime.distributed import RankResult, init_process_group, train_rank
+    from runtime.distributed import RankResult, init_process_group, shutdown_process_group, train_rank
 
     launched = int(_torchrun_env("WORLD_SIZE"))
     if launched != world:
         raise ChunkftError(f"torchrun started {launched} ranks but the plan is for {world} GPUs")
     init_process_group(rank=int(_torchrun_env("RANK")), world_size=world, init_method="env://", device=config.device)
     try:
-        result = train_rank(config)
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, dataclasses.asdict(result))
+        dist.all_gather_object(gathered, dataclasses.asdict(train_rank(config)))
         rank = dist.get_rank()
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
     if rank != 0:
         return None
     out = []

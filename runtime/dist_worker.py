@@ -56,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     import torch
-    import torch.distributed as dist
 
     from planner.fsio import read_json
     from runtime.chunk_optim import AdamWConfig, LRSchedule
-    from runtime.distributed import DistConfig, chunk_table_for, init_process_group, train_rank
+    from runtime.distributed import (DistConfig, chunk_table_for, init_process_group, shutdown_process_group,
+                                     train_rank)
 
     args = parse_args(argv)
     try:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = train_rank(config)
         finally:
-            dist.destroy_process_group()
+            shutdown_process_group()
     except (ChunkftError, OSError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -584,9 +584,19 @@ def init_process_group(*, rank: int, world_size: int, init_method: str, device: 
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
 
 
-def _spawned(rank: int, world_size: int, config: DistConfig, init_method: str, result_dir: str) -> None:
+def shutdown_process_group() -> None:
+    """destroy_process_group after collecting garbage: the sharded model's reference cycles hold
+    the process group, and left to interpreter shutdown gloo's worker threads abort the
+    process (SIGABRT, "terminate called without an active exception") once in a few runs."""
+    import gc
+
     import torch.distributed as dist
 
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def _spawned(rank: int, world_size: int, config: DistConfig, init_method: str, result_dir: str) -> None:
     torch.set_num_threads(1)  # ranks share the machine's cores
     init_process_group(rank=rank, world_size=world_size, init_method=init_method, device=config.device)
     try:
@@ -594,7 +604,7 @@ def _spawned(rank: int, world_size: int, config: DistConfig, init_method: str, r
     except ChunkftError as e:  # raised on every rank together (see _agree)
         out = {"error": str(e)}
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
     torch.save(out, Path(result_dir) / f"rank{rank}.pt")
 
 
