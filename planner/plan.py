@@ -13,7 +13,8 @@ A plan is JSON (written atomically):
      "predicted": {"peak_bytes": {"gpu": ..}, "components": {"gpu": {"weights": ..}},
                    "reserved_bytes": .., "step_time_s": .., "worst_chunk": ..},
      "parallel": {"gpus_per_node": 2, "nodes": 1, "shard_embeddings": true,
-                  "all_gather_bytes": .., "reduce_scatter_bytes": .., "interconnect_Bps": ..,
+                  "all_gather_bytes": .., "reduce_scatter_bytes": .., "all_reduce_bytes": ..,
+                  "interconnect_Bps": ..,
                   "comm_time_s": ..}}
 
 "parallel" is present only in a plan for several GPUs (planner.parallel): then the shape is one
@@ -49,7 +50,8 @@ if TYPE_CHECKING:
     from planner.sharding import ShardedEstimate
 
 PLAN_SCHEMA_VERSION = 1
-COMMUNICATION_FIELDS = ("all_gather_bytes", "reduce_scatter_bytes", "interconnect_Bps", "comm_time_s")
+COMMUNICATION_FIELDS = ("all_gather_bytes", "reduce_scatter_bytes", "all_reduce_bytes", "interconnect_Bps",
+                        "comm_time_s")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,7 +80,8 @@ class Plan:
     parallel: ParallelLayout | None = None
     """Several GPUs (FSDP2): the layout; predictions are then per rank."""
     communication: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Parallel plans: all_gather_bytes, reduce_scatter_bytes (per step, unsharded),
+    """Parallel plans: all_gather_bytes, reduce_scatter_bytes, all_reduce_bytes (per step, unsharded;
+    all-reduce: the gradients of chunk spans that slice a tensor),
     interconnect_Bps and comm_time_s (the collectives' time before overlap)."""
     planner_version: str = __version__
 
@@ -218,6 +221,7 @@ def make_plan(model: "ModelSpec", shape: StepShape, hardware: Hardware, budget: 
         raise ChunkftError("a parallel plan needs both the layout and its sharded estimate")
     communication = {} if sharded is None else {
         "all_gather_bytes": float(sharded.all_gather_bytes), "reduce_scatter_bytes": float(sharded.reduce_scatter_bytes),
+        "all_reduce_bytes": float(sharded.all_reduce_bytes),
         "interconnect_Bps": float(sharded.interconnect_Bps), "comm_time_s": float(sharded.comm_time_s)}
     shapes = named_shapes(model, shape.dtype) if shapes is None else shapes
     return Plan(model_name=model.name, model_fingerprint=model.fingerprint(), shape=shape,

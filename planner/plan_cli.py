@@ -246,7 +246,8 @@ def run_plan(args) -> int:
     if layout is not None:
         c = plan.communication
         print(f"  comm     all-gather {format_bytes(int(c['all_gather_bytes']))}, reduce-scatter "
-              f"{format_bytes(int(c['reduce_scatter_bytes']))} per step: {c['comm_time_s']:.3f} s at "
+              f"{format_bytes(int(c['reduce_scatter_bytes']))}, all-reduce {format_bytes(int(c['all_reduce_bytes']))} "
+              f"per step: {c['comm_time_s']:.3f} s at "
               f"{c['interconnect_Bps'] / 1e9:.0f} GB/s before overlap with compute")
     print(searched)
     if objective == Objective.MEMORY:

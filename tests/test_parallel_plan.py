@@ -79,6 +79,7 @@ def test_parallel_plan_round_trip(tiny, tmp_path):
     data = json.loads((tmp_path / "plan.json").read_text())
     assert data["parallel"]["gpus_per_node"] == 2 and data["parallel"]["shard_embeddings"] is True
     assert data["parallel"]["all_gather_bytes"] == est.all_gather_bytes
+    assert data["parallel"]["all_reduce_bytes"] == est.all_reduce_bytes > 0  # C=3 slices tensors
     assert data["predicted"]["peak_bytes"]["gpu"] == est.peak_bytes[Tier.GPU]
     # a strategy that does not run sharded cannot carry a parallel section
     data["strategy"]["optimizer_device"] = OptimizerDevice.HOST.value
