@@ -123,6 +123,29 @@ class StepResult:
     loss_scale: float | None
 
 
+def adamw_update(state: Mapping[str, torch.Tensor], name: str, grad: torch.Tensor, *, config: AdamWConfig,
+                 lr: float, step: int) -> torch.Tensor:
+    """One AdamW step of `name`'s fp32 master and moments in `state` ("<name>/master",
+    "/exp_avg", "/exp_avg_sq"), in place: torch.optim.adam._single_tensor_adam with decoupled
+    weight decay, line for line (so one chunk equals torch.optim.AdamW bit for bit). Returns
+    the master."""
+    beta1, beta2 = config.betas
+    master = state[f"{name}/master"]
+    exp_avg = state[f"{name}/exp_avg"]
+    exp_avg_sq = state[f"{name}/exp_avg_sq"]
+    if config.weight_decay != 0:
+        master.mul_(1 - lr * config.weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** float(step)
+    bias_correction2 = 1 - beta2 ** float(step)
+    step_size = lr / bias_correction1
+    bias_correction2_sqrt = bias_correction2**0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(config.eps)
+    master.addcdiv_(exp_avg, denom, value=-step_size)
+    return master
+
+
 class _Store:
     """Chunk states resting on one tier: {chunk: {"<param>/<kind>": tensor}}."""
 
@@ -499,20 +522,7 @@ class ChunkAdamW:
 
     def _adamw(self, name: str, grad: torch.Tensor, lr: float, step: int) -> None:
         """torch.optim.adam._single_tensor_adam with decoupled weight decay, line for line."""
-        beta1, beta2 = self.config.betas
-        master = self._state[f"{name}/master"]
-        exp_avg = self._state[f"{name}/exp_avg"]
-        exp_avg_sq = self._state[f"{name}/exp_avg_sq"]
-        if self.config.weight_decay != 0:
-            master.mul_(1 - lr * self.config.weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** float(step)
-        bias_correction2 = 1 - beta2 ** float(step)
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2**0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.config.eps)
-        master.addcdiv_(exp_avg, denom, value=-step_size)
+        master = adamw_update(self._state, name, grad, config=self.config, lr=lr, step=step)
         with torch.no_grad():
             view = self._span_view(self.active_chunk, name)
             # a host step sends the weights back already in their 16-bit dtype (same rounding)

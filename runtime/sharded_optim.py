@@ -112,7 +112,7 @@ from planner.chunks import ChunkSpan, ChunkTable
 from planner.errors import ChunkftError
 from planner.fsio import atomic_path
 from planner.schema import Tier
-from runtime.chunk_optim import AdamWConfig, LRSchedule, StepResult
+from runtime.chunk_optim import AdamWConfig, LRSchedule, StepResult, adamw_update
 from runtime.scaler import LossScaler
 from runtime.subgrad import SubgradHandle, install, recomputes_in_backward
 
@@ -532,20 +532,7 @@ class ShardedChunkAdamW:
 
     def _adamw(self, ls: LocalSpan, grad: torch.Tensor, lr: float, step: int) -> None:
         """ChunkAdamW._adamw (torch.optim.adam._single_tensor_adam, decoupled decay), line for line."""
-        beta1, beta2 = self.config.betas
-        master = self._state[f"{ls.param}/master"]
-        exp_avg = self._state[f"{ls.param}/exp_avg"]
-        exp_avg_sq = self._state[f"{ls.param}/exp_avg_sq"]
-        if self.config.weight_decay != 0:
-            master.mul_(1 - lr * self.config.weight_decay)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** float(step)
-        bias_correction2 = 1 - beta2 ** float(step)
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2**0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(self.config.eps)
-        master.addcdiv_(exp_avg, denom, value=-step_size)
+        master = adamw_update(self._state, ls.param, grad, config=self.config, lr=lr, step=step)
         with torch.no_grad():
             self._view(ls).copy_(master)
 
