@@ -276,13 +276,23 @@ def run_simulate(args) -> int:
     timeline.write(args.output)
     h = timeline.header
     print(f"plan      {plan.strategy.label()} for {plan.model_name}")
+    if plan.parallel is not None:
+        p = plan.parallel
+        print(f"GPUs      {p.gpus_per_node} per node x {p.nodes} node{'s' if p.nodes > 1 else ''} "
+              f"(FSDP2{', embeddings sharded apart' if p.shard_embeddings else ''}); the timeline is rank "
+              f"{h['parallel']['rank']}'s, the one the plan's per-GPU figures are for")
     print(f"events    {len(timeline.events)} (one step of chunk {h['chunk']}"
           f"{' and one chunk switch' if plan.strategy.chunks > 1 else ''})")
     for tier in Tier:
         peak = timeline.peak_bytes(tier)
         if peak or tier == Tier.GPU:
+            fullest = " for the fullest rank" if plan.parallel is not None and tier != Tier.GPU else ""
             print(f"  {_TIERS_TEXT[tier.value]:<8} peak {format_bytes(peak)} "
-                  f"(plan predicted {format_bytes(plan.peak_bytes.get(tier, 0))})")
+                  f"(plan predicted {format_bytes(plan.peak_bytes.get(tier, 0))}{fullest})")
+    gpu_events = [e for e in timeline.events if e.tier == Tier.GPU]
+    if gpu_events:
+        print(f"  reserved {format_bytes(max(e.reserved for e in gpu_events))} "
+              f"(plan predicted {format_bytes(plan.reserved_bytes)})")
     print(f"step      {h['step_time_s']:.3f} s predicted on {h['gpu']}")
     print(f"wrote {args.output}")
     return 0

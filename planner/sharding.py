@@ -50,6 +50,12 @@ replay and caching as `evaluate`, so activations, logits and temporaries are exa
 
 Every rank is evaluated (ranks differ in the slices they hold); the reported GPU figures are
 the worst (chunk, rank)'s, host / disk the fullest rank's, `node_host_bytes` the fullest node's.
+One (chunk, rank) is a `RankStep` (public: `rank_step`): the per-op, per-component live matrix
+(`rank_live` over the adjusted trace), the rank's resident state, the bytes at the optimizer
+step and its temporaries; `RankStep.peak` / `reserved_bytes` are the figures evaluate_sharded
+maximises, and planner.simulate builds a parallel plan's timeline from the same object, so the
+timeline's maximum is the plan's per-rank prediction by construction. `rank_state_allocs` is one
+rank's working copy of a chunk's state (what a HOST-tier switch moves).
 W = 1 is not sharded (no FSDP) and returns `evaluate`'s estimate exactly (sub-tensor gradients,
 runtime.chunk_optim).
 
@@ -96,6 +102,7 @@ NCCL's are not counted.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import TYPE_CHECKING, Any, Collection, Sequence
@@ -695,6 +702,197 @@ def _check_tier(strategy: Strategy) -> None:
                            "(runtime.sharded_optim refuses it): valid state tiers are gpu, host")
 
 
+# ---------------------------------------------------------------------------------------------
+# One rank's step of one chunk: what evaluate_sharded maximises and planner.simulate replays
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class RankStep:
+    """One rank's GPU bytes through one chunk's step, op by op, as evaluate_sharded counts them.
+
+    After traced op t the rank holds `live[:, t]` (per component, in planner.memory.COMPONENTS
+    order) plus `static`; at the optimizer step `end` plus `static` plus `temps`; at the step
+    end `end` plus `static`. `peak()` and `reserved_bytes()` are the figures evaluate_sharded
+    reports for this (chunk, rank); a timeline built from these arrays has the same maximum."""
+
+    chunk: int
+    """Index into the chunk table (0 for full fine-tuning, C = 1)."""
+    rank: int
+    live: np.ndarray = dataclasses.field(repr=False)
+    """(len(COMPONENTS), ops): `rank_live` of the step's trace after evaluate's adjustments
+    (shared between the ranks of a chunk: read only)."""
+    reserved: np.ndarray = dataclasses.field(repr=False)
+    """(ops,): the trace's reserved bytes with its live bytes replaced by `live`'s."""
+    static: dict[Component, int]
+    """Optimizer state resident on the GPU through the step (this rank's slices, rounded)."""
+    static_reserved: int
+    end: dict[Component, int]
+    """The trace's bytes at the optimizer step: every unit resharded (FSDP2's post-backward),
+    its all-gather and reduce-scatter buffers freed, every FSDP2 gradient a padded shard, the
+    slice buffers whole."""
+    temps: dict[Component, int]
+    """The AdamW step's temporaries on this rank (`step_temp_allocs`, rounded)."""
+    temps_reserved: int
+    host: dict[Component, int]
+    """This rank's host bytes (HOST state tier: its slices of every chunk)."""
+    disk: dict[Component, int]
+    phases: tuple[Phase, ...] = dataclasses.field(default=(), repr=False)
+    layers: tuple[int | None, ...] = dataclasses.field(default=(), repr=False)
+    peak_op: int = 0
+    """The op with the most live bytes (the argmax of `live`'s column sums)."""
+    reserved_max: int = 0
+    """`reserved.max()`."""
+
+    def op_bytes(self, t: int) -> dict[Component, int]:
+        return {c: int(self.live[i, t]) + self.static.get(c, 0) for i, c in enumerate(COMPONENTS)}
+
+    def end_bytes(self) -> dict[Component, int]:
+        """At the step end: the optimizer step's bytes without its temporaries."""
+        return {c: b + self.static.get(c, 0) for c, b in self.end.items()}
+
+    def optimizer_bytes(self) -> dict[Component, int]:
+        out = self.end_bytes()
+        for c, b in self.temps.items():
+            out[c] = out.get(c, 0) + b
+        return out
+
+    def peak(self) -> tuple[int, dict[Component, int]]:
+        """(peak allocated bytes, components there): the peak op's or the optimizer step's."""
+        peak, gpu = self._peak
+        return peak, dict(gpu)
+
+    @functools.cached_property
+    def _peak(self) -> tuple[int, dict[Component, int]]:
+        gpu = self.op_bytes(self.peak_op)
+        peak = sum(gpu.values())
+        opt = self.optimizer_bytes()
+        if sum(opt.values()) > peak:
+            gpu, peak = opt, sum(opt.values())
+        return peak, gpu
+
+    def reserved_bytes(self) -> int:
+        """Reserved high-water mark: the trace's, plus the state's and the step temporaries'
+        fresh segments (never below the peak)."""
+        return max(self.reserved_max + self.static_reserved + self.temps_reserved, self._peak[0])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _ChunkPart:
+    """The rank-independent part of one chunk's step (the ranks differ only in their state)."""
+
+    live: np.ndarray
+    reserved: np.ndarray
+    reserved_max: int
+    peak_op: int
+    end: dict
+    schedule: _Schedule
+
+
+def _chunk_part(prep: _Prepared, strategy: Strategy, k: int, world: int, shard_embeddings: bool) -> _ChunkPart:
+    from planner import evaluate as ev
+
+    layout = prep.layout
+    traced, _ = prep.cases[k]
+    grads = prep.touched[k]
+    grad_active = ev.ActiveSet(chunk=k if strategy.chunks > 1 else None,
+                               tensor_bytes=tuple(b for (n, _, _), b in zip(layout.named_shapes, layout.tensor_bytes)
+                                                  if n in grads) + prep.sliced[k])
+    live, reserved = ev.adjusted_gpu_live(traced, strategy, layout, grad_active)
+    schedule = _cached_schedule(traced, layout, world, shard_embeddings, True)
+    rank = rank_live(traced, layout, grads, world, live=live, shard_embeddings=shard_embeddings, schedule=schedule)
+    total = rank.sum(axis=0)
+    rank_reserved = np.maximum(reserved - live.sum(axis=0) + total, total)
+    # the optimizer step: every unit resharded (FSDP2's post-backward), its all-gather and
+    # reduce-scatter buffers freed, every gradient a padded shard
+    end = {c: int(rank[i, -1]) for i, c in enumerate(COMPONENTS)}
+    rs_input = 0
+    if schedule.rs_unit[-1] >= 0:  # a reduce-scatter copy on the last op
+        rs_input = _units(layout, world, grads, shard_embeddings).trained_padded[schedule.rs_unit[-1]]
+    end[Component.WEIGHTS] -= int(schedule.gathered[-1])
+    end[Component.TEMPORARIES] -= int(schedule.ag_buffer[-1]) + rs_input
+    end[Component.GRADIENTS] = grad_shard_bytes(layout, grads, world) + sum(prep.sliced[k])
+    return _ChunkPart(live=rank, reserved=rank_reserved, reserved_max=int(rank_reserved.max()),
+                      peak_op=int(np.argmax(total)), end=end, schedule=schedule)
+
+
+def _rank_cache(model: "ModelSpec", shape: "StepShape", strategy: Strategy, world: int,
+                prep: _Prepared) -> tuple[dict, np.ndarray]:
+    """(per-rank state cache, `local_span_bytes` of every span) for this chunk table and world."""
+    num_chunks = len(prep.spans)
+    cache_key = (model.fingerprint(), shape.dtype, strategy.chunks, world, strategy.state_tier,
+                 _prefetches(strategy, num_chunks))
+    cache = _RANK_CACHES.get(cache_key)
+    if cache is None:
+        cache = _remember(_RANK_CACHES, cache_key, {})
+    if "local" not in cache:
+        shapes = {n: s for n, s, _ in prep.layout.named_shapes}
+        cache["local"] = local_span_bytes([s for chunk in prep.spans for s in chunk], shapes, world)
+    return cache, cache["local"]
+
+
+def _rank_steps(prep: _Prepared, strategy: Strategy, part: _ChunkPart, k: int, world: int, local: np.ndarray,
+                cache: dict) -> list[RankStep]:
+    """Every rank's RankStep of chunk k."""
+    traced = prep.cases[k][0]
+    nxt = (k + 1) % len(prep.spans) if _prefetches(strategy, len(prep.spans)) else None
+    return [RankStep(chunk=k, rank=r, live=part.live, reserved=part.reserved, static=st.static,
+                     static_reserved=st.static_reserved, end=part.end, temps=st.temps, temps_reserved=st.temps_reserved,
+                     host=st.host, disk=st.disk, phases=traced.phases, layers=traced.layers, peak_op=part.peak_op,
+                     reserved_max=part.reserved_max)
+            for r, st in enumerate(_rank_states(strategy, prep.layout, prep.spans, local, k, nxt, world, cache))]
+
+
+def rank_step(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: "Hardware", *, gpus_per_node: int,
+              nodes: int = 1, shard_embeddings: bool = False, chunk_traces: str = "auto", chunk: int | None = None,
+              rank: int | None = None) -> RankStep:
+    """One rank's step of one chunk on gpus_per_node x nodes GPUs (W > 1): the per-op,
+    per-component live bytes, the resident state, the optimizer step's bytes, as
+    evaluate_sharded counts them (the same code). `chunk` and `rank` default to the (chunk, rank)
+    evaluate_sharded reports (its `worst_chunk`, 0 for C = 1, and `worst_rank`)."""
+    from planner import evaluate as ev
+
+    _check(strategy, gpus_per_node, nodes)
+    if chunk_traces not in ev.CHUNK_TRACE_MODES:
+        raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(ev.CHUNK_TRACE_MODES)}")
+    world = gpus_per_node * nodes
+    if world == 1:
+        raise ChunkftError("rank_step models an FSDP2 rank: gpus_per_node x nodes must be 2 or more "
+                           "(one GPU: planner.evaluate.gpu_timeline)")
+    _check_tier(strategy)
+    if chunk is None or rank is None:
+        est = evaluate_sharded(model, shape, strategy, hw, gpus_per_node=gpus_per_node, nodes=nodes,
+                               shard_embeddings=shard_embeddings, chunk_traces=chunk_traces)
+        chunk = (est.worst_chunk or 0) if chunk is None else chunk
+        rank = est.worst_rank if rank is None else rank
+    prep = _prepare(model, shape, strategy, ev.sm_arch(hw), chunk_traces)
+    num_chunks = len(prep.spans)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < num_chunks:
+        raise ChunkftError(f"chunk {chunk!r} does not exist; valid chunks are 0..{num_chunks - 1}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ChunkftError(f"rank {rank!r} does not exist; valid ranks are 0..{world - 1}")
+    cache, local = _rank_cache(model, shape, strategy, world, prep)
+    part = _chunk_part(prep, strategy, chunk, world, shard_embeddings)
+    return _rank_steps(prep, strategy, part, chunk, world, local, cache)[rank]
+
+
+def rank_state_allocs(model: "ModelSpec", shape: "StepShape", strategy: Strategy, *, world: int,
+                      chunk: int, rank: int) -> dict[Component, int]:
+    """GPU bytes per component (allocator rounding as ROUNDING) of one rank's working copy of
+    chunk `chunk`'s fp32 master and moments: its local slices (`local_span_bytes`), what a
+    HOST-tier chunk switch evicts or brings in (runtime.sharded_optim `_evict` / `_activate`)."""
+    from planner import evaluate as ev
+
+    layout = ev.param_layout(model, shape.dtype)
+    spans = _spans_of(strategy, model, layout, shape.dtype)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < len(spans):
+        raise ChunkftError(f"chunk {chunk!r} does not exist; valid chunks are 0..{len(spans) - 1}")
+    shapes = {n: s for n, s, _ in layout.named_shapes}
+    mine = local_span_bytes(spans[chunk], shapes, world)[:, rank]
+    out: dict[Component, int] = {}
+    ev.add_allocs(out, ev.state_allocs(tuple(int(b) for b in mine if b), layout.elem_bytes))
+    return out
+
+
 def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: "Hardware", *,
                      gpus_per_node: int, nodes: int = 1, interconnect_Bps: float | None = None,
                      shard_embeddings: bool = False, chunk_traces: str = "auto") -> ShardedEstimate:
@@ -723,57 +921,20 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     _check_tier(strategy)
     prep = _prepare(model, shape, strategy, ev.sm_arch(hw), chunk_traces)
     layout = prep.layout
-    shapes = {n: s for n, s, _ in layout.named_shapes}
+    cache, local = _rank_cache(model, shape, strategy, world, prep)
     num_chunks = len(prep.spans)
-    cache_key = (model.fingerprint(), shape.dtype, strategy.chunks, world, strategy.state_tier,
-                 _prefetches(strategy, num_chunks))
-    cache = _RANK_CACHES.get(cache_key)
-    if cache is None:
-        cache = _remember(_RANK_CACHES, cache_key, {})
-    if "local" not in cache:
-        cache["local"] = local_span_bytes([s for chunk in prep.spans for s in chunk], shapes, world)
-    local = cache["local"]
     chunks = range(num_chunks) if prep.mode == "exact" else _bound_chunks(prep, strategy, local, world)
-    tensor = dict(zip(shapes, layout.tensor_bytes))
     best = None
     for k in chunks:
-        traced, _ = prep.cases[k]
-        grads = prep.touched[k]
-        buffers = sum(prep.sliced[k])
-        grad_active = ev.ActiveSet(chunk=k if strategy.chunks > 1 else None,
-                                   tensor_bytes=tuple(tensor[n] for n in shapes if n in grads) + prep.sliced[k])
-        live, reserved = ev.adjusted_gpu_live(traced, strategy, layout, grad_active)
-        schedule = _cached_schedule(traced, layout, world, shard_embeddings, True)
-        rank = rank_live(traced, layout, grads, world, live=live, shard_embeddings=shard_embeddings,
-                         schedule=schedule)
-        total = rank.sum(axis=0)
-        rank_reserved = np.maximum(reserved - live.sum(axis=0) + total, total)
-        t = int(np.argmax(total))
-        # the optimizer step: every unit resharded (FSDP2's post-backward), its all-gather and
-        # reduce-scatter buffers freed, every gradient a padded shard
-        end_base = {c: int(rank[i, -1]) for i, c in enumerate(COMPONENTS)}
-        rs_input = 0
-        if schedule.rs_unit[-1] >= 0:  # a reduce-scatter copy on the last op
-            rs_input = _units(layout, world, grads, shard_embeddings).trained_padded[schedule.rs_unit[-1]]
-        end_base[Component.WEIGHTS] -= int(schedule.gathered[-1])
-        end_base[Component.TEMPORARIES] -= int(schedule.ag_buffer[-1]) + rs_input
-        end_base[Component.GRADIENTS] = grad_shard_bytes(layout, grads, world) + buffers
-        nxt = (k + 1) % num_chunks if _prefetches(strategy, num_chunks) else None
-        for r, st in enumerate(_rank_states(strategy, layout, prep.spans, local, k, nxt, world, cache)):
-            gpu = {c: int(rank[i, t]) + st.static.get(c, 0) for i, c in enumerate(COMPONENTS)}
-            peak = sum(gpu.values())
-            res = int(rank_reserved.max()) + st.static_reserved
-            # optimizer step: every gradient sharded, plus the step's temporaries
-            end = {c: b + st.static.get(c, 0) for c, b in end_base.items()}
-            for c, b in st.temps.items():
-                end[c] = end.get(c, 0) + b
-            res = max(res, int(rank_reserved.max()) + st.static_reserved + st.temps_reserved)
-            if sum(end.values()) > peak:
-                gpu, peak = end, sum(end.values())
-            key = (max(res, peak), peak)
-            if best is None or key > best[0]:
-                best = (key, gpu, peak, res, k, r, schedule)
-    _, gpu, peak, res, worst, worst_rank, schedule = best
+        part = _chunk_part(prep, strategy, k, world, shard_embeddings)
+        for step in _rank_steps(prep, strategy, part, k, world, local, cache):
+            peak, _ = step.peak()
+            res = step.reserved_bytes()
+            if best is None or (res, peak) > best[0]:
+                best = ((res, peak), step, part.schedule)
+    _, worst_step, schedule = best
+    peak, gpu = worst_step.peak()
+    res, worst, worst_rank = worst_step.reserved_bytes(), worst_step.chunk, worst_step.rank
     states = _rank_states(strategy, layout, prep.spans, local, worst, None, world, cache)
     hosts = [sum(st.host.values()) for st in states]
     fullest = max(range(world), key=lambda r: (hosts[r], -r))

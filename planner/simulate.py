@@ -3,24 +3,45 @@
 The timeline is what the runtime's trace is held against (planner.schema's layout):
 
   header   kind "timeline", t_unit "op", model and plan fingerprints, strategy, step time;
+           a parallel plan's adds "parallel": {gpus_per_node, nodes, shard_embeddings, rank};
   step     the active chunk's training step on the GPU tier, one OP event per traced aten op
            (planner.evaluate.gpu_timeline: trace + CUDA allocator replay + the plan's static
            buffers), with a PHASE event where the phase changes and a LAYER event where a
            decoder layer starts; then the optimizer step and the step end;
   host, disk   the bytes resting on those tiers, per component (an event at the step start and
            one after the optimizer step: the state tiers hold their predicted peak all step);
-  switch   for C > 1: a CHUNK_SWITCH event, then TRANSFER events with the bytes each moves:
+  switch   for C > 1: a CHUNK_SWITCH event (the step's gradients dropped: the optimizers
+           zero_grad before they switch), then TRANSFER events with the bytes each moves:
            evicting the finished chunk's fp32 master and moments from the GPU, and fetching the
-           chunk `prefetch_depth` ahead (or, without prefetch, the next one), each followed by
-           the tier's bytes after it.
+           chunk `prefetch_depth` beyond the next one (without prefetch: the next one), each
+           followed by the tier's bytes after it.
+
+A parallel (FSDP2) plan's timeline is one rank's: the (chunk, rank) whose GPU need the plan
+reports (planner.sharding.evaluate_sharded's `worst_chunk` / `worst_rank`). Its step events are
+planner.sharding.RankStep's arrays (`rank_step`), the very ones evaluate_sharded maximises:
+per op the rank's live bytes (`rank_live`: weight shards, unsharded units in flight, gradient
+shards, all-gather and reduce-scatter buffers) plus its resident state slices, then the
+ShardedChunkAdamW step (every unit resharded, its temporaries) and the step end. Host and disk
+are that rank's (the plan's host figure is the fullest rank's, which may be another). Its switch
+follows runtime.sharded_optim's `step`: gradients dropped first, then on the HOST state tier the
+rank's working copy of chunk k evicted and chunk k + 1 loaded (prefetching: k + 1 is already on
+the GPU and k + 2 is loaded), sized by the rank's slices (`rank_state_allocs`); on the GPU tier
+nothing moves.
 
 Every event carries the tier's bytes per component after it; `t` counts ops (the switch comes
-after the step's last op). The GPU peak over the events equals the plan's predicted GPU peak:
-both come from the same replay (a test holds them equal).
+after the step's last op). The GPU peak over the events equals the plan's predicted GPU peak
+and the highest `reserved` its reserved bytes (one GPU and per rank alike): both come from the
+same replay (tests hold them equal).
 
 Known limitations: host and disk bytes are held constant through the step (the cost model
 predicts their peaks, not their course); transfer events have no duration in op units (the
-header's step time has the switch cost, amortised, in `step_time_parts_s`).
+header's step time has the switch cost, amortised, in `step_time_parts_s`); a plan does not
+record its `--chunk-traces` mode, so `simulate` re-derives it ("auto" unless told), and a plan
+made with another mode gives a timeline of that other model. One GPU: the switch moves
+master + moments without the allocator's rounding, and with prefetch_depth > 1 follows
+evaluate's model (depth chunks ahead on the GPU) where runtime.chunk_optim prefetches one.
+Parallel: no communication events (collectives appear only as their buffers' bytes); one rank,
+not all of them.
 """
 
 from __future__ import annotations
@@ -29,7 +50,7 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
-from planner.errors import ChunkftError
+from planner.evaluate import MASTER_BYTES_PER_PARAM, MOMENT_BYTES_PER_PARAM
 from planner.fsio import atomic_write_jsonl
 from planner.schema import TIMELINE_SCHEMA_VERSION, Component, Event, EventKind, Phase, Tier
 from planner.strategy import OptimizerDevice
@@ -38,10 +59,12 @@ if TYPE_CHECKING:
     from planner.hardware import Hardware
     from planner.model import ModelSpec
     from planner.plan import Plan
+    from planner.sharding import RankStep
 
-# fp32 master + two fp32 moments per parameter when training in 16 bits (torch.optim.AdamW
-# state: exp_avg, exp_avg_sq); no master when training in fp32.
-STATE_BYTES_PER_PARAM = {2: 12, 4: 8}
+# fp32 master + two fp32 moments (torch.optim.AdamW state: exp_avg, exp_avg_sq) per parameter,
+# for fp32 training too: runtime.chunk_optim keeps each chunk's master apart from the model's
+# weights (planner.evaluate.MASTER_BYTES_PER_PARAM, MOMENT_BYTES_PER_PARAM).
+STATE_BYTES_PER_PARAM = MASTER_BYTES_PER_PARAM + MOMENT_BYTES_PER_PARAM
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,18 +84,22 @@ class Timeline:
         atomic_write_jsonl(path, self.rows())
 
 
-def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None) -> Timeline:
-    """The plan's predicted timeline (hardware: the plan's own profile unless `hw` is given)."""
+def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None,
+             chunk_traces: str = "auto") -> Timeline:
+    """The plan's predicted timeline (hardware: the plan's own profile unless `hw` is given).
+
+    A parallel plan's is one rank's: the (chunk, rank) planner.sharding.evaluate_sharded reports.
+    `chunk_traces` as in planner.evaluate.evaluate (a plan does not record the mode it was made
+    with; "auto" is `chunkft plan`'s default)."""
     from planner.evaluate import evaluate, gpu_timeline
 
-    if plan.parallel is not None:
-        raise ChunkftError(f"the plan is for {plan.world_size} GPUs (FSDP2); simulate replays one unsharded GPU "
-                           "step, which would not be this plan's per-rank prediction")
     hw = plan.hardware if hw is None else hw
+    if plan.parallel is not None:
+        return _simulate_parallel(plan, model, hw, chunk_traces)
     strategy = plan.strategy
     chunk = plan.worst_chunk if strategy.chunks > 1 else None
-    gpu = gpu_timeline(model, plan.shape, strategy, hw, chunk=chunk)
-    est = evaluate(model, plan.shape, strategy, hw)
+    gpu = gpu_timeline(model, plan.shape, strategy, hw, chunk=chunk, chunk_traces=chunk_traces)
+    est = evaluate(model, plan.shape, strategy, hw, chunk_traces=chunk_traces)
     events: list[Event] = []
     host_disk = [(tier, plan.components.get(tier, {})) for tier in (Tier.HOST, Tier.DISK)
                  if plan.peak_bytes.get(tier, 0)]
@@ -102,6 +129,114 @@ def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None) 
         "predicted_reserved_bytes": plan.reserved_bytes,
     }
     return Timeline(header=header, events=tuple(events))
+
+
+def _simulate_parallel(plan: "Plan", model: "ModelSpec", hw: "Hardware", chunk_traces: str) -> Timeline:
+    """One FSDP2 rank's timeline: the worst (chunk, rank) of planner.sharding.evaluate_sharded."""
+    from planner.sharding import evaluate_sharded, rank_step
+
+    layout = plan.parallel
+    strategy = plan.strategy
+    kwargs = dict(gpus_per_node=layout.gpus_per_node, nodes=layout.nodes, shard_embeddings=layout.shard_embeddings,
+                  chunk_traces=chunk_traces)
+    est = evaluate_sharded(model, plan.shape, strategy, hw, **kwargs)
+    step = rank_step(model, plan.shape, strategy, hw, chunk=est.worst_chunk or 0, rank=est.worst_rank, **kwargs)
+    chunk = step.chunk if strategy.chunks > 1 else None
+    gpu = rank_timeline_events(step, chunk=chunk)
+    host_disk = [(tier, comps) for tier, comps in ((Tier.HOST, step.host), (Tier.DISK, step.disk))
+                 if sum(comps.values())]
+    events: list[Event] = []
+    for tier, comps in host_disk:
+        events.append(_tier_event(0.0, tier, comps, phase=Phase.SETUP, chunk=chunk, kind=EventKind.PHASE))
+    events += _with_boundaries(gpu)
+    end_t = gpu[-1].t
+    for tier, comps in host_disk:
+        events.append(_tier_event(end_t, tier, comps, phase=Phase.OPTIMIZER, chunk=chunk, kind=EventKind.STEP_END))
+    if strategy.chunks > 1:
+        events += _rank_switch_events(plan, model, step, gpu[-1], end_t + 1)
+    header = {
+        "event": EventKind.HEADER.value,
+        "schema_version": TIMELINE_SCHEMA_VERSION,
+        "kind": "timeline",
+        "t_unit": "op",
+        "model": plan.model_name,
+        "model_fingerprint": plan.model_fingerprint,
+        "plan_fingerprint": plan.fingerprint(),
+        "strategy": strategy.label(),
+        "chunk": chunk,
+        "parallel": {**layout.to_json(), "rank": step.rank},
+        "gpu": hw.gpu.name,
+        "step_time_s": est.step_time_s,
+        "step_time_parts_s": dict(est.step_time_parts_s),
+        "predicted_peak_bytes": {t.value: b for t, b in plan.peak_bytes.items()},
+        "predicted_reserved_bytes": plan.reserved_bytes,
+    }
+    return Timeline(header=header, events=tuple(events))
+
+
+def rank_timeline_events(step: "RankStep", *, chunk: int | None = None) -> list[Event]:
+    """GPU events of one rank's step: one OP event per traced op, the optimizer step, the end.
+
+    Read from planner.sharding.RankStep's arrays, which evaluate_sharded maximises: the highest
+    `allocated` is `step.peak()`, the highest `reserved` `step.reserved_bytes()`."""
+    events = []
+    run_reserved = 0
+    n = step.live.shape[1]
+    for t in range(n):
+        comps = step.op_bytes(t)
+        run_reserved = max(run_reserved, int(step.reserved[t]) + step.static_reserved)
+        alloc = sum(comps.values())
+        events.append(Event(t=float(t), event=EventKind.OP, tier=Tier.GPU, allocated=alloc,
+                            reserved=max(run_reserved, alloc), bytes={c: b for c, b in comps.items() if b},
+                            phase=step.phases[t] if step.phases else None,
+                            layer=step.layers[t] if step.layers else None, chunk=chunk))
+    opt, end = step.optimizer_bytes(), step.end_bytes()
+    opt_reserved = max(run_reserved + step.temps_reserved, sum(opt.values()))
+    events.append(Event(t=float(n), event=EventKind.OPTIMIZER_STEP, tier=Tier.GPU, allocated=sum(opt.values()),
+                        reserved=opt_reserved, bytes={c: b for c, b in opt.items() if b},
+                        phase=Phase.OPTIMIZER, chunk=chunk, name="ShardedChunkAdamW"))
+    events.append(Event(t=float(n + 1), event=EventKind.STEP_END, tier=Tier.GPU, allocated=sum(end.values()),
+                        reserved=opt_reserved, bytes={c: b for c, b in end.items() if b}, chunk=chunk))
+    return events
+
+
+def _rank_switch_events(plan: "Plan", model: "ModelSpec", step: "RankStep", end: Event, t: float) -> list[Event]:
+    """CHUNK_SWITCH and, for the HOST state tier, its TRANSFER events on one rank, as
+    runtime.sharded_optim.ShardedChunkAdamW.step switches: the gradients are dropped
+    (zero_grad), the working copy of chunk k written back to host and freed (`_evict`), and
+    chunk k + 1 made active (`_activate`): loaded now, or, prefetching, already on the GPU,
+    and the load of chunk k + 2 started. Sizes are this rank's slices (`rank_state_allocs`)."""
+    from planner.sharding import rank_state_allocs
+
+    s = plan.strategy
+    c = plan.chunk_table.num_chunks
+    k = step.chunk
+    gpu = {comp: b for comp, b in end.bytes.items() if comp != Component.GRADIENTS}
+    reserved = end.reserved
+    events = [Event(t=t, event=EventKind.CHUNK_SWITCH, tier=Tier.GPU, allocated=sum(gpu.values()),
+                    reserved=reserved, bytes={x: b for x, b in gpu.items() if b}, phase=Phase.CHUNK_SWITCH,
+                    chunk=k, name=f"chunk {k} -> {(k + 1) % c} (gradients freed)")]
+    if s.state_tier != Tier.HOST:  # GPU tier: every chunk's state stays on the GPU
+        return events
+    prefetch = s.prefetch_depth >= 1 and c > 1
+    fetch = (k + (2 if prefetch else 1)) % c
+
+    def state(j: int) -> dict[Component, int]:
+        return rank_state_allocs(model, plan.shape, s, world=plan.world_size, chunk=j, rank=step.rank)
+
+    moves = [(-1, state(k), f"evict chunk {k} master+moments gpu->host", k),
+             (1, state(fetch), f"{'prefetch' if prefetch else 'fetch'} chunk {fetch} master+moments host->gpu", fetch)]
+    for sign, comps, name, j in moves:
+        t += 1
+        for comp, b in comps.items():
+            gpu[comp] = gpu.get(comp, 0) + sign * b
+        alloc = sum(gpu.values())
+        reserved = max(reserved, alloc)
+        moved = sum(b for comp, b in comps.items() if comp != Component.ROUNDING)
+        events.append(Event(t=t, event=EventKind.TRANSFER, tier=Tier.GPU, allocated=alloc, reserved=reserved,
+                            bytes={x: b for x, b in gpu.items() if b}, phase=Phase.CHUNK_SWITCH, chunk=j,
+                            name=f"{name} {moved} B"))
+    return events
 
 
 def _tier_event(t: float, tier: Tier, comps: dict[Component, int], *, kind: EventKind,
@@ -134,32 +269,34 @@ def _with_boundaries(ops: list[Event]) -> list[Event]:
 
 
 def _switch_events(plan: "Plan", end: Event, t: float, rest: dict[Tier, dict[Component, int]]) -> list[Event]:
-    """CHUNK_SWITCH and its TRANSFER events after the worst chunk's step."""
+    """CHUNK_SWITCH and its TRANSFER events after the worst chunk's step, as
+    runtime.chunk_optim.ChunkAdamW.step switches: the gradients are dropped (zero_grad), then
+    chunk k's state evicted and the chunk `prefetch_depth` beyond k + 1 fetched (k + 1 itself
+    without prefetch; with it, k + 1 .. k + depth are on the GPU already, as evaluate counts)."""
     s = plan.strategy
     table = plan.chunk_table
     elem = {"bf16": 2, "fp16": 2, "fp32": 4}[plan.shape.dtype]
-    per_param = STATE_BYTES_PER_PARAM[elem]
     k = end.chunk if end.chunk is not None else 0
     c = table.num_chunks
 
     def state(j: int) -> int:
-        return table.chunk_bytes(j % c) // elem * per_param
+        return table.chunk_bytes(j % c) // elem * STATE_BYTES_PER_PARAM
 
-    gpu = dict(end.bytes)
+    gpu = {comp: b for comp, b in end.bytes.items() if comp != Component.GRADIENTS}
     events = [dataclasses.replace(end, t=t, event=EventKind.CHUNK_SWITCH, phase=Phase.CHUNK_SWITCH,
-                                  name=f"chunk {k} -> {(k + 1) % c}", chunk=k, bytes=dict(gpu))]
+                                  name=f"chunk {k} -> {(k + 1) % c} (gradients freed)", chunk=k,
+                                  allocated=sum(gpu.values()), bytes={x: b for x, b in gpu.items() if b})]
     if s.optimizer_device == OptimizerDevice.GPU and s.state_tier != Tier.GPU:
         depth = min(s.prefetch_depth, c - 1)
         src = s.state_tier.value
         moves = [(-state(k), f"evict chunk {k} master+moments gpu->{src} {state(k)} B", k)]
-        fetch = (k + max(depth, 1)) % c  # with prefetch the next chunk is already on the GPU
+        fetch = (k + 1 + depth) % c
         moves.append((state(fetch), f"{'prefetch' if depth else 'fetch'} chunk {fetch} master+moments "
                                     f"{src}->gpu {state(fetch)} B", fetch))
         for delta, name, j in moves:
             t += 1
-            for comp, share in ((Component.MASTER, 4 if elem == 2 else 0), (Component.OPTIMIZER, 8)):
-                if share:
-                    gpu[comp] = gpu.get(comp, 0) + delta * share // per_param
+            for comp, per in ((Component.MASTER, MASTER_BYTES_PER_PARAM), (Component.OPTIMIZER, MOMENT_BYTES_PER_PARAM)):
+                gpu[comp] = gpu.get(comp, 0) + delta * per // STATE_BYTES_PER_PARAM
             alloc = sum(gpu.values())
             events.append(Event(t=t, event=EventKind.TRANSFER, tier=Tier.GPU, allocated=alloc,
                                 reserved=max(end.reserved, alloc), bytes={x: b for x, b in gpu.items() if b},

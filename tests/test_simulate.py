@@ -8,6 +8,7 @@ import json
 import pytest
 
 from planner.cli import main
+from planner.evaluate import evaluate
 from planner.hardware import hardware
 from planner.model import resolve_model
 from planner.plan import load_plan, make_plan
@@ -35,8 +36,6 @@ HW = hardware("rtx4090")
 
 
 def plan_for(model, strategy):
-    from planner.evaluate import evaluate
-
     est = evaluate(model, SHAPE, strategy, HW)
     return make_plan(model, SHAPE, HW, Budget(gpu_bytes=2**30), Objective.MEMORY, est)
 
@@ -90,6 +89,36 @@ def test_chunk_switch_moves_the_chunks_state(small):
     assert switch.allocated - evict.allocated == state(k)
     assert fetch.allocated - evict.allocated == state((k + 1) % 3)
     assert evict.bytes.get(Component.MASTER, 0) == switch.bytes[Component.MASTER] - state(k) // 3
+
+
+def test_switch_drops_gradients_and_prefetches_beyond_the_next_chunk(small):
+    """ChunkAdamW.step: zero_grad, evict chunk k, activate k + 1 (prefetched) and load k + 2."""
+    plan = plan_for(small, Strategy(chunks=3, state_tier=Tier.HOST, prefetch_depth=1))
+    events = list(simulate(plan, small).events)
+    i = next(i for i, e in enumerate(events) if e.event == EventKind.CHUNK_SWITCH)
+    end = next(e for e in events if e.event == EventKind.STEP_END and e.tier == Tier.GPU)
+    switch, evict, fetch = events[i:i + 3]
+    assert Component.GRADIENTS not in switch.bytes
+    assert end.allocated - switch.allocated == end.bytes[Component.GRADIENTS] > 0
+    k = plan.worst_chunk
+    state = lambda j: plan.chunk_table.chunk_bytes(j) // 2 * 12
+    assert fetch.name == f"prefetch chunk {(k + 2) % 3} master+moments host->gpu {state((k + 2) % 3)} B"
+    assert fetch.allocated - evict.allocated == state((k + 2) % 3)
+
+
+def test_fp32_switch_moves_master_too(small):
+    """runtime.chunk_optim keeps an fp32 master apart from fp32 weights: 12 B per parameter."""
+    est = evaluate(small, StepShape(seq_len=128, batch=2, dtype="fp32"),
+                   Strategy(chunks=3, state_tier=Tier.HOST, prefetch_depth=0), HW)
+    plan = make_plan(small, StepShape(seq_len=128, batch=2, dtype="fp32"), HW, Budget(gpu_bytes=2**30),
+                     Objective.MEMORY, est)
+    events = list(simulate(plan, small).events)
+    i = next(i for i, e in enumerate(events) if e.event == EventKind.CHUNK_SWITCH)
+    switch, evict = events[i:i + 2]
+    k = plan.worst_chunk
+    state = plan.chunk_table.chunk_bytes(k) // 4 * 12
+    assert switch.allocated - evict.allocated == state
+    assert switch.bytes[Component.MASTER] - evict.bytes.get(Component.MASTER, 0) == state // 3
 
 
 def test_cli_plan_then_simulate(small, tmp_path, capsys):
