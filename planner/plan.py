@@ -14,7 +14,7 @@ A plan is JSON (written atomically):
                    "reserved_bytes": .., "step_time_s": .., "worst_chunk": ..},
      "parallel": {"gpus_per_node": 2, "nodes": 1, "shard_embeddings": true,
                   "all_gather_bytes": .., "reduce_scatter_bytes": .., "all_reduce_bytes": ..,
-                  "interconnect_Bps": ..,
+                  "interconnect_Bps": .., "chunk_traces": "auto"|"exact"|"bound",
                   "comm_time_s": ..}}
 
 "parallel" is present only in a plan for several GPUs (planner.parallel): then the shape is one
@@ -39,7 +39,7 @@ from planner.chunks import ChunkTable, NamedShape, make_chunk_table
 from planner.errors import ChunkftError
 from planner.fsio import atomic_write_json, read_json
 from planner.hardware import GpuProfile, Hardware
-from planner.parallel import ParallelLayout, runs_sharded
+from planner.parallel import CHUNK_TRACE_MODES, ParallelLayout, runs_sharded
 from planner.schema import Component, Tier
 from planner.solve import Objective
 from planner.strategy import Budget, Estimate, Strategy
@@ -79,6 +79,8 @@ class Plan:
     step_time_parts_s: dict[str, float] = dataclasses.field(default_factory=dict)
     parallel: ParallelLayout | None = None
     """Several GPUs (FSDP2): the layout; predictions are then per rank."""
+    chunk_traces: str = "auto"
+    """Parallel plans: the ChunkFT trace mode the predictions were made with (planner.parallel)."""
     communication: dict[str, float] = dataclasses.field(default_factory=dict)
     """Parallel plans: all_gather_bytes, reduce_scatter_bytes, all_reduce_bytes (per step, unsharded;
     all-reduce: the gradients of chunk spans that slice a tensor),
@@ -121,7 +123,7 @@ class Plan:
             },
         }
         if self.parallel is not None:
-            out["parallel"] = {**self.parallel.to_json(), **self.communication}
+            out["parallel"] = {**self.parallel.to_json(), **self.communication, "chunk_traces": self.chunk_traces}
         return out
 
     def fingerprint(self) -> str:
@@ -172,20 +174,24 @@ class Plan:
                 _enum(Component, c, f"predicted.components.{k}"): b
                 for c, b in comps_r.mapping(k, int).items()}
             for k in comps_r.keys()}
-        parallel, communication = None, {}
+        parallel, communication, chunk_traces = None, {}, "auto"
         if data.get("parallel") is not None:
             par = r.sub("parallel")
             communication = {k: par.field(k, float) for k in COMMUNICATION_FIELDS}
+            chunk_traces = par.field("chunk_traces", str)
+            if chunk_traces not in CHUNK_TRACE_MODES:
+                raise ChunkftError(f"plan field 'parallel.chunk_traces' has {chunk_traces!r}; valid values are: "
+                                   f"{', '.join(CHUNK_TRACE_MODES)}")
             try:
                 parallel = ParallelLayout.from_json({k: v for k, v in par.data.items()
-                                                     if k not in COMMUNICATION_FIELDS})
+                                                     if k not in COMMUNICATION_FIELDS and k != "chunk_traces"})
             except ChunkftError as e:
                 raise ChunkftError(f"plan field 'parallel' is invalid: {e}") from None
             if not runs_sharded(strategy):
                 raise ChunkftError(f"plan field 'parallel' is set but strategy {strategy.label()!r} does not run "
                                    "sharded (AdamW on the GPU, weights resident, state on gpu or host, no staging)")
         return cls(
-            parallel=parallel, communication=communication,
+            parallel=parallel, communication=communication, chunk_traces=chunk_traces,
             model_name=model.field("name", str),
             model_fingerprint=model.field("fingerprint", str),
             shape=shape, budget=budget, hardware=_hardware_from_json(r.sub("hardware")),
@@ -213,7 +219,7 @@ def named_shapes(model: "ModelSpec", dtype: str) -> list[NamedShape]:
 def make_plan(model: "ModelSpec", shape: StepShape, hardware: Hardware, budget: Budget,
               objective: Objective, estimate: Estimate,
               shapes: list[NamedShape] | None = None, sharded: "ShardedEstimate | None" = None,
-              parallel: ParallelLayout | None = None) -> Plan:
+              parallel: ParallelLayout | None = None, chunk_traces: str = "auto") -> Plan:
     """The Plan for the solver's winner `estimate`; for several GPUs also `parallel` and the
     winner's `sharded` estimate (planner.parallel.solve_parallel), whose per-rank figures
     `estimate` carries."""
@@ -232,7 +238,7 @@ def make_plan(model: "ModelSpec", shape: StepShape, hardware: Hardware, budget: 
                 reserved_bytes=estimate.reserved_bytes, step_time_s=estimate.step_time_s,
                 worst_chunk=estimate.worst_chunk, context_bytes=estimate.context_bytes,
                 step_time_parts_s=dict(estimate.step_time_parts_s), parallel=parallel,
-                communication=communication)
+                communication=communication, chunk_traces=chunk_traces)
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:

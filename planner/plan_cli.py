@@ -239,7 +239,8 @@ def run_plan(args) -> int:
     if layout is None:
         plan = make_plan(model, shape, hw, budget, objective, best)
     else:
-        plan = make_plan(model, shape, hw, budget, objective, best, parallel=layout, sharded=sharded[best.strategy])
+        plan = make_plan(model, shape, hw, budget, objective, best, parallel=layout, sharded=sharded[best.strategy],
+                         chunk_traces=args.chunk_traces)
     save_plan(plan, args.output)
     print(f"plan      {best.strategy.label()}")
     print_estimate(best, None if layout is None else per_rank_budget(budget, layout))

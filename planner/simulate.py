@@ -85,15 +85,17 @@ class Timeline:
 
 
 def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None,
-             chunk_traces: str = "auto") -> Timeline:
+             chunk_traces: str | None = None) -> Timeline:
     """The plan's predicted timeline (hardware: the plan's own profile unless `hw` is given).
 
     A parallel plan's is one rank's: the (chunk, rank) planner.sharding.evaluate_sharded reports.
-    `chunk_traces` as in planner.evaluate.evaluate (a plan does not record the mode it was made
-    with; "auto" is `chunkft plan`'s default)."""
+    `chunk_traces` as in planner.evaluate.evaluate; None: the mode the plan was made with
+    (a parallel plan records it; one-GPU plans are made with "auto")."""
     from planner.evaluate import evaluate, gpu_timeline
 
     hw = plan.hardware if hw is None else hw
+    if chunk_traces is None:
+        chunk_traces = plan.chunk_traces
     if plan.parallel is not None:
         return _simulate_parallel(plan, model, hw, chunk_traces)
     strategy = plan.strategy

@@ -110,6 +110,22 @@ def test_cli_writes_a_parallel_plan(tiny, tmp_path, capsys):
     est = evaluate_sharded(tiny, plan.shape, plan.strategy, plan.hardware, gpus_per_node=2)
     assert plan.peak_bytes[Tier.GPU] == est.peak_bytes[Tier.GPU]
     assert plan.communication["comm_time_s"] == pytest.approx(est.comm_time_s)
+    assert plan.chunk_traces == "auto"
+
+
+def test_the_plan_records_its_chunk_trace_mode(tiny, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", tiny.name, "--seq", "64", "--gpu-kind", "h100", "--gpus-per-node", "2", "--chunks", "3",
+                 "--chunk-traces", "bound", "-o", str(out)]) == 0
+    plan = load_plan(out)
+    assert plan.chunk_traces == "bound"
+    est = evaluate_sharded(tiny, plan.shape, plan.strategy, plan.hardware, gpus_per_node=2, chunk_traces="bound")
+    assert plan.reserved_bytes == est.reserved_bytes
+    data = json.loads(out.read_text())
+    data["parallel"]["chunk_traces"] = "guess"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(ChunkftError, match="'parallel.chunk_traces' has 'guess'; valid values are: auto, exact, bound"):
+        load_plan(tmp_path / "bad.json")
 
 
 @pytest.mark.parametrize("args, text", [
