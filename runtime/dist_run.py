@@ -24,9 +24,15 @@ Each rank then reads and packs the data itself (the same bytes everywhere) and r
 run.json and ranks.json; OUT must be a directory every node sees (checkpoints are written by
 every rank into it).
 
+`--trace traces/NAME.jsonl` writes one memory trace per rank, traces/NAME.rank{r}.jsonl
+(runtime.memtrace.rank_trace_path), in the one-GPU trace's schema (`chunkft compare TIMELINE
+traces/NAME.rank0.jsonl` loads it) for the first `--trace-steps` steps; each header adds the
+rank, world size and layout to the plan and model fingerprints, strategy and shape
+(runtime.distributed's docstring lists the events and tiers).
+
 Known limitations: every step's token ids are materialised up front (steps x global batch x sequence length
-int64s); no periodic eval loss (`--eval` is refused) and no per-op memory trace (`--trace` is
-refused): ranks.json has the per-rank peaks instead.
+int64s); no periodic eval loss (`--eval` is refused); the per-rank traces are not merged (compare
+each rank's file on its own).
 """
 
 from __future__ import annotations
@@ -65,10 +71,9 @@ def check_parallel_args(args, plan: "Plan") -> int:
     if nproc is not None and nproc != layout.world_size:
         raise ChunkftError(f"--nproc {nproc} does not match the plan's {layout.world_size} GPUs; "
                            f"leave --nproc out or make a plan with --gpus-per-node {nproc}")
-    for flag, value in (("--eval", args.eval), ("--trace", args.trace)):
-        if value is not None:
-            raise ChunkftError(f"{flag} is not supported for a parallel plan yet; leave it out "
-                               f"(OUT/{RANKS_FILE} records each rank's measured peak)")
+    if args.eval is not None:
+        raise ChunkftError("--eval is not supported for a parallel plan yet; leave it out "
+                           f"(OUT/{RANKS_FILE} records each rank's losses)")
     return layout.world_size
 
 
@@ -115,7 +120,16 @@ def dist_config(plan: "Plan", spec: "ModelSpec", args, *, ids, labels, device: s
         shard_embeddings=plan.parallel.shard_embeddings, init_from=init, save_at=save_at,
         out_dir=str(out / f"step-{args.steps}"), resume_from=None if resume_from is None else str(resume_from),
         # a CPU run measures its last step's C-heap rise per rank (planner.measure)
-        measure_step=args.steps - 1 if device == "cpu" else None, device=device)
+        measure_step=args.steps - 1 if device == "cpu" else None, device=device,
+        trace_path=None if args.trace is None else str(args.trace), trace_steps=args.trace_steps or None,
+        trace_header=trace_header(plan))
+
+
+def trace_header(plan: "Plan") -> dict:
+    """What every rank's trace header says of the run (rank and world size are added per rank)."""
+    return {"model_fingerprint": plan.model_fingerprint, "plan_fingerprint": plan.fingerprint(),
+            "layout": plan.parallel.to_json(), "strategy": plan.strategy.to_json(),
+            "shape": {"batch": plan.shape.batch, "seq_len": plan.shape.seq_len, "dtype": plan.shape.dtype}}
 
 
 def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
@@ -138,6 +152,8 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
     torchrun = args.launcher == "torchrun"
     rank = int(_torchrun_env("RANK")) if torchrun else 0
     out = check_writable(args.out)
+    if args.trace is not None:
+        check_writable(Path(args.trace).parent if str(Path(args.trace).parent) else ".")
     tok = load_tokenizer(args.tokenizer, model_vocab_size=spec.config.vocab_size)
     examples = read_examples(args.data, tok)
     loader = PackedLoader(examples, seq_len=plan.shape.seq_len, batch_size=1, seed=args.seed,
@@ -179,6 +195,10 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
         if r.peak_bytes is not None:
             print(f"  rank {r.rank}: step {config.measure_step + 1} raised the C heap by {r.peak_bytes / 2**20:.1f} MiB")
     print(f"checkpoint: {out}/step-{args.steps}; per-rank report: {out / RANKS_FILE}")
+    if args.trace is not None:
+        from runtime.memtrace import rank_trace_path
+
+        print(f"traces: {', '.join(rank_trace_path(args.trace, r.rank) for r in results)}")
     return 0
 
 

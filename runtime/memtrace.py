@@ -17,6 +17,10 @@ Events come from module hooks (a decoder layer starts, in forward, recompute or 
 from the training loop (phase starts, optimizer step, chunk switch, step end). The file is
 written atomically at the end and whenever `flush()` is called.
 
+A parallel run (runtime.distributed) writes one trace per rank, `rank_trace_path(path, r)`
+(traces/NAME.jsonl -> traces/NAME.rank{r}.jsonl), each in this schema with the rank's own
+measurements and accounting.
+
 Known limitations: CPU events other than STEP_END sample between ops of interest only; on
 CPU the host tier is the same memory as the compute tier, so its bytes are accounted, not
 measured separately.
@@ -42,6 +46,13 @@ def _cpu_allocated_bytes() -> int:
     from planner.measure import malloc_in_use_bytes
 
     return malloc_in_use_bytes()
+
+
+def rank_trace_path(path: str | os.PathLike, rank: int) -> str:
+    """Rank `rank`'s trace file of a parallel run traced to `path`: NAME.jsonl -> NAME.rank{rank}.jsonl."""
+    path = os.fspath(path)
+    stem = path[:-len(".jsonl")] if path.endswith(".jsonl") else path
+    return f"{stem}.rank{rank}.jsonl"
 
 
 class TraceWriter:
