@@ -102,18 +102,24 @@ def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None,
     chunk = plan.worst_chunk if strategy.chunks > 1 else None
     gpu = gpu_timeline(model, plan.shape, strategy, hw, chunk=chunk, chunk_traces=chunk_traces)
     est = evaluate(model, plan.shape, strategy, hw, chunk_traces=chunk_traces)
-    events: list[Event] = []
     host_disk = [(tier, plan.components.get(tier, {})) for tier in (Tier.HOST, Tier.DISK)
                  if plan.peak_bytes.get(tier, 0)]
+    switch = (lambda t: _switch_events(plan, gpu[-1], t, dict(host_disk))) if strategy.chunks > 1 and gpu else None
+    return _timeline(plan, hw, gpu=gpu, host_disk=host_disk, chunk=chunk, switch=switch, est=est)
+
+
+def _timeline(plan: "Plan", hw: "Hardware", *, gpu: list[Event], host_disk: list, chunk: int | None,
+              switch, est, extra: dict | None = None) -> Timeline:
+    """Header, host/disk events around the GPU step, then the switch events (`switch(t)`)."""
+    events: list[Event] = []
     for tier, comps in host_disk:
         events.append(_tier_event(0.0, tier, comps, phase=Phase.SETUP, chunk=chunk, kind=EventKind.PHASE))
     events += _with_boundaries(gpu)
     end_t = gpu[-1].t if gpu else 0.0
     for tier, comps in host_disk:
-        events.append(_tier_event(end_t, tier, comps, phase=Phase.OPTIMIZER, chunk=chunk,
-                                  kind=EventKind.STEP_END))
-    if strategy.chunks > 1 and gpu:
-        events += _switch_events(plan, gpu[-1], end_t + 1, dict(host_disk))
+        events.append(_tier_event(end_t, tier, comps, phase=Phase.OPTIMIZER, chunk=chunk, kind=EventKind.STEP_END))
+    if switch is not None:
+        events += switch(end_t + 1)
     header = {
         "event": EventKind.HEADER.value,
         "schema_version": TIMELINE_SCHEMA_VERSION,
@@ -122,8 +128,9 @@ def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None,
         "model": plan.model_name,
         "model_fingerprint": plan.model_fingerprint,
         "plan_fingerprint": plan.fingerprint(),
-        "strategy": strategy.label(),
+        "strategy": plan.strategy.label(),
         "chunk": chunk,
+        **(extra or {}),
         "gpu": hw.gpu.name,
         "step_time_s": est.step_time_s,
         "step_time_parts_s": dict(est.step_time_parts_s),
@@ -147,33 +154,9 @@ def _simulate_parallel(plan: "Plan", model: "ModelSpec", hw: "Hardware", chunk_t
     gpu = rank_timeline_events(step, chunk=chunk)
     host_disk = [(tier, comps) for tier, comps in ((Tier.HOST, step.host), (Tier.DISK, step.disk))
                  if sum(comps.values())]
-    events: list[Event] = []
-    for tier, comps in host_disk:
-        events.append(_tier_event(0.0, tier, comps, phase=Phase.SETUP, chunk=chunk, kind=EventKind.PHASE))
-    events += _with_boundaries(gpu)
-    end_t = gpu[-1].t
-    for tier, comps in host_disk:
-        events.append(_tier_event(end_t, tier, comps, phase=Phase.OPTIMIZER, chunk=chunk, kind=EventKind.STEP_END))
-    if strategy.chunks > 1:
-        events += _rank_switch_events(plan, model, step, gpu[-1], end_t + 1)
-    header = {
-        "event": EventKind.HEADER.value,
-        "schema_version": TIMELINE_SCHEMA_VERSION,
-        "kind": "timeline",
-        "t_unit": "op",
-        "model": plan.model_name,
-        "model_fingerprint": plan.model_fingerprint,
-        "plan_fingerprint": plan.fingerprint(),
-        "strategy": strategy.label(),
-        "chunk": chunk,
-        "parallel": {**layout.to_json(), "rank": step.rank},
-        "gpu": hw.gpu.name,
-        "step_time_s": est.step_time_s,
-        "step_time_parts_s": dict(est.step_time_parts_s),
-        "predicted_peak_bytes": {t.value: b for t, b in plan.peak_bytes.items()},
-        "predicted_reserved_bytes": plan.reserved_bytes,
-    }
-    return Timeline(header=header, events=tuple(events))
+    switch = (lambda t: _rank_switch_events(plan, model, step, gpu[-1], t)) if strategy.chunks > 1 else None
+    return _timeline(plan, hw, gpu=gpu, host_disk=host_disk, chunk=chunk, switch=switch, est=est,
+                     extra={"parallel": {**layout.to_json(), "rank": step.rank}})
 
 
 def rank_timeline_events(step: "RankStep", *, chunk: int | None = None) -> list[Event]:
