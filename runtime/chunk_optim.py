@@ -123,6 +123,16 @@ class StepResult:
     loss_scale: float | None
 
 
+def next_chunk(k: int, steps_done: int, update_interval: int, num_chunks: int) -> tuple[int, int | None]:
+    """ChunkFT's cycling rule after a successful step of chunk k that was its `steps_done`-th:
+    (steps done on the active chunk from now, the chunk to switch to or None). After
+    `update_interval` steps the count restarts and, with several chunks, k + 1 (cyclically)
+    becomes active."""
+    if steps_done < update_interval:
+        return steps_done, None
+    return 0, ((k + 1) % num_chunks if num_chunks > 1 else None)
+
+
 def adamw_update(state: Mapping[str, torch.Tensor], name: str, grad: torch.Tensor, *, config: AdamWConfig,
                  lr: float, step: int) -> torch.Tensor:
     """One AdamW step of `name`'s fp32 master and moments in `state` ("<name>/master",
@@ -396,14 +406,10 @@ class ChunkAdamW:
         if self.scaler is not None:
             self.scaler.update(False)
         self.global_step += 1
-        self.active_steps += 1
-        switched = None
-        if self.active_steps >= self.update_interval:
-            self.active_steps = 0
-            if self.table.num_chunks > 1:
-                switched = (k + 1) % self.table.num_chunks
-                self._evict()
-                self._activate(switched)
+        self.active_steps, switched = next_chunk(k, self.active_steps + 1, self.update_interval, self.table.num_chunks)
+        if switched is not None:
+            self._evict()
+            self._activate(switched)
         return StepResult(stepped=True, chunk=k, lr=lr, grad_norm=grad_norm, switched_to=switched, loss_scale=scale)
 
     def state_bytes(self) -> dict[Tier, int]:

@@ -112,7 +112,7 @@ from planner.chunks import ChunkSpan, ChunkTable
 from planner.errors import ChunkftError
 from planner.fsio import atomic_path
 from planner.schema import Tier
-from runtime.chunk_optim import AdamWConfig, LRSchedule, StepResult, adamw_update
+from runtime.chunk_optim import AdamWConfig, LRSchedule, StepResult, adamw_update, next_chunk
 from runtime.scaler import LossScaler
 from runtime.subgrad import SubgradHandle, install, recomputes_in_backward
 
@@ -343,14 +343,10 @@ class ShardedChunkAdamW:
         if self.scaler is not None:
             self.scaler.update(False)
         self.global_step += 1
-        self.active_steps += 1
-        switched = None
-        if self.active_steps >= self.update_interval:
-            self.active_steps = 0
-            if self.table.num_chunks > 1:
-                switched = (k + 1) % self.table.num_chunks
-                self._evict()
-                self._activate(switched)
+        self.active_steps, switched = next_chunk(k, self.active_steps + 1, self.update_interval, self.table.num_chunks)
+        if switched is not None:
+            self._evict()
+            self._activate(switched)
         return StepResult(stepped=True, chunk=k, lr=lr, grad_norm=grad_norm, switched_to=switched, loss_scale=scale)
 
     def state_bytes(self) -> dict[str, int]:
