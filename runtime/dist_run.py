@@ -77,11 +77,10 @@ def check_parallel_args(args, plan: "Plan") -> int:
     return layout.world_size
 
 
-def global_batches(loader, steps: int, rows: int):
-    """(ids, labels) of `steps` global batches of `rows` packed blocks, stacked: (steps, rows, seq)."""
+def global_batches(loader, steps: int):
+    """(ids, labels) of the loader's next `steps` batches, stacked: (steps, batch, seq)."""
     import torch
 
-    loader.batch_size = rows
     pairs = [loader.next_batch() for _ in range(steps)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
@@ -156,10 +155,10 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
         check_writable(Path(args.trace).parent if str(Path(args.trace).parent) else ".")
     tok = load_tokenizer(args.tokenizer, model_vocab_size=spec.config.vocab_size)
     examples = read_examples(args.data, tok)
-    loader = PackedLoader(examples, seq_len=plan.shape.seq_len, batch_size=1, seed=args.seed,
-                          pad_token_id=padding_id(tok))
     rows = plan.shape.batch * world * args.grad_accum
-    ids, labels = global_batches(loader, args.steps, rows)
+    loader = PackedLoader(examples, seq_len=plan.shape.seq_len, batch_size=rows, seed=args.seed,
+                          pad_token_id=padding_id(tok))
+    ids, labels = global_batches(loader, args.steps)
     run_state = {"model_fingerprint": plan.model_fingerprint, "plan_fingerprint": plan.fingerprint(),
                  "data_fingerprint": data_fingerprint(examples, plan.shape.seq_len, tok.name, args.seed),
                  "tokenizer": tok.name, "seed": args.seed, "world_size": world, "global_batch": rows}
