@@ -86,10 +86,8 @@ def test_alternating_layer_types_replicate_in_blocks():
 
 
 def test_sliced_chunk_cut_replicates():
-    subgrad = pytest.importorskip("runtime.subgrad")
+    import runtime.subgrad  # noqa: F401  (the tracer installs the slices with it: a broken import fails here)
     from planner.chunks import SliceSpec
-
-    assert subgrad is not None
     spec = spec_of("llama", 8)
     grad = middle_and_head(spec, {4})
     grad["model.layers.3.mlp.down_proj.weight"] = SliceSpec(dim=0, start=64, end=128)
