@@ -404,7 +404,13 @@ class StepRecorder:
         return handles
 
     def _push_module(self, module, args) -> None:
-        self._module_stack.append(self._module_names.get(id(module), type(module).__name__))
+        # A module outside the model's tree (transformers >= 5 may wrap a function such as
+        # apply_rotary_pos_emb in a throwaway nn.Module named `Func`) runs on behalf of the
+        # module that called it: its ops belong to the caller.
+        name = self._module_names.get(id(module))
+        if name is None:
+            name = self._module_stack[-1] if self._module_stack else type(module).__name__
+        self._module_stack.append(name)
 
     def _pop_module(self, module, args, output) -> None:
         if self._module_stack:

@@ -13,6 +13,9 @@ import torch
 from planner.errors import ChunkftError
 from planner.model import list_presets, resolve_model
 
+# part of CI's second pass on the newest transformers (.ci/run): the tracer meets HF model code here
+pytestmark = pytest.mark.newest_deps
+
 # Published parameter counts (model cards / safetensors index totals).
 PUBLISHED_PARAMETERS = {
     "llama2-7b": 6.74e9,

@@ -14,6 +14,9 @@ from planner.schema import Component, Phase
 from planner.step import step_loss
 from planner.trace import StepShape, TraceOptions, match_real_attention_branch, trace_step
 
+# part of CI's second pass on the newest transformers (.ci/run): the tracer meets HF model code here
+pytestmark = pytest.mark.newest_deps
+
 FULL = TraceOptions(replicate=False)
 
 
