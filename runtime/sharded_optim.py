@@ -323,10 +323,15 @@ class ShardedChunkAdamW:
         coef, grad_norm = None, None
         if self.config.max_grad_norm is not None:  # every rank joins the all_reduce, spans or not
             dtype = self._master_dtype(next(iter(self._params.values())))
-            sq = torch.zeros((), dtype=dtype, device=self.device)
-            for n, g in slices.items():  # one span's cast at a time, as ChunkAdamW: no chunk-sized copy
-                sq = sq + (torch.linalg.vector_norm(g.to(dtype), 2) * factor[n]) ** 2
-            total = torch.sqrt(torch.as_tensor(self._all_reduce(sq, "SUM"), dtype=dtype, device=self.device))
+            # one span's cast at a time, as ChunkAdamW: no chunk-sized copy. This rank's norm is
+            # the norm of its per-span norms (ChunkAdamW's and clip_grad_norm_'s arithmetic), and
+            # the ranks sum its square: sqrt(x * x) == x in binary floating point, so one rank
+            # clips bit for bit as ChunkAdamW does.
+            norms = [torch.linalg.vector_norm(g.to(dtype), 2) * factor[n] for n, g in slices.items()]
+            local = (torch.linalg.vector_norm(torch.stack(norms), 2) if norms
+                     else torch.zeros((), dtype=dtype, device=self.device))
+            total = torch.sqrt(torch.as_tensor(self._all_reduce(local * local, "SUM"), dtype=dtype,
+                                               device=self.device))
             coef = torch.clamp(self.config.max_grad_norm / (total + 1e-6), max=1.0)
             grad_norm = float(total)
         for span, ls in live:
