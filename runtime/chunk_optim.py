@@ -51,13 +51,16 @@ from torch import nn
 
 from planner.chunks import ChunkTable, model_named_shapes
 from planner.errors import ChunkftError
-from planner.fsio import atomic_path
+from planner.fsio import atomic_path, atomic_write_json
 from planner.schema import Tier
 from runtime.disk_store import describe_os_error, file_crc32
+from runtime.guard import DEFAULT_MAX_NONFINITE_STEPS, SkipGuard, first_nonfinite, nonfinite_flag
 from runtime.scaler import LossScaler
 from runtime.subgrad import GradCallback, SubgradHandle, install
 
 STATE_VERSION = 1
+OWNER = "OWNER.json"
+"""In a DISK state directory: the run id and process that own it."""
 _KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
@@ -73,6 +76,21 @@ class AdamWConfig:
     """Decoupled: w <- w * (1 - lr * weight_decay) before the Adam update."""
     max_grad_norm: float | None = None
     """Clip the active chunk's gradients to this global L2 norm (None: no clipping)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            problems.append(f"lr must be a finite number >= 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            problems.append(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            problems.append(f"eps must be a finite number > 0, got {self.eps}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            problems.append(f"max_grad_norm must be a finite number > 0 or None, got {self.max_grad_norm}")
+        if problems:
+            raise ChunkftError("AdamW: " + "; ".join(problems))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -112,7 +130,8 @@ class StepResult:
     """What one `ChunkAdamW.step()` did."""
 
     stepped: bool
-    """False when the fp16 scaler found inf/nan: weights, chunk and schedule did not move."""
+    """False when a gradient the step would consume held inf/nan (fp16 overflow or a
+    non-finite bf16/fp32 gradient): weights, state, chunk and schedule did not move."""
     chunk: int
     """The chunk that was (or would have been) updated."""
     lr: float
@@ -121,6 +140,8 @@ class StepResult:
     switched_to: int | None
     """The chunk activated after this step, if it switched."""
     loss_scale: float | None
+    skipped_because: str | None = None
+    """Why a skipped step was skipped ("inf/nan in the accumulated gradient of 'lm_head.weight'")."""
 
 
 def next_chunk(k: int, steps_done: int, update_interval: int, num_chunks: int) -> tuple[int, int | None]:
@@ -157,15 +178,23 @@ def adamw_update(state: Mapping[str, torch.Tensor], name: str, grad: torch.Tenso
 
 
 class _Store:
-    """Chunk states resting on one tier: {chunk: {"<param>/<kind>": tensor}}."""
+    """Chunk states resting on one tier: {chunk: {"<param>/<kind>": tensor}}.
+
+    DISK: the directory is this store's scratch space. Whatever an earlier process left there
+    (a run killed before its checkpoint, another run) is deleted when the store opens it, the
+    store's run id is written into it (OWNER), and a file is read only if this store wrote it
+    and its crc32 still matches: state comes from this process or from a checkpoint, never
+    from a leftover file.
+    """
 
     def __init__(self, tier: Tier, device: torch.device, state_dir: str | os.PathLike | None, *,
-                 in_place: bool = True):
+                 in_place: bool = True, run_id: str | None = None):
         self.tier = tier
         self.device = device
         # HOST tier with a CPU step device: step the state in its host slot (a host optimizer),
         # or keep a separate working copy as a GPU would (a CPU run emulating a GPU plan).
-        self._alias = tier == Tier.GPU or (tier == Tier.HOST and device.type == "cpu" and in_place)
+        self.aliased = tier == Tier.GPU or (tier == Tier.HOST and device.type == "cpu" and in_place)
+        """The step works on the resting tensors themselves (no working copy beside them)."""
         self._mem: dict[int, dict[str, torch.Tensor]] = {}
         self._pin = tier == Tier.HOST and torch.cuda.is_available()
         self._crc: dict[tuple[int, str | None], int] = {}  # DISK: crc32 of each chunk file as written, checked on read
@@ -175,15 +204,20 @@ class _Store:
             self.dir = Path(state_dir)
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
+                for stale in self.dir.glob("*.safetensors"):
+                    stale.unlink()
+                for stale in self.dir.glob(".*.tmp"):  # atomic writes a kill interrupted
+                    stale.unlink()
+                atomic_write_json(self.dir / OWNER, {"run_id": run_id, "pid": os.getpid()})
             except OSError as e:
-                raise ChunkftError(f"cannot create state directory {str(self.dir)!r}: {e.strerror or e}") from None
+                raise ChunkftError(f"cannot prepare state directory {str(self.dir)!r}: {e.strerror or e}") from None
 
     def _path(self, k: int, span: str | None = None) -> Path:
         return self.dir / (f"chunk{k:05d}.safetensors" if span is None else f"chunk{k:05d}.{span}.safetensors")
 
     def put(self, k: int, state: dict[str, torch.Tensor], span: str | None = None) -> None:
         """Rest chunk k's state here (DISK with `span`: one span's state, in its own file)."""
-        if self._alias:
+        if self.aliased:
             self._mem[k] = {n: t.to(self.device) for n, t in state.items()}
         elif self.tier == Tier.HOST:
             old = self._mem.get(k, {})
@@ -215,14 +249,14 @@ class _Store:
             from safetensors.torch import load_file
 
             path = self._path(k, span)
-            if not path.exists():
+            wrote = self._crc.get((k, span))
+            if wrote is None:  # not written by this store: nothing to read, whatever is on disk
                 return None
             try:
                 crc = file_crc32(path)
             except OSError as e:
                 raise ChunkftError(f"disk tier: cannot read {str(path)!r}: {describe_os_error(e)}") from None
-            wrote = self._crc.get((k, span))
-            if wrote is not None and crc != wrote:
+            if crc != wrote:
                 raise ChunkftError(f"disk tier: checksum mismatch in {str(path)!r}: the file changed since it was "
                                    f"written (crc32 {crc:08x}, wrote {wrote:08x})")
             try:
@@ -232,7 +266,7 @@ class _Store:
         state = self._mem.get(k)
         if state is None:
             return None
-        return {n: t.to(device, non_blocking=self._pin, copy=not self._alias) for n, t in state.items()}
+        return {n: t.to(device, non_blocking=self._pin, copy=not self.aliased) for n, t in state.items()}
 
     def drop(self, k: int) -> None:
         self._mem.pop(k, None)
@@ -242,14 +276,11 @@ class _Store:
             for path in self.dir.glob(f"chunk{k:05d}.*safetensors"):  # the chunk's file or its span files
                 path.unlink(missing_ok=True)
 
-    def nbytes(self, exclude: int | None = None) -> int:
-        """Bytes held on this tier (file sizes for DISK), leaving out chunk `exclude`."""
+    def nbytes(self) -> int:
+        """Bytes held on this tier (file sizes for DISK)."""
         if self.tier == Tier.DISK:
-            return sum(p.stat().st_size for p in self.dir.glob("chunk[0-9][0-9][0-9][0-9][0-9].*safetensors")
-                       if int(p.name[5:10]) != exclude)
-        return sum(
-            t.numel() * t.element_size() for k, s in self._mem.items() if k != exclude for t in s.values()
-        )
+            return sum(p.stat().st_size for p in self.dir.glob("chunk[0-9][0-9][0-9][0-9][0-9].*safetensors"))
+        return sum(t.numel() * t.element_size() for s in self._mem.values() for t in s.values())
 
 
 
@@ -280,6 +311,8 @@ class ChunkAdamW:
         host_state_in_place: HOST tier on a CPU step device: True steps the state in its host
             slot (a host-side optimizer); False keeps a working copy beside the slot, as a GPU
             step would, so a CPU run of a GPU plan has the plan's memory layout.
+        max_nonfinite_steps: consecutive skipped (non-finite) steps before a ChunkftError.
+        run_id: written into a DISK state directory as its owner (the run's id).
 
     Every chunk's state is created when the optimizer is (not at its first activation), so
     the memory a plan predicts for its steady state is held from the first step, and a
@@ -302,6 +335,8 @@ class ChunkAdamW:
         on_grad: GradCallback | None = None,
         stream_state: bool = False,
         host_state_in_place: bool = True,
+        max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
+        run_id: str | None = None,
     ):
         if update_interval < 1:
             raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
@@ -312,6 +347,7 @@ class ChunkAdamW:
         self.schedule = schedule or LRSchedule()
         self.update_interval = update_interval
         self.scaler = scaler
+        self.guard = SkipGuard(max_nonfinite_steps)
         self._on_grad = on_grad
         self._params = dict(model.named_parameters())
         first = next(iter(self._params.values()))
@@ -322,7 +358,7 @@ class ChunkAdamW:
             raise ChunkftError(
                 f"state tier {state_tier!r} is unknown; valid: {[t.value for t in Tier]}"
             ) from None
-        self._store = _Store(tier, self.device, state_dir, in_place=host_state_in_place)
+        self._store = _Store(tier, self.device, state_dir, in_place=host_state_in_place, run_id=run_id)
         if stream_state and tier != Tier.DISK:
             raise ChunkftError(f"streaming optimizer state span by span needs the 'disk' state tier, not {tier.value!r}")
         self._stream_spans = stream_state
@@ -368,27 +404,41 @@ class ChunkAdamW:
         gradients staged on host or disk, read lazily; any device and dtype, cast to the
         master dtype on the step device one span at a time).
 
-        fp16: skipped (returns stepped=False) if any gradient overflowed; the scale backs off
-        and neither the chunk nor the schedule advances. Otherwise AdamW on every span that
-        received a gradient, and a switch to the next chunk after `update_interval` steps.
+        Skipped (returns stepped=False, `skipped_because` says why) when any gradient the step
+        would consume -- the accumulated one, checked here, not only the pieces as they
+        arrived -- holds inf or nan: nothing is written to weights, masters or moments, neither
+        the chunk nor the schedule advances, and fp16 backs its loss scale off. After
+        `max_nonfinite_steps` skips in a row, a ChunkftError. Otherwise AdamW on every span
+        that received a gradient, and a switch to the next chunk after `update_interval` steps.
         """
         k = self.active_chunk
         scale = self.scaler.scale if self.scaler is not None else None
         lr = self.lr()
         if self.scaler is not None and self.scaler.overflowed():
-            self.handle.zero_grad()
-            self.scaler.update(True)
-            return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale)
+            return self._skip(k, lr, scale, "fp16 overflow in a gradient as it was produced")
         grads = self.handle.grads() if grads is None else grads
         inv_scale = 1.0 / scale if scale is not None else 1.0
         names = [s.param for s in self.table.chunks[k] if s.param in grads]
+        clip = self.config.max_grad_norm is not None and bool(names)
+        # One pass over what the step consumes: the finiteness check and, when clipping, the
+        # per-span norms (a disk-staged gradient is read once for both).
+        bad, norms = torch.zeros((), dtype=torch.bool, device=self.device), []
+        for n in names:
+            g = grads[n]
+            bad |= nonfinite_flag((g,), self.device)
+            if clip:
+                norms.append(torch.linalg.vector_norm(self._grad32(g, inv_scale), 2))
+            del g
+        if bool(bad):  # one sync
+            bad_name = first_nonfinite({n: grads[n] for n in names})
+            return self._skip(k, lr, scale, f"inf/nan in the accumulated gradient of {bad_name!r}")
         coef, grad_norm = None, None
-        if self.config.max_grad_norm is not None and names:
+        if clip:
             # torch.nn.utils.clip_grad_norm_'s arithmetic: norm of the per-tensor norms.
-            norms = [torch.linalg.vector_norm(self._grad32(grads[n], inv_scale), 2) for n in names]
             total = torch.linalg.vector_norm(torch.stack(norms), 2)
             coef = torch.clamp(self.config.max_grad_norm / (total + 1e-6), max=1.0)
             grad_norm = float(total)
+        del norms
         for name in names:
             g = self._grad32(grads[name], inv_scale)
             if coef is not None:
@@ -405,6 +455,7 @@ class ChunkAdamW:
         self.handle.zero_grad()
         if self.scaler is not None:
             self.scaler.update(False)
+        self.guard.stepped()
         self.global_step += 1
         self.active_steps, switched = next_chunk(k, self.active_steps + 1, self.update_interval, self.table.num_chunks)
         if switched is not None:
@@ -412,18 +463,46 @@ class ChunkAdamW:
             self._activate(switched)
         return StepResult(stepped=True, chunk=k, lr=lr, grad_norm=grad_norm, switched_to=switched, loss_scale=scale)
 
-    def state_bytes(self) -> dict[Tier, int]:
-        """Bytes of optimizer state by tier: the active (and prefetched) chunk on the compute
-        device, the resting chunks on their tier (for the runtime's own accounting)."""
+    def _skip(self, k: int, lr: float, scale: float | None, why: str) -> StepResult:
+        """Drop the gradients, back the fp16 scale off, count the skip (may raise)."""
+        self.handle.zero_grad()
+        if self.scaler is not None:
+            self.scaler.update(True)
+        self.guard.skipped(why)
+        return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale,
+                          skipped_because=why)
+
+    def working_bytes(self) -> int:
+        """Bytes of state on the step device beside the resting copies: the active chunk's
+        working state and the prefetched chunk's (counted from the moment its load is queued,
+        as the plan holds both). Nothing where the store's own tensors are stepped in place
+        (the GPU tier, or HOST with a host step): those are counted once, as resting."""
+        if self._store.aliased:
+            return 0
         active = sum(t.numel() * t.element_size() for t in self._state.values())
+        prefetched = self.chunk_state_bytes(self._pending[0]) if self._pending is not None else 0
+        return active + prefetched
+
+    def resting_bytes(self) -> tuple[Tier, int]:
+        """(tier, bytes) of every chunk's resting state (file sizes for DISK)."""
+        return self._store.tier, self._store.nbytes()
+
+    def state_bytes(self) -> dict[Tier, int]:
+        """Bytes of optimizer state by tier: the working state on the step device (GPU when it
+        is CUDA, else HOST) plus every chunk's resting state on its tier."""
         on_device = Tier.GPU if self.device.type == "cuda" else Tier.HOST
-        out = {on_device: active}
-        # On the GPU tier (and HOST with a CPU step) the store's entry for the active chunk
-        # is the active state itself, not a second copy.
-        aliased = self._store.tier == on_device and self._store.tier != Tier.DISK
-        resting = self._store.nbytes(exclude=self.active_chunk if aliased else None)
-        out[self._store.tier] = out.get(self._store.tier, 0) + resting
+        out = {on_device: self.working_bytes()}
+        tier, resting = self.resting_bytes()
+        out[tier] = out.get(tier, 0) + resting
         return out
+
+    def chunk_state_bytes(self, k: int) -> int:
+        """fp32 (float64 for a float64 model) master and two moments of chunk k's spans."""
+        total = 0
+        for span in self.table.chunks[k]:
+            p = self._params[span.param]
+            total += 3 * (span.nbytes // p.element_size()) * (8 if p.dtype == torch.float64 else 4)
+        return total
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, meta): every chunk's state as CPU tensors "chunk<k>/<param>/<kind>", and
@@ -445,6 +524,7 @@ class ChunkAdamW:
             "global_step": self.global_step,
             "span_steps": {str(k): dict(v) for k, v in self._span_steps.items()},
             "update_interval": self.update_interval,
+            "nonfinite_streak": self.guard.streak,
             "config": asdict(self.config),
             "schedule": asdict(self.schedule),
             "table": self.table.to_json(),
@@ -488,16 +568,16 @@ class ChunkAdamW:
                     if span_state:
                         self._store.put(k, span_state, span=s.param)
                 continue
-            if k == active:
-                continue
+            # the active chunk too: activating it below reads it back from the store, so an
+            # aliased store holds one copy of it, not the restored one beside a stale one
             if state:
                 self._store.put(k, {n: t.clone() for n, t in state.items()})
             else:
                 self._store.drop(k)
         self._span_steps = span_steps
         self.global_step, self.active_steps = global_step, active_steps
-        self._activate(active, state=None if self._stream_spans else {n: t.to(self.device, copy=True)
-                                                                 for n, t in per_chunk[active].items()})
+        self.guard.load_state_dict({"streak": meta.get("nonfinite_streak", 0)})
+        self._activate(active)
 
     def close(self) -> None:
         """Remove the hooks and stop the prefetch thread (the model trains normally again)."""
@@ -555,25 +635,26 @@ class ChunkAdamW:
         if self._pending is not None:
             self._pending[1].result()
 
-    def _activate(self, k: int, state: dict[str, torch.Tensor] | None = None) -> None:
+    def _activate(self, k: int) -> None:
         if self._stream_spans:  # nothing to load: step() reads each span's state as it goes
             self._state = {}
             self.active_chunk = k
             self._handle = install(self.model, self.table.grad_spec(k), on_grad=self._grad_callback())
             return
-        if state is None:
-            if self._pending is not None and self._pending[0] == k:
-                state = self._pending[1].result()
-                if self._stream is not None:  # allocated on the side stream, used on this one
-                    for t in (state or {}).values():
-                        t.record_stream(torch.cuda.current_stream(self.device))
-            else:
-                self._wait_prefetch()
-                state = self._store.get(k, self.device)
-            self._pending = None
+        if self._pending is not None and self._pending[0] == k:
+            state = self._pending[1].result()
+            if self._stream is not None:  # allocated on the side stream, used on this one
+                for t in (state or {}).values():
+                    t.record_stream(torch.cuda.current_stream(self.device))
+        else:
+            self._wait_prefetch()
+            state = self._store.get(k, self.device)
+        self._pending = None
         expected = {f"{s.param}/{kind}" for s in self.table.chunks[k] for kind in _KINDS}
         if not state:
             state = self._fresh_state(k)
+            if self._store.aliased:  # the store holds what the step works on
+                self._store.put(k, state)
         elif set(state) != expected:
             raise ChunkftError(f"optimizer state of chunk {k} holds {sorted(set(state) ^ expected)[:3]} unexpectedly")
         self._state = state

@@ -165,7 +165,8 @@ class OffloadAdamW:
                  staging_dtype: torch.dtype | None = None, config: AdamWConfig | None = None,
                  schedule: LRSchedule | None = None, update_interval: int = 1, state_tier: Tier = Tier.HOST,
                  state_dir: str | os.PathLike | None = None, prefetch_depth: int = 1,
-                 scaler: LossScaler | None = None, opener: Opener = open) -> None:
+                 scaler: LossScaler | None = None, opener: Opener = open, max_nonfinite_steps: int | None = None,
+                 run_id: str | None = None) -> None:
         if staging == Tier.HOST:
             first = next(model.parameters())
             self._staging: _HostStaging | _DiskStaging = _HostStaging(pin=first.device.type == "cuda")
@@ -185,7 +186,8 @@ class OffloadAdamW:
         self.inner = ChunkAdamW(model, table, config=config, schedule=schedule, update_interval=update_interval,
                                 state_tier=state_tier, state_dir=state_dir, device="cpu",
                                 prefetch_depth=prefetch_depth, scaler=scaler, on_grad=self._on_grad,
-                                stream_state=state_tier == Tier.DISK)
+                                stream_state=state_tier == Tier.DISK, run_id=run_id,
+                                **({} if max_nonfinite_steps is None else {"max_nonfinite_steps": max_nonfinite_steps}))
 
     # -- the ChunkAdamW-like surface ---------------------------------------------------------
     @property

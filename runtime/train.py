@@ -33,6 +33,7 @@ from planner.schema import Component, EventKind, Phase, Tier
 from planner.step import step_loss
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from runtime.data import IGNORE_INDEX, DataPosition, PackedLoader
+from runtime.guard import DEFAULT_MAX_NONFINITE_STEPS, SkipGuard, first_nonfinite, nonfinite_flag
 from runtime.memtrace import TraceWriter
 
 
@@ -46,7 +47,8 @@ class StepOptimizer(Protocol):
         """loss.backward(), times the fp16 loss scale where there is one."""
 
     def step(self) -> bool:
-        """Apply the accumulated gradients; False if the step was skipped (overflow)."""
+        """Apply the accumulated gradients; False if the step was skipped (a non-finite
+        gradient: nothing was written to weights or state)."""
 
     @property
     def active_chunk(self) -> int | None: ...
@@ -88,10 +90,13 @@ class TorchAdamW:
     fine-tuning and LoRA baselines. No fp16 scaling (run these in fp32 or bf16)."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], *, schedule: Schedule, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_grad_norm: float | None = None):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_grad_norm: float | None = None,
+                 max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS):
         self.params = params
         self.schedule = schedule
         self.max_grad_norm = max_grad_norm
+        self.guard = SkipGuard(max_nonfinite_steps)
+        self.last_skip: str | None = None
         self.steps_taken = 0
         self.optimizer = torch.optim.AdamW(list(params.values()), lr=schedule.at(0), betas=betas, eps=eps,
                                            weight_decay=weight_decay, foreach=False)
@@ -103,6 +108,15 @@ class TorchAdamW:
         loss.backward()
 
     def step(self) -> bool:
+        grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+        device = next(iter(self.params.values())).device
+        if bool(nonfinite_flag(grads.values(), device)):
+            self.last_skip = f"inf/nan in the accumulated gradient of {first_nonfinite(grads)!r}"
+            self.optimizer.zero_grad(set_to_none=True)
+            self.guard.skipped(self.last_skip)
+            return False
+        self.last_skip = None
+        self.guard.stepped()
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.at(self.steps_taken)
         if self.max_grad_norm is not None:
@@ -143,8 +157,10 @@ class TorchAdamW:
 class ChunkOptimizer:
     """runtime.chunk_optim.ChunkAdamW behind `StepOptimizer`: the one place the loop meets it.
 
-    Accounting: the active chunk's fp32 state is on the compute device, reported as Tier.GPU
-    (the CPU itself in a CPU-only run); resting chunks are on the plan's state tier.
+    Accounting: the working state on the step device (the active chunk's copy and the
+    prefetched chunk's) is reported as Tier.GPU (the CPU itself in a CPU-only run); every
+    chunk's resting state on the plan's state tier (for the GPU tier, and a host step stepping
+    its host state in place, that is all of it, counted once). Master : moments = 1 : 2.
     """
 
     def __init__(self, inner, *, state_tier: Tier) -> None:
@@ -163,6 +179,10 @@ class ChunkOptimizer:
         return self.last.stepped
 
     @property
+    def last_skip(self) -> str | None:
+        return None if self.last is None else self.last.skipped_because
+
+    @property
     def active_chunk(self) -> int | None:
         return self.inner.active_chunk
 
@@ -171,18 +191,12 @@ class ChunkOptimizer:
         return self.inner.lr()
 
     def tier_bytes(self) -> dict[Tier, dict[Component, int]]:
-        # fp32 master + two fp32 moments per element of the active chunk (float64 models: 8 B)
-        k = self.inner.active_chunk
-        params = dict(self.inner.model.named_parameters())
-        master_bytes = sum(span.nbytes // params[span.param].element_size()
-                           * (8 if params[span.param].dtype == torch.float64 else 4)
-                           for span in self.inner.table.chunks[k])
-        resting = sum(self.inner.state_bytes().values()) - 3 * master_bytes
-        grads = sum(g.nbytes for g in self.inner.handle.grads().values())
-        tiers = {Tier.GPU: {Component.MASTER: master_bytes, Component.OPTIMIZER: 2 * master_bytes,
-                            Component.GRADIENTS: grads}}
+        working = self.inner.working_bytes()
+        tier, resting = self.inner.resting_bytes()
+        tiers = {Tier.GPU: {Component.MASTER: working // 3, Component.OPTIMIZER: working - working // 3,
+                            Component.GRADIENTS: sum(g.nbytes for g in self.inner.handle.grads().values())}}
         if resting:
-            parts = tiers.setdefault(self.state_tier, {})
+            parts = tiers.setdefault(tier, {})
             parts[Component.MASTER] = parts.get(Component.MASTER, 0) + resting // 3
             parts[Component.OPTIMIZER] = parts.get(Component.OPTIMIZER, 0) + resting - resting // 3
         return tiers
@@ -226,6 +240,8 @@ class TrainResult:
     step_peaks: list[int] = field(default_factory=list)
     """CPU runs with a trace: each step's malloc peak above the bytes live when it started."""
     skipped_steps: int = 0
+    skip_reasons: list[tuple[int, str]] = field(default_factory=list)
+    """(step, why) of each skipped step."""
     tokens: int = 0
     seconds: float = 0.0
     final_step: int = 0
@@ -267,25 +283,38 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.trace = trace
         self.run_state = dict(run_state or {})  # fingerprints etc., stored in checkpoints
+        self.warn = None  # callable(str) told about each skipped step (the CLI prints a warning)
         self.step = 0
         self.device = next(model.parameters()).device
 
     # -- resume ------------------------------------------------------------------------------
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from checkpoint `path` (default: out_dir's latest); False if none exists."""
+    def resume(self, path: str | Path | None = None, *, allow_changed: frozenset[str] = frozenset()) -> bool:
+        """Continue from checkpoint `path` (default: out_dir's latest); False if none exists.
+
+        Refused (ChunkftError, nothing loaded) when the checkpoint was written for another
+        model, plan or data (fingerprints), or, if this run records its arguments
+        (`run_state["args"]`, runtime.outdir.run_arguments), with other values of them than
+        the names in `allow_changed`."""
         if path is None:
             assert self.out_dir is not None
             path = latest_checkpoint(self.out_dir)
             if path is None:
                 return False
-        ckpt = load_checkpoint(path, model=self.model)
-        for key in sorted(k for k in self.run_state if k.endswith("_fingerprint")):  # model, plan, data
-            mine, theirs = self.run_state.get(key), ckpt.state.get(key)
-            if mine is not None and theirs is not None and mine != theirs:
-                from planner.errors import ChunkftError
 
-                raise ChunkftError(f"checkpoint {str(path)!r} was written for another {key.split('_')[0]} "
-                                   f"({key} {theirs[:12]}, this run has {mine[:12]})")
+        def check(state: dict) -> None:
+            from planner.errors import ChunkftError
+            from runtime.outdir import check_same_arguments
+
+            for key in sorted(k for k in self.run_state if k.endswith("_fingerprint")):  # model, plan, data
+                mine, theirs = self.run_state.get(key), state.get(key)
+                if mine is not None and theirs is not None and mine != theirs:
+                    raise ChunkftError(f"checkpoint {str(path)!r} was written for another {key.split('_')[0]} "
+                                       f"({key} {theirs[:12]}, this run has {mine[:12]})")
+            if "args" in self.run_state:
+                check_same_arguments(self.run_state["args"], state.get("args"), where=f"checkpoint {str(path)!r}",
+                                     allow=allow_changed)
+
+        ckpt = load_checkpoint(path, model=self.model, check=check)
         self.optimizer.load_state_dict(ckpt.optimizer)
         self.loader.position = DataPosition.from_json(ckpt.state["data"])
         self.step = ckpt.step
@@ -350,8 +379,13 @@ class Trainer:
                     del loss
                 self._event(EventKind.PHASE, Phase.OPTIMIZER)
                 stepped = self.optimizer.step()
-            result.skipped_steps += not stepped
-            self._event(EventKind.OPTIMIZER_STEP, name="step" if stepped else "skipped (overflow)")
+            why = None if stepped else (getattr(self.optimizer, "last_skip", None) or "non-finite gradient")
+            if why is not None:
+                result.skipped_steps += 1
+                result.skip_reasons.append((self.step + 1, why))
+                if self.warn is not None:
+                    self.warn(f"step {self.step + 1} skipped: {why}")
+            self._event(EventKind.OPTIMIZER_STEP, name="step" if stepped else f"skipped ({why})")
             if self.optimizer.active_chunk != chunk_before:
                 self._event(EventKind.CHUNK_SWITCH, Phase.CHUNK_SWITCH,
                             name=f"chunk {chunk_before} -> {self.optimizer.active_chunk}")

@@ -143,7 +143,8 @@ def test_resting_tiers_give_the_same_trajectory(tmp_path, tier, prefetch, chunks
     for (name, a), b in zip(ref.named_parameters(), mine.parameters()):
         assert torch.equal(a, b), name
     if tier == Tier.DISK:
-        assert sorted(p.name for p in tmp_path.iterdir()) == [f"chunk0000{k}.safetensors" for k in range(chunks)]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["OWNER.json"] + [
+            f"chunk0000{k}.safetensors" for k in range(chunks)]
     opt.close()
     ref_opt.close()
 
