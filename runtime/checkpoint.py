@@ -12,7 +12,9 @@ Layout of OUT/step-000120/ (OUT/latest names the newest complete one):
 
 A checkpoint is written into a hidden temporary directory beside its final place and renamed
 into place when complete; `latest` is replaced atomically afterwards. A crash mid-write leaves
-the previous checkpoint and `latest` untouched. Nothing here uses pickle.
+the previous checkpoint and `latest` untouched, and a hidden `.step-N.*.tmp` directory (up to a
+near-full checkpoint) that `remove_stale_temporaries` deletes when the next run on OUT starts.
+Nothing here uses pickle.
 
 Known limitations: the optimizer's state is gathered into memory to be written (a disk-tier
 optimizer's state is read back from its files); checkpoints older than the newest `keep` are
@@ -29,6 +31,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,6 +56,20 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
     except OSError as e:
         raise ChunkftError(f"output directory {str(out)!r} is not writable: {e.strerror or e}") from None
     return out
+
+
+def remove_stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted writes left in `out_dir` (a checkpoint's `.step-N.*.tmp`
+    directory, `.latest.*.tmp`); only for the one process that owns OUT (runtime.run_lock).
+    Returns what was removed."""
+    removed = []
+    for stale in Path(out_dir).glob(".*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
 
 
 def flatten_tensors(tree, prefix: str = "") -> tuple[object, dict[str, torch.Tensor]]:
@@ -216,18 +233,33 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ChunkftError(f"checkpoint file {str(path)!r} is not readable safetensors: {e}") from None
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module) -> Checkpoint:
-    """Verify the checkpoint at `path`, copy its weights into `model` (shapes must match) and
-    restore the RNG states; return the optimizer and run state for the caller to apply."""
+def read_state(path: str | os.PathLike) -> dict:
+    """state.json of the checkpoint at `path` (version checked, files not verified): what a
+    run reads before it builds anything, e.g. the run id to continue."""
     path = Path(path)
-    _verify(path)
     try:
         doc = json.loads((path / "state.json").read_text())
-    except ValueError as e:
-        raise ChunkftError(f"checkpoint {str(path)!r}: state.json is not valid JSON ({e})") from None
-    if doc.get("checkpoint_version") != CHECKPOINT_VERSION:
-        raise ChunkftError(f"checkpoint {str(path)!r} has version {doc.get('checkpoint_version')!r}; this "
+    except FileNotFoundError:
+        raise ChunkftError(f"checkpoint {str(path)!r} is incomplete: state.json is missing") from None
+    except (OSError, ValueError) as e:
+        raise ChunkftError(f"checkpoint {str(path)!r}: state.json is not readable JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("checkpoint_version") != CHECKPOINT_VERSION:
+        version = doc.get("checkpoint_version") if isinstance(doc, dict) else None
+        raise ChunkftError(f"checkpoint {str(path)!r} has version {version!r}; this "
                            f"runtime reads version {CHECKPOINT_VERSION}")
+    return doc
+
+
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
+                    check: Callable[[dict], None] | None = None) -> Checkpoint:
+    """Verify the checkpoint at `path`, copy its weights into `model` (shapes must match) and
+    restore the RNG states; return the optimizer and run state for the caller to apply.
+    `check(state)` sees state.json first and may refuse (raise) before anything is touched."""
+    path = Path(path)
+    _verify(path)
+    doc = read_state(path)
+    if check is not None:
+        check(doc)
     weights = _load_tensors(path / "model.safetensors")
     own = model_tensors(model)
     if set(weights) != set(own):

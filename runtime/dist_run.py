@@ -100,8 +100,8 @@ def latest_checkpoint(out: Path) -> tuple[int, Path] | None:
 def dist_config(plan: "Plan", spec: "ModelSpec", args, *, ids, labels, device: str, out: Path,
                 resume_from: Path | None) -> "DistConfig":
     """The DistConfig that runs `plan` with the command line's hyper-parameters."""
-    from runtime.chunk_optim import AdamWConfig, LRSchedule
     from runtime.distributed import DistConfig
+    from runtime.run_cli import trainer_adamw, trainer_schedule
 
     s = plan.strategy
     init = None
@@ -112,8 +112,7 @@ def dist_config(plan: "Plan", spec: "ModelSpec", args, *, ids, labels, device: s
     return DistConfig(
         model_config=spec.config.to_dict(), batches=ids, labels=labels, micro_batch_size=plan.shape.batch,
         seed=args.seed, dtype=plan.shape.dtype,
-        adamw=AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None),
-        schedule=LRSchedule(kind=args.schedule, warmup_steps=args.warmup_steps, total_steps=args.steps),
+        adamw=trainer_adamw(args), schedule=trainer_schedule(args),
         chunk_table=plan.chunk_table.to_json(), state_tier=s.state_tier.value, prefetch_depth=s.prefetch_depth,
         update_interval=s.update_interval, checkpointing=s.checkpointing, loss_chunk_tokens=s.loss_chunk_tokens,
         shard_embeddings=plan.parallel.shard_embeddings, init_from=init, save_at=save_at,
@@ -138,6 +137,7 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
     from runtime.checkpoint import check_writable
     from runtime.data import PackedLoader, load_tokenizer, padding_id, read_examples
     from runtime.distributed import run_distributed
+    from runtime.outdir import check_same_arguments, parse_allow_changed, run_arguments
     from runtime.run_cli import check_args, data_fingerprint
 
     check_args(args)
@@ -162,8 +162,19 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
     run_state = {"model_fingerprint": plan.model_fingerprint, "plan_fingerprint": plan.fingerprint(),
                  "data_fingerprint": data_fingerprint(examples, plan.shape.seq_len, tok.name, args.seed),
                  "tokenizer": tok.name, "seed": args.seed, "world_size": world, "global_batch": rows}
+    arguments = run_arguments(args)
     say = print if rank == 0 else (lambda *a, **k: None)
     resume_from = None
+    if args.resume and args.overwrite:
+        raise ChunkftError("--resume continues the run in --out and --overwrite deletes it; give one of them")
+    if not args.resume and latest_checkpoint(out) is not None:
+        if not args.overwrite:
+            raise ChunkftError(f"output directory {str(out)!r} already holds a run's checkpoints; pass --resume to "
+                               f"continue it, --overwrite to delete them and start again, or choose another --out")
+        import shutil
+
+        for old in out.glob("step-*"):  # every rank of a torchrun launch may get here: tolerate the others
+            shutil.rmtree(old, ignore_errors=True)
     if args.resume:
         found = latest_checkpoint(out)
         if found is None:
@@ -174,10 +185,12 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
             if differs:
                 raise ChunkftError(f"the checkpoint in {str(out)!r} is of another run ({differs[0]} differs); "
                                    "resume with the same plan, data, tokenizer and seed, or use a new --out")
+            check_same_arguments(arguments, saved.get("args"), where=f"the run in {str(out)!r}",
+                                 allow=parse_allow_changed(args.allow_changed))
             resume_from = found[1]
             say(f"resuming from step {found[0]} ({resume_from})")
     if rank == 0:
-        atomic_write_json(out / RUN_FILE, run_state)
+        atomic_write_json(out / RUN_FILE, {**run_state, "args": arguments})
     config = dist_config(plan, spec, args, ids=ids, labels=labels, device=device, out=out, resume_from=resume_from)
     s = plan.strategy
     say(f"training {spec.name} on {world} {'GPUs' if cuda else 'CPU ranks (gloo)'} with FSDP2 "

@@ -646,6 +646,8 @@ def train_rank(config: DistConfig) -> RankResult:
     trace = None
     try:
         start = 0 if saved is None else restore_checkpoint(model, optimizer, config.resume_from, saved, scaler=scaler)
+        # the command line's hyper-parameters and schedule (resume checked them against run.json)
+        optimizer.config, optimizer.schedule = config.adamw, config.schedule
         if config.trace_path is not None:
             trace = _RankTrace(config, model, optimizer, rank, world, cpu_baseline)
         losses, norms, held = [], [], []

@@ -39,6 +39,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--trace-steps", type=int, default=20,
                    help="trace the first N steps (default 20; 0 = every step)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--allow-changed", default=None, metavar="NAMES",
+                   help="with --resume: arguments that may differ from the checkpoint's, comma-separated "
+                        "(steps, lr, schedule, warmup-steps, weight-decay, max-grad-norm, grad-accum, seed); "
+                        "the command line's values are taken. Without it a difference is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints already in --out and start again (default: refuse)")
+    p.add_argument("--max-nonfinite-steps", type=int, default=25,
+                   help="stop after this many optimizer steps in a row whose gradients held inf/nan; each is "
+                        "skipped, nothing written to weights or state (default 25)")
     p.add_argument("--tokenizer", default=None,
                    help="local Hugging Face tokenizer directory (default: the built-in byte-level tokenizer)")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5)")
@@ -65,20 +74,44 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+_MAX_COUNT = 10**9  # steps, micro-batches and intervals: more is a typo, and 2**63 overflows torch
+
+
 def check_args(args) -> None:
+    """Every number and path of the command line, before anything is built (one line)."""
+    import math
+
     problems = []
-    for name in ("steps", "grad_accum"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("warmup_steps", "eval_every", "checkpoint_every", "trace_steps"):
-        if getattr(args, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.lr <= 0:
-        problems.append(f"--lr must be positive, got {args.lr}")
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name, low in (("steps", 1), ("grad_accum", 1), ("max_nonfinite_steps", 1), ("warmup_steps", 0),
+                      ("eval_every", 0), ("checkpoint_every", 0), ("trace_steps", 0)):
+        value = getattr(args, name)
+        if not low <= value <= _MAX_COUNT:
+            problems.append(f"{flag(name)} must be an integer in [{low}, {_MAX_COUNT}], got {value}")
+    if not 0 <= args.seed < 2**63:
+        problems.append(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        problems.append(f"--lr must be a finite number > 0, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        problems.append(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not (math.isfinite(args.max_grad_norm) and args.max_grad_norm >= 0):
+        problems.append(f"--max-grad-norm must be a finite number >= 0 (0 = no clipping), got {args.max_grad_norm}")
     if args.schedule == "cosine" and args.steps <= args.warmup_steps:
         problems.append(f"a cosine schedule needs --steps ({args.steps}) > --warmup-steps ({args.warmup_steps})")
+    if args.allow_changed and not args.resume:
+        problems.append("--allow-changed goes with --resume")
+    if args.trace is not None and (Path(args.trace).is_dir() or str(args.trace).endswith(("/", "\\"))):
+        problems.append(f"--trace {args.trace!r} is a directory; give a file path such as traces/NAME.jsonl")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        problems.append(f"--out {args.out!r} is a file; give a directory")
     if problems:
         raise ChunkftError("; ".join(problems))
+    from runtime.outdir import parse_allow_changed
+
+    parse_allow_changed(args.allow_changed)
 
 
 def build_run(args):
@@ -91,7 +124,8 @@ def build_run(args):
     from planner.step import enable_checkpointing
     from planner.strategy import OptimizerDevice, WeightResidency
     from runtime.checkpoint import check_writable
-    from runtime.chunk_optim import AdamWConfig, ChunkAdamW, LRSchedule
+    from runtime.chunk_optim import ChunkAdamW
+    from runtime.outdir import claim_output, run_arguments
     from runtime.data import PackedLoader, eval_batches, load_tokenizer, padding_id, read_examples
     from runtime.memtrace import TraceWriter
     from runtime.scaler import LossScaler
@@ -113,6 +147,7 @@ def build_run(args):
     out = check_writable(args.out)
     if args.trace is not None:
         check_writable(Path(args.trace).parent if str(Path(args.trace).parent) else ".")
+    claimed = claim_output(out, resume=args.resume, overwrite=args.overwrite)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.shape.dtype]
 
     vocab = getattr(spec.config, "vocab_size", None)
@@ -134,15 +169,15 @@ def build_run(args):
 
     scaler = LossScaler() if plan.shape.dtype == "fp16" else None
     state_tier = Tier(strategy.state_tier)
-    adamw = AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None)
-    schedule = LRSchedule(kind=args.schedule, warmup_steps=args.warmup_steps, total_steps=args.steps)
+    adamw, schedule = trainer_adamw(args), trainer_schedule(args)
     if strategy.grad_staging is not None:  # NVMSA: the Strategy guarantees a host optimizer
         from runtime.offload import OffloadAdamW, OffloadOptimizer
 
         staged = OffloadAdamW(
             model, plan.chunk_table, staging=Tier(strategy.grad_staging), staging_dir=out / "grad-staging",
             config=adamw, schedule=schedule, update_interval=strategy.update_interval, state_tier=state_tier,
-            state_dir=out / "optimizer-state", prefetch_depth=strategy.prefetch_depth, scaler=scaler)
+            state_dir=out / "optimizer-state", prefetch_depth=strategy.prefetch_depth, scaler=scaler,
+            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id)
         optimizer = OffloadOptimizer(staged, state_tier=state_tier)
     else:
         inner = ChunkAdamW(
@@ -154,7 +189,8 @@ def build_run(args):
             stream_state=strategy.optimizer_device == OptimizerDevice.HOST and state_tier == Tier.DISK,
             # a GPU-step plan run on a CPU keeps the active chunk's working copy beside its host
             # slot, as on a GPU, so the measured memory follows the plan's layout
-            host_state_in_place=strategy.optimizer_device == OptimizerDevice.HOST)
+            host_state_in_place=strategy.optimizer_device == OptimizerDevice.HOST,
+            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id)
         optimizer = ChunkOptimizer(inner, state_tier=state_tier)
 
     pad = padding_id(tok)
@@ -165,11 +201,13 @@ def build_run(args):
     # the data position of a checkpoint means nothing for other data: resume checks these
     data_print = data_fingerprint(train_examples, plan.shape.seq_len, tok.name, args.seed)
     run_state = {"model_fingerprint": plan.model_fingerprint, "plan_fingerprint": plan.fingerprint(),
-                 "data_fingerprint": data_print, "tokenizer": tok.name, "seed": args.seed}
+                 "data_fingerprint": data_print, "tokenizer": tok.name, "seed": args.seed,
+                 "run_id": claimed.run_id, "args": run_arguments(args)}
     config = LoopConfig(steps=args.steps, grad_accum=args.grad_accum, loss_chunk_tokens=strategy.loss_chunk_tokens,
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress)
     trainer = Trainer(model, optimizer, loader, config, eval_batches=evals, out_dir=out, run_state=run_state)
+    trainer.claimed = claimed  # holds OUT's lock for the run's lifetime
     trace = None
     if args.trace is not None:
         trace = TraceWriter(args.trace, device=device, accounting=trainer.tier_bytes,
@@ -182,6 +220,19 @@ def build_run(args):
             trace.attach(layers)
         trainer.trace = trace
     return trainer, trace, plan, spec
+
+
+def trainer_adamw(args):
+    """The command line's AdamW hyper-parameters (max_grad_norm 0 = no clipping)."""
+    from runtime.chunk_optim import AdamWConfig
+
+    return AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None)
+
+
+def trainer_schedule(args):
+    from runtime.chunk_optim import LRSchedule
+
+    return LRSchedule(kind=args.schedule, warmup_steps=args.warmup_steps, total_steps=args.steps)
 
 
 def cap_gpu_memory(text: str, device) -> int:
@@ -251,12 +302,26 @@ def run(args) -> int:
         spec = resolve_model(plan.model_name)
         check_plan_model(plan, spec)
         return run_parallel(args, plan, spec, world)
+    import sys
+
+    from runtime.outdir import parse_allow_changed
+
     trainer, trace, plan, spec = build_run(args)
+    for stale in trainer.claimed.removed:
+        print(f"removed {stale}, left by an interrupted write")
     if args.resume:
-        if trainer.resume():
-            print(f"resumed from step {trainer.step} ({trainer.out_dir})")
+        if trainer.resume(trainer.claimed.latest, allow_changed=parse_allow_changed(args.allow_changed)) \
+                if trainer.claimed.latest is not None else False:
+            # the command line's hyper-parameters and schedule: equal to the checkpoint's, or
+            # named in --allow-changed
+            inner = trainer.optimizer.inner
+            inner = getattr(inner, "inner", inner)  # OffloadAdamW wraps the ChunkAdamW
+            inner.config, inner.schedule = trainer_adamw(args), trainer_schedule(args)
+            print(f"resumed run {trainer.run_state['run_id']} from step {trainer.step} ({trainer.out_dir})")
         else:
             print(f"no checkpoint in {trainer.out_dir}; starting from step 0")
+    if plan.shape.dtype != "fp16":  # fp16 skips while its loss scale settles: counted in the summary
+        trainer.warn = lambda text: print(f"chunkft: warning: {text}", file=sys.stderr)
     chunks = plan.strategy.chunks
     staging = plan.strategy.grad_staging
     print(f"training {spec.name} ({plan.shape.dtype}, batch {plan.shape.batch} x {plan.shape.seq_len} tokens) "
@@ -270,8 +335,10 @@ def run(args) -> int:
     if result.eval_losses:
         line += f", eval loss {result.eval_losses[-1][1]:.4f}"
     if result.skipped_steps:
-        line += f", {result.skipped_steps} steps skipped (fp16 overflow)"
+        line += f", {result.skipped_steps} steps skipped (non-finite gradients" + (
+            ", fp16 loss scale backed off)" if plan.shape.dtype == "fp16" else ")")
     print(line)
     print(f"checkpoint: {trainer.out_dir}/latest" + (f"; trace: {args.trace}" if args.trace else ""))
     trainer.optimizer.inner.close()
+    trainer.claimed.release()
     return 0

@@ -157,7 +157,7 @@ def test_resume_of_another_run_is_refused(setup, trained, tmp_path, capsys):
     (["--nproc", 3], "--nproc 3 does not match the plan's 2 GPUs"),
     (["--nproc", 0], "invalid --nproc 0"),
     (["--eval", "x.jsonl"], "--eval is not supported for a parallel plan"),
-    (["--steps", 0], "--steps must be >= 1"),
+    (["--steps", 0], "--steps must be an integer in [1, 1000000000], got 0"),
 ])
 def test_bad_parallel_runs_are_one_line_errors(setup, tmp_path, capsys, args, text):
     assert run(setup, "--out", tmp_path / "o", *args) == 2

@@ -93,19 +93,21 @@ def test_run_writes_checkpoint_and_trace(planned, capsys):
     # ... and none from the evaluation at the end (no grad: not a training step)
     assert sum(1 for _, phase, _ in layer_events if phase == "forward") == 4 * 2
     assert [e["step"] for e in events if e["event"] == "step_end" and e["tier"] == "gpu"] == [0, 1, 2, 3]
-    # the runtime's accounting: fp32 master + 2 moments of the active chunk on the compute tier,
-    # the chunks that have state so far resting on host
+    # the runtime's accounting: fp32 master + 2 moments of the active chunk and of the prefetched
+    # next one on the compute tier; every chunk's host slot resting on host (a GPU step keeps its
+    # working copy beside the host slot, not instead of it)
     table = plan_obj.chunk_table
     gpu_ends = [e for e in events if e["event"] == "step_end" and e["tier"] == "gpu"]
     for e in gpu_ends:
-        chunk_bytes = table.chunk_bytes(e["chunk"])  # fp32 model: 4 B per element, like the master
+        # fp32 model: 4 B per element, like the master
+        chunk_bytes = table.chunk_bytes(e["chunk"]) + table.chunk_bytes((e["chunk"] + 1) % 3)
         assert e["bytes"]["master"] == chunk_bytes and e["bytes"]["optimizer"] == 2 * chunk_bytes
         assert e["bytes"]["weights"] == sum(table.chunk_bytes(k) for k in range(3))
         assert e["peak"] > e["allocated"] > 0  # the op-level peak of the step is above its end
         # the CPU trace's zero is before the model was built: weights and fp32 state are in it
         assert e["allocated"] > e["bytes"]["weights"] + 3 * chunk_bytes
     host = [e for e in events if e["tier"] == "host"]
-    assert host and host[-1]["bytes"]["master"] == sum(table.chunk_bytes(k) for k in range(3)) - table.chunk_bytes(1)
+    assert host and host[-1]["bytes"]["master"] == sum(table.chunk_bytes(k) for k in range(3))
     # HF-loadable checkpoint
     from transformers import AutoModelForCausalLM
 
@@ -143,14 +145,16 @@ def test_measured_step_peak_matches_plan_prediction(tmp_path):
 
 
 def _args(plan, train, out, *, trace=None, steps=3, **extra):
-    import argparse
+    """`chunkft run`'s parsed arguments (the real parser: every default), with `extra` set."""
+    from planner.cli import build_parser
 
-    base = dict(plan=str(plan), data=str(train), eval=None, steps=steps, out=str(out), trace=trace and str(trace),
-                resume=False, tokenizer=None, lr=1e-3, schedule="cosine", warmup_steps=0, weight_decay=0.0,
-                max_grad_norm=1.0, grad_accum=1, eval_every=0, checkpoint_every=0, seed=0, device="cpu",
-                no_progress=True, trace_steps=20, gpu_memory_cap=None, nproc=None, launcher="spawn")
-    base.update(extra)
-    return argparse.Namespace(**base)
+    args = build_parser().parse_args(["run", str(plan), "--data", str(train), "--out", str(out), "--steps", str(steps),
+                                      "--lr", "1e-3", "--device", "cpu", "--no-progress"]
+                                     + (["--trace", str(trace)] if trace else []))
+    for name, value in extra.items():
+        assert hasattr(args, name), name
+        setattr(args, name, value)
+    return args
 
 
 def test_cli_resume_matches_uninterrupted_run(planned, capsys):
@@ -161,6 +165,7 @@ def test_cli_resume_matches_uninterrupted_run(planned, capsys):
     full.train()
     first, _, _, _ = build_run(_args(plan, train, tmp / "r_part", steps=5, checkpoint_every=1, grad_accum=2))
     first.train(stop_after=2)
+    first.claimed.release()
     assert run_cli(plan, "--data", train, "--steps", 5, "--out", tmp / "r_part", "--resume", "--grad-accum", 2,
                    "--checkpoint-every", 1, "--device", "cpu") == 0
     from runtime.checkpoint import latest_checkpoint
@@ -205,7 +210,7 @@ def test_bad_inputs_are_one_line_errors_before_training(planned, tmp_path, capsy
         (["--data", tmp_path / "none.jsonl"], "does not exist"),
         (["--data", train, "--out", tmp_path / "file" / "out"], "is not writable"),
         (["--data", train, "--tokenizer", tmp_path / "nodir"], "is not a directory"),
-        (["--data", train, "--steps", 0], "--steps must be >= 1"),
+        (["--data", train, "--steps", 0], "--steps must be an integer in [1, 1000000000], got 0"),
         (["--data", train, "--device", "cpu", "--gpu-memory-cap", "24GiB"], "needs a CUDA device"),
         (["--data", train, "--device", "cpu", "--gpu-memory-cap", "24XB"], "24XB"),
     ]
