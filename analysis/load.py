@@ -14,6 +14,7 @@ fingerprints).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,8 @@ def _parse_lines(path: str, what: str) -> list[dict]:
                     "(was the writer killed?)"
                 ) from None
             raise ChunkftError(f"{what} {path!r} line {i + 1} is not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise ChunkftError(f"{what} {path!r} line {i + 1} is nested too deeply to be an event") from None
         if not isinstance(row, dict):
             raise ChunkftError(f"{what} {path!r} line {i + 1} is not a JSON object")
         row["_line"] = i + 1
@@ -140,11 +143,12 @@ def _check_header(header: dict, path: str, what: str, expect_kind: str | None) -
 
 def _event_row(row: dict, path: str, what: str) -> dict:
     line = row["_line"]
+    _check_event_numbers(row, path, what, line)
     try:
         event = Event.from_json(row)
     except KeyError as e:
         raise ChunkftError(f"{what} {path!r} line {line} lacks field {e.args[0]!r}") from None
-    except (ValueError, TypeError, AttributeError) as e:
+    except (ValueError, TypeError, AttributeError, OverflowError) as e:
         raise ChunkftError(f"{what} {path!r} line {line} has a bad value: {e}") from None
     if event.event == EventKind.HEADER:
         raise ChunkftError(f"{what} {path!r} line {line} is a second header; concatenated files?")
@@ -164,6 +168,32 @@ def _event_row(row: dict, path: str, what: str) -> dict:
     for c in Component:
         out[c.value] = event.bytes.get(c, 0)
     return out
+
+
+_MAX_EVENT_BYTES = 2**62  # int64 columns; no memory tier holds an exabyte
+
+
+def _check_event_numbers(row: dict, path: str, what: str, line: int) -> None:
+    """Before parsing: a finite time, byte counts that fit the int64 columns (integral numbers),
+    integer (or null) layer and chunk; the message names the field."""
+    def integral(v, limit: int) -> bool:
+        return (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v == int(v)
+                and abs(v) <= limit)
+
+    checks = [("t", row.get("t"), lambda v: not isinstance(v, bool) and isinstance(v, (int, float))
+               and math.isfinite(v), "a finite number")]
+    checks += [(k, row.get(k), lambda v: v is None or integral(v, _MAX_EVENT_BYTES), "an integer byte count up to 2**62")
+               for k in ("allocated", "reserved", "peak")]
+    bytes_ = row.get("bytes") if isinstance(row.get("bytes"), dict) else {}
+    checks += [(f"bytes.{c}", v, lambda v: integral(v, _MAX_EVENT_BYTES), "an integer byte count up to 2**62")
+               for c, v in bytes_.items()]
+    checks += [(k, row.get(k), lambda v: v is None or integral(v, 2**31), "an integer or null")
+               for k in ("step", "layer", "chunk")]
+    for name, value, ok, valid in checks:
+        if name in row or name.startswith("bytes."):
+            if not ok(value):
+                raise ChunkftError(f"{what} {path!r} line {line} has a bad value: {name} "
+                                   f"{json.dumps(value)[:40]} (must be {valid})")
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:

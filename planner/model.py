@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from planner.errors import ChunkftError
 from planner.fsio import read_json
+from planner.validate import check_config
 
 if TYPE_CHECKING:
     import torch
@@ -235,6 +236,7 @@ def _from_config_dict(name: str, source: str, d: Any, path: Path) -> ModelSpec:
     if not isinstance(d, dict):
         raise ChunkftError(f"model config {str(path)!r} is not a JSON object")
     config = _config_from_dict(d, where=f"model config {str(path)!r}")
+    check_config(config, f"model config {str(path)!r}")
     return ModelSpec(name=name, source=source, config=config,
                      num_layers=getattr(config, "num_hidden_layers", None))
 
@@ -243,6 +245,9 @@ def _from_factory(spec: str) -> ModelSpec:
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
+    except SystemExit as e:  # a module that exits on import: not a traceback, not a silent exit
+        raise ChunkftError(f"model factory {spec!r}: importing {module_name!r} called sys.exit({e.code!r}); "
+                           "a factory module must import without exiting") from None
     except Exception as e:
         raise ChunkftError(f"model factory {spec!r}: cannot import {module_name!r}: {_one_line(e)}") from None
     for part in attr.split("."):
@@ -270,6 +275,9 @@ def _call_factory(spec: str, fn: Callable[..., Any], *, num_layers: int | None, 
     try:
         with torch.device(device):
             model = fn(**kwargs)
+    except SystemExit as e:  # the factory's exit status is not chunkft's: bad input, exit 2
+        raise ChunkftError(f"model factory {spec!r} called sys.exit({e.code!r}) instead of returning a "
+                           "torch.nn.Module") from None
     except Exception as e:
         raise ChunkftError(f"model factory {spec!r} raised {type(e).__name__}: {_one_line(e)}") from None
     if not isinstance(model, torch.nn.Module):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ from planner.schema import Component, Tier
 from planner.solve import Objective
 from planner.strategy import Budget, Estimate, Strategy
 from planner.trace import StepShape
+from planner.validate import check_step
 
 if TYPE_CHECKING:
     from planner.model import ModelSpec
@@ -148,6 +150,7 @@ class Plan:
         try:
             shape = StepShape(batch=shape_r.field("batch", int), seq_len=shape_r.field("seq_len", int),
                               dtype=shape_r.field("dtype", str))
+            check_step(seq=shape.seq_len, batch=shape.batch, seq_flag="shape.seq_len", batch_flag="shape.batch")
         except ChunkftError as e:
             raise ChunkftError(f"plan field 'shape' is invalid: {e}") from None
         budget = Budget(gpu_bytes=budget_r.field("gpu_bytes", int, positive=True),
@@ -293,6 +296,9 @@ def _hardware_field(r: "_Reader", f: dataclasses.Field):
 
 # ----------------------------------------------------------------------------- validation
 
+_MAX_NUMBER = 2**62  # byte counts and times are summed in int64 / float64; a plan never nears this
+
+
 class _Reader:
     """Typed field access into a JSON object, with the dotted path in every error."""
 
@@ -317,6 +323,9 @@ class _Reader:
                     bool: "true or false"}.get(typ, typ.__name__)
             raise ChunkftError(f"plan field {self._path(key)!r} must be {want}"
                                f"{' or null' if optional else ''}, got {json.dumps(value)[:40]}")
+        if typ in (int, float) and not (math.isfinite(value) and abs(value) <= _MAX_NUMBER):
+            raise ChunkftError(f"plan field {self._path(key)!r} must be a finite number up to 2**62, "
+                               f"got {json.dumps(value)[:40]}")
         if positive and value <= 0:
             raise ChunkftError(f"plan field {self._path(key)!r} must be positive, got {value}")
         return float(value) if typ is float else value

@@ -7,6 +7,7 @@ and disk makers use them. `format_bytes` always prints binary units and says so.
 
 from __future__ import annotations
 
+import math
 import re
 
 from planner.errors import ChunkftError
@@ -25,6 +26,9 @@ UNITS: dict[str, int] = {
 _UNIT_BY_FOLDED = {name.lower(): name for name in UNITS}
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*$")
 
+MAX_BYTES = 2**60
+"""1 EiB: the largest size a flag may give (far above any machine; keeps byte sums in int64)."""
+
 VALID_SIZE_HINT = "a positive number with a unit: " + ", ".join(UNITS) + " (e.g. 24GiB or 80GB)"
 
 
@@ -37,9 +41,14 @@ def parse_bytes(text: str | int, *, what: str = "size") -> int:
         unit = _UNIT_BY_FOLDED.get(match.group(2).lower() if match else "", None)
         if match is None or (match.group(2) and unit is None):
             raise ChunkftError(f"invalid {what} {text!r}: expected {VALID_SIZE_HINT}")
-        value = int(round(float(match.group(1)) * UNITS[unit or "B"]))
+        number = float(match.group(1)) * UNITS[unit or "B"]
+        if not math.isfinite(number) or number > MAX_BYTES:
+            raise ChunkftError(f"invalid {what} {text!r}: must be at most 1 EiB ({VALID_SIZE_HINT})")
+        value = int(round(number))
     if value <= 0:
         raise ChunkftError(f"invalid {what} {text!r}: must be greater than zero ({VALID_SIZE_HINT})")
+    if value > MAX_BYTES:
+        raise ChunkftError(f"invalid {what} {text!r}: must be at most 1 EiB ({VALID_SIZE_HINT})")
     return value
 
 
