@@ -18,7 +18,7 @@ TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidde
 
 
 def make_plan(tmp_path, *, chunks=3, checkpointing=False, dtype="fp32", loss_chunk_tokens=0, name="plan.json",
-              config=TINY, predict=False, seq_len=SEQ, batch=BATCH, prefetch_depth=1):
+              config=TINY, predict=False, seq_len=SEQ, batch=BATCH, prefetch_depth=1, **strategy_fields):
     """A plan for the tiny model through planner.plan, strategy fixed; predictions from
     planner.evaluate with `predict`, else zeros (the runtime does not read them)."""
     from planner.evaluate import evaluate
@@ -37,6 +37,10 @@ def make_plan(tmp_path, *, chunks=3, checkpointing=False, dtype="fp32", loss_chu
     shape = StepShape(batch=batch, seq_len=seq_len, dtype=dtype)
     strategy = Strategy(chunks=chunks, state_tier=T.HOST if chunks > 1 else T.GPU, checkpointing=checkpointing,
                         loss_chunk_tokens=loss_chunk_tokens, prefetch_depth=prefetch_depth)
+    if strategy_fields:
+        import dataclasses
+
+        strategy = dataclasses.replace(strategy, **strategy_fields)
     hw = hardware("rtx4090")
     if predict:
         estimate = evaluate(spec, shape, strategy, hw)
