@@ -553,7 +553,7 @@ class _RankTrace:
         from planner.schema import EventKind, Phase
 
         self.refresh()
-        self.event(EventKind.OPTIMIZER_STEP, name="step" if result.stepped else "skipped (overflow)")
+        self.event(EventKind.OPTIMIZER_STEP, name="step" if result.stepped else f"skipped ({result.skipped_because})")
         if self.optimizer.active_chunk != chunk_before:
             self.event(EventKind.CHUNK_SWITCH, Phase.CHUNK_SWITCH,
                        name=f"chunk {chunk_before} -> {self.optimizer.active_chunk}")

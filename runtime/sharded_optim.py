@@ -91,8 +91,9 @@ Known limitations:
 - subgrad's limitations apply to sliced spans (owners must be nn.Linear / nn.Embedding or 1-D;
   only uses inside the owner's forward are seen). Tied weights under FSDP2 are untested.
 - Prefetch depth beyond 1 behaves as 1; eviction is synchronous (as ChunkAdamW).
-- The fp16 overflow check reads each span's reduced gradient once after backward (one extra
-  pass over the active spans' gradient bytes), not NVMSA's on-the-fly check.
+- The non-finite check (every dtype: fp16 skips and backs its scale off, bf16/fp32 skip;
+  runtime.guard) reads each span's reduced gradient once after backward (one extra pass over
+  the active spans' gradient bytes), not NVMSA's on-the-fly check; the ranks agree on it.
 - The CUDA paths (pinned host memory, the side stream) are written for CUDA but tested on CPU.
 """
 
@@ -113,6 +114,7 @@ from planner.errors import ChunkftError
 from planner.fsio import atomic_path
 from planner.schema import Tier
 from runtime.chunk_optim import AdamWConfig, LRSchedule, StepResult, adamw_update, next_chunk
+from runtime.guard import DEFAULT_MAX_NONFINITE_STEPS, SkipGuard, nonfinite_flag
 from runtime.scaler import LossScaler
 from runtime.subgrad import SubgradHandle, install, recomputes_in_backward
 
@@ -205,7 +207,7 @@ class ShardedChunkAdamW:
     def __init__(self, model: nn.Module, table: ChunkTable, *, config: AdamWConfig | None = None,
                  schedule: LRSchedule | None = None, update_interval: int = 1, state_tier: Tier | str = Tier.GPU,
                  prefetch_depth: int = 1, scaler: LossScaler | None = None, group=None,
-                 grad_multiplier: float = 1.0):
+                 grad_multiplier: float = 1.0, max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS):
         if update_interval < 1:
             raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
         if prefetch_depth < 0:
@@ -225,6 +227,7 @@ class ShardedChunkAdamW:
         self.update_interval = update_interval
         self.tier = tier
         self.scaler = scaler
+        self.guard = SkipGuard(max_nonfinite_steps)
         self.group = group
         self.grad_multiplier = grad_multiplier
         self.device = _local(next(iter(self._params.values()))).device
@@ -307,14 +310,16 @@ class ShardedChunkAdamW:
                 if (span.param in reduced if span.param in self.sub_tensor[k]
                     else self._params[span.param].grad is not None)]
         slices = {ls.param: self._grad_slice(span, ls, reduced) for span, ls in live if ls.length}
-        if self.scaler is not None:
-            bad = torch.zeros((), dtype=torch.float32, device=self.device)
-            for g in slices.values():
-                bad = torch.maximum(bad, (~torch.isfinite(g.sum(dtype=torch.float32))).float())
-            if self._all_reduce(bad, "MAX") > 0:
-                self.zero_grad()
+        # what the step consumes, on every rank: a rank's inf skips the step everywhere
+        bad = nonfinite_flag(slices.values(), self.device).float()
+        if self._all_reduce(bad, "MAX") > 0:
+            self.zero_grad()
+            if self.scaler is not None:
                 self.scaler.update(True)
-                return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale)
+            why = "inf/nan in an accumulated gradient" + (" (fp16 overflow)" if self.scaler is not None else "")
+            self.guard.skipped(why)
+            return StepResult(stepped=False, chunk=k, lr=lr, grad_norm=None, switched_to=None, loss_scale=scale,
+                              skipped_because=why)
         # FSDP2's reduce-scatter averages over the ranks; a slice's all_reduce sums, so it is
         # divided by W here: both are then multiplied by grad_multiplier (W / W = 1 exactly)
         unscale = 1.0 / scale if scale is not None else 1.0
@@ -347,6 +352,7 @@ class ShardedChunkAdamW:
         self.zero_grad()
         if self.scaler is not None:
             self.scaler.update(False)
+        self.guard.stepped()
         self.global_step += 1
         self.active_steps, switched = next_chunk(k, self.active_steps + 1, self.update_interval, self.table.num_chunks)
         if switched is not None:

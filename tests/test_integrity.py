@@ -225,3 +225,20 @@ def test_adamw_config_refuses_values_that_corrupt_state(bad, message):
 
     with pytest.raises(ChunkftError, match=re.escape(message)):
         AdamWConfig(**bad)
+
+
+def test_sharded_optimizer_skips_a_non_finite_step_in_every_dtype():
+    # ShardedChunkAdamW (here unsharded: one process) checks what it consumes for bf16 and
+    # fp32 too, not only under the fp16 scaler
+    from runtime.sharded_optim import ShardedChunkAdamW
+
+    model = _linear(torch.bfloat16)
+    opt = ShardedChunkAdamW(model, make_chunk_table_from_model(model, 2), config=ADAMW, max_nonfinite_steps=2)
+    before = model[0].weight.detach().clone()
+    _backward(model, opt.backward, math.inf)
+    result = opt.step()
+    assert not result.stepped and result.skipped_because == "inf/nan in an accumulated gradient"
+    assert torch.equal(model[0].weight, before) and opt.global_step == 0
+    _backward(model, opt.backward, math.nan)
+    with pytest.raises(ChunkftError, match="2 optimizer steps in a row had non-finite gradients"):
+        opt.step()
