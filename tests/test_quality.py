@@ -12,7 +12,7 @@ and found these optima), the best by final eval loss kept:
     new tokens need their own rows), at the largest rank whose trainable state (fp32 + two
     AdamW moments) is at most ChunkFT's (fp32 master + two moments of its largest chunk).
 
-Measured here (2 shared cores, about 45 s): full FT 0.892 (lr 1e-3), ChunkFT 0.919 (2e-3,
+Measured here (2 shared cores, about 70 s): full FT 0.892 (lr 1e-3), ChunkFT 0.919 (2e-3,
 3.0% worse), LoRA rank 10 + embeddings 0.873 (2e-3, 2.1% better than full FT).
 """
 
