@@ -120,11 +120,14 @@ class Lora:
         return TorchAdamW(dict(adapters.named_parameters()), schedule=schedule)
 
     def state_bytes(self, model: nn.Module) -> int:
-        probe = apply_lora(model, self.config)
+        trainable = {p: p.requires_grad for p in model.parameters()}
+        probe = apply_lora(model, self.config)  # attached and taken off again; the model is left as it was
         try:
             return STATE_COPIES * sum(_fp32_bytes(p) for p in probe.parameters())
         finally:
             probe.remove()
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
 
 
 @dataclass(frozen=True, slots=True)
