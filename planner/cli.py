@@ -8,6 +8,8 @@ budget is an answer and exits 1.
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import importlib
 import sys
 
@@ -38,9 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Write errors that are the machine's state, not a bug: one line, exit 2, not a traceback.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EISDIR, errno.ENOTDIR, errno.EROFS, errno.EDQUOT,
+                           errno.EACCES, errno.EPERM, errno.ENAMETOOLONG})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    sub = _subparser(parser, argv)
+    if sub is not None:
+        argv = _attach_dash_values(sub, argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(_unrecognized(sub, args, extra))
     if args.command is None:
         parser.print_help()
         return 2
@@ -49,9 +62,69 @@ def main(argv: list[str] | None = None) -> int:
     except ChunkftError as e:
         print(f"chunkft: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        where = f" {e.filename!r}" if e.filename else ""
+        print(f"chunkft: error: cannot write{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("chunkft: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors' own I/O error (a full disk)
+            raise
+        print(f"chunkft: error: cannot write safetensors file: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def _subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
+    """The subcommand's parser, if argv names one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and argv and argv[0] in action.choices:
+            return action.choices[argv[0]]
+    return None
+
+
+def _attach_dash_values(sub: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--gpu -1GiB` -> `--gpu=-1GiB`: argparse takes a value starting with "-" for an option
+    and says "expected one argument" without naming the value; attached, the value reaches
+    its own check, whose message names it and what is valid. A following token that is (a
+    prefix of) a known option is left alone: then the value really is missing."""
+    takes_value = {opt for a in sub._actions if a.option_strings and a.nargs is None
+                   and isinstance(a, argparse._StoreAction) for opt in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if tok in takes_value and nxt is not None and nxt.startswith("-") and nxt != "-" \
+                and not _names_option(sub, nxt):
+            out.append(f"{tok}={nxt}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def _names_option(sub: argparse.ArgumentParser, tok: str) -> bool:
+    head = tok.split("=", 1)[0]
+    return any(opt == head or (head.startswith("--") and opt.startswith(head)) for opt in sub._option_string_actions)
+
+
+def _unrecognized(sub: argparse.ArgumentParser | None, args, extra: list[str]) -> str:
+    """One line: what was not understood and the valid options of that command."""
+    bad = extra[0]
+    if sub is None:
+        return f"unrecognized argument {bad!r}; give a command first: {', '.join(SUBCOMMANDS)}"
+    options = sorted({a.option_strings[-1] for a in sub._actions if a.option_strings} - {"--help"})
+    if not bad.startswith("-"):
+        return (f"unexpected argument {bad!r} for `chunkft {args.command}`; its options are: "
+                f"{', '.join(options)}")
+    close = difflib.get_close_matches(bad.split("=", 1)[0], options, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return (f"unrecognized option {bad!r} for `chunkft {args.command}`{hint}; valid options are: "
+            f"{', '.join(options)}")
 
 
 if __name__ == "__main__":

@@ -59,22 +59,29 @@ def add_parser(subparsers) -> None:
     p.add_argument("--chunk-traces", default="auto", choices=("auto", "exact", "bound"),
                    help="trace every chunk pattern (exact), or bound all chunks by one full-FT trace "
                         "(bound; fast); auto: exact up to 2B parameters")
+    p.add_argument("--allow-long-seq", action="store_true",
+                   help="plan a --seq beyond the model's max_position_embeddings")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
 
 
 def parse_chunks(text: str) -> tuple[int, ...]:
     """"4,16,64" -> (4, 16, 64): integers >= 2, each once, in the order given."""
+    from planner.validate import MAX_CHUNKS, MAX_LIST_VALUES
+
     out: list[int] = []
-    for part in str(text).split(","):
+    parts = str(text).split(",")
+    if len(parts) > MAX_LIST_VALUES:
+        raise ChunkftError(f"invalid --chunks {text[:40]!r}...: {len(parts)} values; at most {MAX_LIST_VALUES}")
+    for part in parts:
         part = part.strip()
         try:
             c = int(part)
         except ValueError:
             c = 0
-        if c < 2:
+        if not 2 <= c <= MAX_CHUNKS:
             raise ChunkftError(f"invalid chunk count {part!r} in --chunks {text!r}: "
-                               "expected integers >= 2 separated by commas, e.g. 4,16,64")
+                               f"expected integers >= 2 (at most {MAX_CHUNKS:,}) separated by commas, e.g. 4,16,64")
         if c not in out:
             out.append(c)
     return tuple(out)
@@ -113,12 +120,15 @@ def run(args: argparse.Namespace) -> int:
     from planner.hardware import hardware
     from planner.model import resolve_model
     from planner.trace import StepShape
+    from planner.validate import check_seq_for_model, check_step
 
     budget = _budget(args)
     chunk_counts = parse_chunks(args.chunks)
+    check_step(seq=args.seq, batch=args.batch)
     shape = StepShape(batch=args.batch, seq_len=args.seq, dtype=args.dtype)
     hw = hardware(args.hardware)
     model = resolve_model(args.model)
+    check_seq_for_model(args.seq, model, allow_long=args.allow_long_seq)
     result = fit(model, shape, budget, hw, chunk_counts, chunk_traces=args.chunk_traces)
     if args.json:
         print(json.dumps(result, indent=2))

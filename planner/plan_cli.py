@@ -67,6 +67,26 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="training dtype")
     p.add_argument("--max-chunks", type=int, default=MAX_CHUNKS,
                    help=f"largest chunk count searched (default {MAX_CHUNKS})")
+    p.add_argument("--allow-long-seq", action="store_true",
+                   help="plan a --seq beyond the model's max_position_embeddings")
+
+
+def check_shape_args(args) -> None:
+    """The shape flags' ranges (planner.validate), before any model is read."""
+    from planner.validate import MAX_CHUNKS as LARGEST_CHUNKS
+    from planner.validate import check_int, check_step
+
+    check_step(seq=args.seq, batch=args.batch)
+    check_int(args.max_chunks, "--max-chunks", low=1, high=LARGEST_CHUNKS)
+    if getattr(args, "chunks", None):
+        _parse_chunk_counts(args.chunks)
+
+
+def check_model_args(args, model) -> None:
+    """What needs the model: the sequence length against its position embeddings."""
+    from planner.validate import check_seq_for_model
+
+    check_seq_for_model(args.seq, model, allow_long=args.allow_long_seq)
 
 
 def _pin_args(p: argparse.ArgumentParser) -> None:
@@ -83,12 +103,16 @@ def _pin_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parse_chunk_counts(text: str) -> tuple[int, ...]:
+    from planner.validate import MAX_CHUNKS as LARGEST_CHUNKS
+    from planner.validate import MAX_LIST_VALUES
+
     try:
         counts = tuple(int(part) for part in text.split(","))
     except ValueError:
         counts = ()
-    if not counts or min(counts) < 1:
-        raise ChunkftError(f"invalid --chunks {text!r}: expected positive integers separated by commas, e.g. 4 or 1,8,64")
+    if not counts or min(counts) < 1 or max(counts) > LARGEST_CHUNKS or len(counts) > MAX_LIST_VALUES:
+        raise ChunkftError(f"invalid --chunks {text[:60]!r}: expected up to {MAX_LIST_VALUES} integers from 1 to "
+                           f"{LARGEST_CHUNKS:,} separated by commas, e.g. 4 or 1,8,64")
     return counts
 
 
@@ -132,9 +156,13 @@ def _layout(args):
     """The ParallelLayout the flags ask for, or None for one GPU."""
     from planner.parallel import ParallelLayout
 
-    if args.gpus_per_node < 1 or args.nodes < 1:
-        bad = "--gpus-per-node" if args.gpus_per_node < 1 else "--nodes"
-        raise ChunkftError(f"invalid {bad} {getattr(args, bad[2:].replace('-', '_'))}: must be 1 or more")
+    from planner.validate import MAX_GPUS, MAX_GPUS_PER_NODE, MAX_NODES, check_count
+
+    check_count(args.gpus_per_node, "--gpus-per-node", MAX_GPUS_PER_NODE)
+    check_count(args.nodes, "--nodes", MAX_NODES)
+    if args.gpus_per_node * args.nodes > MAX_GPUS:
+        raise ChunkftError(f"invalid --gpus-per-node {args.gpus_per_node} x --nodes {args.nodes}: "
+                           f"{args.gpus_per_node * args.nodes:,} GPUs; at most {MAX_GPUS:,} are planned")
     layout = ParallelLayout(gpus_per_node=args.gpus_per_node, nodes=args.nodes, shard_embeddings=args.shard_embeddings)
     if layout.world_size == 1:
         if args.shard_embeddings:
@@ -177,8 +205,12 @@ def run_plan(args) -> int:
     from planner.model import resolve_model
     from planner.plan import make_plan, save_plan
     from planner.solve import Objective, solve_model
+    from planner.fsio import check_output_file
     from planner.strategy import Budget
 
+    check_shape_args(args)
+    layout = _layout(args)
+    check_output_file(args.output, "-o/--output", inputs=[args.model])
     hw = hardware(args.gpu_kind or DEFAULT_GPU_KIND)
     if args.gpu is None:
         from planner.evaluate import CUDA_CONTEXT_BYTES
@@ -194,8 +226,9 @@ def run_plan(args) -> int:
                     disk_bytes=None if args.disk is None else parse_bytes(args.disk, what="disk budget"))
     shape = step_shape(args)
     model = resolve_model(args.model)
+    check_model_args(args, model)
     objective = Objective(args.objective)
-    layout, sharded = _layout(args), None
+    sharded = None
     if layout is None:
         solution = solve_model(model, shape, hw, budget, objective=objective, space=search_space(args, model))
     else:
@@ -262,8 +295,10 @@ def run_simulate(args) -> int:
     from planner.model import resolve_model
     from planner.plan import load_plan
     from planner.schema import Tier
+    from planner.fsio import check_output_file
     from planner.simulate import simulate
 
+    check_output_file(args.output, "-o/--output", inputs=[args.plan, args.model])
     plan = load_plan(args.plan)
     model = resolve_model(args.model or plan.model_name)
     from planner.plan import check_plan_model

@@ -9,7 +9,7 @@ torch and transformers are imported inside run_size(), not at module top (CLI st
 
 from __future__ import annotations
 
-from planner.plan_cli import add_shape_args, search_space, step_shape
+from planner.plan_cli import add_shape_args, check_model_args, check_shape_args, search_space, step_shape
 from planner.units import format_bytes
 
 
@@ -36,10 +36,11 @@ def run_size(args) -> int:
     from planner.model import resolve_model
     from planner.size import size_model
     from planner.units import parse_bytes
+    from planner.validate import MAX_GPUS, MAX_GPUS_PER_NODE, check_count
 
-    for flag, v in (("--gpus-per-node", args.gpus_per_node), ("--max-gpus", args.max_gpus)):
-        if v < 1:
-            raise ChunkftError(f"invalid {flag} {v}: must be 1 or more")
+    check_shape_args(args)
+    check_count(args.gpus_per_node, "--gpus-per-node", MAX_GPUS_PER_NODE)
+    check_count(args.max_gpus, "--max-gpus", MAX_GPUS)
     host = None
     if args.host_ram_per_node is not None:
         host = parse_bytes(args.host_ram_per_node, what="--host-ram-per-node")
@@ -48,6 +49,7 @@ def run_size(args) -> int:
     hw = hardware(args.gpu_kind)
     shape = step_shape(args)
     model = resolve_model(args.model)
+    check_model_args(args, model)
     report = size_model(model, shape, hw, space=search_space(args, model), gpus_per_node=args.gpus_per_node,
                         max_gpus=args.max_gpus, shard_embeddings=args.shard_embeddings, host_bytes_per_node=host)
     print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}")
