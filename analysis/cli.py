@@ -22,6 +22,8 @@ def add_parser(subparsers) -> None:
                        help="compare the timeline against this step of the trace (default: all steps by number)")
         p.add_argument("--perfetto", default=None, metavar="OUT.json",
                        help="also export timeline and trace as Chrome trace JSON (chrome://tracing, ui.perfetto.dev)")
+        p.add_argument("--force", action="store_true",
+                       help="replace another command's report in the output directory")
         p.set_defaults(run=run_compare)
     if "report" not in subparsers.choices:
         p = subparsers.add_parser("report", help="fit map, chunk sweep and GPU sizing for one model",
@@ -38,7 +40,12 @@ def add_parser(subparsers) -> None:
         p.add_argument("--hardware", default="rtx4090", help="GPU profile for step times (planner.hardware)")
         p.add_argument("-o", "--out", default="report", help="output directory (default: report/)")
         p.add_argument("--cache", default=None, metavar="FILE.json",
-                       help="reuse and store estimates in this file (same model, hardware and planner version)")
+                       help="reuse and store estimates in this file (same model, hardware and planner version); "
+                            "a file that is not such a cache is refused, never overwritten")
+        p.add_argument("--allow-long-seq", action="store_true",
+                       help="plan sequence lengths beyond the model's max_position_embeddings")
+        p.add_argument("--force", action="store_true",
+                       help="replace another command's report in the output directory")
         p.set_defaults(run=run_report)
 
 
@@ -50,8 +57,15 @@ def run_compare(args: argparse.Namespace) -> int:
     from analysis.compare import compare
     from analysis.load import load_pair
     from analysis.perfetto import write_chrome_trace
-    from analysis.report import write_compare_report
+    from analysis.report import check_report_dir, write_compare_report
+    from planner.errors import ChunkftError
+    from planner.fsio import check_output_file
 
+    check_report_dir(args.out, "compare", force=args.force)
+    if args.perfetto:
+        check_output_file(args.perfetto, "--perfetto", inputs=[args.timeline, args.trace])
+    if args.step is not None and not 0 <= args.step < 2**31:
+        raise ChunkftError(f"invalid --step {args.step}: must be a step number, 0 or more")
     predicted, measured = load_pair(args.timeline, args.trace)
     comparison = compare(predicted, measured, measured_step=args.step)
     html_path, md_path = write_compare_report(comparison, Path(args.out))
@@ -82,21 +96,23 @@ def comparison_summary(comparison) -> list[str]:
     return lines
 
 
-def _int_list(text: str, what: str) -> list[int]:
+def _int_list(text: str, what: str, high: int) -> list[int]:
     from planner.errors import ChunkftError
+    from planner.validate import MAX_LIST_VALUES
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or any(v <= 0 for v in values):
-        raise ChunkftError(f"invalid {what} {text!r}: expected comma-separated positive integers, e.g. 512,1024")
+    if not values or any(not 0 < v <= high for v in values) or len(values) > MAX_LIST_VALUES:
+        raise ChunkftError(f"invalid {what} {text[:60]!r}: expected up to {MAX_LIST_VALUES} comma-separated "
+                           f"integers from 1 to {high:,}, e.g. 512,1024")
     return values
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from analysis.report import write_plan_report
-    from analysis.sweep import CachedEvaluate, gpu_catalogue, run_sweep
+    from analysis.report import check_report_dir, write_plan_report
+    from analysis.sweep import CachedEvaluate, check_cache_file, gpu_catalogue, run_sweep
     from planner import __version__ as planner_version
     from planner.evaluate import evaluate
     from planner.hardware import hardware
@@ -105,13 +121,20 @@ def run_report(args: argparse.Namespace) -> int:
     from planner.trace import StepShape
     from planner.units import parse_bytes
 
-    seq_lens = _int_list(args.seq, "--seq")
-    batches = _int_list(args.batch, "--batch")
-    chunks = _int_list(args.chunks, "--chunks")
+    from planner.validate import MAX_BATCH, MAX_CHUNKS, MAX_SEQ_LEN, check_seq_for_model, check_step
+
+    seq_lens = _int_list(args.seq, "--seq", MAX_SEQ_LEN)
+    batches = _int_list(args.batch, "--batch", MAX_BATCH)
+    chunks = _int_list(args.chunks, "--chunks", MAX_CHUNKS)
+    check_step(seq=max(seq_lens), batch=max(batches))
     budget = Budget(gpu_bytes=parse_bytes(args.gpu, what="--gpu"),
-                    host_bytes=parse_bytes(args.host_ram, what="--host-ram") if args.host_ram else None)
-    model = resolve_model(args.model)
+                    host_bytes=parse_bytes(args.host_ram, what="--host-ram") if args.host_ram is not None else None)
+    check_report_dir(args.out, "report", force=args.force)
+    if args.cache is not None:
+        check_cache_file(args.cache)
     hw = hardware(args.hardware)
+    model = resolve_model(args.model)
+    check_seq_for_model(max(seq_lens), model, allow_long=args.allow_long_seq)
 
     def make_shape(*, seq_len: int, batch: int):
         return StepShape(seq_len=seq_len, batch=batch, dtype=args.dtype)

@@ -123,6 +123,50 @@ class Report:
         return html_path, md_path
 
 
+# What each command writes into its output directory, and its report's title (how a directory
+# tells whose report it holds). compare's memory_<tier> figures: one per tier in the timeline.
+COMPARE_TITLE = "chunkft: predicted vs measured memory"
+PLAN_REPORT_TITLE_PREFIX = "chunkft: what fits for "
+REPORT_FILES = {
+    "compare": ("report.html", "report.md", "error_table.png", "errors.png", "memory_gpu.png", "memory_host.png",
+                "memory_disk.png", "chunk_switch.png", "peaks.csv", "phases.csv"),
+    "report": ("report.html", "report.md", "fit_map.png", "chunk_sweep.png", "sizing.png", "fit_map.csv",
+               "chunk_sweep.csv", "sizing.csv"),
+}
+
+
+def report_owner(out_dir: Path) -> str | None:
+    """"compare" or "report" if out_dir/report.md is that command's report, else None."""
+    try:
+        with open(out_dir / "report.md", encoding="utf-8", errors="replace") as f:
+            first = f.readline().strip()
+    except OSError:
+        return None
+    if first == f"# {COMPARE_TITLE}":
+        return "compare"
+    if first.startswith(f"# {PLAN_REPORT_TITLE_PREFIX}"):
+        return "report"
+    return None
+
+
+def check_report_dir(out_dir: str | os.PathLike, command: str, *, force: bool) -> Path:
+    """Refuse, before any work, an output directory whose files this command would replace
+    unless they are this command's own earlier report (a rerun) or --force says so."""
+    from planner.errors import ChunkftError
+    from planner.fsio import check_output_dir
+
+    out_dir = check_output_dir(out_dir, "-o/--out")
+    if force or not out_dir.is_dir():
+        return out_dir
+    clashes = [name for name in REPORT_FILES[command] if (out_dir / name).exists()]
+    owner = report_owner(out_dir)
+    if clashes and owner != command:
+        whose = f"a `chunkft {owner}` report" if owner else "files this command did not write"
+        raise ChunkftError(f"output directory {str(out_dir)!r} holds {whose} ({', '.join(clashes[:3])}); "
+                           f"give another -o directory, or --force to replace them")
+    return out_dir
+
+
 def _num_class(cell: str) -> str:
     head = cell.lstrip("+-")
     return " class='num'" if head[:1].isdigit() else ""
@@ -135,7 +179,7 @@ def write_compare_report(comparison, out_dir: str | os.PathLike) -> tuple[Path, 
     from planner.units import format_bytes
 
     p, m = comparison.predicted, comparison.measured
-    report = Report(Path(out_dir), "chunkft: predicted vs measured memory")
+    report = Report(Path(out_dir), COMPARE_TITLE)
     counts = comparison.match_counts()
     report.text(f"Timeline {p.path} ({p.t_unit}) against trace {m.path} ({m.t_unit}); model "
                 f"{p.model_fingerprint[:12]}, plan {p.plan_fingerprint[:12]}. {counts['matched']} of "
@@ -201,7 +245,7 @@ def write_plan_report(sweep, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     from analysis import plan_plots
     from planner.units import format_bytes
 
-    report = Report(Path(out_dir), f"chunkft: what fits for {sweep.model}")
+    report = Report(Path(out_dir), f"{PLAN_REPORT_TITLE_PREFIX}{sweep.model}")
     report.text(f"Budget: {format_bytes(sweep.budget.gpu_bytes)} GPU (what the caching allocator may "
                 f"reserve), host {format_bytes(sweep.budget.host_bytes) if sweep.budget.host_bytes else 'unlimited'}. "
                 f"Step times predicted for {sweep.gpu_profile}.")
@@ -223,4 +267,4 @@ def write_plan_report(sweep, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     return report.write()
 
 
-__all__ = ["Report", "write_compare_report", "write_plan_report"]
+__all__ = ["Report", "check_report_dir", "report_owner", "write_compare_report", "write_plan_report"]

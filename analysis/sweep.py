@@ -35,6 +35,7 @@ FIT_COLUMNS = ("strategy", "seq_len", "batch", "gpu_need_bytes", "host_bytes", "
                "step_time_s", "fits")
 CHUNK_COLUMNS = ("family", "chunks", "gpu_peak_bytes", "gpu_need_bytes", "host_bytes", "step_time_s", "fits")
 CACHE_VERSION = 1
+CACHE_KIND = "chunkft report estimate cache"
 SIZING_COLUMNS = ("strategy", "gpu_need_bytes", "card_bytes", "host_bytes", "step_time_s", "gpus_that_fit")
 
 
@@ -66,8 +67,10 @@ class CachedEvaluate:
 
     With `path`, estimates also persist in that JSON file under `context` (a string naming
     the model and hardware, e.g. their fingerprints): a second report on the same model and
-    hardware with another budget re-evaluates nothing. A cache file that cannot be read is
-    ignored (and rewritten), never trusted in part."""
+    hardware with another budget re-evaluates nothing. A cache file of another version is
+    ignored (and rewritten), never trusted in part; a file that is not such a cache at all (a
+    plan, a config, a typo'd path) is never overwritten: `save` refuses it, and
+    `check_cache_file` refuses it before any work."""
 
     def __init__(self, fn: EvaluateFn, *, path: str | os.PathLike | None = None, context: str = ""):
         self.fn = fn
@@ -75,13 +78,13 @@ class CachedEvaluate:
         self.path = Path(path) if path is not None else None
         self.context = context
         self.stored: dict[str, dict] = {}
-        if self.path is not None and self.path.is_file():
-            try:
-                data = json.loads(self.path.read_text())
-                if isinstance(data, dict) and data.get("version") == CACHE_VERSION:
-                    self.stored = dict(data.get("estimates", {}))
-            except (OSError, ValueError):
-                self.stored = {}
+        self.foreign = False
+        """The file at `path` exists but is not a cache this class wrote: never overwritten."""
+        if self.path is not None and self.path.exists():
+            data = _read_cache(self.path)
+            self.foreign = data is None
+            if data is not None and data.get("version") == CACHE_VERSION:
+                self.stored = dict(data["estimates"])
 
     def _key(self, shape, strategy: Strategy) -> str:
         shape_json = {f: getattr(shape, f) for f in ("batch", "seq_len", "dtype")}
@@ -105,7 +108,38 @@ class CachedEvaluate:
 
     def save(self) -> None:
         if self.path is not None:
-            atomic_write_text(self.path, json.dumps({"version": CACHE_VERSION, "estimates": self.stored}) + "\n")
+            if self.foreign:
+                raise ChunkftError(_foreign_cache_message(self.path))
+            atomic_write_text(self.path, json.dumps({"kind": CACHE_KIND, "version": CACHE_VERSION,
+                                                     "estimates": self.stored}) + "\n")
+
+
+def _read_cache(path: Path) -> dict | None:
+    """The cache file's content if it is a cache CachedEvaluate wrote (any version), else None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("estimates"), dict):
+        return None
+    if set(data) - {"kind", "version", "estimates"} or data.get("kind", CACHE_KIND) != CACHE_KIND:
+        return None
+    return data
+
+
+def _foreign_cache_message(path: Path) -> str:
+    return (f"invalid --cache {str(path)!r}: it is not an estimate cache written by `chunkft report`, and "
+            "would be overwritten; give a new file name (e.g. estimates.json) or delete it")
+
+
+def check_cache_file(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, a --cache path that is a directory or a file this is not the cache of."""
+    from planner.fsio import check_output_file
+
+    path = check_output_file(path, "--cache")
+    if path.exists() and _read_cache(path) is None:
+        raise ChunkftError(_foreign_cache_message(path))
+    return path
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -210,5 +244,5 @@ def gpu_catalogue() -> pd.DataFrame:
     return pd.DataFrame({"gpu": names, "memory_bytes": [load_gpu(n).memory_bytes for n in names]})
 
 
-__all__ = ["CachedEvaluate", "Sweep", "chunk_families", "chunk_sweep", "fit_map", "gpu_catalogue",
+__all__ = ["CachedEvaluate", "Sweep", "check_cache_file", "chunk_families", "chunk_sweep", "fit_map", "gpu_catalogue",
            "chunks_that_fit", "report_strategies", "run_sweep", "sizing"]
