@@ -5,7 +5,8 @@ bounds are far above any real fine-tuning job and exist so that a typo (`--batch
 is refused instead of overflowing a tensor's storage size or looping for hours in the tracer's
 chunked loss (one loop turn per 256 tokens).
 
-Known limitations: a factory model (`package.module:function`) has no config, so only its step
+Known limitations: a step of more than MAX_STEP_TOKENS tokens (e.g. 4 x 128K) is refused, not
+planned; a factory model (`package.module:function`) has no config, so only its step
 shape is checked; config checks read the common HF field names (through each config's
 `attribute_map`, so GPT-2's `n_embd` is `hidden_size`) and skip fields a config lacks.
 """
@@ -22,12 +23,13 @@ if TYPE_CHECKING:
 
     from planner.model import ModelSpec
 
-MAX_SEQ_LEN = 2**20
-"""Tokens per sequence, even with --allow-long-seq (the longest context windows are 128K-1M)."""
+MAX_SEQ_LEN = 2**18
+"""Tokens per sequence, even with --allow-long-seq (twice the 128K context of Llama 3.1)."""
 MAX_BATCH = 2**16
 """Sequences per micro-batch."""
-MAX_STEP_TOKENS = 2**21
-"""batch x seq: the tracer's chunked loss loops once per 256 tokens, logits are tokens x vocab."""
+MAX_STEP_TOKENS = 2**18
+"""batch x seq. The tracer's chunked loss takes one loop turn per 256 tokens: 2**18 tokens plan in
+about a minute on a 2-core machine (2**21 took eight), and logits are tokens x vocab bytes."""
 MAX_CHUNKS = 2**16
 """ChunkFT chunk counts (a chunk is at least one row of a parameter)."""
 MAX_GPUS_PER_NODE = 64
