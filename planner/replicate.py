@@ -229,7 +229,8 @@ def _template_trace(model: "ModelSpec", shape: "StepShape", options: "TraceOptio
     non_layer = None if options.grad is None else {
         k: v for k, v in options.grad.items() if not k.startswith(plan.prefix + ".")}
     non_layer_key = None if non_layer is None else tuple(sorted((k, _grad_key_of(v)) for k, v in non_layer.items()))
-    key = (_model_key(model), shape, options.checkpointing, options.loss_chunk_tokens, plan.keys, non_layer_key)
+    key = (_model_key(model), shape, options.checkpointing, options.loss_chunk_tokens, options.loop, plan.keys,
+           non_layer_key)
     cached = _TEMPLATE_CACHE.get(key)
     if cached is not None:
         return cached

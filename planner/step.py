@@ -27,6 +27,22 @@ IGNORE_INDEX = -100
 """Label value the loss skips (torch.nn.functional.cross_entropy's default ignore_index)."""
 
 
+def loop_forward(model: "torch.nn.Module", input_ids: "torch.Tensor", labels: "torch.Tensor", *, loop: str = "chunkft",
+                 loss_chunk_tokens: int = 0) -> tuple["torch.Tensor", object]:
+    """Forward and loss as the recipe's loop writes them: (loss, what the loop holds until
+    backward has run). "chunkft": `step_loss`, holding nothing else. "hf": the plain Hugging
+    Face loop, `out = model(input_ids=ids, labels=labels)` with the config's defaults
+    (`use_cache` included), holding `out` -- its logits, and the cache's keys and values --
+    through `out.loss.backward()`. Tracer, measurement and runtime all call this."""
+    if loop == "chunkft":
+        return step_loss(model, input_ids, labels, loss_chunk_tokens=loss_chunk_tokens), None
+    if loop == "hf":
+        assert not loss_chunk_tokens, "the plain HF loop has no chunked loss (planner.recipe refuses it)"
+        out = model(input_ids=input_ids, labels=labels)
+        return out.loss, out
+    raise ValueError(f"unknown loop {loop!r}")
+
+
 def step_loss(model: "torch.nn.Module", input_ids: "torch.Tensor", labels: "torch.Tensor", *,
               loss_chunk_tokens: int = 0) -> "torch.Tensor":
     """Forward plus loss of one training step; 0 = the model's own HF loss, >0 = chunked loss."""

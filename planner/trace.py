@@ -79,16 +79,21 @@ class TraceOptions:
     """0 = HF's own loss; > 0 = lm_head + cross-entropy over chunks of this many tokens."""
     replicate: bool = True
     """Trace template layers and replicate them to full depth (else trace every layer)."""
+    loop: str = "chunkft"
+    """The recipe's loop (planner.recipe.Loop value): "chunkft" or "hf" (planner.step.loop_forward)."""
 
     def __post_init__(self):
         if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
             raise ChunkftError(f"invalid loss_chunk_tokens {self.loss_chunk_tokens!r}: "
                                "must be 0 (no chunking) or a positive token count")
+        from planner.recipe import Recipe
+
+        Recipe(loop=self.loop).check_strategy(loss_chunk_tokens=self.loss_chunk_tokens)
 
     def key(self) -> tuple:
         """Hashable identity (GradSpec dicts are not hashable)."""
         grad = None if self.grad is None else tuple(sorted((k, _grad_key(v)) for k, v in self.grad.items()))
-        return (grad, self.checkpointing, self.loss_chunk_tokens, self.replicate)
+        return (grad, self.checkpointing, self.loss_chunk_tokens, self.replicate, self.loop)
 
 
 def _grad_key(v: Any) -> Any:
@@ -122,7 +127,7 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
     import torch
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from planner.step import enable_checkpointing, step_loss
+    from planner.step import enable_checkpointing, loop_forward
 
     # The meta parameters are the one non-fake input: empty_like turns them into fake cpu tensors.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -141,11 +146,12 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
 
         recorder = StepRecorder(module, layer_prefix=layer_prefix)
         with recorder.recording(inputs=(input_ids, labels)):
-            loss = step_loss(module, input_ids, labels, loss_chunk_tokens=options.loss_chunk_tokens)
+            loss, held = loop_forward(module, input_ids, labels, loop=options.loop,
+                                      loss_chunk_tokens=options.loss_chunk_tokens)
             recorder.start_backward(loss)
             if loss.requires_grad:
                 loss.backward()
-            del loss
+            del loss, held
             grads = _final_grads(module, handle)
             recorder.mark_gradients(grads)
             del grads
