@@ -369,3 +369,27 @@ def test_write_errors_outside_the_atomic_writer_are_one_line_too(in_work, capsys
     monkeypatch.setattr(planner.plan_cli, "run_simulate", full_disk)
     code, out, err = _run(capsys, ["simulate", "plan.json"])
     _assert_one_line_error(code, err, "'timeline.jsonl'")
+
+
+# ----------------------------------------------------------------- what must still be accepted
+
+def test_allow_long_seq_plans_beyond_max_position_embeddings(in_work, capsys):
+    code, out, err = _run(capsys, ["fit", "tiny.json", "--seq", "512", "--allow-long-seq", "--chunks", "2",
+                                   "--gpu", "1GiB", "--json"])
+    assert code == 0 and err == "" and json.loads(out)["shape"]["seq_len"] == 512
+
+
+def test_a_report_directory_takes_reruns_and_force(tmp_path):
+    from analysis.report import check_report_dir
+    from planner.errors import ChunkftError
+
+    for command, other in (("compare", "report"), ("report", "compare")):
+        out = tmp_path / command
+        out.mkdir()
+        title = "chunkft: predicted vs measured memory" if command == "compare" else "chunkft: what fits for m"
+        (out / "report.md").write_text(f"# {title}\n")
+        assert check_report_dir(out, command, force=False) == out  # a rerun replaces its own report
+        with pytest.raises(ChunkftError, match=f"`chunkft {command}` report"):
+            check_report_dir(out, other, force=False)
+        assert check_report_dir(out, other, force=True) == out
+    assert check_report_dir(tmp_path / "new", "report", force=False) == tmp_path / "new"
