@@ -233,6 +233,7 @@ def _write_inputs(work: Path) -> None:
     (work / "nested.json").write_text("[" * 100_000 + "]" * 100_000)
     (work / "notjson.json").write_text("{not json")
     (work / "list.json").write_text("[1, 2]")
+    (work / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
     (work / "empty.json").write_text("")
     (work / "emptydir").mkdir()
     (work / "outdir").mkdir()
@@ -326,6 +327,26 @@ def test_bad_input(in_work, capsys, argv, expected):
     code, out, err = _run(capsys, argv)
     _assert_one_line_error(code, err, expected)
     assert _snapshot(in_work) == before, "a failing command changed or created files"
+
+
+# Found by this sweep in runtime code (owned elsewhere): move a case into CASES once it passes.
+RUNTIME_CASES_FAILING = [
+    # runtime.data.read_examples does not catch RecursionError, and `run` creates OUT/.lock
+    # before reading the data, so the failed run leaves a new directory behind.
+    ("run-data-nested", ["run", "plan.json", "--data", "nested.jsonl", "--out", "fresh"], "nested"),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="runtime: see RUNTIME_CASES_FAILING")
+@pytest.mark.parametrize("argv, expected", [(argv, expected) for _, argv, expected in RUNTIME_CASES_FAILING],
+                         ids=[case_id for case_id, _, _ in RUNTIME_CASES_FAILING])
+def test_bad_input_in_runtime_code(in_work, capsys, argv, expected):
+    import shutil
+
+    try:
+        test_bad_input(in_work, capsys, argv, expected)
+    finally:
+        shutil.rmtree(in_work / "fresh", ignore_errors=True)
 
 
 def test_case_ids_are_unique_and_the_sweep_is_wide():
