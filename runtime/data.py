@@ -161,6 +161,9 @@ def read_examples(path: str | os.PathLike, tok: TextTokenizer) -> list[Example]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ChunkftError(f"{where} is not valid JSON ({e.msg})") from None
+                except RecursionError:
+                    raise ChunkftError(f"{where} nests JSON too deeply; valid lines are flat objects "
+                                       f'such as {{"text": ...}} or {{"prompt": ..., "response": ...}}') from None
                 examples.append(_example_from_row(row, tok, where))
     except FileNotFoundError:
         raise ChunkftError(f"data file {str(path)!r} does not exist") from None

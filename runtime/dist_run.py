@@ -165,8 +165,6 @@ def run_parallel(args, plan: "Plan", spec: "ModelSpec", world: int) -> int:
     arguments = run_arguments(args)
     say = print if rank == 0 else (lambda *a, **k: None)
     resume_from = None
-    if args.resume and args.overwrite:
-        raise ChunkftError("--resume continues the run in --out and --overwrite deletes it; give one of them")
     if not args.resume and latest_checkpoint(out) is not None:
         if not args.overwrite:
             raise ChunkftError(f"output directory {str(out)!r} already holds a run's checkpoints; pass --resume to "

@@ -105,8 +105,7 @@ def claim_output(out_dir: str | os.PathLike, *, resume: bool, overwrite: bool) -
     from runtime.checkpoint import latest_checkpoint, read_state, remove_stale_temporaries
 
     out = Path(out_dir)
-    if resume and overwrite:
-        raise ChunkftError("--resume continues the run in --out and --overwrite deletes it; give one of them")
+    assert not (resume and overwrite), "runtime.run_cli.check_args refuses --resume with --overwrite"
     lock = _lock(out)
     try:
         latest = latest_checkpoint(out)

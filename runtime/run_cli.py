@@ -103,6 +103,8 @@ def check_args(args) -> None:
         problems.append(f"a cosine schedule needs --steps ({args.steps}) > --warmup-steps ({args.warmup_steps})")
     if args.allow_changed and not args.resume:
         problems.append("--allow-changed goes with --resume")
+    if args.resume and args.overwrite:
+        problems.append("--resume continues the run in --out and --overwrite deletes it; give one of them")
     if args.trace is not None and (Path(args.trace).is_dir() or str(args.trace).endswith(("/", "\\"))):
         problems.append(f"--trace {args.trace!r} is a directory; give a file path such as traces/NAME.jsonl")
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -144,10 +146,6 @@ def build_run(args):
         raise ChunkftError("--device cuda was given but no CUDA device is available; valid here: cpu")
     if args.gpu_memory_cap is not None:
         cap_gpu_memory(args.gpu_memory_cap, device)
-    out = check_writable(args.out)
-    if args.trace is not None:
-        check_writable(Path(args.trace).parent if str(Path(args.trace).parent) else ".")
-    claimed = claim_output(out, resume=args.resume, overwrite=args.overwrite)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.shape.dtype]
 
     vocab = getattr(spec.config, "vocab_size", None)
@@ -156,6 +154,11 @@ def build_run(args):
     tok = load_tokenizer(args.tokenizer, model_vocab_size=vocab)
     train_examples = read_examples(args.data, tok)
     eval_examples = read_examples(args.eval, tok) if args.eval else None
+    # only now, with every input read and checked, does anything appear on disk
+    out = check_writable(args.out)
+    if args.trace is not None:
+        check_writable(Path(args.trace).parent if str(Path(args.trace).parent) else ".")
+    claimed = claim_output(out, resume=args.resume, overwrite=args.overwrite)
 
     cpu_baseline = None
     if device.type == "cpu" and args.trace is not None:
