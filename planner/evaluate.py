@@ -245,11 +245,12 @@ def sm_arch(hw: Any) -> int:
 
 
 def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, checkpointing: bool,
-                loss_chunk_tokens: int, sm: int) -> TracedStep:
-    """trace_step + replay(allocator="cuda"), cached per model, shape and trace options."""
+                loss_chunk_tokens: int, sm: int, loop: str = "chunkft") -> TracedStep:
+    """trace_step + replay(allocator="cuda"), cached per model, shape and trace options
+    (`loop`: the recipe's, planner.recipe.Loop)."""
     from planner.trace import TraceOptions, trace_step
 
-    options = TraceOptions(grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens)
+    options = TraceOptions(grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens, loop=loop)
     key = (model.fingerprint(), shape, options.key(), sm)
     if key in _TRACES:
         return _TRACES[key]
@@ -516,7 +517,7 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
 
     def trace(grad: dict | None) -> TracedStep:
         return traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                           loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm)
+                           loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=strategy.recipe.loop.value)
 
     if strategy.chunks == 1:
         full = ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes)
@@ -647,7 +648,7 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
             group = next(g for g in chunk_groups(table, layout.layer_prefix) if chunk in g)
             grad = table.grad_spec(group[0])
     traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                         loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw))
+                         loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw), loop=strategy.recipe.loop.value)
     return timeline_events(traced, strategy, layout, active, all_spans=spans)
 
 

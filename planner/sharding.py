@@ -609,13 +609,14 @@ def _prepare(model: "ModelSpec", shape: "StepShape", strategy: Strategy, sm: int
         mode = "exact" if layout.total_params <= ev.EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
     if strategy.chunks == 1:
         mode = "exact"
-    key = (model.fingerprint(), shape, strategy.chunks, strategy.checkpointing, strategy.loss_chunk_tokens, sm, mode)
+    key = (model.fingerprint(), shape, strategy.chunks, strategy.checkpointing, strategy.loss_chunk_tokens,
+           strategy.recipe, sm, mode)
     if key in _PREPARED:
         return _PREPARED[key]
 
     def trace(grad):
         return ev.traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                              loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm)
+                              loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=strategy.recipe.loop.value)
 
     spans = _spans_of(strategy, model, layout, shape.dtype)
     if strategy.chunks == 1:
@@ -1069,7 +1070,8 @@ def cpu_rank_rise_bytes(model: "ModelSpec", shape: "StepShape", world: int, *, c
         grads, sliced = _chunk_grads(table, chunk, layout)
         buffers = sum(sliced)
     graph = trace_step(model, shape, TraceOptions(grad=grad, checkpointing=strategy.checkpointing,
-                                                  loss_chunk_tokens=strategy.loss_chunk_tokens))
+                                                  loss_chunk_tokens=strategy.loss_chunk_tokens,
+                                                  loop=strategy.recipe.loop.value))
     tl = graph.replay(allocator="cpu")
     traced = ev.TracedStep(live=np.stack([tl.live_bytes[c] for c in COMPONENTS]),
                            reserved=np.asarray(tl.total_bytes, dtype=np.int64), flops=0,

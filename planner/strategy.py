@@ -21,10 +21,11 @@ import enum
 from typing import Any
 
 from planner.errors import ChunkftError
+from planner.recipe import Loop, Recipe
 from planner.schema import Component, Tier
 
 STRATEGY_FIELDS = ("chunks", "update_interval", "optimizer_device", "state_tier", "grad_staging",
-                   "checkpointing", "weights", "loss_chunk_tokens", "prefetch_depth")
+                   "checkpointing", "weights", "loss_chunk_tokens", "prefetch_depth", "recipe")
 
 
 class OptimizerDevice(str, enum.Enum):
@@ -82,9 +83,16 @@ class Strategy:
     prefetch_depth: int = 1
     """How many upcoming chunks' state are brought towards the optimizer while the current one
     trains (0 = fetch on switch). Only meaningful when state moves (C > 1, state off the GPU)."""
+    recipe: Recipe = Recipe()
+    """The user's training step (planner.recipe): fixed by the user, copied into every strategy
+    the solver compares; it changes the traced step, so it is part of the strategy's identity."""
 
     def __post_init__(self):
         set_ = object.__setattr__
+        if isinstance(self.recipe, dict):
+            set_(self, "recipe", Recipe.from_json(self.recipe))
+        elif not isinstance(self.recipe, Recipe):
+            raise ChunkftError(f"invalid recipe {self.recipe!r}: must be a Recipe or its JSON object")
         _int(self.chunks, "chunk count", 1)
         _int(self.update_interval, "update_interval", 1)
         _int(self.loss_chunk_tokens, "loss_chunk_tokens", 0)
@@ -105,6 +113,7 @@ class Strategy:
         if self.optimizer_device == OptimizerDevice.HOST and self.state_tier == Tier.GPU:
             raise ChunkftError("optimizer_device 'host' needs state_tier 'host' or 'disk': "
                                "a host optimizer cannot read state resting on the GPU")
+        self.recipe.check_strategy(loss_chunk_tokens=self.loss_chunk_tokens)
 
     @property
     def is_chunked(self) -> bool:
@@ -138,6 +147,8 @@ class Strategy:
             parts.append("stream weights")
         if self.loss_chunk_tokens:
             parts.append(f"loss chunks {self.loss_chunk_tokens}")
+        if self.recipe.loop != Loop.CHUNKFT:
+            parts.append(f"{self.recipe.loop.value} loop")
         return ", ".join(parts)
 
     def to_json(self) -> dict:
@@ -151,6 +162,7 @@ class Strategy:
             "weights": self.weights.value,
             "loss_chunk_tokens": self.loss_chunk_tokens,
             "prefetch_depth": self.prefetch_depth,
+            "recipe": self.recipe.to_json(),
         }
 
     @classmethod
