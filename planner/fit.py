@@ -24,6 +24,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from planner.errors import ChunkftError
+from planner.recipe import Recipe, add_recipe_args
 from planner.schema import Tier
 from planner.units import describe_size, format_bytes, parse_bytes
 
@@ -62,6 +63,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allow-long-seq", action="store_true",
                    help="plan a --seq beyond the model's max_position_embeddings")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_recipe_args(p)
     p.set_defaults(run=run)
 
 
@@ -87,8 +89,10 @@ def parse_chunks(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def fit_strategies(chunk_counts: tuple[int, ...]) -> list["Strategy"]:
-    """The rows of `chunkft fit`, in display order."""
+def fit_strategies(chunk_counts: tuple[int, ...], recipe: Recipe = Recipe()) -> list["Strategy"]:
+    """The rows of `chunkft fit`, in display order, each for the user's `recipe`."""
+    import dataclasses
+
     from planner.strategy import OptimizerDevice, Strategy
 
     host = dict(optimizer_device=OptimizerDevice.HOST, state_tier=Tier.HOST, checkpointing=True)
@@ -100,7 +104,7 @@ def fit_strategies(chunk_counts: tuple[int, ...]) -> list["Strategy"]:
         Strategy(optimizer_device=OptimizerDevice.HOST, state_tier=Tier.DISK, grad_staging=Tier.DISK,
                  checkpointing=True),  # NVMSA to SSD
     ]
-    return rows
+    return [dataclasses.replace(s, recipe=recipe) for s in rows]
 
 
 def recommend(estimates: list["Estimate"], budget: "Budget") -> int | None:
@@ -129,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
     hw = hardware(args.hardware)
     model = resolve_model(args.model)
     check_seq_for_model(args.seq, model, allow_long=args.allow_long_seq)
-    result = fit(model, shape, budget, hw, chunk_counts, chunk_traces=args.chunk_traces)
+    result = fit(model, shape, budget, hw, chunk_counts, chunk_traces=args.chunk_traces,
+                 recipe=Recipe.from_args(args))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -147,12 +152,13 @@ def _budget(args: argparse.Namespace) -> "Budget":
     )
 
 
-def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, chunk_traces: str = "auto") -> dict:
+def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, chunk_traces: str = "auto",
+        recipe: Recipe = Recipe()) -> dict:
     """Evaluate every row and return the report as plain JSON-able data."""
     from planner.evaluate import evaluate, param_layout
 
     layout = param_layout(model, shape.dtype)
-    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in fit_strategies(chunk_counts)]
+    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in fit_strategies(chunk_counts, recipe)]
     best = recommend(estimates, budget)
     fitting = [i for i, e in enumerate(estimates) if e.fits(budget)]
     fastest = min(fitting, key=lambda i: (estimates[i].step_time_s, i)) if fitting else None
@@ -173,6 +179,8 @@ def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, ch
         "parameters": layout.total_params,
         "num_layers": layout.num_layers,
         "shape": {"batch": shape.batch, "seq_len": shape.seq_len, "dtype": shape.dtype},
+        "recipe": recipe.to_json(),
+        "recipe_description": recipe.describe(),
         "budget": budget.to_json(),
         "budget_read_as": read_as,
         "hardware": hw.gpu.name,
@@ -203,6 +211,7 @@ def print_report(r: dict, out=None) -> None:
     w(f"model: {r['model']} ({r['source']}), {_count(r['parameters'])} parameters, {r['num_layers']} layers\n")
     s = r["shape"]
     w(f"step: batch {s['batch']} x {s['seq_len']} tokens, {s['dtype']}; step times on {r['hardware']}\n")
+    w(f"recipe: {r['recipe_description']}\n")
     ra = r["budget_read_as"]
     w(f"GPU budget: {ra['gpu']} (what PyTorch may reserve; the CUDA context comes on top)\n")
     w(f"host RAM:   {ra['host'] or 'not limited (--host-ram to check)'}\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from planner.errors import ChunkftError
+from planner.recipe import add_recipe_args
 from planner.solve import MAX_CHUNKS
 from planner.units import describe_size, format_bytes, parse_bytes
 
@@ -69,6 +70,7 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
                    help=f"largest chunk count searched (default {MAX_CHUNKS})")
     p.add_argument("--allow-long-seq", action="store_true",
                    help="plan a --seq beyond the model's max_position_embeddings")
+    add_recipe_args(p)
 
 
 def check_shape_args(args) -> None:
@@ -119,6 +121,7 @@ def _parse_chunk_counts(text: str) -> tuple[int, ...]:
 def search_space(args, model):
     import dataclasses
 
+    from planner.recipe import Recipe
     from planner.schema import Tier
     from planner.solve import default_space
     from planner.strategy import OptimizerDevice, WeightResidency
@@ -139,6 +142,7 @@ def search_space(args, model):
         pins["checkpointing"] = (args.checkpointing == "on",)
     if getattr(args, "weights", None):
         pins["weights"] = (WeightResidency(args.weights),)
+    pins["recipe"] = Recipe.from_args(args)
     space = dataclasses.replace(space, **pins)
     if not space.strategies():
         raise ChunkftError("the pinned flags (--chunks/--optimizer/--state/--grad-staging/--weights) leave no valid strategy; "

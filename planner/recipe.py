@@ -30,6 +30,15 @@ import enum
 from planner.errors import ChunkftError
 
 
+def add_recipe_args(p) -> None:
+    """The recipe's flags, shared by `fit`, `plan` and `size`."""
+    g = p.add_argument_group("recipe (the training step you run; planner.recipe)")
+    g.add_argument("--loop", choices=[v.value for v in Loop], default=Loop.CHUNKFT.value,
+                   help="chunkft: chunkft's own step (default); hf: the plain HF loop, out = model(input_ids=ids, "
+                        "labels=ids); out.loss.backward(), which holds logits and use_cache's keys and values "
+                        "through backward")
+
+
 class Loop(str, enum.Enum):
     """How the training step's forward, loss and backward are written."""
 
@@ -62,6 +71,11 @@ class Recipe:
 
     def to_json(self) -> dict:
         return {"loop": self.loop.value}
+
+    @classmethod
+    def from_args(cls, args) -> "Recipe":
+        """The recipe flags of fit / plan / size (`add_recipe_args`)."""
+        return cls(loop=args.loop)
 
     @classmethod
     def from_json(cls, doc: object) -> "Recipe":

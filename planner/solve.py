@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from planner.recipe import Loop, Recipe
 from planner.schema import Tier
 from planner.strategy import Budget, Estimate, OptimizerDevice, Strategy, WeightResidency
 
@@ -97,6 +98,9 @@ class SearchSpace:
     weights: tuple[WeightResidency, ...] = (WeightResidency.GPU, WeightResidency.STREAM)
     loss_chunk_tokens: tuple[int, ...] = (0, LOSS_CHUNK_TOKENS)
     prefetch_depths: tuple[int, ...] = (0, 1, 2)
+    recipe: Recipe = Recipe()
+    """The user's step (planner.recipe): fixed, copied into every strategy; combinations it
+    refuses (the HF loop with a chunked loss) are left out."""
 
     def strategies(self) -> list[Strategy]:
         """Every meaningful strategy, each once, in a fixed order (chunks ascending).
@@ -125,9 +129,11 @@ class SearchSpace:
                         for ckpt in self.checkpointing:
                             for weights in self.weights:
                                 for loss in self.loss_chunk_tokens:
+                                    if loss and self.recipe.loop != Loop.CHUNKFT:
+                                        continue  # only chunkft's step has a chunked loss
                                     base = Strategy(chunks=c, optimizer_device=device, state_tier=tier,
                                                     grad_staging=staging, checkpointing=ckpt,
-                                                    weights=weights, loss_chunk_tokens=loss)
+                                                    weights=weights, loss_chunk_tokens=loss, recipe=self.recipe)
                                     depths = (tuple(sorted({min(d, c - 1) for d in self.prefetch_depths}))
                                               if c > 1 and base.moves_state else (1,))
                                     for depth in depths:

@@ -28,6 +28,7 @@ exact scratch differs; the step is traced in train() mode, so dropout masks coun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
@@ -145,7 +146,7 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
         labels = torch.randint(0, vocab, (shape.batch, shape.seq_len))
 
         recorder = StepRecorder(module, layer_prefix=layer_prefix)
-        with recorder.recording(inputs=(input_ids, labels)):
+        with _quiet_transformers(), recorder.recording(inputs=(input_ids, labels)):
             loss, held = loop_forward(module, input_ids, labels, loop=options.loop,
                                       loss_chunk_tokens=options.loss_chunk_tokens)
             recorder.start_backward(loss)
@@ -158,6 +159,21 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
         if handle is not None:
             handle.remove()
     return recorder.to_opgraph()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings about the user's step (e.g. "use_cache=True is incompatible with
+    gradient checkpointing", which the HF loop under checkpointing triggers by design) are the
+    tracer's business, not the planning user's: errors only while tracing, then as before."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _to_fake_cpu(module: "torch.nn.Module") -> None:

@@ -115,6 +115,7 @@ def dist_config(plan: "Plan", spec: "ModelSpec", args, *, ids, labels, device: s
         adamw=trainer_adamw(args), schedule=trainer_schedule(args),
         chunk_table=plan.chunk_table.to_json(), state_tier=s.state_tier.value, prefetch_depth=s.prefetch_depth,
         update_interval=s.update_interval, checkpointing=s.checkpointing, loss_chunk_tokens=s.loss_chunk_tokens,
+        loop=s.recipe.loop.value,
         shard_embeddings=plan.parallel.shard_embeddings, init_from=init, save_at=save_at,
         out_dir=str(out / f"step-{args.steps}"), resume_from=None if resume_from is None else str(resume_from),
         # a CPU run measures its last step's C-heap rise per rank (planner.measure)

@@ -135,6 +135,8 @@ class DistConfig:
     """Successful optimizer steps on a chunk before the next one becomes active."""
     checkpointing: bool = False
     loss_chunk_tokens: int = 0
+    loop: str = "chunkft"
+    """The plan's recipe loop (planner.step.loop_forward): "chunkft" or the plain "hf" loop."""
     out_dir: str | None = None
     """Where the checkpoint goes after the last step (None: not saved)."""
     save_at: tuple[tuple[int, str], ...] = ()
@@ -570,7 +572,7 @@ def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, wor
     ChunkedLossRoot, where there is one); returns this rank's share of the global mean loss
     (the ranks' shares add up to it)."""
     from planner.schema import EventKind, Phase
-    from planner.step import step_loss
+    from planner.step import loop_forward
 
     ids_all, labels_all = config.batches[step], config.step_labels(step)
     total = _labelled(labels_all)
@@ -583,7 +585,10 @@ def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, wor
         count = _labelled(labels)
         if trace is not None:
             trace.event(EventKind.PHASE, Phase.FORWARD)
-        loss = root(ids, labels) if root is not None else step_loss(model, ids, labels)
+        held = None  # the plain HF loop's output, alive through backward as in the user's loop
+        loss = root(ids, labels) if root is not None else None
+        if loss is None:
+            loss, held = loop_forward(model, ids, labels, loop=config.loop)
         if trace is not None:
             trace.event(EventKind.PHASE, Phase.BACKWARD)
         # this micro-batch's share of the global mean; the optimizer multiplies FSDP2's average
@@ -592,7 +597,7 @@ def _micro_steps(model, optimizer, config: DistConfig, step: int, rank: int, wor
         weight = count / total
         optimizer.backward(loss * weight)
         share += loss.detach().double().cpu() * (count / total)
-        del loss
+        del loss, held
     return share
 
 
@@ -758,7 +763,7 @@ def run_single(config: DistConfig) -> tuple[list[float], torch.nn.Module]:
     (sub-tensor gradients) over the same chunk table, tier and hyper-parameters: the reference
     the ranks must match. Trains every step of `batches`, the whole global batch at once."""
     from planner.schema import Tier
-    from planner.step import step_loss
+    from planner.step import loop_forward
     from runtime.chunk_optim import ChunkAdamW
     from runtime.scaler import LossScaler
 
@@ -774,9 +779,10 @@ def run_single(config: DistConfig) -> tuple[list[float], torch.nn.Module]:
     losses = []
     try:
         for step in range(config.batches.shape[0]):
-            loss = step_loss(model, config.batches[step], config.step_labels(step),
-                             loss_chunk_tokens=config.loss_chunk_tokens)
+            loss, held = loop_forward(model, config.batches[step], config.step_labels(step), loop=config.loop,
+                                      loss_chunk_tokens=config.loss_chunk_tokens)
             optimizer.backward(loss)
+            del held
             optimizer.step()
             losses.append(float(loss.detach()))
     finally:

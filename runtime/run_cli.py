@@ -207,6 +207,7 @@ def build_run(args):
                  "data_fingerprint": data_print, "tokenizer": tok.name, "seed": args.seed,
                  "run_id": claimed.run_id, "args": run_arguments(args)}
     config = LoopConfig(steps=args.steps, grad_accum=args.grad_accum, loss_chunk_tokens=strategy.loss_chunk_tokens,
+                        loop=strategy.recipe.loop.value,
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress)
     trainer = Trainer(model, optimizer, loader, config, eval_batches=evals, out_dir=out, run_state=run_state)

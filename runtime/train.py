@@ -2,7 +2,8 @@
 
     for each optimizer step:
         for each micro-batch (gradient accumulation):
-            loss = planner.step.step_loss(model, ids, labels)    # the step the planner traced
+            loss, held = planner.step.loop_forward(model, ids, labels, loop=...)  # the traced step
+                                            # (held: the plain HF loop's output, kept through backward)
             backward of loss / accumulation (times the fp16 loss scale)
         optimizer.step()   # ChunkAdamW: clip, skip on overflow, update the active chunk, cycle
         periodic eval loss, checkpoint, trace flush
@@ -30,7 +31,7 @@ from typing import Protocol
 import torch
 
 from planner.schema import Component, EventKind, Phase, Tier
-from planner.step import step_loss
+from planner.step import loop_forward, step_loss
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from runtime.data import IGNORE_INDEX, DataPosition, PackedLoader
 from runtime.guard import DEFAULT_MAX_NONFINITE_STEPS, SkipGuard, first_nonfinite, nonfinite_flag
@@ -222,6 +223,9 @@ class LoopConfig:
     """Micro-batches per optimizer step."""
     loss_chunk_tokens: int = 0
     """0 = the model's own loss; >0 = chunked lm_head + cross-entropy (planner.step)."""
+    loop: str = "chunkft"
+    """The plan's recipe loop (planner.step.loop_forward): chunkft's step or the plain "hf" loop,
+    whose output stays alive through backward as in the user's own loop."""
     eval_every: int = 0
     """Evaluate every this many steps, and at the end (0 = only at the end, if an eval set)."""
     checkpoint_every: int = 0
@@ -371,9 +375,11 @@ class Trainer:
                 for ids, labels in batches:
                     ids, labels = ids.to(self.device), labels.to(self.device)
                     self._event(EventKind.PHASE, Phase.FORWARD)
-                    loss = step_loss(self.model, ids, labels, loss_chunk_tokens=cfg.loss_chunk_tokens)
+                    loss, held = loop_forward(self.model, ids, labels, loop=cfg.loop,
+                                              loss_chunk_tokens=cfg.loss_chunk_tokens)
                     self._event(EventKind.PHASE, Phase.BACKWARD)
                     self.optimizer.backward(loss / cfg.grad_accum)
+                    del held
                     step_loss_sum += loss.detach().float()  # no device sync per micro-batch
                     result.tokens += ids.numel()
                     del loss

@@ -220,6 +220,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("run-plan-nested", ["run", "nested.json", "--data", "data.jsonl", "--out", "fresh"], "nested too deeply"),
     ("run-plan-seq-huge", ["run", "plan_seq_huge.json", "--data", "data.jsonl", "--out", "fresh"], "shape.seq_len"),
     ("run-plan-nan-time", ["run", "plan_nan_time.json", "--data", "data.jsonl", "--out", "fresh"], "step_time_s"),
+    ("fit-loop-unknown", ["fit", "tiny.json", "--loop", "keras"], "'keras'"),
+    ("plan-loop-unknown", ["plan", "tiny.json", "--loop", "lightning", "-o", "fresh.json"], "'lightning'"),
+    ("simulate-plan-loop-bogus", ["simulate", "plan_loop_bogus.json", "-o", "fresh.jsonl"],
+     "invalid loop 'keras': valid loops are chunkft, hf"),
+    ("simulate-plan-recipe-field", ["simulate", "plan_recipe_field.json", "-o", "fresh.jsonl"],
+     "recipe has unknown field 'optim'; valid fields: loop"),
+    ("run-plan-hf-chunked-loss", ["run", "plan_hf_chunked_loss.json", "--data", "data.jsonl", "--out", "fresh"],
+     "a chunked loss (loss_chunk_tokens=512) needs --loop chunkft"),
     ("run-data-nested", ["run", "plan.json", "--data", "nested.jsonl", "--out", "fresh"], "nests JSON too deeply"),
     # training arguments: refused before anything is built or written
     *[(f"run-{name}", ["run", "plan.json", "--data", "data.jsonl", "--out", "fresh", *argv], expected) for name, argv,
@@ -288,6 +296,9 @@ def _write_inputs(work: Path) -> None:
         "plan_inf_bandwidth.json": lambda p: p["hardware"]["gpu"].update(hbm_bandwidth_Bps=float("inf")),
         "plan_huge_budget.json": lambda p: p["budget"].update(gpu_bytes=10**30),
         "plan_version.json": lambda p: p.update(schema_version=99),
+        "plan_loop_bogus.json": lambda p: p["strategy"].update(recipe={"loop": "keras"}),
+        "plan_recipe_field.json": lambda p: p["strategy"].update(recipe={"loop": "hf", "optim": "sgd"}),
+        "plan_hf_chunked_loss.json": lambda p: p["strategy"].update(recipe={"loop": "hf"}, loss_chunk_tokens=512),
     }
     for name, change in variants.items():
         bad = json.loads(json.dumps(plan))

@@ -148,6 +148,33 @@ def test_measured_step_peak_matches_plan_prediction(tmp_path):
         assert abs(measured - predicted) <= 0.03 * predicted, (k, measured, predicted)
 
 
+def test_plain_hf_loop_plan_runs_its_loop_and_matches_its_prediction(tmp_path):
+    """A plan for the plain HF loop (--loop hf) is run with that loop: the output object (logits,
+    use_cache's keys and values) stays alive through backward, and the measured step peak
+    follows the hf-loop prediction, which is above chunkft's step."""
+    from planner.recipe import Loop, Recipe
+    from planner.trace import TraceOptions, trace_step
+    from runtime.run_cli import build_run
+
+    config = {**TINY, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "vocab_size": 4096,
+              "max_position_embeddings": 256, "use_cache": True}
+    plan, spec, plan_obj = make_plan(tmp_path, config=config, seq_len=256, batch=1, chunks=1,
+                                     recipe=Recipe(loop=Loop.HF))
+    assert json.loads(plan.read_text())["strategy"]["recipe"] == {"loop": "hf"}
+    trainer, _, _, _ = build_run(_args(plan, write_data(tmp_path / "train.jsonl"), tmp_path / "out",
+                                       trace=tmp_path / "t.jsonl", steps=3))
+    assert trainer.config.loop == "hf"
+    result = trainer.train()
+    trainer.optimizer.inner.close()
+    predicted = trace_step(spec, plan_obj.shape, TraceOptions(loop="hf")).replay(allocator="cpu").step_peak_bytes
+    chunkft = trace_step(spec, plan_obj.shape, TraceOptions()).replay(allocator="cpu").step_peak_bytes
+    assert predicted > chunkft * 1.05
+    for measured in result.step_peaks[1:]:
+        print(f"hf loop: measured {measured} B, predicted {predicted} B ({measured / predicted - 1:+.2%}); "
+              f"chunkft step {chunkft} B")
+        assert abs(measured - predicted) <= 0.03 * predicted, (measured, predicted)
+
+
 def _args(plan, train, out, *, trace=None, steps=3, **extra):
     """`chunkft run`'s parsed arguments (the real parser: every default), with `extra` set."""
     from planner.cli import build_parser
