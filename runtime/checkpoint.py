@@ -186,6 +186,9 @@ def save_checkpoint(out_dir: str | os.PathLike, *, step: int, model: torch.nn.Mo
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise ChunkftError(f"cannot write checkpoint {str(final)!r}: {e.strerror or e}") from None
+        if type(e).__name__ == "SafetensorError":  # safetensors' own error for a failed write (a full disk)
+            first = (str(e).strip().splitlines() or ["write failed"])[0]
+            raise ChunkftError(f"cannot write checkpoint {str(final)!r}: {first}") from None
         raise
     atomic_write_text(out / LATEST, final.name + "\n")
     for old in sorted(out.glob("step-*"))[:-keep] if keep > 0 else []:

@@ -175,12 +175,18 @@ def test_fp16_overflow_is_skipped_without_advancing(tmp_path):
     first = opt.step()
     assert first.stepped and first.switched_to == 1 and first.loss_scale == 2.0**10
     before, lr_before = _weights(model), opt.lr()
+    state_before, meta_before = opt.state_dict()
     _backward(model, 1, backward=opt.backward, loss_mult=math.inf)  # every gradient overflows
     skipped = opt.step()
     assert not skipped.stepped and skipped.chunk == 1 and skipped.switched_to is None
     assert opt.active_chunk == 1 and opt.global_step == 1 and opt.lr() == lr_before
     assert scaler.scale == 2.0**9
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    # every chunk's fp32 master and both moments are untouched too, and the span step counts
+    state_after, meta_after = opt.state_dict()
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], state_before[k]) for k in state_before)
+    assert meta_after["span_steps"] == meta_before["span_steps"]
     assert not opt.handle.grads()
     for i in (2, 3):
         _backward(model, i, backward=opt.backward)

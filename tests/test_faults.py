@@ -55,9 +55,8 @@ def _in_child(argv: list[str], out: str, *, kill_at: int | None, log: str) -> in
         code = 1
         try:
             torch.set_num_threads(1)  # no OpenMP thread pool inherited across fork
-            fd = os.open(log + ".stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            os.dup2(fd, 2)
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            sys.stderr = open(log + ".stderr", "w", buffering=1)  # pytest's capture is not fd 2
+            sys.stdout = open(os.devnull, "w")
             seen = []
 
             def hook(event, args):
@@ -78,6 +77,7 @@ def _in_child(argv: list[str], out: str, *, kill_at: int | None, log: str) -> in
         except BaseException as e:  # noqa: BLE001 -- reported through the exit status and stderr
             print(f"child failed: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
+            sys.stderr.flush()
             os._exit(code)
     deadline = time.monotonic() + 120
     while True:

@@ -135,3 +135,34 @@ def test_a_trace_path_that_is_a_directory_is_refused_before_training(setup, tmp_
     err = capsys.readouterr().err
     assert "is a directory; give a file path such as traces/NAME.jsonl" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_too_large_for_the_disk_stops_the_run_in_one_line(setup, tmp_path):
+    # A real EFBIG from the kernel (RLIMIT_FSIZE in a forked child, SIGXFSZ ignored): the first
+    # checkpoint's weights cannot be written. One line, exit 2, no checkpoint, nothing half-written.
+    import os
+    import resource
+    import signal
+    import sys
+
+    out, err = tmp_path / "out", tmp_path / "stderr"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            torch.set_num_threads(1)
+            sys.stderr = open(err, "w", buffering=1)  # pytest's capture is not fd 2
+            sys.stdout = open(os.devnull, "w")
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+            code = run(setup, out, "--steps", 2, "--checkpoint-every", 1)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    message = err.read_text()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 2, message
+    lines = [line for line in message.splitlines() if line.startswith("chunkft:")]
+    assert len(lines) == 1 and "cannot write checkpoint" in lines[0] and "step-000001" in lines[0], message
+    assert "Traceback" not in message
+    assert not list(out.glob("step-*")) and not list(out.glob(".*.tmp")) and not (out / "latest").exists()
