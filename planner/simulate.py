@@ -77,6 +77,14 @@ class Timeline:
     def peak_bytes(self, tier: Tier) -> int:
         return max((e.allocated for e in self.events if e.tier == tier), default=0)
 
+    def scope(self) -> str:
+        """What the events cover, in words: "one full fine-tuning step" for a one-chunk plan,
+        "one step of chunk K and one chunk switch" for ChunkFT (K: the header's chunk)."""
+        chunk = self.header.get("chunk")
+        if chunk is None:
+            return "one full fine-tuning step"
+        return f"one step of chunk {chunk} and one chunk switch"
+
     def rows(self) -> list[dict]:
         return [self.header] + [e.to_json() for e in self.events]
 

@@ -62,6 +62,12 @@ def test_simulated_peak_equals_planned_peak(small, strategy):
     assert h["step_time_s"] == pytest.approx(plan.step_time_s)
 
 
+def test_scope_says_what_the_events_cover(small):
+    assert simulate(plan_for(small, Strategy()), small).scope() == "one full fine-tuning step"
+    chunked = plan_for(small, Strategy(chunks=3, state_tier=Tier.HOST, prefetch_depth=1))
+    assert simulate(chunked, small).scope() == f"one step of chunk {chunked.worst_chunk} and one chunk switch"
+
+
 def test_step_events_mark_phases_and_layers(small):
     timeline = simulate(plan_for(small, Strategy(checkpointing=True)), small)
     gpu = [e for e in timeline.events if e.tier == Tier.GPU]
