@@ -9,6 +9,10 @@ from pathlib import Path
 
 COMMANDS = ("compare", "report")
 
+# Default output directories: one per command, so neither default can hold the other's report.
+COMPARE_OUT = "report/compare"
+REPORT_OUT = "report/fit"
+
 
 def add_parser(subparsers) -> None:
     """Register the subcommands not registered yet (planner.cli calls this once per entry)."""
@@ -17,7 +21,7 @@ def add_parser(subparsers) -> None:
                                   description="Align a simulator timeline with a runtime trace and report the errors.")
         p.add_argument("timeline", help="predicted timeline (chunkft simulate -o ...)")
         p.add_argument("trace", help="measured trace (chunkft run --trace ...)")
-        p.add_argument("-o", "--out", default="report", help="output directory (default: report/)")
+        p.add_argument("-o", "--out", default=COMPARE_OUT, help=f"output directory (default: {COMPARE_OUT}/)")
         p.add_argument("--step", type=int, default=None,
                        help="compare the timeline against this step of the trace (default: all steps by number)")
         p.add_argument("--perfetto", default=None, metavar="OUT.json",
@@ -38,7 +42,7 @@ def add_parser(subparsers) -> None:
                             "uses the fewest of them that fit")
         p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
         p.add_argument("--hardware", default="rtx4090", help="GPU profile for step times (planner.hardware)")
-        p.add_argument("-o", "--out", default="report", help="output directory (default: report/)")
+        p.add_argument("-o", "--out", default=REPORT_OUT, help=f"output directory (default: {REPORT_OUT}/)")
         p.add_argument("--cache", default=None, metavar="FILE.json",
                        help="reuse and store estimates in this file (same model, hardware and planner version); "
                             "a file that is not such a cache is refused, never overwritten")
