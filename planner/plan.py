@@ -126,6 +126,8 @@ class Plan:
         }
         if self.parallel is not None:
             out["parallel"] = {**self.parallel.to_json(), **self.communication, "chunk_traces": self.chunk_traces}
+        elif self.chunk_traces != "auto":  # the chunk trace mode the one-GPU figures were made with
+            out["predicted"]["chunk_traces"] = self.chunk_traces
         return out
 
     def fingerprint(self) -> str:
@@ -177,7 +179,10 @@ class Plan:
                 _enum(Component, c, f"predicted.components.{k}"): b
                 for c, b in comps_r.mapping(k, int).items()}
             for k in comps_r.keys()}
-        parallel, communication, chunk_traces = None, {}, "auto"
+        parallel, communication, chunk_traces = None, {}, pred.data.get("chunk_traces", "auto")
+        if chunk_traces not in CHUNK_TRACE_MODES:
+            raise ChunkftError(f"plan field 'predicted.chunk_traces' has {chunk_traces!r}; valid values are: "
+                               f"{', '.join(CHUNK_TRACE_MODES)}")
         if data.get("parallel") is not None:
             par = r.sub("parallel")
             communication = {k: par.field(k, float) for k in COMMUNICATION_FIELDS}

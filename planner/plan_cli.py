@@ -47,7 +47,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     g.add_argument("--shard-embeddings", action="store_true",
                    help="the input embedding and the output head as FSDP units of their own")
-    g.add_argument("--chunk-traces", choices=["auto", "exact", "bound"], default="auto",
+    p.add_argument("--chunk-traces", choices=["auto", "exact", "bound"], default="auto",
                    help="ChunkFT per-chunk traces: exact traces every chunk pattern; bound (auto above 2B "
                         "parameters) shares one full-FT trace, pessimistic by its free-block slack")
     p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
@@ -234,7 +234,8 @@ def run_plan(args) -> int:
     objective = Objective(args.objective)
     sharded = None
     if layout is None:
-        solution = solve_model(model, shape, hw, budget, objective=objective, space=search_space(args, model))
+        solution = solve_model(model, shape, hw, budget, objective=objective, space=search_space(args, model),
+                               chunk_traces=args.chunk_traces)
     else:
         from planner.parallel import per_rank_budget, solve_parallel
 
@@ -274,7 +275,7 @@ def run_plan(args) -> int:
         return 1
     best = solution.best
     if layout is None:
-        plan = make_plan(model, shape, hw, budget, objective, best)
+        plan = make_plan(model, shape, hw, budget, objective, best, chunk_traces=args.chunk_traces)
     else:
         plan = make_plan(model, shape, hw, budget, objective, best, parallel=layout, sharded=sharded[best.strategy],
                          chunk_traces=args.chunk_traces)

@@ -298,10 +298,12 @@ def memory_representatives(strategies: Iterable[Strategy]) -> list[Strategy]:
 
 def solve_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: Budget, *,
                 objective: Objective = Objective.MEMORY, space: SearchSpace | None = None,
-                prune: bool = True) -> Solution:
-    """`solve` over the default space of `model` with planner.evaluate as the cost model."""
+                prune: bool = True, chunk_traces: str = "auto") -> Solution:
+    """`solve` over the default space of `model` with planner.evaluate as the cost model
+    (`chunk_traces`: how ChunkFT steps are traced, planner.evaluate.evaluate)."""
     from planner.evaluate import evaluate
 
     if space is None:
         space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
-    return solve(space, lambda s: evaluate(model, shape, s, hw), budget, objective=objective, prune=prune)
+    return solve(space, lambda s: evaluate(model, shape, s, hw, chunk_traces=chunk_traces), budget,
+                 objective=objective, prune=prune)

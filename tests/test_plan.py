@@ -210,3 +210,30 @@ def test_cli_pinned_flags_restrict_the_search(small, tmp_path, capsys):
     assert plan.strategy.optimizer_device == OptimizerDevice.GPU
     assert plan.strategy.state_tier == Tier.HOST
     assert len(plan.chunk_table.chunks) == 2
+
+
+def test_cli_one_gpu_plan_honours_chunk_traces(small, tmp_path, capsys):
+    """--chunk-traces reaches the one-GPU solver (it was silently ignored there): the plan's
+    figures are the mode's, the plan records the mode, and simulate replays with it."""
+    import json
+
+    from planner.cli import main
+    from planner.evaluate import evaluate
+    from planner.model import resolve_model
+
+    path = tmp_path / "bound.json"
+    assert main(["plan", small, "--gpu", "1GiB", *SMALL_ARGS, "--chunks", "3", "--state", "host",
+                 "--optimizer", "gpu", "--checkpointing", "off", "--chunk-traces", "bound", "-o", str(path)]) == 0
+    plan = load_plan(path)
+    assert plan.chunk_traces == "bound" and json.loads(path.read_text())["predicted"]["chunk_traces"] == "bound"
+    model = resolve_model(small)
+    bound = evaluate(model, plan.shape, plan.strategy, plan.hardware, chunk_traces="bound")
+    exact = evaluate(model, plan.shape, plan.strategy, plan.hardware, chunk_traces="exact")
+    assert bound.peak_bytes[Tier.GPU] != exact.peak_bytes[Tier.GPU]  # the modes differ on this model
+    assert plan.peak_bytes[Tier.GPU] == bound.peak_bytes[Tier.GPU]
+    assert main(["simulate", str(path), "-o", str(tmp_path / "t.jsonl")]) == 0
+    events = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()[1:]]
+    assert max(e["allocated"] for e in events if e["tier"] == "gpu") == plan.peak_bytes[Tier.GPU]
+    # an auto plan records nothing (its fingerprint is unchanged by the field)
+    assert main(["plan", small, "--gpu", "1GiB", *SMALL_ARGS, "--chunks", "3", "-o", str(tmp_path / "a.json")]) == 0
+    assert "chunk_traces" not in json.loads((tmp_path / "a.json").read_text())["predicted"]
