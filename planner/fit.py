@@ -63,6 +63,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allow-long-seq", action="store_true",
                    help="plan a --seq beyond the model's max_position_embeddings")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--max", choices=("seq", "batch"), default=None,
+                   help="instead: the longest sequence (or largest batch) each strategy fits, the other axis at "
+                        "its flag's value (planner.fit_max)")
     add_recipe_args(p)
     p.set_defaults(run=run)
 
@@ -133,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     hw = hardware(args.hardware)
     model = resolve_model(args.model)
     check_seq_for_model(args.seq, model, allow_long=args.allow_long_seq)
+    if args.max is not None:
+        return run_max(args, model, shape, budget, hw, chunk_counts)
     result = fit(model, shape, budget, hw, chunk_counts, chunk_traces=args.chunk_traces,
                  recipe=Recipe.from_args(args))
     if args.json:
@@ -140,6 +145,39 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(result)
     return 0 if result["recommended"] is not None else 1
+
+
+def run_max(args: argparse.Namespace, model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...]) -> int:
+    """`fit --max seq|batch`: one row per strategy with the largest value that fits."""
+    from planner.fit_max import largest
+
+    rows = largest(model, shape, budget, hw, fit_strategies(chunk_counts, Recipe.from_args(args)), args.max,
+                   allow_long_seq=args.allow_long_seq, chunk_traces=args.chunk_traces)
+    held = f"batch {shape.batch}" if args.max == "seq" else f"{shape.seq_len} tokens"
+    what = "longest sequence" if args.max == "seq" else "largest batch"
+    doc = {"model": model.name, "axis": args.max, "held": {"batch": shape.batch} if args.max == "seq" else
+           {"seq_len": shape.seq_len}, "dtype": shape.dtype, "budget": budget.to_json(),
+           "recipe": Recipe.from_args(args).to_json(), "hardware": hw.gpu.name,
+           "rows": [{"label": r.strategy.label(), "strategy": r.strategy.to_json(), "largest": r.value,
+                     "limit": r.limit, "evaluated": r.evaluated,
+                     "estimate": None if r.estimate is None else r.estimate.to_json()} for r in rows]}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0 if any(r.value is not None for r in rows) else 1
+    print(f"model: {model.name}; {what} that fits every tier ({held}, {shape.dtype}); "
+          f"GPU budget {describe_size(budget.gpu_bytes)}")
+    label_w = max(len(r.strategy.label()) for r in rows)
+    print(f"{'strategy':<{label_w}}  {args.max:>8}  {'GPU peak':>10}  {'reserved':>10}  {'host':>10}  {'step':>8}")
+    for r in rows:
+        if r.value is None:
+            print(f"{r.strategy.label():<{label_w}}  {'none':>8}  (does not fit even at the smallest {args.max})")
+            continue
+        e = r.estimate
+        at_limit = "  (the search's limit)" if r.value == r.limit else ""
+        print(f"{r.strategy.label():<{label_w}}  {r.value:>8}  {format_bytes(e.peak_bytes[Tier.GPU]):>10}  "
+              f"{format_bytes(e.reserved_bytes):>10}  {format_bytes(e.peak_bytes.get(Tier.HOST, 0)):>10}  "
+              f"{_secs(e.step_time_s):>8}{at_limit}")
+    return 0 if any(r.value is not None for r in rows) else 1
 
 
 def _budget(args: argparse.Namespace) -> "Budget":
