@@ -221,6 +221,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("run-plan-seq-huge", ["run", "plan_seq_huge.json", "--data", "data.jsonl", "--out", "fresh"], "shape.seq_len"),
     ("run-plan-nan-time", ["run", "plan_nan_time.json", "--data", "data.jsonl", "--out", "fresh"], "step_time_s"),
     ("fit-loop-unknown", ["fit", "tiny.json", "--loop", "keras"], "'keras'"),
+    ("fit-max-unknown", ["fit", "tiny.json", "--max", "tokens"], "'tokens'"),
+    ("fit-max-seq-too-long", ["fit", "tiny.json", "--max", "seq", "--seq", "100000"], "max_position_embeddings"),
     ("plan-loop-unknown", ["plan", "tiny.json", "--loop", "lightning", "-o", "fresh.json"], "'lightning'"),
     ("simulate-plan-loop-bogus", ["simulate", "plan_loop_bogus.json", "-o", "fresh.jsonl"],
      "invalid loop 'keras': valid loops are chunkft, hf"),
