@@ -322,8 +322,7 @@ def run_simulate(args) -> int:
         print(f"GPUs      {p.gpus_per_node} per node x {p.nodes} node{'s' if p.nodes > 1 else ''} "
               f"(FSDP2{', embeddings sharded apart' if p.shard_embeddings else ''}); the timeline is rank "
               f"{h['parallel']['rank']}'s, the one the plan's per-GPU figures are for")
-    print(f"events    {len(timeline.events)} (one step of chunk {h['chunk']}"
-          f"{' and one chunk switch' if plan.strategy.chunks > 1 else ''})")
+    print(f"events    {len(timeline.events)} ({timeline.scope()})")
     for tier in Tier:
         peak = timeline.peak_bytes(tier)
         if peak or tier == Tier.GPU:
