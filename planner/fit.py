@@ -10,8 +10,10 @@ full fine-tuning with AdamW on the GPU, the same with activation checkpointing, 
 DeepSpeed-ZeRO-Offload-style full FT (AdamW on host, fp32 gradients gathered there), and the
 NVMSA path (16-bit gradients leave the GPU as produced), to host and to disk. For each: GPU
 peak (allocated) and reserved, host and disk peaks, fits or not per tier, predicted step time.
-Then the recommended row -- the first that fits in the objective order, fewest chunks then
-shortest step -- with its component breakdown per tier.
+Then the recommended row -- the first that fits in the objective's order (`--objective speed`,
+the default: shortest predicted step, then fewest chunks; `fidelity`: fewest chunks first, the
+closest to plain full fine-tuning) -- with its component breakdown per tier, and the other
+objective's pick when it differs.
 
 Exit status: 0 when some row fits, 1 when none does (an answer, not an error), 2 on bad input.
 """
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 from planner.errors import ChunkftError
 from planner.recipe import Recipe, add_recipe_args
 from planner.schema import Tier
+from planner.solve import Objective
 from planner.units import describe_size, format_bytes, parse_bytes
 
 if TYPE_CHECKING:
@@ -35,7 +38,6 @@ DEFAULT_MODEL = "llama3-8b"
 DEFAULT_GPU = "24GiB"
 DEFAULT_CHUNKS = "4,16,64"
 DEFAULT_HARDWARE = "rtx4090"
-OBJECTIVE = "fit every tier, then fewest chunks (closest to full fine-tuning), then shortest predicted step time"
 TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
 
 
@@ -63,6 +65,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allow-long-seq", action="store_true",
                    help="plan a --seq beyond the model's max_position_embeddings")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--objective", choices=("speed", "fidelity"), default="speed",
+                   help="speed: recommend the shortest predicted step that fits (default); fidelity: the fewest "
+                        "chunks that fit (closest to plain full fine-tuning)")
     p.add_argument("--max", choices=("seq", "batch"), default=None,
                    help="instead: the longest sequence (or largest batch) each strategy fits, the other axis at "
                         "its flag's value (planner.fit_max)")
@@ -110,17 +115,15 @@ def fit_strategies(chunk_counts: tuple[int, ...], recipe: Recipe = Recipe()) -> 
     return [dataclasses.replace(s, recipe=recipe) for s in rows]
 
 
-def recommend(estimates: list["Estimate"], budget: "Budget") -> int | None:
-    """Index of the first row that fits in the objective order (fewest chunks, then time)."""
+def recommend(estimates: list["Estimate"], budget: "Budget", objective: "Objective") -> int | None:
+    """Index of the first row that fits in `objective`'s order (planner.solve.objective_key, the
+    solver's order and tie-breaks), or None when no row fits."""
+    from planner.solve import objective_key
+
     fitting = [i for i, e in enumerate(estimates) if e.fits(budget)]
     if not fitting:
         return None
-    def key(i: int) -> tuple:  # the solver's memory objective and tie-breaks (planner.solve)
-        e = estimates[i]
-        peaks = tuple(e.peak_bytes.get(t, 0) for t in TIERS)
-        return (e.strategy.chunks, e.step_time_s, e.strategy.update_interval) + peaks + (i,)
-
-    return min(fitting, key=key)
+    return min(fitting, key=lambda i: objective_key(estimates[i], objective) + (i,))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max is not None:
         return run_max(args, model, shape, budget, hw, chunk_counts)
     result = fit(model, shape, budget, hw, chunk_counts, chunk_traces=args.chunk_traces,
-                 recipe=Recipe.from_args(args))
+                 recipe=Recipe.from_args(args), objective=Objective(args.objective))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -191,13 +194,15 @@ def _budget(args: argparse.Namespace) -> "Budget":
 
 
 def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, chunk_traces: str = "auto",
-        recipe: Recipe = Recipe()) -> dict:
+        recipe: Recipe = Recipe(), objective: "Objective | None" = None) -> dict:
     """Evaluate every row and return the report as plain JSON-able data."""
     from planner.evaluate import evaluate, param_layout
 
     layout = param_layout(model, shape.dtype)
     estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in fit_strategies(chunk_counts, recipe)]
-    best = recommend(estimates, budget)
+    objective = objective or Objective.SPEED
+    other = Objective.FIDELITY if objective == Objective.SPEED else Objective.SPEED
+    best, alternative = recommend(estimates, budget, objective), recommend(estimates, budget, other)
     fitting = [i for i, e in enumerate(estimates) if e.fits(budget)]
     fastest = min(fitting, key=lambda i: (estimates[i].step_time_s, i)) if fitting else None
     rows = []
@@ -223,7 +228,10 @@ def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, ch
         "budget_read_as": read_as,
         "hardware": hw.gpu.name,
         "chunk_traces": chunk_traces,
-        "objective": OBJECTIVE,
+        "objective": objective.describe(),
+        "objective_name": objective.value,
+        "alternative": {"objective": other.value, "row": alternative,
+                        "label": None if alternative is None else rows[alternative]["label"]},
         "rows": rows,
         "recommended": best,
         "recommended_label": None if best is None else rows[best]["label"],
@@ -286,6 +294,8 @@ def print_report(r: dict, out=None) -> None:
     card = row["reserved_bytes"] + row["context_bytes"]
     w(f"  a GPU needs about {format_bytes(card)}: {format_bytes(row['reserved_bytes'])} reserved by PyTorch"
       f" + {format_bytes(row['context_bytes'])} CUDA context\n")
-    if r["fastest"] is not None and r["fastest"] != r["recommended"]:
-        fast = r["rows"][r["fastest"]]
-        w(f"fastest that fits: {fast['label']} ({_secs(fast['step_time_s'])} per step)\n")
+    alt = r["alternative"]
+    if alt["row"] is not None and alt["row"] != r["recommended"]:
+        row = r["rows"][alt["row"]]
+        what = "fewest chunks that fits" if alt["objective"] == "fidelity" else "fastest that fits"
+        w(f"{what} (--objective {alt['objective']}): {row['label']} ({_secs(row['step_time_s'])} per step)\n")

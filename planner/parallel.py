@@ -126,5 +126,5 @@ def solve_parallel(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budge
                                       shard_embeddings=layout.shard_embeddings, chunk_traces=chunk_traces)
         return as_estimate(sharded[s])
 
-    solution = solve(strategies, cost, per_rank_budget(budget, layout), objective=objective or Objective.MEMORY)
+    solution = solve(strategies, cost, per_rank_budget(budget, layout), objective=objective or Objective.SPEED)
     return solution, sharded

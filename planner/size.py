@@ -134,7 +134,7 @@ def size_estimates(estimates: list[Estimate], *, model_name: str, shape: "StepSh
         if not mine:
             continue
         best = min(mine, key=lambda e: (card_need_bytes(e), e.peak_bytes.get(Tier.HOST, 0),
-                                         e.peak_bytes.get(Tier.DISK, 0), objective_key(e, Objective.MEMORY)))
+                                         e.peak_bytes.get(Tier.DISK, 0), objective_key(e, Objective.FIDELITY)))
         need = card_need_bytes(best)
         families.append(FamilyNeed(family=name, estimate=best, gpu_bytes=need,
                                    host_bytes=best.peak_bytes.get(Tier.HOST, 0),

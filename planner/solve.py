@@ -6,15 +6,17 @@ answer is the minimum of the objective over every strategy that fits, the same a
 force gives (`solve(..., prune=False)` is that brute force, and the tests hold them equal).
 
 Objective (printed with every plan):
-  memory (default): fit every tier, then the fewest chunks (closest to full fine-tuning), then
-                    the shortest predicted step time;
-  speed:            fit every tier, then the shortest predicted step time, then fewest chunks.
+  speed (default): fit every tier, then the shortest predicted step time, then fewest chunks
+                   (DESIGN.md: ChunkFT's point is to train as well as full FT in less memory
+                   and time, so the fastest plan that fits is the answer);
+  fidelity:        fit every tier, then the fewest chunks (closest to plain full fine-tuning),
+                   then the shortest predicted step time ("memory" in plans written before).
 Remaining ties go to the smaller update interval (the chunk rotates more often, closer to
 cyclic block-coordinate descent), then the smaller GPU, host and disk peaks, then the label, so
 the answer never depends on enumeration order.
 
 Pruning: the solver skips a strategy only when a rule proves it cannot change the answer.
-  [R0] Lexicographic order (memory objective). Chunk count is compared first, so once some
+  [R0] Lexicographic order (fidelity objective). Chunk count is compared first, so once some
        strategy with C chunks fits, no strategy with more chunks can win: levels with more
        chunks are not evaluated.
   [R1] The update interval changes no byte count. It says how often the active chunk switches,
@@ -56,16 +58,22 @@ if TYPE_CHECKING:
 class Objective(str, enum.Enum):
     """What the solver minimizes among the strategies that fit."""
 
-    MEMORY = "memory"
     SPEED = "speed"
+    FIDELITY = "fidelity"
+    MEMORY = "fidelity"
+    """The name plans and code used before (an alias: the same member)."""
+
+    @classmethod
+    def _missing_(cls, value):
+        return cls.FIDELITY if value == "memory" else None  # plans written before the rename
 
     def describe(self) -> str:
         return OBJECTIVE_TEXT[self]
 
 
 OBJECTIVE_TEXT = {
-    Objective.MEMORY: "fit every tier, then fewest chunks, then shortest predicted step time",
     Objective.SPEED: "fit every tier, then shortest predicted step time, then fewest chunks",
+    Objective.FIDELITY: "fit every tier, then fewest chunks, then shortest predicted step time",
 }
 
 
@@ -162,7 +170,7 @@ def default_space(*, num_layers: int | None, tokens: int, max_chunks: int = MAX_
 def objective_key(est: Estimate, objective: Objective) -> tuple:
     """Sort key: smaller is better (see the module docstring for the order and its reasons)."""
     s = est.strategy
-    first = (s.chunks, est.step_time_s) if objective == Objective.MEMORY else (est.step_time_s, s.chunks)
+    first = (s.chunks, est.step_time_s) if objective == Objective.FIDELITY else (est.step_time_s, s.chunks)
     peaks = tuple(est.peak_bytes.get(t, 0) for t in (Tier.GPU, Tier.HOST, Tier.DISK))
     return first + (s.update_interval,) + peaks + (s.label(),)
 
@@ -203,7 +211,7 @@ def _memory_group(s: Strategy) -> Strategy:
 
 
 def solve(strategies: Iterable[Strategy] | SearchSpace, evaluate_fn: EvaluateFn, budget: Budget, *,
-          objective: Objective = Objective.MEMORY, prune: bool = True) -> Solution:
+          objective: Objective = Objective.SPEED, prune: bool = True) -> Solution:
     """The best strategy under `objective` that fits `budget`, or the infeasibility report.
 
     `evaluate_fn` maps a strategy to its Estimate (planner.evaluate.evaluate bound to a model,
@@ -248,7 +256,7 @@ def solve(strategies: Iterable[Strategy] | SearchSpace, evaluate_fn: EvaluateFn,
                         blocked = True
                         continue
                     fitting.extend(ev(s) for s in group)
-            if fitting and objective == Objective.MEMORY:  # [R0] more chunks cannot win
+            if fitting and objective == Objective.FIDELITY:  # [R0] more chunks cannot win
                 pruned += sum(len(m) for later in levels if later > c for m in levels[later].values())
                 break
 
@@ -297,7 +305,7 @@ def memory_representatives(strategies: Iterable[Strategy]) -> list[Strategy]:
 
 
 def solve_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: Budget, *,
-                objective: Objective = Objective.MEMORY, space: SearchSpace | None = None,
+                objective: Objective = Objective.SPEED, space: SearchSpace | None = None,
                 prune: bool = True, chunk_traces: str = "auto") -> Solution:
     """`solve` over the default space of `model` with planner.evaluate as the cost model
     (`chunk_traces`: how ChunkFT steps are traced, planner.evaluate.evaluate)."""

@@ -222,6 +222,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("run-plan-nan-time", ["run", "plan_nan_time.json", "--data", "data.jsonl", "--out", "fresh"], "step_time_s"),
     ("fit-loop-unknown", ["fit", "tiny.json", "--loop", "keras"], "'keras'"),
     ("fit-max-unknown", ["fit", "tiny.json", "--max", "tokens"], "'tokens'"),
+    ("fit-objective-unknown", ["fit", "tiny.json", "--objective", "cheapest"], "'cheapest'"),
     ("fit-max-seq-too-long", ["fit", "tiny.json", "--max", "seq", "--seq", "100000"], "max_position_embeddings"),
     ("plan-loop-unknown", ["plan", "tiny.json", "--loop", "lightning", "-o", "fresh.json"], "'lightning'"),
     ("simulate-plan-loop-bogus", ["simulate", "plan_loop_bogus.json", "-o", "fresh.jsonl"],

@@ -51,7 +51,7 @@ def test_solver_picks_the_fewest_chunks_that_fit_each_rank(tiny):
     full = min(evaluate_sharded(tiny, SHAPE, s, hw, gpus_per_node=2).need_bytes(Tier.GPU)
                for s in space.strategies() if s.chunks == 1 and runs_sharded(s))
     budget = Budget(gpu_bytes=full - 1)
-    solution, sharded = solve_parallel(tiny, SHAPE, hw, budget, layout, space=space)
+    solution, sharded = solve_parallel(tiny, SHAPE, hw, budget, layout, space=space, objective=Objective.FIDELITY)
     assert solution.fits and all(runs_sharded(e.strategy) for e in solution.estimates)
     best = solution.best
     assert best.strategy.chunks > 1

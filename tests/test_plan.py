@@ -90,7 +90,7 @@ def edited(tiny, edit) -> dict:
     (lambda d: d["strategy"].update(chunks=4), "chunk table has 3 chunks but the strategy says 4"),
     (lambda d: d["shape"].update(seq_len=0), "invalid sequence length 0"),
     (lambda d: d["hardware"]["gpu"].update(bf16_flops="fast"), "'hardware.gpu.bf16_flops' must be a number"),
-    (lambda d: d["objective"].update(name="cheap"), "valid values are: memory, speed"),
+    (lambda d: d["objective"].update(name="cheap"), "valid values are: speed, fidelity"),
     (lambda d: d["chunk_table"]["chunks"][1][0].update(start=d["chunk_table"]["chunks"][1][0]["start"] + 1),
      "leaves a gap"),
     (lambda d: d["chunk_table"]["chunks"][0][0].pop("dim"), "chunk table is malformed"),

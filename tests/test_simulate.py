@@ -133,7 +133,7 @@ def test_cli_plan_then_simulate(small, tmp_path, capsys):
                  "-o", str(plan_path)])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "objective fit every tier, then fewest chunks" in out
+    assert "objective fit every tier, then shortest predicted step time" in out  # speed, the default
     plan = load_plan(plan_path, model=small)
     assert plan.peak_bytes[Tier.GPU] <= plan.reserved_bytes <= 200 * MIB
     assert main(["simulate", str(plan_path), "-o", str(tl_path)]) == 0

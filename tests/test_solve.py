@@ -172,18 +172,20 @@ def hand_cost(s):
 
 
 def test_binding_budget_takes_the_strategy_that_exactly_fits():
-    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=100))
+    fidelity = Objective.FIDELITY
+    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=100), objective=fidelity)
     assert sol.status == SolveStatus.FITS and sol.best.strategy == FULL
-    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=99))  # one byte short of full FT
-    assert sol.best.strategy == FULL_CKPT  # fewest chunks beats faster ChunkFT (memory objective)
-    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=99), objective=Objective.SPEED)
+    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=99), objective=fidelity)  # one byte short of full FT
+    assert sol.best.strategy == FULL_CKPT  # fewest chunks beats faster ChunkFT (fidelity objective)
+    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=99))  # the default objective is speed
     assert sol.best.strategy == CHUNKED  # 1.1 s < 1.3 s
-    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=79, host_bytes=200))
+    assert Objective("memory") is Objective.FIDELITY  # plans written before the rename still load
+    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=79, host_bytes=200), objective=fidelity)
     assert sol.best.strategy == CHUNKED
 
 
 def test_slack_budget_takes_the_objective_winner_and_prunes_more_chunks():
-    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=10**6, host_bytes=10**6))
+    sol = solve(list(TABLE), hand_cost, Budget(gpu_bytes=10**6, host_bytes=10**6), objective=Objective.FIDELITY)
     assert sol.best.strategy == FULL
     assert {e.strategy for e in sol.estimates} == {FULL, FULL_CKPT}  # [R0]: C=4 never evaluated
     assert sol.pruned == 1
