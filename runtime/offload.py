@@ -263,7 +263,11 @@ class OffloadOptimizer(ChunkOptimizer):
     gradients on the staging tier (Component.GRADIENTS).
     """
 
-    inner: OffloadAdamW  # begin_step/backward/step/active_chunk/lr as ChunkOptimizer's
+    inner: OffloadAdamW  # begin_step/backward/step/active_chunk/lr/state_dict as ChunkOptimizer's
+
+    @property
+    def adamw(self) -> ChunkAdamW:
+        return self.inner.inner
 
     def tier_bytes(self) -> dict[Tier, dict[Component, int]]:
         tiers: dict[Tier, dict[Component, int]] = {}
@@ -275,20 +279,10 @@ class OffloadOptimizer(ChunkOptimizer):
 
         # ChunkAdamW.state_bytes reports its step device's bytes under the compute tier's name;
         # the step device is the host here. Master : moments = 1 : 2 (both fp32).
-        for tier, n in self.inner.inner.state_bytes().items():
+        for tier, n in self.adamw.state_bytes().items():
             tier = Tier.HOST if tier == Tier.GPU else tier
             put(tier, Component.MASTER, n // 3)
             put(tier, Component.OPTIMIZER, n - n // 3)
         for tier, n in self.inner.staged_bytes().items():
             put(tier, Component.GRADIENTS, n)
         return tiers
-
-    def state_dict(self) -> dict:
-        tensors, meta = self.inner.inner.state_dict()
-        scaler = self.inner.scaler.state_dict() if self.inner.scaler is not None else None
-        return {"tensors": tensors, "meta": meta, "scaler": scaler}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.inner.load_state_dict(state["tensors"], state["meta"])
-        if self.inner.scaler is not None and state.get("scaler") is not None:
-            self.inner.scaler.load_state_dict(state["scaler"])

@@ -181,7 +181,7 @@ def build_run(args):
             config=adamw, schedule=schedule, update_interval=strategy.update_interval, state_tier=state_tier,
             state_dir=out / "optimizer-state", prefetch_depth=strategy.prefetch_depth, scaler=scaler,
             max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id)
-        optimizer = OffloadOptimizer(staged, state_tier=state_tier)
+        optimizer = OffloadOptimizer(staged)
     else:
         inner = ChunkAdamW(
             model, plan.chunk_table, config=adamw, schedule=schedule,
@@ -194,7 +194,7 @@ def build_run(args):
             # slot, as on a GPU, so the measured memory follows the plan's layout
             host_state_in_place=strategy.optimizer_device == OptimizerDevice.HOST,
             max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id)
-        optimizer = ChunkOptimizer(inner, state_tier=state_tier)
+        optimizer = ChunkOptimizer(inner)
 
     pad = padding_id(tok)
     loader = PackedLoader(train_examples, seq_len=plan.shape.seq_len, batch_size=plan.shape.batch, seed=args.seed,
@@ -313,17 +313,14 @@ def run(args) -> int:
     trainer, trace, plan, spec = build_run(args)
     for stale in trainer.claimed.removed:
         print(f"removed {stale}, left by an interrupted write")
-    if args.resume:
-        if trainer.resume(trainer.claimed.latest, allow_changed=parse_allow_changed(args.allow_changed)) \
-                if trainer.claimed.latest is not None else False:
-            # the command line's hyper-parameters and schedule: equal to the checkpoint's, or
-            # named in --allow-changed
-            inner = trainer.optimizer.inner
-            inner = getattr(inner, "inner", inner)  # OffloadAdamW wraps the ChunkAdamW
-            inner.config, inner.schedule = trainer_adamw(args), trainer_schedule(args)
-            print(f"resumed run {trainer.run_state['run_id']} from step {trainer.step} ({trainer.out_dir})")
-        else:
-            print(f"no checkpoint in {trainer.out_dir}; starting from step 0")
+    if args.resume and trainer.claimed.latest is not None:
+        trainer.resume(trainer.claimed.latest, allow_changed=parse_allow_changed(args.allow_changed))
+        # the command line's hyper-parameters and schedule: equal to the checkpoint's, or named
+        # in --allow-changed
+        trainer.optimizer.adamw.config, trainer.optimizer.adamw.schedule = trainer_adamw(args), trainer_schedule(args)
+        print(f"resumed run {trainer.run_state['run_id']} from step {trainer.step} ({trainer.out_dir})")
+    elif args.resume:
+        print(f"no checkpoint in {trainer.out_dir}; starting from step 0")
     if plan.shape.dtype != "fp16":  # fp16 skips while its loss scale settles: counted in the summary
         trainer.warn = lambda text: print(f"chunkft: warning: {text}", file=sys.stderr)
     chunks = plan.strategy.chunks

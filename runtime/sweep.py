@@ -94,7 +94,7 @@ class ChunkFT:
         config, lr_schedule = chunk_schedule(schedule)
         inner = ChunkAdamW(model, make_chunk_table_from_model(model, self.chunks), config=config,
                            schedule=lr_schedule, update_interval=self.update_interval, state_tier=Tier.HOST)
-        return _ClosingChunkOptimizer(inner, state_tier=Tier.HOST)
+        return _ClosingChunkOptimizer(inner)
 
     def state_bytes(self, model: nn.Module) -> int:
         table = make_chunk_table_from_model(model, self.chunks)

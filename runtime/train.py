@@ -164,10 +164,14 @@ class ChunkOptimizer:
     its host state in place, that is all of it, counted once). Master : moments = 1 : 2.
     """
 
-    def __init__(self, inner, *, state_tier: Tier) -> None:
+    def __init__(self, inner) -> None:
         self.inner = inner  # a runtime.chunk_optim.ChunkAdamW
-        self.state_tier = state_tier  # where it rests inactive chunks (its constructor's state_tier)
         self.last = None  # the last StepResult
+
+    @property
+    def adamw(self):
+        """The ChunkAdamW that holds the state, config and schedule (the inner optimizer here)."""
+        return self.inner
 
     def begin_step(self) -> None:
         self.inner.zero_grad()
@@ -203,12 +207,12 @@ class ChunkOptimizer:
         return tiers
 
     def state_dict(self) -> dict:
-        tensors, meta = self.inner.state_dict()
+        tensors, meta = self.adamw.state_dict()
         scaler = self.inner.scaler.state_dict() if self.inner.scaler is not None else None
         return {"tensors": tensors, "meta": meta, "scaler": scaler}
 
     def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["tensors"], state["meta"])
+        self.adamw.load_state_dict(state["tensors"], state["meta"])
         if self.inner.scaler is not None and state.get("scaler") is not None:
             self.inner.scaler.load_state_dict(state["scaler"])
 

@@ -56,7 +56,7 @@ def chunkft(model, state_dir=None, tier="host"):
                        config=AdamWConfig(lr=1e-3, weight_decay=0.01, max_grad_norm=1.0),
                        schedule=LRSchedule(kind="cosine", warmup_steps=2, total_steps=STEPS), state_tier=Tier(tier),
                        state_dir=state_dir)
-    return ChunkOptimizer(inner, state_tier=Tier(tier))
+    return ChunkOptimizer(inner)
 
 
 def chunkft_disk(model, state_dir):

@@ -254,7 +254,7 @@ def test_full_disk_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path):
 
     opt = OffloadAdamW(model, _table(model, 1), staging=Tier.DISK, staging_dir=tmp_path / "staging",
                        config=AdamWConfig(lr=1e-2), opener=opener)
-    wrapper = OffloadOptimizer(opt, state_tier=Tier.HOST)
+    wrapper = OffloadOptimizer(opt)
     wrapper.begin_step()
     wrapper.backward(_loss(model, 0))
     assert wrapper.tier_bytes()[Tier.DISK] == {Component.GRADIENTS: grad_bytes}
@@ -277,7 +277,7 @@ def test_accounting_reports_state_and_staged_grads_per_tier(tmp_path):
     model = _model(torch.bfloat16)
     table = _table(model, 3)
     opt = OffloadOptimizer(OffloadAdamW(model, table, staging=Tier.HOST, state_tier=Tier.DISK,
-                                        state_dir=tmp_path / "state", prefetch_depth=0), state_tier=Tier.DISK)
+                                        state_dir=tmp_path / "state", prefetch_depth=0))
     opt.begin_step()
     opt.backward(_loss(model, 0))
     chunk0 = table.chunk_bytes(0)  # bf16 bytes: fp32 master = 2x, moments = 4x
