@@ -154,19 +154,21 @@ def run_max(args: argparse.Namespace, model, shape, budget: "Budget", hw, chunk_
     """`fit --max seq|batch`: one row per strategy with the largest value that fits."""
     from planner.fit_max import largest
 
-    rows = largest(model, shape, budget, hw, fit_strategies(chunk_counts, Recipe.from_args(args)), args.max,
+    recipe = Recipe.from_args(args)
+    rows = largest(model, shape, budget, hw, fit_strategies(chunk_counts, recipe), args.max,
                    allow_long_seq=args.allow_long_seq, chunk_traces=args.chunk_traces)
+    code = 0 if any(r.value is not None for r in rows) else 1
     held = f"batch {shape.batch}" if args.max == "seq" else f"{shape.seq_len} tokens"
     what = "longest sequence" if args.max == "seq" else "largest batch"
     doc = {"model": model.name, "axis": args.max, "held": {"batch": shape.batch} if args.max == "seq" else
            {"seq_len": shape.seq_len}, "dtype": shape.dtype, "budget": budget.to_json(),
-           "recipe": Recipe.from_args(args).to_json(), "hardware": hw.gpu.name,
+           "recipe": recipe.to_json(), "hardware": hw.gpu.name,
            "rows": [{"label": r.strategy.label(), "strategy": r.strategy.to_json(), "largest": r.value,
                      "limit": r.limit, "evaluated": r.evaluated,
                      "estimate": None if r.estimate is None else r.estimate.to_json()} for r in rows]}
     if args.json:
         print(json.dumps(doc, indent=2))
-        return 0 if any(r.value is not None for r in rows) else 1
+        return code
     print(f"model: {model.name}; {what} that fits every tier ({held}, {shape.dtype}); "
           f"GPU budget {describe_size(budget.gpu_bytes)}")
     label_w = max(len(r.strategy.label()) for r in rows)
@@ -180,7 +182,7 @@ def run_max(args: argparse.Namespace, model, shape, budget: "Budget", hw, chunk_
         print(f"{r.strategy.label():<{label_w}}  {r.value:>8}  {format_bytes(e.peak_bytes[Tier.GPU]):>10}  "
               f"{format_bytes(e.reserved_bytes):>10}  {format_bytes(e.peak_bytes.get(Tier.HOST, 0)):>10}  "
               f"{_secs(e.step_time_s):>8}{at_limit}")
-    return 0 if any(r.value is not None for r in rows) else 1
+    return code
 
 
 def _budget(args: argparse.Namespace) -> "Budget":

@@ -10,7 +10,8 @@ formula. It travels in the plan file (`"recipe"`), in `fit`/`plan`/`size` flags 
 Axes so far:
 - `loop`: how forward, loss and backward are written.
     chunkft  planner.step.step_loss: the model's own loss with `use_cache=False`, keeping only
-             the loss tensor (or the chunked loss); what `chunkft run` executes.
+             the loss tensor (or the chunked loss). `chunkft run` executes a plan's loop,
+             either one (planner.step.loop_forward).
     hf       the plain Hugging Face loop, `out = model(input_ids=ids, labels=ids);
              out.loss.backward()`, with the config's defaults: the output object keeps the
              logits alive through backward, and `use_cache` (True in most configs) makes the
