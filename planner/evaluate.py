@@ -510,6 +510,7 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
     """
     if not isinstance(strategy, Strategy):
         raise ChunkftError(f"expected a Strategy, got {type(strategy).__name__}")
+    strategy.recipe.require_modelled()
     if chunk_traces not in CHUNK_TRACE_MODES:
         raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(CHUNK_TRACE_MODES)}")
     layout = param_layout(model, shape.dtype)

@@ -26,7 +26,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from planner.errors import ChunkftError
-from planner.recipe import Recipe, add_recipe_args
+from planner.recipe import Recipe, add_recipe_args, checkpointing_pin
 from planner.schema import Tier
 from planner.solve import Objective
 from planner.units import describe_size, format_bytes, parse_bytes
@@ -97,8 +97,10 @@ def parse_chunks(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def fit_strategies(chunk_counts: tuple[int, ...], recipe: Recipe = Recipe()) -> list["Strategy"]:
-    """The rows of `chunkft fit`, in display order, each for the user's `recipe`."""
+def fit_strategies(chunk_counts: tuple[int, ...], recipe: Recipe = Recipe(),
+                   checkpointing: bool | None = None) -> list["Strategy"]:
+    """The rows of `chunkft fit`, in display order, each for the user's `recipe`; with
+    `checkpointing` (the --checkpointing pin) every row checkpoints that way (duplicates go)."""
     import dataclasses
 
     from planner.strategy import OptimizerDevice, Strategy
@@ -112,7 +114,12 @@ def fit_strategies(chunk_counts: tuple[int, ...], recipe: Recipe = Recipe()) -> 
         Strategy(optimizer_device=OptimizerDevice.HOST, state_tier=Tier.DISK, grad_staging=Tier.DISK,
                  checkpointing=True),  # NVMSA to SSD
     ]
-    return [dataclasses.replace(s, recipe=recipe) for s in rows]
+    out = []
+    for s in rows:
+        s = dataclasses.replace(s, recipe=recipe, checkpointing=s.checkpointing if checkpointing is None else checkpointing)
+        if s not in out:
+            out.append(s)
+    return out
 
 
 def recommend(estimates: list["Estimate"], budget: "Budget", objective: "Objective") -> int | None:
@@ -142,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if args.max is not None:
         return run_max(args, model, shape, budget, hw, chunk_counts)
     result = fit(model, shape, budget, hw, chunk_counts, chunk_traces=args.chunk_traces,
-                 recipe=Recipe.from_args(args), objective=Objective(args.objective))
+                 recipe=Recipe.from_args(args), objective=Objective(args.objective),
+                 checkpointing=checkpointing_pin(args.checkpointing))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -155,7 +163,8 @@ def run_max(args: argparse.Namespace, model, shape, budget: "Budget", hw, chunk_
     from planner.fit_max import largest
 
     recipe = Recipe.from_args(args)
-    rows = largest(model, shape, budget, hw, fit_strategies(chunk_counts, recipe), args.max,
+    strategies = fit_strategies(chunk_counts, recipe, checkpointing_pin(args.checkpointing))
+    rows = largest(model, shape, budget, hw, strategies, args.max,
                    allow_long_seq=args.allow_long_seq, chunk_traces=args.chunk_traces)
     code = 0 if any(r.value is not None for r in rows) else 1
     held = f"batch {shape.batch}" if args.max == "seq" else f"{shape.seq_len} tokens"
@@ -196,12 +205,13 @@ def _budget(args: argparse.Namespace) -> "Budget":
 
 
 def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, chunk_traces: str = "auto",
-        recipe: Recipe = Recipe(), objective: "Objective | None" = None) -> dict:
-    """Evaluate every row and return the report as plain JSON-able data."""
+        recipe: Recipe = Recipe(), objective: "Objective | None" = None, checkpointing: bool | None = None) -> dict:
+    """Evaluate every row and return the report as plain JSON-able data (`checkpointing`:
+    the --checkpointing pin, see `fit_strategies`)."""
     from planner.evaluate import evaluate, param_layout
 
     layout = param_layout(model, shape.dtype)
-    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in fit_strategies(chunk_counts, recipe)]
+    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in fit_strategies(chunk_counts, recipe, checkpointing)]
     objective = objective or Objective.SPEED
     other = Objective.FIDELITY if objective == Objective.SPEED else Objective.SPEED
     best, alternative = recommend(estimates, budget, objective), recommend(estimates, budget, other)

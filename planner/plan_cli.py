@@ -100,7 +100,6 @@ def _pin_args(p: argparse.ArgumentParser) -> None:
                    help="where inactive chunks' fp32 master and moments rest (default: search)")
     p.add_argument("--grad-staging", choices=["none", "host", "disk"],
                    help="16-bit gradient offload as produced (default: search)")
-    p.add_argument("--checkpointing", choices=["on", "off"], help="activation checkpointing (default: search)")
     p.add_argument("--weights", choices=["gpu", "stream"],
                    help="every layer resident on the GPU, or decoder layers streamed from host (default: search)")
 
@@ -139,8 +138,10 @@ def search_space(args, model):
         pins["state_tiers"] = (Tier(args.state),)
     if getattr(args, "grad_staging", None):
         pins["grad_stagings"] = (None if args.grad_staging == "none" else Tier(args.grad_staging),)
-    if getattr(args, "checkpointing", None):
-        pins["checkpointing"] = (args.checkpointing == "on",)
+    from planner.recipe import checkpointing_pin
+
+    if checkpointing_pin(getattr(args, "checkpointing", None)) is not None:
+        pins["checkpointing"] = (checkpointing_pin(args.checkpointing),)
     if getattr(args, "weights", None):
         pins["weights"] = (WeightResidency(args.weights),)
     pins["recipe"] = Recipe.from_args(args)

@@ -1,24 +1,43 @@
 """A recipe: how the user's training step is written, as opposed to where its bytes rest.
 
-A `Strategy` (planner.strategy) is what the solver chooses: chunks, tiers, checkpointing,
-staging. A `Recipe` is what the user already runs and the planner must model as it is; each
-axis is traced with the real implementation under fake tensors, never a bytes-per-parameter
+A `Strategy` (planner.strategy) is what the solver chooses: chunks, tiers, checkpointing on or
+off, staging. A `Recipe` is what the user already runs and the planner must model as it is;
+each axis is traced with the real implementation under fake tensors, never a bytes-per-parameter
 formula. It travels in the plan file (`"recipe"`), in `fit`/`plan`/`size` flags and in
 `--json`, and keys the trace cache (an axis that changes the traced step is part of
 `TraceOptions.key()`).
 
-Axes so far:
-- `loop`: how forward, loss and backward are written.
+Axes (flag: values; the vocabulary is HF TrainingArguments' `optim` names and
+PYTORCH_CUDA_ALLOC_CONF's syntax):
+- `--loop` (`loop`): how forward, loss and backward are written.
     chunkft  planner.step.step_loss: the model's own loss with `use_cache=False`, keeping only
-             the loss tensor (or the chunked loss). `chunkft run` executes a plan's loop,
-             either one (planner.step.loop_forward).
+             the loss tensor (or the chunked loss). `chunkft run` executes either loop.
     hf       the plain Hugging Face loop, `out = model(input_ids=ids, labels=ids);
              out.loss.backward()`, with the config's defaults: the output object keeps the
-             logits alive through backward, and `use_cache` (True in most configs) makes the
-             forward build a cache that holds every layer's keys and values until `out` goes.
+             logits alive through backward, and `use_cache` (True in most configs) keeps every
+             layer's keys and values until `out` goes.
+- `--precision` (`precision`): mixed = 16-bit (or fp32) weights and gradients with an fp32
+  master and fp32 state (fp16: with loss scaling); pure = weights, gradients and optimizer state
+  all in the training dtype, no master (torchtune's and LitGPT's bf16 default; with --dtype fp32:
+  fp32 training without a master copy).
+- `--optim` (`optim`): the optimizer implementation (`OPTIMS`).
+- `--optimizer-in-backward` (`optimizer_in_backward`): each parameter steps and frees its
+  gradient as soon as it is accumulated (torchtune's optimizer_in_bwd, LOMO).
+- `--checkpointing off|on|every-K|selective`: on/off is the strategy's choice (a pin when
+  given); every-K (`checkpoint_every`) checkpoints every K-th decoder layer; selective
+  (`selective_checkpointing`) is op-level, saving matmul outputs (torchtitan's "op" mode).
+- `--offload-activations` (`offload_activations`): saved activations go to host memory
+  (torch.autograd.graph.save_on_cpu, torchtune's enable_activation_offloading).
+- `--trainable PATTERN` / `--freeze PATTERN` (`trainable`, `freeze`): fnmatch patterns over
+  parameter names; the trainable set is every parameter matching a --trainable pattern (all
+  when none is given) and no --freeze pattern.
+- `--lora RANK` (`lora_rank`, `lora_targets`): LoRA adapters of this rank on the named linear
+  modules of a frozen base.
+- `--alloc-conf STRING` (`alloc_conf`): PYTORCH_CUDA_ALLOC_CONF options of the CUDA caching
+  allocator (expandable_segments, max_split_size_mb, roundup_power2_divisions,
+  garbage_collection_threshold).
 
-Known limitations: the other axes of the recipe issue (precision, optimizer implementation and
-placement, activation policy, trainable set, allocator settings, importers) are not modelled
+`Recipe.require_modelled()` refuses, in one line, an axis value the cost model does not price
 yet; a plan states the recipe it was made for so that an older plan never passes for a newer
 recipe.
 """
@@ -27,17 +46,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
+import re
 
 from planner.errors import ChunkftError
-
-
-def add_recipe_args(p) -> None:
-    """The recipe's flags, shared by `fit`, `plan` and `size`."""
-    g = p.add_argument_group("recipe (the training step you run; planner.recipe)")
-    g.add_argument("--loop", choices=[v.value for v in Loop], default=Loop.CHUNKFT.value,
-                   help="chunkft: chunkft's own step (default); hf: the plain HF loop, out = model(input_ids=ids, "
-                        "labels=ids); out.loss.backward(), which holds logits and use_cache's keys and values "
-                        "through backward")
 
 
 class Loop(str, enum.Enum):
@@ -47,19 +59,107 @@ class Loop(str, enum.Enum):
     HF = "hf"
 
 
+class Precision(str, enum.Enum):
+    """Which copies of the weights exist and in what dtype."""
+
+    MIXED = "mixed"  # training-dtype weights and gradients, fp32 master and optimizer state
+    PURE = "pure"  # everything in the training dtype, no master
+
+
+# --optim: HF TrainingArguments `optim` names where one exists, and what each means.
+OPTIMS = {
+    "chunkft": "chunkft's ChunkAdamW: fp32 master and moments, one tensor per chunk span, stepped span by span",
+    "adamw_torch": "torch.optim.AdamW, default implementation (foreach on CUDA)",
+    "adamw_torch_foreach": "torch.optim.AdamW(foreach=True)",
+    "adamw_torch_forloop": "torch.optim.AdamW(foreach=False, fused=False): one parameter at a time",
+    "adamw_torch_fused": "torch.optim.AdamW(fused=True)",
+    "adamw_bf16": "AdamW with bf16 moments (the ChunkFT reference's state)",
+    "adamw_torch_8bit": "torchao.optim.AdamW8bit: block-wise 8-bit moments",
+    "adamw_bnb_8bit": "bitsandbytes AdamW8bit",
+    "paged_adamw_8bit": "bitsandbytes PagedAdamW8bit: 8-bit state in unified memory",
+    "paged_adamw_32bit": "bitsandbytes PagedAdamW32bit: fp32 state in unified memory",
+    "adafactor": "Adafactor (factored second moment, no first moment)",
+    "sgd": "torch.optim.SGD with momentum",
+}
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+MAX_PATTERNS = 64
+_CHECKPOINTING = re.compile(r"^(off|on|selective|every-([1-9][0-9]{0,3}))$")
+_NAME = re.compile(r"^[A-Za-z0-9_.*?\[\]-]{1,200}$")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Recipe:
     """The user's training step (see the module docstring)."""
 
     loop: Loop = Loop.CHUNKFT
+    precision: Precision = Precision.MIXED
+    optim: str = "chunkft"
+    optimizer_in_backward: bool = False
+    checkpoint_every: int = 1
+    """With checkpointing on: checkpoint every K-th decoder layer (1 = every layer)."""
+    selective_checkpointing: bool = False
+    """With checkpointing on: op-level selective checkpointing instead of whole layers."""
+    offload_activations: bool = False
+    trainable: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    alloc_conf: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.loop, Loop):
-            try:
-                object.__setattr__(self, "loop", Loop(self.loop))
-            except ValueError:
-                raise ChunkftError(f"invalid loop {self.loop!r}: valid loops are "
-                                   f"{', '.join(v.value for v in Loop)}") from None
+        set_ = object.__setattr__
+        set_(self, "loop", _enum(Loop, self.loop, "loop"))
+        set_(self, "precision", _enum(Precision, self.precision, "precision"))
+        if self.optim not in OPTIMS:
+            raise ChunkftError(f"invalid optim {self.optim!r}: valid names are {', '.join(OPTIMS)}")
+        for name in ("optimizer_in_backward", "selective_checkpointing", "offload_activations"):
+            if not isinstance(getattr(self, name), bool):
+                raise ChunkftError(f"invalid {name} {getattr(self, name)!r}: must be true or false")
+        for name, low in (("checkpoint_every", 1), ("lora_rank", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low or v > 65536:
+                raise ChunkftError(f"invalid {name} {v!r}: must be an integer from {low} to 65536")
+        if self.selective_checkpointing and self.checkpoint_every != 1:
+            raise ChunkftError("selective checkpointing is op-level in every layer; it does not combine with every-K")
+        for name in ("trainable", "freeze", "lora_targets"):
+            v = getattr(self, name)
+            if isinstance(v, str) or not isinstance(v, (tuple, list)):
+                raise ChunkftError(f"invalid {name} {v!r}: must be a list of name patterns")
+            if len(v) > MAX_PATTERNS or any(not isinstance(p, str) or not _NAME.match(p) for p in v):
+                raise ChunkftError(f"invalid {name} {list(v)[:4]!r}: up to {MAX_PATTERNS} patterns of letters, "
+                                   "digits and . _ - * ? [ ]")
+            set_(self, name, tuple(v))
+        if self.lora_rank and not self.lora_targets:
+            raise ChunkftError("--lora needs at least one target module name")
+        if not isinstance(self.alloc_conf, str) or len(self.alloc_conf) > 400:
+            raise ChunkftError(f"invalid alloc_conf {self.alloc_conf!r}: must be a PYTORCH_CUDA_ALLOC_CONF string")
+
+    # -- what the cost model prices ----------------------------------------------------------
+
+    def require_modelled(self) -> None:
+        """Refuse (one line) an axis value the cost model does not price yet."""
+        unmodelled = []
+        if self.precision != Precision.MIXED:
+            unmodelled.append(f"--precision {self.precision.value}")
+        if self.optim != "chunkft":
+            unmodelled.append(f"--optim {self.optim}")
+        if self.optimizer_in_backward:
+            unmodelled.append("--optimizer-in-backward")
+        if self.checkpoint_every != 1:
+            unmodelled.append(f"--checkpointing every-{self.checkpoint_every}")
+        if self.selective_checkpointing:
+            unmodelled.append("--checkpointing selective")
+        if self.offload_activations:
+            unmodelled.append("--offload-activations")
+        if self.trainable or self.freeze:
+            unmodelled.append("--trainable/--freeze")
+        if self.lora_rank:
+            unmodelled.append("--lora")
+        if self.alloc_conf:
+            unmodelled.append("--alloc-conf")
+        if unmodelled:
+            raise ChunkftError(f"{unmodelled[0]} is not modelled by this planner yet; leave it at its default "
+                               f"(planner.recipe lists each axis)")
 
     def check_strategy(self, *, loss_chunk_tokens: int) -> None:
         """Refuse (one line) what this recipe cannot be combined with."""
@@ -67,16 +167,62 @@ class Recipe:
             raise ChunkftError(f"the plain HF loop computes the model's own loss; a chunked loss "
                                f"(loss_chunk_tokens={loss_chunk_tokens}) needs --loop chunkft")
 
+    def is_trainable(self, name: str) -> bool:
+        """Whether the base parameter `name` trains under --trainable / --freeze / --lora."""
+        if self.lora_rank:
+            return False
+        if self.trainable and not any(fnmatch.fnmatchcase(name, p) for p in self.trainable):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.freeze)
+
+    # -- text and JSON ----------------------------------------------------------------------
+
     def describe(self) -> str:
-        return {Loop.CHUNKFT: "chunkft's step", Loop.HF: "plain HF loop (out = model(ids, labels=ids))"}[self.loop]
+        parts = [{Loop.CHUNKFT: "chunkft's step", Loop.HF: "plain HF loop (out = model(ids, labels=ids))"}[self.loop]]
+        default = Recipe()
+        if self.precision != default.precision:
+            parts.append(f"{self.precision.value} precision")
+        if self.optim != default.optim:
+            parts.append(self.optim)
+        if self.optimizer_in_backward:
+            parts.append("optimizer in backward")
+        if self.checkpoint_every != 1:
+            parts.append(f"checkpoint every {self.checkpoint_every} layers")
+        if self.selective_checkpointing:
+            parts.append("selective checkpointing")
+        if self.offload_activations:
+            parts.append("activations offloaded")
+        if self.trainable:
+            parts.append(f"trainable {','.join(self.trainable)}")
+        if self.freeze:
+            parts.append(f"frozen {','.join(self.freeze)}")
+        if self.lora_rank:
+            parts.append(f"LoRA r={self.lora_rank} on {','.join(self.lora_targets)}")
+        if self.alloc_conf:
+            parts.append(f"alloc {self.alloc_conf}")
+        return ", ".join(parts)
 
     def to_json(self) -> dict:
-        return {"loop": self.loop.value}
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v.value if isinstance(v, enum.Enum) else list(v) if isinstance(v, tuple) else v
+        return out
 
     @classmethod
     def from_args(cls, args) -> "Recipe":
         """The recipe flags of fit / plan / size (`add_recipe_args`)."""
-        return cls(loop=args.loop)
+        ckpt = getattr(args, "checkpointing", None) or "on"
+        return cls(loop=args.loop, precision=getattr(args, "precision", "mixed"), optim=getattr(args, "optim", "chunkft"),
+                   optimizer_in_backward=bool(getattr(args, "optimizer_in_backward", False)),
+                   checkpoint_every=int(ckpt[6:]) if ckpt.startswith("every-") else 1,
+                   selective_checkpointing=ckpt == "selective",
+                   offload_activations=bool(getattr(args, "offload_activations", False)),
+                   trainable=tuple(getattr(args, "trainable", None) or ()),
+                   freeze=tuple(getattr(args, "freeze", None) or ()),
+                   lora_rank=getattr(args, "lora", None) or 0,
+                   lora_targets=tuple(getattr(args, "lora_targets", None) or DEFAULT_LORA_TARGETS),
+                   alloc_conf=getattr(args, "alloc_conf", None) or "")
 
     @classmethod
     def from_json(cls, doc: object) -> "Recipe":
@@ -88,4 +234,58 @@ class Recipe:
         if unknown:
             raise ChunkftError(f"recipe has unknown field {unknown[0]!r}; valid fields: "
                                f"{', '.join(f.name for f in dataclasses.fields(cls))}")
-        return cls(**doc)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()})
+
+
+def checkpointing_pin(text: str | None) -> bool | None:
+    """The strategy's checkpointing on/off that `--checkpointing` pins (None: not given)."""
+    if text is None:
+        return None
+    return text != "off"
+
+
+def _checkpointing(text: str) -> str:
+    if not _CHECKPOINTING.match(text):
+        raise ValueError(text)
+    return text
+
+
+_checkpointing.__name__ = "checkpointing (off, on, every-K or selective)"
+
+
+def add_recipe_args(p) -> None:
+    """The recipe's flags, shared by `fit`, `plan` and `size`."""
+    g = p.add_argument_group("recipe (the training step you run; planner.recipe)")
+    g.add_argument("--loop", choices=[v.value for v in Loop], default=Loop.CHUNKFT.value,
+                   help="chunkft: chunkft's own step (default); hf: the plain HF loop, out = model(input_ids=ids, "
+                        "labels=ids); out.loss.backward(), which holds logits and use_cache's keys and values "
+                        "through backward")
+    g.add_argument("--precision", choices=[v.value for v in Precision], default=Precision.MIXED.value,
+                   help="mixed: fp32 master and optimizer state (default); pure: weights, gradients and state all in "
+                        "--dtype, no master")
+    g.add_argument("--optim", choices=list(OPTIMS), default="chunkft", metavar="NAME",
+                   help="optimizer implementation, HF TrainingArguments names: " + ", ".join(OPTIMS))
+    g.add_argument("--optimizer-in-backward", action="store_true",
+                   help="step each parameter and free its gradient as soon as it is accumulated")
+    g.add_argument("--checkpointing", type=_checkpointing, metavar="off|on|every-K|selective",
+                   help="activation checkpointing: off, every decoder layer, every K-th layer, or op-level selective "
+                        "(default: fit shows its rows, plan searches on/off)")
+    g.add_argument("--offload-activations", action="store_true", help="keep saved activations in host memory")
+    g.add_argument("--trainable", action="append", metavar="PATTERN",
+                   help="train only parameters whose names match (fnmatch; repeatable)")
+    g.add_argument("--freeze", action="append", metavar="PATTERN",
+                   help="freeze parameters whose names match (fnmatch; repeatable), e.g. 'model.embed_tokens.*'")
+    g.add_argument("--lora", type=int, metavar="RANK", help="LoRA adapters of this rank on a frozen base")
+    g.add_argument("--lora-targets", type=lambda s: tuple(s.split(",")), metavar="NAMES",
+                   help=f"linear modules LoRA adapts (default {','.join(DEFAULT_LORA_TARGETS)})")
+    g.add_argument("--alloc-conf", metavar="STRING",
+                   help="PYTORCH_CUDA_ALLOC_CONF options, e.g. expandable_segments:True")
+
+
+def _enum(cls: type[enum.Enum], value: object, what: str):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        raise ChunkftError(f"invalid {what} {value!r}: valid values are {', '.join(v.value for v in cls)}") from None

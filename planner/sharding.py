@@ -903,6 +903,7 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     and disk are the largest rank's, `node_host_bytes` the fullest node's. `chunk_traces` as in
     planner.evaluate.evaluate (exact: every chunk with its group's `sharded_grad_spec` trace;
     bound: the full-FT trace for every chunk, evaluated for the chunks `_bound_chunks` picks)."""
+    strategy.recipe.require_modelled()
     from planner import evaluate as ev
 
     _check(strategy, gpus_per_node, nodes)

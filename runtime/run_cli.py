@@ -138,6 +138,7 @@ def build_run(args):
     spec = resolve_model(plan.model_name)
     check_plan_model(plan, spec)
     strategy = plan.strategy
+    strategy.recipe.require_modelled()
     if strategy.weights != WeightResidency.GPU:
         raise ChunkftError("the plan streams weights from host; this runtime keeps every layer resident "
                            "(plan with weights on the GPU)")
