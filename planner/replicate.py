@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from planner.errors import ChunkftError
 from planner.schema import Phase
+from planner.trace import find_layer_prefix, grad_key, trace_full, trace_module
 
 if TYPE_CHECKING:
     from planner.model import ModelSpec
@@ -77,8 +78,6 @@ class LayerPlan:
 
 def replicated_trace(model: "ModelSpec", shape: "StepShape", options: "TraceOptions") -> "OpGraph":
     """trace_step with replication; the full trace where the model does not allow it."""
-    from planner.trace import trace_full
-
     plan = layer_plan(model, options)
     if plan is None:
         return trace_full(model, shape, options)
@@ -95,13 +94,11 @@ def replicated_trace(model: "ModelSpec", shape: "StepShape", options: "TraceOpti
 def _layout(model: "ModelSpec") -> tuple[str, tuple[str, ...], tuple[str, ...], tuple[tuple[str, ...], ...]] | None:
     """(layer prefix, local names of layer 0's parameters, non-layer names before the layers,
     groups of tied non-layer names) from a one-layer meta build; None without a layer list."""
-    from planner.trace import _layer_prefix
-
     try:
         small = model.build(num_layers=1, device="meta")
     except ChunkftError:
         return None  # a factory that cannot change depth
-    prefix = _layer_prefix(small)
+    prefix = find_layer_prefix(small)
     if prefix is None:
         return None
     head = prefix + ".0."
@@ -121,8 +118,6 @@ def _layout(model: "ModelSpec") -> tuple[str, tuple[str, ...], tuple[str, ...], 
 
 def layer_plan(model: "ModelSpec", options: "TraceOptions") -> LayerPlan | None:
     """Keys of the full model's layers and the template that covers them; None = no replication."""
-    from planner.trace import _grad_key
-
     n = model.num_layers
     layout = _layout(model) if n else None
     if layout is None:
@@ -141,7 +136,7 @@ def layer_plan(model: "ModelSpec", options: "TraceOptions") -> LayerPlan | None:
     keys = []
     for j in range(n):
         names = [f"{prefix}.{j}.{x}" for x in local]
-        pattern = None if grad is None else tuple(_grad_key(grad.get(m, False)) for m in names)
+        pattern = None if grad is None else tuple(grad_key(grad.get(m, False)) for m in names)
         keys.append((pattern, below, per_layer[j]))
         below = below or any(trains(m) for m in names)
 
@@ -224,11 +219,9 @@ def _hashable(v: Any) -> Any:
 # ---------------------------------------------------------------------------- the template
 
 def _template_trace(model: "ModelSpec", shape: "StepShape", options: "TraceOptions", plan: LayerPlan) -> "OpGraph":
-    from planner.trace import trace_module
-
     non_layer = None if options.grad is None else {
         k: v for k, v in options.grad.items() if not k.startswith(plan.prefix + ".")}
-    non_layer_key = None if non_layer is None else tuple(sorted((k, _grad_key_of(v)) for k, v in non_layer.items()))
+    non_layer_key = None if non_layer is None else tuple(sorted((k, grad_key(v)) for k, v in non_layer.items()))
     key = (_model_key(model), shape, options.checkpointing, options.loss_chunk_tokens, options.loop, plan.keys,
            non_layer_key)
     cached = _TEMPLATE_CACHE.get(key)
@@ -249,12 +242,6 @@ def _template_trace(model: "ModelSpec", shape: "StepShape", options: "TraceOptio
         _TEMPLATE_CACHE.pop(next(iter(_TEMPLATE_CACHE)))
     _TEMPLATE_CACHE[key] = graph
     return graph
-
-
-def _grad_key_of(v: Any) -> Any:
-    from planner.trace import _grad_key
-
-    return _grad_key(v)
 
 
 def _model_key(model: "ModelSpec") -> Any:

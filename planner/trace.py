@@ -93,11 +93,12 @@ class TraceOptions:
 
     def key(self) -> tuple:
         """Hashable identity (GradSpec dicts are not hashable)."""
-        grad = None if self.grad is None else tuple(sorted((k, _grad_key(v)) for k, v in self.grad.items()))
+        grad = None if self.grad is None else tuple(sorted((k, grad_key(v)) for k, v in self.grad.items()))
         return (grad, self.checkpointing, self.loss_chunk_tokens, self.replicate, self.loop)
 
 
-def _grad_key(v: Any) -> Any:
+def grad_key(v: Any) -> Any:
+    """Hashable form of one GradSpec value (True / False / SliceSpec)."""
     if isinstance(v, bool):
         return v
     return ("slice", v.dim, v.start, v.end)
@@ -119,7 +120,7 @@ def trace_step(model: "ModelSpec", shape: StepShape, options: TraceOptions = Tra
 def trace_full(model: "ModelSpec", shape: StepShape, options: TraceOptions) -> "OpGraph":
     """Trace every layer of `model` (what trace_step does with replicate=False)."""
     module = model.build(dtype=shape.torch_dtype(), device="meta")
-    return trace_module(module, shape, options, layer_prefix=_layer_prefix(module), grad=options.grad)
+    return trace_module(module, shape, options, layer_prefix=find_layer_prefix(module), grad=options.grad)
 
 
 def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOptions, *,
@@ -227,7 +228,7 @@ def match_real_attention_branch(module: "torch.nn.Module", shape: StepShape) -> 
     module.set_attn_implementation(TRACE_SDPA)
 
 
-def _layer_prefix(module: "torch.nn.Module") -> str | None:
+def find_layer_prefix(module: "torch.nn.Module") -> str | None:
     """Path of the ModuleList of identical blocks holding the most parameters (the decoder layers)."""
     import torch
 
