@@ -122,10 +122,12 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with tied aliases dropped (the first name of a storage wins, as in
     HF's own save_pretrained), so from_pretrained re-ties them."""
-    seen: set[int] = set()
+    seen: set = set()
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        # an alias is the same bytes, not merely the same storage: runtime.stream's host copies
+        # of one layer are views into one flat buffer
+        key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else id(t)
         if key in seen:
             continue
         seen.add(key)

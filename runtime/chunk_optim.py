@@ -313,6 +313,9 @@ class ChunkAdamW:
             step would, so a CPU run of a GPU plan has the plan's memory layout.
         max_nonfinite_steps: consecutive skipped (non-finite) steps before a ChunkftError.
         run_id: written into a DISK state directory as its owner (the run's id).
+        weights: parameter name -> where its weights rest between steps, for parameters whose
+            data is not there (runtime.stream's host copies of streamed layers): new masters
+            are read from it and every step writes it. Default: the parameters themselves.
 
     Every chunk's state is created when the optimizer is (not at its first activation), so
     the memory a plan predicts for its steady state is held from the first step, and a
@@ -337,6 +340,7 @@ class ChunkAdamW:
         host_state_in_place: bool = True,
         max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
         run_id: str | None = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
     ):
         if update_interval < 1:
             raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
@@ -350,6 +354,9 @@ class ChunkAdamW:
         self.guard = SkipGuard(max_nonfinite_steps)
         self._on_grad = on_grad
         self._params = dict(model.named_parameters())
+        # where each parameter's weights rest between steps (read for new masters, written by
+        # the step): the parameter itself, or its host copy when runtime.stream streams it
+        self._weights = {**self._params, **(weights or {})}
         first = next(iter(self._params.values()))
         self.device = torch.device(device) if device is not None else first.device
         try:
@@ -603,7 +610,7 @@ class ChunkAdamW:
 
     def _span_view(self, k: int, name: str) -> torch.Tensor:
         span = next(s for s in self.table.chunks[k] if s.param == name)
-        p = self._params[name].detach()
+        p = self._weights[name].detach()
         return p if self.table.is_whole(span) else p.narrow(span.dim, span.start, span.end - span.start)
 
     def _adamw(self, name: str, grad: torch.Tensor, lr: float, step: int) -> None:

@@ -166,7 +166,7 @@ class OffloadAdamW:
                  schedule: LRSchedule | None = None, update_interval: int = 1, state_tier: Tier = Tier.HOST,
                  state_dir: str | os.PathLike | None = None, prefetch_depth: int = 1,
                  scaler: LossScaler | None = None, opener: Opener = open, max_nonfinite_steps: int | None = None,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
         if staging == Tier.HOST:
             first = next(model.parameters())
             self._staging: _HostStaging | _DiskStaging = _HostStaging(pin=first.device.type == "cuda")
@@ -186,7 +186,7 @@ class OffloadAdamW:
         self.inner = ChunkAdamW(model, table, config=config, schedule=schedule, update_interval=update_interval,
                                 state_tier=state_tier, state_dir=state_dir, device="cpu",
                                 prefetch_depth=prefetch_depth, scaler=scaler, on_grad=self._on_grad,
-                                stream_state=state_tier == Tier.DISK, run_id=run_id,
+                                stream_state=state_tier == Tier.DISK, run_id=run_id, weights=weights,
                                 **({} if max_nonfinite_steps is None else {"max_nonfinite_steps": max_nonfinite_steps}))
 
     # -- the ChunkAdamW-like surface ---------------------------------------------------------

@@ -15,7 +15,8 @@ Gradient staging (NVMSA, runtime.offload): a plan with `grad_staging` host or di
 OffloadAdamW -- each 16-bit gradient leaves the device as produced, to host buffers or to a
 checksummed staging file under OUT/grad-staging, and AdamW steps on the host.
 
-Known limitations: streamed weights are refused with a message; one device.
+Known limitations: one device. A plan that streams weights (runtime.stream) builds the model
+on the host first, so a checkpoint or random init must fit in host RAM.
 """
 
 from __future__ import annotations
@@ -139,9 +140,9 @@ def build_run(args):
     check_plan_model(plan, spec)
     strategy = plan.strategy
     strategy.recipe.require_modelled()
-    if strategy.weights != WeightResidency.GPU:
-        raise ChunkftError("the plan streams weights from host; this runtime keeps every layer resident "
-                           "(plan with weights on the GPU)")
+    streamed = strategy.weights == WeightResidency.STREAM
+    if streamed and spec.layer_prefix() is None:
+        raise ChunkftError(f"the plan streams decoder layers, but model {spec.name!r} has no decoder layer list")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ChunkftError("--device cuda was given but no CUDA device is available; valid here: cpu")
@@ -166,10 +167,17 @@ def build_run(args):
         from planner.measure import malloc_in_use_bytes
 
         cpu_baseline = malloc_in_use_bytes()  # the trace's zero: everything the run adds from here counts
-    model = load_model(spec, dtype=dtype, device=device, seed=args.seed)
+    # a streamed plan builds on the host: only the non-layer weights ever sit on the device whole
+    model = load_model(spec, dtype=dtype, device=torch.device("cpu") if streamed else device, seed=args.seed)
+    streamer = None
+    if streamed:
+        from runtime.stream import stream_model
+
+        streamer = stream_model(model, spec.layer_prefix(), device)
     if strategy.checkpointing:
         enable_checkpointing(model)
     model.train()
+    weights = streamer.host_weights() if streamer is not None else None
 
     scaler = LossScaler() if plan.shape.dtype == "fp16" else None
     state_tier = Tier(strategy.state_tier)
@@ -181,7 +189,7 @@ def build_run(args):
             model, plan.chunk_table, staging=Tier(strategy.grad_staging), staging_dir=out / "grad-staging",
             config=adamw, schedule=schedule, update_interval=strategy.update_interval, state_tier=state_tier,
             state_dir=out / "optimizer-state", prefetch_depth=strategy.prefetch_depth, scaler=scaler,
-            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id)
+            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id, weights=weights)
         optimizer = OffloadOptimizer(staged)
     else:
         inner = ChunkAdamW(
@@ -194,7 +202,7 @@ def build_run(args):
             # a GPU-step plan run on a CPU keeps the active chunk's working copy beside its host
             # slot, as on a GPU, so the measured memory follows the plan's layout
             host_state_in_place=strategy.optimizer_device == OptimizerDevice.HOST,
-            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id)
+            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id, weights=weights)
         optimizer = ChunkOptimizer(inner)
 
     pad = padding_id(tok)
@@ -211,7 +219,8 @@ def build_run(args):
                         loop=strategy.recipe.loop.value,
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress)
-    trainer = Trainer(model, optimizer, loader, config, eval_batches=evals, out_dir=out, run_state=run_state)
+    trainer = Trainer(model, optimizer, loader, config, eval_batches=evals, out_dir=out, run_state=run_state,
+                      streamer=streamer)
     trainer.claimed = claimed  # holds OUT's lock for the run's lifetime
     trace = None
     if args.trace is not None:

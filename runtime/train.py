@@ -282,8 +282,9 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, optimizer: StepOptimizer, loader: PackedLoader, config: LoopConfig, *,
                  eval_batches=None, out_dir: str | Path | None = None, trace: TraceWriter | None = None,
-                 run_state: dict | None = None) -> None:
+                 run_state: dict | None = None, streamer=None) -> None:
         self.model = model
+        self.streamer = streamer  # runtime.stream.LayerStreamer for a plan that streams weights
         self.optimizer = optimizer
         self.loader = loader
         self.config = config
@@ -339,6 +340,11 @@ class Trainer:
     def tier_bytes(self) -> dict[Tier, dict[Component, int]]:
         tiers = {tier: dict(parts) for tier, parts in self.optimizer.tier_bytes().items()}
         weights = sum(p.nbytes for p in self.model.parameters())  # parameters() lists tied ones once
+        if self.streamer is not None:  # streamed layers: on the device only while they compute
+            weights -= sum(t.nbytes for t in self.streamer.host_weights().values())
+            weights += self.streamer.device_bytes()
+            host = tiers.setdefault(Tier.HOST, {})
+            host[Component.WEIGHTS] = host.get(Component.WEIGHTS, 0) + self.streamer.host_bytes()
         tiers.setdefault(Tier.GPU, {})[Component.WEIGHTS] = weights
         return tiers
 
@@ -387,6 +393,8 @@ class Trainer:
                     step_loss_sum += loss.detach().float()  # no device sync per micro-batch
                     result.tokens += ids.numel()
                     del loss
+                if self.streamer is not None:  # the optimizer writes the host copy of the layers
+                    self.streamer.after_backward()
                 self._event(EventKind.PHASE, Phase.OPTIMIZER)
                 stepped = self.optimizer.step()
             why = None if stepped else (getattr(self.optimizer, "last_skip", None) or "non-finite gradient")
