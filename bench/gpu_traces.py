@@ -15,6 +15,8 @@ same invocation.
 Cases:
   llama3.2-1b  fullft       plain bf16 full FT, AdamW on the GPU, no chunks (the baseline)
   llama3.2-1b  plan-24g     the solver's plan for 24 GiB (objective speed)
+  llama3.2-1b  stream-6g    decoder layers streamed from pinned host memory (runtime.stream),
+                            ChunkFT C=16, state on host, checkpointing, under a 6 GiB cap
   llama3-8b    plan-24g     the solver's plan for 24 GiB (objective speed)
   llama2-7b    floor-13g    exact AdamW aiming at issue 4's 13.0 GiB floor: weights resident,
                             checkpointing, the fewest chunks that fit 13.6 GiB (predicted: C=128,
@@ -51,6 +53,8 @@ CASES = (
     ("llama3.2-1b-fullft", "llama3.2-1b", ["--gpu", "80GB", "--chunks", "1", "--optimizer", "gpu",
                                            "--checkpointing", "off"], None),
     ("llama3.2-1b-plan-24g", "llama3.2-1b", ["--gpu", "24GiB", "--weights", "gpu", "--objective", "speed"], "24GiB"),
+    ("llama3.2-1b-stream-6g", "llama3.2-1b", ["--gpu", "6GiB", "--weights", "stream", "--chunks", "16",
+                                              "--state", "host", "--optimizer", "gpu", "--checkpointing", "on"], "6GiB"),
     ("llama3-8b-plan-24g", "llama3-8b", ["--gpu", "24GiB", "--host-ram", "110GiB", "--weights", "gpu",
                                          "--objective", "speed"], "24GiB"),
     ("llama2-7b-floor-13g", "llama2-7b", ["--gpu", "13.6GiB", "--host-ram", "100GiB", "--weights", "gpu",
@@ -59,6 +63,8 @@ CASES = (
 SMOKE_CASES = (
     ("tiny-fullft", "tiny", ["--gpu", "1GiB", "--chunks", "1", "--optimizer", "gpu"], None),
     ("tiny-chunkft", "tiny", ["--gpu", "1GiB", "--chunks", "4", "--state", "host", "--optimizer", "gpu"], None),
+    ("tiny-stream", "tiny", ["--gpu", "1GiB", "--chunks", "4", "--state", "host", "--optimizer", "gpu",
+                             "--weights", "stream"], None),
 )
 
 
