@@ -9,7 +9,7 @@ here once, before any process starts: step s trains on the global batch of
 evenly across ranks and, on each rank, into micro-batches of the plan's batch.
 
 Checkpoints go to OUT/step-N (N = steps trained): the consolidated HF weights, each rank's
-optimizer-state file and trainer_state.json, written last (runtime.distributed). OUT/run.json
+optimizer-state file and trainer_state.json, written last (runtime.dist_checkpoint). OUT/run.json
 records what the run was (plan, data, tokenizer and seed fingerprints, world size): `--resume`
 continues from the newest complete OUT/step-N only when they match. OUT/ranks.json has each
 rank's losses and measured memory beside the plan's per-rank prediction.
@@ -28,7 +28,7 @@ every rank into it).
 (runtime.memtrace.rank_trace_path), in the one-GPU trace's schema (`chunkft compare TIMELINE
 traces/NAME.rank0.jsonl` loads it) for the first `--trace-steps` steps; each header adds the
 rank, world size and layout to the plan and model fingerprints, strategy and shape
-(runtime.distributed's docstring lists the events and tiers).
+(runtime.rank_train's docstring lists the events and tiers).
 
 Known limitations: every step's token ids are materialised up front (steps x global batch x sequence length
 int64s); no periodic eval loss (`--eval` is refused); the per-rank traces are not merged (compare
@@ -46,7 +46,7 @@ from planner.errors import ChunkftError
 if TYPE_CHECKING:
     from planner.model import ModelSpec
     from planner.plan import Plan
-    from runtime.distributed import DistConfig
+    from runtime.dist_config import DistConfig
 
 RUN_FILE = "run.json"
 RANKS_FILE = "ranks.json"
@@ -87,7 +87,7 @@ def global_batches(loader, steps: int):
 
 def latest_checkpoint(out: Path) -> tuple[int, Path] | None:
     """The newest OUT/step-N whose trainer_state.json (written last) is there."""
-    from runtime.distributed import STATE_FILE
+    from runtime.dist_checkpoint import STATE_FILE
 
     found = []
     for d in out.glob("step-*"):
@@ -100,7 +100,7 @@ def latest_checkpoint(out: Path) -> tuple[int, Path] | None:
 def dist_config(plan: "Plan", spec: "ModelSpec", args, *, ids, labels, device: str, out: Path,
                 resume_from: Path | None) -> "DistConfig":
     """The DistConfig that runs `plan` with the command line's hyper-parameters."""
-    from runtime.distributed import DistConfig
+    from runtime.dist_config import DistConfig
     from runtime.run_cli import trainer_adamw, trainer_schedule
 
     s = plan.strategy
@@ -227,7 +227,9 @@ def run_torchrun_rank(config: "DistConfig", world: int):
     RankResult on rank 0 (None on the others)."""
     import torch.distributed as dist
 
-    from runtime.distributed import RankResult, init_process_group, shutdown_process_group, train_rank
+    from runtime.dist_config import RankResult
+    from runtime.process_group import init_process_group, shutdown_process_group
+    from runtime.rank_train import train_rank
 
     launched = int(_torchrun_env("WORLD_SIZE"))
     if launched != world:

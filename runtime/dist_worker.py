@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from planner.fsio import read_json
     from runtime.chunk_optim import AdamWConfig, LRSchedule
-    from runtime.distributed import (DistConfig, chunk_table_for, init_process_group, shutdown_process_group,
-                                     train_rank)
+    from runtime.dist_config import DistConfig
+    from runtime.dist_model import chunk_table_for
+    from runtime.process_group import init_process_group, shutdown_process_group
+    from runtime.rank_train import train_rank
 
     args = parse_args(argv)
     try:

@@ -168,7 +168,7 @@ def test_bad_parallel_runs_are_one_line_errors(setup, tmp_path, capsys, args, te
 
 def test_a_trace_names_a_file_per_rank_and_needs_fingerprints():
     from planner.errors import ChunkftError
-    from runtime.distributed import DistConfig
+    from runtime.dist_config import DistConfig
     from runtime.memtrace import rank_trace_path
 
     assert rank_trace_path("traces/x.jsonl", 3) == "traces/x.rank3.jsonl"

@@ -32,7 +32,9 @@ from planner.model import ModelSpec
 from planner.sharding import cpu_rank_rise_bytes
 from planner.trace import StepShape
 from runtime.chunk_optim import AdamWConfig
-from runtime.distributed import DistConfig, chunk_table_for, run_distributed, run_single
+from runtime.dist_config import DistConfig
+from runtime.dist_model import chunk_table_for
+from runtime.distributed import run_distributed, run_single
 from runtime.sharded_optim import read_state_file, state_file_name
 
 WORLD = 2

@@ -162,7 +162,7 @@ def test_fsdp2_hands_sliced_parameters_over_without_requires_grad(tmp_path):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from runtime.distributed import shard_model
+    from runtime.dist_model import shard_model
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:

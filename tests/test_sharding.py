@@ -224,7 +224,9 @@ def test_chunkft_rank_peak_on_cpu_matches_prediction():
     import torch
 
     from planner.sharding import cpu_rank_rise_bytes
-    from runtime.distributed import DistConfig, chunk_table_for, run_distributed
+    from runtime.dist_config import DistConfig
+    from runtime.dist_model import chunk_table_for
+    from runtime.distributed import run_distributed
 
     spec = ModelSpec(name="tiny-llama", source="config", config=MEASURED, num_layers=4)
     strategy = Strategy(chunks=8, state_tier="host", prefetch_depth=1)
