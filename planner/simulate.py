@@ -18,15 +18,15 @@ The timeline is what the runtime's trace is held against (planner.schema's layou
 
 A parallel (FSDP2) plan's timeline is one rank's: the (chunk, rank) whose GPU need the plan
 reports (planner.sharding.evaluate_sharded's `worst_chunk` / `worst_rank`). Its step events are
-planner.sharding.RankStep's arrays (`rank_step`), the very ones evaluate_sharded maximises:
-per op the rank's live bytes (`rank_live`: weight shards, unsharded units in flight, gradient
-shards, all-gather and reduce-scatter buffers) plus its resident state slices, then the
-ShardedChunkAdamW step (every unit resharded, its temporaries) and the step end. Host and disk
-are that rank's (the plan's host figure is the fullest rank's, which may be another). Its switch
-follows runtime.sharded_optim's `step`: gradients dropped first, then on the HOST state tier the
-rank's working copy of chunk k evicted and chunk k + 1 loaded (prefetching: k + 1 is already on
-the GPU and k + 2 is loaded), sized by the rank's slices (`rank_state_allocs`); on the GPU tier
-nothing moves.
+planner.rank_step.RankStep's arrays (planner.sharding.rank_step), the very ones evaluate_sharded
+maximises: per op the rank's live bytes (planner.fsdp.rank_live: weight shards, unsharded units
+in flight, gradient shards, all-gather and reduce-scatter buffers) plus its resident state
+slices (planner.rank_state), then the ShardedChunkAdamW step (every unit resharded, its
+temporaries) and the step end. Host and disk are that rank's (the plan's host figure is the
+fullest rank's, which may be another). Its switch follows runtime.sharded_optim's `step`:
+gradients dropped first, then on the HOST state tier the rank's working copy of chunk k evicted
+and chunk k + 1 loaded (prefetching: k + 1 is already on the GPU and k + 2 is loaded), sized by
+the rank's slices (`rank_state_allocs`); on the GPU tier nothing moves.
 
 Every event carries the tier's bytes per component after it; `t` counts ops (the switch comes
 after the step's last op). The GPU peak over the events equals the plan's predicted GPU peak
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from planner.hardware import Hardware
     from planner.model import ModelSpec
     from planner.plan import Plan
-    from planner.sharding import RankStep
+    from planner.rank_step import RankStep
 
 # fp32 master + two fp32 moments (torch.optim.AdamW state: exp_avg, exp_avg_sq) per parameter,
 # for fp32 training too: runtime.chunk_optim keeps each chunk's master apart from the model's
@@ -170,7 +170,7 @@ def _simulate_parallel(plan: "Plan", model: "ModelSpec", hw: "Hardware", chunk_t
 def rank_timeline_events(step: "RankStep", *, chunk: int | None = None) -> list[Event]:
     """GPU events of one rank's step: one OP event per traced op, the optimizer step, the end.
 
-    Read from planner.sharding.RankStep's arrays, which evaluate_sharded maximises: the highest
+    Read from planner.rank_step.RankStep's arrays, which evaluate_sharded maximises: the highest
     `allocated` is `step.peak()`, the highest `reserved` `step.reserved_bytes()`."""
     events = []
     run_reserved = 0
@@ -199,7 +199,7 @@ def _rank_switch_events(plan: "Plan", model: "ModelSpec", step: "RankStep", end:
     (zero_grad), the working copy of chunk k written back to host and freed (`_evict`), and
     chunk k + 1 made active (`_activate`): loaded now, or, prefetching, already on the GPU,
     and the load of chunk k + 2 started. Sizes are this rank's slices (`rank_state_allocs`)."""
-    from planner.sharding import rank_state_allocs
+    from planner.rank_state import rank_state_allocs
 
     s = plan.strategy
     c = plan.chunk_table.num_chunks

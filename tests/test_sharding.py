@@ -7,12 +7,13 @@ from transformers import LlamaConfig
 
 from planner.errors import ChunkftError
 from planner.evaluate import chunk_table, evaluate
+from planner.fsdp import shard_bytes
 from planner.hardware import hardware, load_gpu
 from planner.measure import mallinfo2_available
 from planner.model import ModelSpec, resolve_model
 from planner.schema import Component, Tier
 from planner.sharding import (INTER_NODE_BANDWIDTH_BPS, NVLINK_BANDWIDTH_BPS, evaluate_sharded,
-                              interconnect_bandwidth, min_gpus, shard_bytes, world_sizes)
+                              interconnect_bandwidth, min_gpus, world_sizes)
 from planner.strategy import Strategy
 from planner.trace import StepShape
 
@@ -53,7 +54,7 @@ def test_forward_op_holds_shards_root_and_two_layers():
 
     from planner import evaluate as ev
     from planner.memory import COMPONENTS
-    from planner.sharding import rank_live
+    from planner.fsdp import rank_live
 
     spec = tiny()
     layout = ev.param_layout(spec, "bf16")
@@ -130,7 +131,7 @@ def test_min_gpus_on_a_small_card():
 
 def test_local_span_bytes_by_hand():
     from planner.chunks import ChunkSpan
-    from planner.sharding import local_span_bytes
+    from planner.rank_state import local_span_bytes
 
     # a (5, 3) tensor, 6 B rows, cut after row 4; W = 2: rank 0 holds rows 0-2, rank 1 rows 3-4
     spans = [ChunkSpan(param="a", dim=0, start=0, end=4, nbytes=24), ChunkSpan(param="a", dim=0, start=4, end=5,
@@ -144,7 +145,7 @@ def test_local_span_bytes_by_hand():
 
 
 def test_step_temporaries_by_hand():
-    from planner.sharding import step_temp_allocs
+    from planner.rank_state import step_temp_allocs
 
     # bf16 slices of 100, 200, (none), 50 parameters, stepped one at a time: the largest one's
     # fp32 gradient copy, sqrt and division, 4 + 4 + 4 B per parameter
@@ -165,7 +166,7 @@ def _sliced_chunk(spec, chunks):
 def test_sliced_spans_get_sub_tensor_gradients_all_reduced():
     from planner import evaluate as ev
     from planner.chunks import SliceSpec
-    from planner.sharding import sharded_grad_spec
+    from planner.rank_step import sharded_grad_spec
 
     spec = tiny()
     table, _ = _sliced_chunk(spec, 3)

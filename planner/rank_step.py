@@ -1,0 +1,352 @@
+"""One rank's step of one chunk under FSDP2, op by op: what planner.sharding maximises, planner.simulate replays.
+
+A `RankStep` is one (chunk, rank): the per-op, per-component live matrix (planner.fsdp's
+`rank_live` over the chunk's adjusted trace), the rank's resident state (planner.rank_state), the
+bytes at the optimizer step and its temporaries. `RankStep.peak` / `reserved_bytes` are the
+figures planner.sharding.evaluate_sharded maximises, and planner.simulate builds a parallel
+plan's timeline from the same object, so the timeline's maximum is the plan's per-rank
+prediction by construction.
+
+Gradients of chunk k, as runtime.sharded_optim trains it (`sharded_grad_spec`): a whole span's
+tensor, and a sliced 1-D tensor (a norm weight), gets requires_grad and FSDP2's whole gradient;
+a sliced span of a matrix gets a sub-tensor gradient from runtime.subgrad (requires_grad stays
+off, FSDP2 neither computes nor reduces it): a buffer of the whole unsharded slice (+ one row
+for an nn.Embedding owner) on every rank, from its owner's backward to the end of the step,
+all_reduced at the step (`chunk_grads`). The trace is run with that spec, so both kinds are the
+trace's own bytes; at the optimizer step FSDP2 gradients are shards, slice buffers whole.
+
+Chunk traces (`prepare_chunks`): "exact" traces each chunk-pattern group's first chunk with
+`sharded_grad_spec` (evaluate's `chunk_groups`) and evaluates every chunk; "bound" uses the
+full-FT trace with the gradients capped at the chunk's FSDP2 gradients and slice buffers for
+every chunk, evaluated for the chunks with the largest analytic bytes (`bound_chunks`); "auto"
+is exact up to 2B parameters. Everything that does not depend on W (traces, layouts, chunk
+groups) is cached across world sizes and GPU kinds (only the cuBLAS workspace, via the SM
+architecture, depends on the kind); FSDP schedules, local span bytes and per-rank state are
+cached per world size.
+
+Known limitations: the reserved bytes keep the single-rank trace's free-block slack, and the
+optimizer step's temporaries and state are counted as fresh segments on top of the highest
+reserved bytes (as evaluate). A sliced 1-D tensor is taken to be a norm weight (whole
+gradient); a Linear bias would get a sub-tensor one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from planner.fsdp import FsdpSchedule, fsdp_schedule, fsdp_units, grad_shard_bytes, rank_live
+from planner.memory import COMPONENTS
+from planner.rank_state import chunk_spans, local_span_bytes, prefetches_next_chunk, rank_states
+from planner.schema import Component, Phase, Tier
+from planner.strategy import Strategy
+
+if TYPE_CHECKING:
+    from planner.chunks import ChunkTable
+    from planner.evaluate import ParamLayout, TracedStep
+    from planner.model import ModelSpec
+    from planner.trace import StepShape
+
+
+# ---------------------------------------------------------------------------------------------
+# What each chunk's step traces, independent of the world size (cached across world sizes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PreparedChunks:
+    layout: "ParamLayout"
+    spans: tuple
+    """Spans per chunk (C = 1: one chunk of every parameter whole)."""
+    touched: tuple[frozenset, ...]
+    """Per chunk: the parameters FSDP2 computes and reduce-scatters a whole gradient of."""
+    sliced: tuple[tuple[int, ...], ...]
+    """Per chunk: bytes of each sub-tensor gradient buffer (sliced spans, whole and unsharded
+    on every rank, all_reduced at the step)."""
+    cases: tuple[tuple["TracedStep", int], ...]
+    """(traced step, chunk) for every chunk examined; exact mode: every chunk, each with its
+    group's representative trace; bound mode: every chunk, with the one full-FT trace."""
+    mode: str
+    """"exact" or "bound" (C = 1: "exact", the full-FT trace is exact)."""
+    flops: tuple[int, ...]
+
+
+_PREPARED: dict[tuple, PreparedChunks] = {}
+# Per world size, reused across strategies, GPU kinds and calls (chunkft size asks many): FSDP
+# schedules per trace (keyed by the trace object, kept alive beside its value), local span
+# bytes and per-rank state per chunk table (evaluate_sharded keeps its one-GPU estimates).
+_SCHEDULES: dict[tuple, tuple] = {}
+_RANK_CACHES: dict[tuple, dict] = {}
+_CACHE_SIZE = 256
+
+
+def _remember(store: dict, key: tuple, value: Any) -> Any:
+    if len(store) >= _CACHE_SIZE:
+        store.pop(next(iter(store)))
+    store[key] = value
+    return value
+
+
+def _cached_schedule(traced: "TracedStep", layout: "ParamLayout", world: int, shard_embeddings: bool,
+                     forward_prefetch: bool) -> FsdpSchedule:
+    key = (id(traced), world, shard_embeddings, forward_prefetch)
+    hit = _SCHEDULES.get(key)
+    if hit is None or hit[0] is not traced:
+        units = fsdp_units(layout, world, (), shard_embeddings)
+        hit = _remember(_SCHEDULES, key, (traced, fsdp_schedule(traced, units, traced.live.shape[1], forward_prefetch)))
+    return hit[1]
+
+
+def sharded_grad_spec(table: "ChunkTable", k: int) -> dict:
+    """Chunk k's GradSpec as runtime.sharded_optim trains it: a sliced span of a matrix keeps its
+    sub-tensor gradient (runtime.subgrad on its nn.Linear / nn.Embedding owner); a sliced 1-D
+    tensor (a norm weight, whose subgrad rule would recompute the module in backward) gets its
+    whole gradient, as whole spans do."""
+    spec = table.grad_spec(k)
+    return {n: v if v is False or v is True or len(table.shapes[n]) > 1 else True for n, v in spec.items()}
+
+
+def chunk_grads(table: "ChunkTable", k: int, layout: "ParamLayout") -> tuple[frozenset, tuple[int, ...]]:
+    """(parameters with an FSDP2 gradient, bytes of each sub-tensor gradient buffer) of chunk k.
+    A buffer is the whole unsharded slice in the training dtype, plus one row for an
+    nn.Embedding owner (subgrad's index_add sends other tokens to a dummy row)."""
+    spec = sharded_grad_spec(table, k)
+    whole = frozenset(n for n, v in spec.items() if v is True)
+    shapes = dict(table.shapes)
+    buffers = []
+    for sp in table.chunks[k]:
+        if spec[sp.param] is True:
+            continue
+        extra = 0
+        if sp.param == layout.input_embedding:  # one more row: (e - s + 1) x C, or (R + 1) x (e - s)
+            rows = sp.end - sp.start if sp.dim == 0 else shapes[sp.param][0]
+            extra = sp.nbytes // max(rows, 1)
+        buffers.append(sp.nbytes + extra)
+    return whole, tuple(buffers)
+
+
+def prepare_chunks(model: "ModelSpec", shape: "StepShape", strategy: Strategy, sm: int,
+                   chunk_traces: str) -> PreparedChunks:
+    """Every chunk's traced step, gradients and spans (module doc: chunk traces), cached across
+    world sizes and GPU kinds of one SM architecture."""
+    from planner import evaluate as ev
+
+    layout = ev.param_layout(model, shape.dtype)
+    mode = chunk_traces
+    if mode == "auto":
+        mode = "exact" if layout.total_params <= ev.EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
+    if strategy.chunks == 1:
+        mode = "exact"
+    key = (model.fingerprint(), shape, strategy.chunks, strategy.checkpointing, strategy.loss_chunk_tokens,
+           strategy.recipe, sm, mode)
+    if key in _PREPARED:
+        return _PREPARED[key]
+
+    def trace(grad):
+        return ev.traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
+                              loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=strategy.recipe.loop.value)
+
+    spans = chunk_spans(strategy, model, layout, shape.dtype)
+    if strategy.chunks == 1:
+        touched = (frozenset(n for n, _, _ in layout.named_shapes),)
+        sliced: tuple = ((),)
+    else:
+        table = ev.chunk_table(model, shape.dtype, strategy.chunks)
+        grads = [chunk_grads(table, k, layout) for k in range(table.num_chunks)]
+        touched = tuple(g[0] for g in grads)
+        sliced = tuple(g[1] for g in grads)
+    if strategy.chunks == 1:
+        traced = trace(None)
+        cases: list = [(traced, 0)]
+        flops = [traced.flops]
+    elif mode == "exact":
+        table = ev.chunk_table(model, shape.dtype, strategy.chunks)
+        cases = []
+        for group in ev.chunk_groups(table, layout.layer_prefix):
+            traced = trace(sharded_grad_spec(table, group[0]))
+            cases += [(traced, k) for k in group]
+        cases.sort(key=lambda c: c[1])
+        flops = [c[0].flops for c in cases]
+    else:
+        traced = trace(None)
+        cases = [(traced, k) for k in range(len(spans))]
+        flops = [traced.flops] * len(spans)
+    prepared = PreparedChunks(layout=layout, spans=spans, touched=touched, sliced=sliced, cases=tuple(cases), mode=mode,
+                              flops=tuple(flops))
+    if len(_PREPARED) >= 32:
+        _PREPARED.pop(next(iter(_PREPARED)))
+    _PREPARED[key] = prepared
+    return prepared
+
+
+def bound_chunks(prep: PreparedChunks, strategy: Strategy, local: np.ndarray, world: int) -> list[int]:
+    """Bound mode: the chunks whose analytic bytes (FSDP2 gradients and slice buffers; the
+    worst rank's state on the GPU plus step temporaries) are largest, as evaluate's
+    `bound_candidates` picks them; the shared trace makes the rest differ by these terms only."""
+    from planner import evaluate as ev
+
+    layout = prep.layout
+    elem = layout.elem_bytes
+    per_param = ev.MASTER_BYTES_PER_PARAM + ev.MOMENT_BYTES_PER_PARAM
+    bounds = np.cumsum([0] + [len(c) for c in prep.spans])
+    sums = np.add.reduceat(local, bounds[:-1], axis=0)  # (C, W) local bytes per chunk
+    maxes = np.maximum.reduceat(local, bounds[:-1], axis=0)
+    cast = ev.FP32_BYTES if elem < ev.FP32_BYTES else 0
+    temps = (cast + ev.SINGLE_TENSOR_TEMP_BYTES_PER_PARAM) * maxes // elem
+    if strategy.state_tier == Tier.GPU:
+        state = np.zeros_like(sums)
+    else:
+        ahead = np.roll(sums, -1, axis=0) if prefetches_next_chunk(strategy, len(prep.spans)) else 0
+        state = per_param * (sums + ahead) // elem
+    static = (state + temps).max(axis=1)
+    tensor = dict(zip((n for n, _, _ in layout.named_shapes), layout.tensor_bytes))
+    grads = [sum(tensor[n] for n in t) + sum(b) for t, b in zip(prep.touched, prep.sliced)]
+    keyed = [((g, int(st)), k) for k, (g, st) in enumerate(zip(grads, static))]
+    by_total = sorted(keyed, key=lambda x: (-(x[0][0] + x[0][1]), x[1]))[:ev.BOUND_CANDIDATES]
+    by_grad = max(keyed, key=lambda x: (x[0][0], -x[1]))
+    by_static = max(keyed, key=lambda x: (x[0][1], -x[1]))
+    return sorted({k for _, k in by_total} | {by_grad[1], by_static[1]})
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank's step of one chunk: what evaluate_sharded maximises and planner.simulate replays
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class RankStep:
+    """One rank's GPU bytes through one chunk's step, op by op, as evaluate_sharded counts them.
+
+    After traced op t the rank holds `live[:, t]` (per component, in planner.memory.COMPONENTS
+    order) plus `static`; at the optimizer step `end` plus `static` plus `temps`; at the step
+    end `end` plus `static`. `peak()` and `reserved_bytes()` are the figures evaluate_sharded
+    reports for this (chunk, rank); a timeline built from these arrays has the same maximum."""
+
+    chunk: int
+    """Index into the chunk table (0 for full fine-tuning, C = 1)."""
+    rank: int
+    live: np.ndarray = dataclasses.field(repr=False)
+    """(len(COMPONENTS), ops): `rank_live` of the step's trace after evaluate's adjustments
+    (shared between the ranks of a chunk: read only)."""
+    reserved: np.ndarray = dataclasses.field(repr=False)
+    """(ops,): the trace's reserved bytes with its live bytes replaced by `live`'s."""
+    static: dict[Component, int]
+    """Optimizer state resident on the GPU through the step (this rank's slices, rounded)."""
+    static_reserved: int
+    end: dict[Component, int]
+    """The trace's bytes at the optimizer step: every unit resharded (FSDP2's post-backward),
+    its all-gather and reduce-scatter buffers freed, every FSDP2 gradient a padded shard, the
+    slice buffers whole."""
+    temps: dict[Component, int]
+    """The AdamW step's temporaries on this rank (`step_temp_allocs`, rounded)."""
+    temps_reserved: int
+    host: dict[Component, int]
+    """This rank's host bytes (HOST state tier: its slices of every chunk)."""
+    disk: dict[Component, int]
+    phases: tuple[Phase, ...] = dataclasses.field(default=(), repr=False)
+    layers: tuple[int | None, ...] = dataclasses.field(default=(), repr=False)
+    peak_op: int = 0
+    """The op with the most live bytes (the argmax of `live`'s column sums)."""
+    reserved_max: int = 0
+    """`reserved.max()`."""
+
+    def op_bytes(self, t: int) -> dict[Component, int]:
+        return {c: int(self.live[i, t]) + self.static.get(c, 0) for i, c in enumerate(COMPONENTS)}
+
+    def end_bytes(self) -> dict[Component, int]:
+        """At the step end: the optimizer step's bytes without its temporaries."""
+        return {c: b + self.static.get(c, 0) for c, b in self.end.items()}
+
+    def optimizer_bytes(self) -> dict[Component, int]:
+        out = self.end_bytes()
+        for c, b in self.temps.items():
+            out[c] = out.get(c, 0) + b
+        return out
+
+    def peak(self) -> tuple[int, dict[Component, int]]:
+        """(peak allocated bytes, components there): the peak op's or the optimizer step's."""
+        peak, gpu = self._peak
+        return peak, dict(gpu)
+
+    @functools.cached_property
+    def _peak(self) -> tuple[int, dict[Component, int]]:
+        gpu = self.op_bytes(self.peak_op)
+        peak = sum(gpu.values())
+        opt = self.optimizer_bytes()
+        if sum(opt.values()) > peak:
+            gpu, peak = opt, sum(opt.values())
+        return peak, gpu
+
+    def reserved_bytes(self) -> int:
+        """Reserved high-water mark: the trace's, plus the state's and the step temporaries'
+        fresh segments (never below the peak)."""
+        return max(self.reserved_max + self.static_reserved + self.temps_reserved, self._peak[0])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ChunkPart:
+    """The rank-independent part of one chunk's step (the ranks differ only in their state)."""
+
+    live: np.ndarray
+    reserved: np.ndarray
+    reserved_max: int
+    peak_op: int
+    end: dict
+    schedule: FsdpSchedule
+
+
+def chunk_part(prep: PreparedChunks, strategy: Strategy, k: int, world: int, shard_embeddings: bool) -> ChunkPart:
+    """Chunk k's step on any rank of `world`: its trace after evaluate's adjustments through
+    `rank_live`, and the bytes at the optimizer step (every unit resharded)."""
+    from planner import evaluate as ev
+
+    layout = prep.layout
+    traced, _ = prep.cases[k]
+    grads = prep.touched[k]
+    grad_active = ev.ActiveSet(chunk=k if strategy.chunks > 1 else None,
+                               tensor_bytes=tuple(b for (n, _, _), b in zip(layout.named_shapes, layout.tensor_bytes)
+                                                  if n in grads) + prep.sliced[k])
+    live, reserved = ev.adjusted_gpu_live(traced, strategy, layout, grad_active)
+    schedule = _cached_schedule(traced, layout, world, shard_embeddings, True)
+    rank = rank_live(traced, layout, grads, world, live=live, shard_embeddings=shard_embeddings, schedule=schedule)
+    total = rank.sum(axis=0)
+    rank_reserved = np.maximum(reserved - live.sum(axis=0) + total, total)
+    # the optimizer step: every unit resharded (FSDP2's post-backward), its all-gather and
+    # reduce-scatter buffers freed, every gradient a padded shard
+    end = {c: int(rank[i, -1]) for i, c in enumerate(COMPONENTS)}
+    rs_input = 0
+    if schedule.rs_unit[-1] >= 0:  # a reduce-scatter copy on the last op
+        rs_input = fsdp_units(layout, world, grads, shard_embeddings).trained_padded[schedule.rs_unit[-1]]
+    end[Component.WEIGHTS] -= int(schedule.gathered[-1])
+    end[Component.TEMPORARIES] -= int(schedule.ag_buffer[-1]) + rs_input
+    end[Component.GRADIENTS] = grad_shard_bytes(layout, grads, world) + sum(prep.sliced[k])
+    return ChunkPart(live=rank, reserved=rank_reserved, reserved_max=int(rank_reserved.max()),
+                     peak_op=int(np.argmax(total)), end=end, schedule=schedule)
+
+
+def rank_cache(model: "ModelSpec", shape: "StepShape", strategy: Strategy, world: int,
+               prep: PreparedChunks) -> tuple[dict, np.ndarray]:
+    """(per-rank state cache, `local_span_bytes` of every span) for this chunk table and world."""
+    num_chunks = len(prep.spans)
+    cache_key = (model.fingerprint(), shape.dtype, strategy.chunks, world, strategy.state_tier,
+                 prefetches_next_chunk(strategy, num_chunks))
+    cache = _RANK_CACHES.get(cache_key)
+    if cache is None:
+        cache = _remember(_RANK_CACHES, cache_key, {})
+    if "local" not in cache:
+        shapes = {n: s for n, s, _ in prep.layout.named_shapes}
+        cache["local"] = local_span_bytes([s for chunk in prep.spans for s in chunk], shapes, world)
+    return cache, cache["local"]
+
+
+def rank_steps(prep: PreparedChunks, strategy: Strategy, part: ChunkPart, k: int, world: int, local: np.ndarray,
+               cache: dict) -> list[RankStep]:
+    """Every rank's RankStep of chunk k."""
+    traced = prep.cases[k][0]
+    nxt = (k + 1) % len(prep.spans) if prefetches_next_chunk(strategy, len(prep.spans)) else None
+    return [RankStep(chunk=k, rank=r, live=part.live, reserved=part.reserved, static=st.static,
+                     static_reserved=st.static_reserved, end=part.end, temps=st.temps, temps_reserved=st.temps_reserved,
+                     host=st.host, disk=st.disk, phases=traced.phases, layers=traced.layers, peak_op=part.peak_op,
+                     reserved_max=part.reserved_max)
+            for r, st in enumerate(rank_states(strategy, prep.layout, prep.spans, local, k, nxt, world, cache))]
