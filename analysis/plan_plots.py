@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from analysis.plots import GIB, _style, byte_unit  # noqa: E402
+from analysis.plots import GIB, apply_style, byte_unit  # noqa: E402
 from analysis.sweep import Sweep  # noqa: E402
 from planner.units import format_bytes  # noqa: E402
 
@@ -27,7 +27,7 @@ FITS, MISSES = "#a1d99b", "#fc9272"
 def fit_map(sweep: Sweep) -> Figure:
     """One panel per strategy: sequence length x batch, green where every tier fits, red where
     not; each cell shows the GPU bytes the budget must hold."""
-    _style()
+    apply_style()
     df = sweep.fit_map
     strategies = list(dict.fromkeys(df["strategy"]))
     seqs = sorted(set(df["seq_len"]))
@@ -64,7 +64,7 @@ def fit_map(sweep: Sweep) -> Figure:
 
 def chunk_sweep(sweep: Sweep) -> Figure:
     """GPU peak and predicted step time against chunk count, per ChunkFT family."""
-    _style()
+    apply_style()
     df = sweep.chunk_sweep
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 4.2))
     div, unit = byte_unit(float(max(df["gpu_need_bytes"].max(), sweep.budget.gpu_bytes)))
@@ -95,7 +95,7 @@ def chunk_sweep(sweep: Sweep) -> Figure:
 
 def sizing(sweep: Sweep) -> Figure:
     """Per strategy, the GPU memory a card needs, against the catalogue's memory sizes."""
-    _style()
+    apply_style()
     df = sweep.sizing
     fig, ax = plt.subplots(figsize=(9.0, 4.8))
     y = np.arange(len(df))

@@ -42,7 +42,8 @@ def byte_unit(max_bytes: float) -> tuple[int, str]:
     return (GIB, "GiB") if max_bytes >= GIB else (2**20, "MiB")
 
 
-def _style() -> None:
+def apply_style() -> None:
+    """The font sizes every chunkft figure uses (analysis.plots and analysis.plan_plots)."""
     plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8.5})
 
 
@@ -88,7 +89,7 @@ def _extend_to(x: np.ndarray, ys: list[np.ndarray], end: float) -> tuple[np.ndar
 def memory_over_step(comparison: Comparison, tier: str = "gpu") -> Figure:
     """Predicted bytes stacked by component, predicted reserved, measured allocated (and
     reserved) as lines, both peaks marked; a phase ribbon along the top."""
-    _style()
+    apply_style()
     p_all = comparison.predicted_events
     p = p_all[p_all["tier"] == tier]
     m_all = comparison.measured_events
@@ -182,7 +183,7 @@ def _tier_state(events: pd.DataFrame) -> pd.DataFrame:
 def chunk_switch(comparison: Comparison, margin: int = 5) -> Figure | None:
     """Bytes per tier across the first chunk switch, with each transfer's size; None when the
     timeline holds no chunk switch."""
-    _style()
+    apply_style()
     p_all = comparison.predicted_events
     window = _switch_window(p_all, margin)
     if window is None:
@@ -242,7 +243,7 @@ def chunk_switch(comparison: Comparison, margin: int = 5) -> Figure | None:
 
 def errors(comparison: Comparison) -> Figure:
     """Peak per tier and peak per phase, predicted vs measured, labelled with relative error."""
-    _style()
+    apply_style()
     peaks = comparison.peaks[comparison.peaks["metric"].isin(["allocated", "cpu-equivalent"])]
     phases = comparison.phases
     tier = "gpu" if (phases["tier"] == "gpu").any() else (phases["tier"].iloc[0] if len(phases) else "gpu")
@@ -303,7 +304,7 @@ def error_table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]
 
 def error_table(comparison: Comparison) -> Figure:
     """The peak table rendered as an image."""
-    _style()
+    apply_style()
     header, rows = error_table_rows(comparison)
     fig, ax = plt.subplots(figsize=(9.0, 0.9 + 0.38 * max(len(rows), 1)))
     ax.axis("off")
