@@ -60,7 +60,7 @@ import numpy as np
 
 from planner.errors import ChunkftError
 from planner.memory import (COMPONENTS, K_LARGE_BUFFER, K_MIN_LARGE_ALLOC, K_SMALL_BUFFER, K_SMALL_SIZE,
-                            round_size, segment_size)
+                            AllocConf, round_size, segment_size, side_stream_pool)
 from planner.schema import Component, Event, EventKind, Phase, Tier
 from planner.steptime import StepWork, predict_step_time
 from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidency
@@ -138,6 +138,9 @@ class TracedStep:
     flops: int
     phases: tuple[Phase, ...] = ()
     layers: tuple[int | None, ...] = ()
+    least: int | None = None
+    """The least memory the traced step needs (planner.memory MemoryTimeline.least_bytes: the
+    smallest allocator cap it replays under, cached blocks freed and retried); None = reserved."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -245,19 +248,19 @@ def sm_arch(hw: Any) -> int:
 
 
 def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, checkpointing: bool,
-                loss_chunk_tokens: int, sm: int, loop: str = "chunkft") -> TracedStep:
+                loss_chunk_tokens: int, sm: int, loop: str = "chunkft", alloc_conf: str = "") -> TracedStep:
     """trace_step + replay(allocator="cuda"), cached per model, shape and trace options
     (`loop`: the recipe's, planner.recipe.Loop)."""
     from planner.trace import TraceOptions, trace_step
 
     options = TraceOptions(grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens, loop=loop)
-    key = (model.fingerprint(), shape, options.key(), sm)
+    key = (model.fingerprint(), shape, options.key(), sm, AllocConf.parse(alloc_conf).normalised())
     if key in _TRACES:
         return _TRACES[key]
     graph = trace_step(model, shape, options)
-    tl = graph.replay(allocator="cuda", sm=sm)
+    tl = graph.replay(allocator="cuda", sm=sm, alloc_conf=alloc_conf, least=True)
     live = np.stack([tl.live_bytes[c] for c in COMPONENTS])
-    step = TracedStep(live=live, reserved=np.asarray(tl.reserved_bytes, dtype=np.int64),
+    step = TracedStep(live=live, reserved=np.asarray(tl.reserved_bytes, dtype=np.int64), least=tl.least_bytes,
                       flops=int(graph.total_flops()), phases=tuple(op.phase for op in graph.ops),
                       layers=tuple(op.layer for op in graph.ops))
     if len(_TRACES) >= _TRACE_CACHE_SIZE:
@@ -437,17 +440,26 @@ def host_and_disk_bytes(strategy: Strategy, layout: ParamLayout, active: ActiveS
 
 def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active: ActiveSet,
             hw: Any, *, dtype: str = "bf16", all_spans: tuple[int, ...] = (),
-            flops: int | None = None) -> Estimate:
+            flops: int | None = None, chunk_spans: tuple[tuple[int, ...], ...] = ()) -> Estimate:
     """The Estimate of one step (one active chunk) from its traced step: see the module doc.
 
     `all_spans`: 16-bit bytes of every span of every chunk (default: the active set's);
-    `flops`: the step's flops when not the traced step's own (bound mode)."""
+    `flops`: the step's flops when not the traced step's own (bound mode); `chunk_spans`: the
+    same per chunk, in chunk order, for the prefetch side stream's pool (`side_stream_state`).
+
+    Least memory (Estimate.least_bytes): the traced step's own (the smallest cap its replay runs
+    under with PyTorch's free-cached-blocks-and-retry), lowered by what `adjusted_gpu_live`
+    takes off reserved, plus what the static state needs (its segments, or the side stream's
+    least); at the optimizer step, what is left allocated plus the temporaries' segments."""
     live, reserved = adjusted_gpu_live(traced, strategy, layout, active)
     statics = gpu_static_allocs(strategy, layout, active, all_spans)
     static_comps: dict[Component, int] = {}
     add_allocs(static_comps, statics)
     static_total = sum(static_comps.values())
-    static_reserved = segment_bytes(statics)
+    static_reserved = static_least = segment_bytes(statics)
+    side = side_stream_state(strategy, layout, chunk_spans)
+    if side is not None and statics:
+        static_reserved, static_least = side
 
     total = live.sum(axis=0)
     t = int(np.argmax(total))
@@ -456,6 +468,9 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
         gpu[c] = gpu.get(c, 0) + b
     gpu_peak = int(total[t]) + static_total
     gpu_reserved = int(reserved.max()) + static_reserved  # reserved only grows: its high-water mark
+    traced_top = int(traced.reserved.max())
+    slack = traced_top - (traced_top if traced.least is None else min(traced.least, traced_top))
+    least = max(int(reserved.max()) - slack, int(total.max())) + static_least
 
     temps = optimizer_temp_allocs(strategy, layout, active)
     if temps:  # the optimizer step after backward: what is left at the end, plus temporaries
@@ -465,10 +480,12 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
         add_allocs(end, temps)
         opt_peak = sum(end.values())
         gpu_reserved = max(gpu_reserved, int(reserved.max()) + static_reserved + segment_bytes(temps))
+        least = max(least, int(total[-1]) + static_least + segment_bytes(temps))
         if opt_peak > gpu_peak:
             gpu, gpu_peak = end, opt_peak
     gpu = {c: b for c, b in gpu.items() if b}
     assert sum(gpu.values()) == gpu_peak
+    reserved_bytes = max(gpu_reserved, gpu_peak)
 
     host, disk = host_and_disk_bytes(strategy, layout, active, all_spans)
     work = _work(layout, sum(active.tensor_bytes), traced.flops if flops is None else flops, dtype)
@@ -477,13 +494,25 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
         strategy=strategy,
         peak_bytes={Tier.GPU: gpu_peak, Tier.HOST: sum(host.values()), Tier.DISK: sum(disk.values())},
         components={Tier.GPU: gpu, Tier.HOST: host, Tier.DISK: disk},
-        reserved_bytes=max(gpu_reserved, gpu_peak),
+        reserved_bytes=reserved_bytes,
+        least_bytes=min(max(least, gpu_peak), reserved_bytes),
         step_time_s=float(sum(parts.values())),
         step_time_parts_s=parts,
         worst_chunk=active.chunk,
         context_bytes=CUDA_CONTEXT_BYTES,
     )
 
+
+def side_stream_state(strategy: Strategy, layout: ParamLayout,
+                      chunk_spans: tuple[tuple[int, ...], ...]) -> tuple[int, int] | None:
+    """(reserved, least) of the GPU optimizer state when it arrives on the prefetch side stream
+    (planner.memory.side_stream_pool): chunked, state resting off the GPU, prefetch_depth >= 1,
+    optimizer on the GPU. None otherwise (or without the chunk table's spans)."""
+    if (not chunk_spans or strategy.chunks < 2 or strategy.prefetch_depth < 1
+            or strategy.optimizer_device != OptimizerDevice.GPU or strategy.state_tier == Tier.GPU):
+        return None
+    tensors = tuple(tuple(a.nbytes for a in state_allocs(chunk, layout.elem_bytes)) for chunk in chunk_spans)
+    return side_stream_pool(tensors, strategy.prefetch_depth, strategy.recipe.alloc_conf)
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
@@ -518,6 +547,7 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
 
     def trace(grad: dict | None) -> TracedStep:
         return traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
+                           alloc_conf=strategy.recipe.alloc_conf,
                            loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=strategy.recipe.loop.value)
 
     if strategy.chunks == 1:
@@ -525,6 +555,7 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
         return combine(trace(None), strategy, layout, full, hw, dtype=shape.dtype, all_spans=layout.tensor_bytes)
     table = chunk_table(model, shape.dtype, strategy.chunks)
     spans = tuple(s.nbytes for chunk in table.chunks for s in chunk)
+    by_chunk = tuple(tuple(s.nbytes for s in chunk) for chunk in table.chunks)
     if chunk_traces == "auto":
         chunk_traces = "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
     estimates: list[Estimate] = []
@@ -535,14 +566,14 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
             flops += [traced.flops] * len(group)
             for k in group:
                 estimates.append(combine(traced, strategy, layout, active_set_for(table, k, strategy), hw,
-                                         dtype=shape.dtype, all_spans=spans))
+                                         dtype=shape.dtype, all_spans=spans, chunk_spans=by_chunk))
     else:
         traced = trace(None)
         flops = _bound_flops(traced.flops, table, layout, shape)
         actives = [active_set_for(table, k, strategy) for k in range(table.num_chunks)]
         for k in bound_candidates(actives, layout):
             estimates.append(combine(traced, strategy, layout, actives[k], hw, dtype=shape.dtype,
-                                     all_spans=spans, flops=flops[k]))
+                                     all_spans=spans, flops=flops[k], chunk_spans=by_chunk))
     worst = max(estimates, key=lambda e: (e.need_bytes(Tier.GPU), -(e.worst_chunk or 0)))
     # step time: the worst chunk's terms at the mean flops of all chunks (the other terms are
     # the same for every chunk of a balanced table, up to one row)
@@ -649,6 +680,7 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
             group = next(g for g in chunk_groups(table, layout.layer_prefix) if chunk in g)
             grad = table.grad_spec(group[0])
     traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
+                         alloc_conf=strategy.recipe.alloc_conf,
                          loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw), loop=strategy.recipe.loop.value)
     return timeline_events(traced, strategy, layout, active, all_spans=spans)
 

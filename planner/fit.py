@@ -9,7 +9,9 @@ full fine-tuning with AdamW on the GPU, the same with activation checkpointing, 
 `--chunks` count with inactive state in pinned host memory (checkpointing on), a
 DeepSpeed-ZeRO-Offload-style full FT (AdamW on host, fp32 gradients gathered there), and the
 NVMSA path (16-bit gradients leave the GPU as produced), to host and to disk. For each: GPU
-peak (allocated) and reserved, host and disk peaks, fits or not per tier, predicted step time.
+peak (allocated), reserved (cached, unconstrained) and the least memory the step needs (the
+allocator frees cached blocks and retries before it fails; what the GPU budget is held to), host
+and disk peaks, fits or not per tier, predicted step time.
 Then the recommended row -- the first that fits in the objective's order (`--objective speed`,
 the default: shortest predicted step, then fewest chunks; `fidelity`: fewest chunks first, the
 closest to plain full fine-tuning) -- with its component breakdown per tier, and the other
@@ -276,7 +278,8 @@ def print_report(r: dict, out=None) -> None:
     w(f"disk:       {ra['disk'] or 'not limited (--disk to check)'}\n")
     w(f"objective:  {r['objective']}\n\n")
     label_w = max(len("strategy"), *(len(row["label"]) for row in r["rows"]))
-    head = (f"{'strategy':<{label_w}}  {'GPU peak':>10}  {'reserved':>10}  {'host':>10}  {'disk':>10}"
+    head = (f"{'strategy':<{label_w}}  {'GPU peak':>10}  {'reserved':>10}  {'least':>10}  {'host':>10}"
+            f"  {'disk':>10}"
             f"  {'fits GPU/host/disk':>18}  {'step':>8}")
     w(head + "\n" + "-" * len(head) + "\n")
     for i, row in enumerate(r["rows"]):
@@ -284,9 +287,11 @@ def print_report(r: dict, out=None) -> None:
         fits = "/".join(_fits_mark(row["fits"][t.value]) for t in TIERS)
         mark = "  <- recommended" if i == r["recommended"] else ""
         w(f"{row['label']:<{label_w}}  {format_bytes(pk['gpu']):>10}  {format_bytes(row['reserved_bytes']):>10}"
-          f"  {format_bytes(pk['host']):>10}  {format_bytes(pk['disk']):>10}  {fits:>18}"
+          f"  {format_bytes(row.get('least_bytes', row['reserved_bytes'])):>10}  {format_bytes(pk['host']):>10}"
+          f"  {format_bytes(pk['disk']):>10}  {fits:>18}"
           f"  {_secs(row['step_time_s']):>8}{mark}\n")
-    w("\n")
+    w("reserved: what the caching allocator caches unconstrained; least: the least memory the step needs "
+      "(it frees cached blocks and retries before running out): fits GPU holds least to the budget\n\n")
     if r["recommended"] is None:
         w("nothing fits: no row fits every tier's budget (see the peaks above)\n")
         return
@@ -303,8 +308,10 @@ def print_report(r: dict, out=None) -> None:
         w(f"  {tier.value:<5} {format_bytes(row['peak_bytes'][tier.value]):>10}: {parts}\n")
     times = ", ".join(f"{k} {_secs(v)}" for k, v in row["step_time_parts_s"].items())
     w(f"  step time {_secs(row['step_time_s'])}: {times}\n")
-    card = row["reserved_bytes"] + row["context_bytes"]
-    w(f"  a GPU needs about {format_bytes(card)}: {format_bytes(row['reserved_bytes'])} reserved by PyTorch"
+    least = row.get("least_bytes", row["reserved_bytes"])
+    card = least + row["context_bytes"]
+    w(f"  a GPU needs about {format_bytes(card)}: {format_bytes(least)} for PyTorch's allocator"
+      f" ({format_bytes(row['reserved_bytes'])} cached when unconstrained)"
       f" + {format_bytes(row['context_bytes'])} CUDA context\n")
     alt = r["alternative"]
     if alt["row"] is not None and alt["row"] != r["recommended"]:

@@ -7,24 +7,29 @@ at the end of the backward, and adding the two would overstate the step by gigab
 allocator="cpu": every storage costs its exact byte size (what glibc's malloc hands out, up to
 its own few bytes of bookkeeping), matching the CPU ground truth of planner.measure.
 
-allocator="cuda": PyTorch's CUDA caching allocator is modelled (c10/cuda/CUDACachingAllocator.cpp):
-  - every request is rounded up to a multiple of kMinBlockSize = 512 bytes (round_size); the
+allocator="cuda": PyTorch's CUDA caching allocator is replayed (planner.cuda_alloc, a model of
+c10/cuda/CUDACachingAllocator.cpp with the PYTORCH_CUDA_ALLOC_CONF options as a typed AllocConf):
+  - every request is rounded (round_size: 512 B multiples, or roundup_power2_divisions); the
     extra bytes are Component.ROUNDING in the allocated total;
-  - requests up to kSmallSize = 1 MiB come from the small pool, carved out of kSmallBuffer =
-    2 MiB segments; larger ones from the large pool, whose new segments are kLargeBuffer = 20 MiB
-    for requests under kMinLargeAlloc = 10 MiB and otherwise the request rounded up to a
-    multiple of kRoundLarge = 2 MiB (get_allocation_size);
-  - a free block is split when the remainder is at least kMinBlockSize (small pool) or more
-    than kSmallSize (large pool) (should_split); freed blocks merge with free neighbours in
-    their segment; segments are cached, never returned (no empty_cache, no OOM retry);
-  - best fit: the smallest cached free block of the pool that is large enough (get_free_block).
-  This gives `reserved` (bytes of segments held), which is what nvidia-smi shows minus the CUDA
-  context on a GPU with room to spare. It is an upper bound of what a step needs: a request
-  that finds no cached block and no free device memory makes PyTorch release the unused cached
-  segments and retry (release_cached_blocks) before it raises OOM. Without checkpointing it
-  runs well above allocated (Llama 3-8B, 1K tokens: 35.9 vs 30.0 GiB): activations of 10 MiB
-  and more get segments of their own size, and the larger weight gradients of backward fit in
-  none of them once freed.
+  - requests up to 1 MiB come from the small pool (2 MiB segments), larger ones from the large
+    pool (20 MiB segments under 10 MiB, else the request rounded up to 2 MiB); best fit, split
+    and merge as PyTorch does; max_split_size_mb, garbage_collection_threshold and
+    expandable_segments (one segment per pool and stream, mapped in 2 / 20 MiB pages) as the
+    source does them.
+  This gives `reserved` (bytes of segments held when nothing limits the allocator), which is
+  what nvidia-smi shows minus the CUDA context on a GPU with room to spare. It is an upper
+  bound of what a step needs: a request that finds no cached block and no room makes PyTorch
+  free cached blocks and retry (release_available_cached_blocks, release_cached_blocks) before
+  it raises OOM. `least_bytes` (replay(..., least=True)) is the least memory the step needs:
+  the smallest cap under which the replay, retrying that way, never runs out (a bisection over
+  capped replays, planner.cuda_alloc.least_reserved). Llama 3-8B, 1K tokens, no checkpointing:
+  allocated 30.0 GiB, reserved 35.9 GiB, least 30.2 GiB: activations of 10 MiB and more get
+  segments of their own size, the larger weight gradients of backward fit in none of them once
+  freed, and freeing them is what a capped allocator does. expandable_segments:True: reserved
+  30.9 GiB (-14%), least 30.7 GiB (20 MiB pages).
+  The prefetch side stream's pool (side_stream_pool): a stream only reuses its own blocks, so
+  chunk state prefetched on a torch.cuda.Stream (runtime.chunk_optim) is replayed as its own
+  program, chunk after chunk, with the spans' actual sizes.
   The cuBLAS workspace is Component.OVERHEAD (aten/src/ATen/cuda/CublasHandlePool.cpp,
   parseChosenWorkspaceSize): by default ":4096:2:16:8" = 2 x 4096 KiB + 8 x 16 KiB = 8.125 MiB,
   and 4096 KiB x 8 = 32 MiB on compute capability 9.x, 10.x and 12.x (Hopper, Blackwell). It is
@@ -34,15 +39,15 @@ allocator="cuda": PyTorch's CUDA caching allocator is modelled (c10/cuda/CUDACac
   and autograd's device thread for backward. Both stay cached after the first step, so they
   are modelled as live before the step.
 
-Known limitations: the CUDA model ignores allocator options (expandable_segments,
-max_split_size_mb, garbage-collection thresholds), the per-stream pools of several streams,
-the 1 MiB-alignment of oversize blocks, and the CUDA context itself (hundreds of MiB outside
-PyTorch's allocator, reported by nvidia-smi but not by memory_allocated).
+Known limitations: one step is replayed from an empty cache (a steady-state step starts from
+the previous step's cached segments); record_stream's delayed reuse of blocks used on another
+stream is not modelled; garbage_collection_threshold acts only under a cap (as in PyTorch, where
+it needs set_per_process_memory_fraction), so it changes least_bytes, not reserved; the CUDA
+context itself (hundreds of MiB outside PyTorch's allocator) is not in these bytes.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 from typing import TYPE_CHECKING
 
@@ -54,13 +59,10 @@ from planner.schema import Component
 if TYPE_CHECKING:
     from planner.opgraph import OpGraph
 
-# c10/cuda/CUDACachingAllocator.cpp constants (PyTorch 2.x, unchanged through 2.13)
-K_MIN_BLOCK_SIZE = 512  # all sizes are rounded to at least 512 bytes
-K_SMALL_SIZE = 1048576  # largest "small" allocation is 1 MiB
-K_SMALL_BUFFER = 2097152  # "small" allocations are packed in 2 MiB blocks
-K_LARGE_BUFFER = 20971520  # "large" allocations may be packed in 20 MiB blocks
-K_MIN_LARGE_ALLOC = 10485760  # allocations between 1 and 10 MiB may use kLargeBuffer
-K_ROUND_LARGE = 2097152  # round up large allocations to 2 MiB
+# c10/cuda/CUDACachingAllocator.cpp constants (PyTorch 2.x), kept in planner.cuda_alloc
+from planner.cuda_alloc import (K_LARGE_BUFFER, K_MIN_BLOCK_SIZE, K_MIN_LARGE_ALLOC, K_ROUND_LARGE,  # noqa: E402,F401
+                                K_SMALL_BUFFER, K_SMALL_SIZE, AllocConf, OutOfMemory, Program, least_reserved)
+from planner.cuda_alloc import run as run_program  # noqa: E402
 
 # aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize (default CUBLAS_WORKSPACE_CONFIG)
 CUBLAS_WORKSPACE_32MB_BYTES = 4096 * 8 * 1024  # compute capability 9.x, 10.x, 12.x
@@ -92,6 +94,11 @@ class MemoryTimeline:
     peak_op: int
     """First op at which `peak_bytes` is reached."""
     peak_reserved_bytes: int
+    """Largest reserved (the caching allocator's cached segments, what nvidia-smi shows)."""
+    least_bytes: int | None = None
+    """The least memory the step needs: the smallest allocator cap (set_per_process_memory_fraction)
+    under which the replay, freeing cached blocks and retrying as PyTorch does, never runs out
+    (replay(..., least=True); None otherwise). allocated peak <= least_bytes <= peak_reserved_bytes."""
 
     def at(self, op: int) -> dict[Component, int]:
         """Bytes per component right after `op`."""
@@ -128,14 +135,18 @@ def cublas_workspace_bytes(major: int = 9) -> int:
 
 
 def replay(graph: "OpGraph", *, allocator: str = "cpu", sm: int = 90,
-           cublas_workspaces: int = TRAINING_CUBLAS_WORKSPACES) -> MemoryTimeline:
+           cublas_workspaces: int = TRAINING_CUBLAS_WORKSPACES, alloc_conf: "AllocConf | str | None" = None,
+           least: bool = False) -> MemoryTimeline:
     """Replay `graph`'s allocations and frees.
 
     For allocator="cuda", `sm` (compute capability as 10 * major + minor: 80 Ampere, 89 Ada,
-    90 Hopper) picks the cuBLAS workspace size and `cublas_workspaces` how many there are.
+    90 Hopper) picks the cuBLAS workspace size and `cublas_workspaces` how many there are;
+    `alloc_conf` (an AllocConf or PYTORCH_CUDA_ALLOC_CONF text) the allocator's options; `least`
+    also searches the least memory the step needs (MemoryTimeline.least_bytes).
     """
     if allocator not in ALLOCATORS:
         raise ChunkftError(f"invalid allocator {allocator!r}: valid allocators are {', '.join(ALLOCATORS)}")
+    conf = alloc_conf if isinstance(alloc_conf, AllocConf) else AllocConf.parse(alloc_conf)
     n = max(len(graph.ops), 1)
     infos = list(graph.storages.values())
     sizes = np.fromiter((s.nbytes for s in infos), dtype=np.int64, count=len(infos))
@@ -150,8 +161,7 @@ def replay(graph: "OpGraph", *, allocator: str = "cpu", sm: int = 90,
     start_bytes = int(sizes[pre & (ends > 0)].sum())
     if allocator == "cuda":
         # round_size; an empty storage never reaches the allocator (it returns a null DataPtr)
-        rounded = np.where(sizes == 0, 0, np.maximum(
-            ((sizes + K_MIN_BLOCK_SIZE - 1) // K_MIN_BLOCK_SIZE) * K_MIN_BLOCK_SIZE, K_MIN_BLOCK_SIZE))
+        rounded = round_sizes(sizes, conf)
         extra = rounded - sizes
         r = _COMPONENT_INDEX[Component.ROUNDING]
         np.add.at(delta[r], starts, extra)
@@ -163,8 +173,14 @@ def replay(graph: "OpGraph", *, allocator: str = "cpu", sm: int = 90,
         start_bytes += sum(workspaces)
     live = np.cumsum(delta, axis=1)[:, :n]
     total = live.sum(axis=0)
+    least_bytes = None
     if allocator == "cuda":
-        reserved = _simulate_caching_allocator(n, rounded, starts, ends, pre, workspaces)
+        program = step_program(n, rounded, starts, ends, pre, [conf.round_size(b) for b in workspaces],
+                               rounded=True)
+        peak, per_op = run_program(program, conf, per_op=True)
+        reserved = np.asarray(per_op, dtype=np.int64)
+        if least:
+            least_bytes = least_reserved(program, conf, low=int(total.max()) - 1, high=peak)
     else:
         reserved = total
     peak_op = int(np.argmax(total))
@@ -177,96 +193,82 @@ def replay(graph: "OpGraph", *, allocator: str = "cpu", sm: int = 90,
         peak_bytes=int(total[peak_op]),
         peak_op=peak_op,
         peak_reserved_bytes=int(reserved.max()),
+        least_bytes=least_bytes,
     )
 
 
-def _simulate_caching_allocator(n: int, rounded: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                                pre: np.ndarray, workspaces: list[int]) -> np.ndarray:
-    """Reserved bytes after every op under the caching-allocator model in the module docstring."""
-    alloc = _CachingAllocatorModel()
-    for i, nbytes in enumerate(workspaces):
-        alloc.malloc(-1 - i, round_size(nbytes))
-    # Pre-existing storages are allocated first, in id order (the order they were created).
-    for sid in np.flatnonzero(pre & (rounded > 0)):
-        alloc.malloc(int(sid), int(rounded[sid]))
-    frees_at: dict[int, list[int]] = {}
-    allocs_at: dict[int, list[int]] = {}
-    for sid in np.flatnonzero(~pre & (rounded > 0)):
-        allocs_at.setdefault(int(starts[sid]), []).append(int(sid))
-    for sid in np.flatnonzero((ends < n) & (rounded > 0)):
-        frees_at.setdefault(int(ends[sid]), []).append(int(sid))
-    reserved = np.zeros(n, dtype=np.int64)
-    for k in range(n):
-        for sid in frees_at.get(k, ()):
-            alloc.free(sid)
-        for sid in allocs_at.get(k, ()):
-            alloc.malloc(sid, int(rounded[sid]))
-        reserved[k] = alloc.reserved_bytes
-    return reserved
+def round_sizes(sizes: np.ndarray, conf: AllocConf = AllocConf()) -> np.ndarray:
+    """round_size of every size (0 stays 0: an empty storage never reaches the allocator)."""
+    if not any(conf.roundup_power2_divisions):
+        return np.where(sizes == 0, 0, np.maximum(
+            ((sizes + K_MIN_BLOCK_SIZE - 1) // K_MIN_BLOCK_SIZE) * K_MIN_BLOCK_SIZE, K_MIN_BLOCK_SIZE))
+    memo: dict[int, int] = {}
+    out = np.empty_like(sizes)
+    for i, s in enumerate(sizes.tolist()):
+        r = memo.get(s)
+        if r is None:
+            r = memo[s] = 0 if s == 0 else conf.round_size(s)
+        out[i] = r
+    return out
 
 
-class _CachingAllocatorModel:
-    """Best-fit blocks in cached segments, two pools (small <= 1 MiB, large), merge on free."""
+def step_program(n: int, sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray, pre: np.ndarray,
+                 workspaces: list[int], *, keep: np.ndarray | None = None, rounded: bool = False) -> Program:
+    """The caching allocator's view of a step: the workspaces and the storages live before the
+    step (in id order: the order they were created), then per op its frees and allocations.
+    `keep`: mask of the storages that reach the GPU (default all); `rounded`: the sizes are
+    round_size'd already (`round_sizes`)."""
+    ok = sizes > 0
+    if keep is not None:
+        ok &= keep
+    first = [(-1 - i, int(b), 0) for i, b in enumerate(workspaces)]
+    first += [(int(sid), int(sizes[sid]), 0) for sid in np.flatnonzero(pre & ok)]
+    allocs: list[list] = [[] for _ in range(n)]
+    frees: list[list] = [[] for _ in range(n)]
+    for sid in np.flatnonzero(~pre & ok).tolist():
+        allocs[int(starts[sid])].append((sid, int(sizes[sid]), 0))
+    for sid in np.flatnonzero((ends < n) & ok).tolist():
+        frees[int(ends[sid])].append(sid)
+    return Program(pre=tuple(first), ops=tuple(zip(map(tuple, frees), map(tuple, allocs))), rounded=rounded)
 
-    def __init__(self):
-        self.reserved_bytes = 0
-        # per pool: sorted list of free blocks (size, segment, offset)
-        self.free_blocks: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}
-        # per segment: {offset: (size, is_free)}
-        self.segments: list[dict[int, list]] = []
-        self.segment_small: list[bool] = []
-        self.owner: dict[int, tuple[int, int]] = {}  # storage id -> (segment, offset)
 
-    def malloc(self, key: int, size: int) -> None:
-        small = size <= K_SMALL_SIZE
-        pool = self.free_blocks[small]
-        i = bisect.bisect_left(pool, (size, -1, -1))
-        if i == len(pool):
-            seg_bytes = segment_size(size)
-            seg = len(self.segments)
-            self.segments.append({0: [seg_bytes, True]})
-            self.segment_small.append(small)
-            self.reserved_bytes += seg_bytes
-            block = (seg_bytes, seg, 0)
-        else:
-            block = pool.pop(i)
-        block_size, seg, off = block
-        blocks = self.segments[seg]
-        remaining = block_size - size
-        split = remaining >= K_MIN_BLOCK_SIZE if small else remaining > K_SMALL_SIZE
-        if split:
-            blocks[off] = [size, False]
-            blocks[off + size] = [remaining, True]
-            bisect.insort(pool, (remaining, seg, off + size))
-        else:
-            blocks[off] = [block_size, False]
-        self.owner[key] = (seg, off)
+SIDE_STREAM = 1
+"""Stream id of the prefetch side stream in a Program (the default stream is 0)."""
+_SIDE_POOLS: dict[tuple, tuple[int, int]] = {}
 
-    def free(self, key: int) -> None:
-        seg, off = self.owner.pop(key)
-        blocks = self.segments[seg]
-        pool = self.free_blocks[self.segment_small[seg]]
-        size = blocks[off][0]
-        # merge with the next block
-        nxt = off + size
-        if nxt in blocks and blocks[nxt][1]:
-            nsize = blocks.pop(nxt)[0]
-            pool.remove((nsize, seg, nxt))
-            size += nsize
-        # merge with the previous block
-        prev = self._previous(blocks, off)
-        if prev is not None and blocks[prev][1]:
-            psize = blocks[prev][0]
-            pool.remove((psize, seg, prev))
-            del blocks[off]
-            off, size = prev, psize + size
-        blocks[off] = [size, True]
-        bisect.insort(pool, (size, seg, off))
 
-    @staticmethod
-    def _previous(blocks: dict[int, list], off: int) -> int | None:
-        best = None
-        for o in blocks:
-            if o < off and (best is None or o > best):
-                best = o
-        return best
+def side_stream_pool(chunk_tensors: tuple[tuple[int, ...], ...], depth: int,
+                     alloc_conf: "AllocConf | str | None" = None) -> tuple[int, int]:
+    """(reserved, least) bytes of the prefetch side stream's own pool over a cycle of chunk switches.
+
+    runtime.chunk_optim loads the next chunk's state on a torch.cuda.Stream: its tensors are
+    allocated in that stream's pool, where the default stream never reuses them, and freed back
+    to it when the chunk is done. `chunk_tensors[k]`: bytes of chunk k's state tensors in the
+    order they are created (per span: master, exp_avg, exp_avg_sq). With `depth` chunks ahead,
+    chunks k .. k+depth are live while chunk k trains; a switch frees chunk k's, then
+    allocates chunk k+depth+1's. Chunks of different span sizes leave blocks the next ones
+    fit badly: reserved is the pool's high-water mark over two cycles (the cycle repeats), and
+    least what it needs when the allocator frees cached blocks on a failed request."""
+    conf = alloc_conf if isinstance(alloc_conf, AllocConf) else AllocConf.parse(alloc_conf)
+    c = len(chunk_tensors)
+    depth = max(0, min(depth, c - 1))
+    key = (chunk_tensors, depth, conf)
+    if key in _SIDE_POOLS:
+        return _SIDE_POOLS[key]
+    pre = tuple(((0, j, i), b, SIDE_STREAM) for j in range(depth + 1)
+                for i, b in enumerate(chunk_tensors[j]) if b)
+    ops = []
+    for k in range(2 * c):
+        j = k + depth + 1
+        frees = tuple((k, k % c, i) for i, b in enumerate(chunk_tensors[k % c]) if b)
+        frees = tuple((k // c, kk, i) for _, kk, i in frees)
+        allocs = tuple(((j // c, j % c, i), b, SIDE_STREAM) for i, b in enumerate(chunk_tensors[j % c]) if b)
+        ops.append((frees, allocs))
+    program = Program(pre=pre, ops=tuple(ops))
+    peak, _ = run_program(program, conf)
+    live = max(sum(sum(chunk_tensors[(k + i) % c]) for i in range(depth + 1)) for k in range(c))
+    least = least_reserved(program, conf, low=live - 1, high=peak) if live else 0
+    if len(_SIDE_POOLS) > 256:
+        _SIDE_POOLS.clear()
+    _SIDE_POOLS[key] = (peak, least)
+    return peak, least

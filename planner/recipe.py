@@ -35,7 +35,8 @@ PYTORCH_CUDA_ALLOC_CONF's syntax):
   modules of a frozen base.
 - `--alloc-conf STRING` (`alloc_conf`): PYTORCH_CUDA_ALLOC_CONF options of the CUDA caching
   allocator (expandable_segments, max_split_size_mb, roundup_power2_divisions,
-  garbage_collection_threshold).
+  garbage_collection_threshold; planner.cuda_alloc.AllocConf), kept normalised; the replay of
+  the traced step (planner.memory) runs the allocator with them.
 
 `Recipe.require_modelled()` refuses, in one line, an axis value the cost model does not price
 yet; a plan states the recipe it was made for so that an older plan never passes for a newer
@@ -133,6 +134,9 @@ class Recipe:
             raise ChunkftError("--lora needs at least one target module name")
         if not isinstance(self.alloc_conf, str) or len(self.alloc_conf) > 400:
             raise ChunkftError(f"invalid alloc_conf {self.alloc_conf!r}: must be a PYTORCH_CUDA_ALLOC_CONF string")
+        from planner.cuda_alloc import AllocConf  # parsed and checked here, kept as normalised text
+
+        set_(self, "alloc_conf", AllocConf.parse(self.alloc_conf).normalised())
 
     # -- what the cost model prices ----------------------------------------------------------
 
@@ -155,8 +159,6 @@ class Recipe:
             unmodelled.append("--trainable/--freeze")
         if self.lora_rank:
             unmodelled.append("--lora")
-        if self.alloc_conf:
-            unmodelled.append("--alloc-conf")
         if unmodelled:
             raise ChunkftError(f"{unmodelled[0]} is not modelled by this planner yet; leave it at its default "
                                f"(planner.recipe lists each axis)")

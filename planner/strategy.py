@@ -8,7 +8,11 @@ component breakdown at each peak, the CUDA reserved bytes, and a step time.
 
 Budget semantics for the GPU: the bytes PyTorch's caching allocator may reserve (what
 `torch.cuda.set_per_process_memory_fraction` caps). The CUDA context lives outside the allocator;
-`Estimate.context_bytes` reports it, and a real card needs it on top of the budget.
+`Estimate.context_bytes` reports it, and a real card needs it on top of the budget. A step fits
+when the allocator can serve every request under that cap: when a request finds no cached block
+and no room, PyTorch frees its unused cached segments and retries, so the least memory a step
+needs (`Estimate.least_bytes`) can be well under the reserved bytes it caches when unconstrained
+(`Estimate.reserved_bytes`, what nvidia-smi shows on a card with room to spare).
 
 All three types round-trip through JSON (`to_json` / `from_json`); malformed input is a
 ChunkftError naming the bad value and the valid ones.
@@ -229,8 +233,8 @@ class Estimate:
     components: dict[Tier, dict[Component, int]]
     """Breakdown at each tier's peak; sums to `peak_bytes[tier]`."""
     reserved_bytes: int
-    """Predicted `torch.cuda.max_memory_reserved` over the step (>= peak_bytes[GPU]): what the
-    caching allocator must be able to hold, so what a GPU budget is held against."""
+    """Predicted `torch.cuda.max_memory_reserved` over the step (>= peak_bytes[GPU]) when nothing
+    limits the caching allocator: the segments it caches (what nvidia-smi shows, less the context)."""
     step_time_s: float
     """Predicted seconds per optimizer step (chunk switches amortised)."""
     worst_chunk: int | None
@@ -239,11 +243,22 @@ class Estimate:
     """CUDA context outside PyTorch's allocator: a real card needs reserved + this."""
     step_time_parts_s: dict[str, float] = dataclasses.field(default_factory=dict)
     """The step time's terms (compute, recompute, optimizer, transfers ...), for reports."""
+    least_bytes: int | None = None
+    """The least memory the step needs on the GPU: the smallest allocator cap under which the
+    caching allocator, freeing cached blocks and retrying on a failed request, serves every
+    request (peak_bytes[GPU] <= least_bytes <= reserved_bytes). What a GPU budget is held
+    against. None (older plan files, estimates that do not search it): reserved_bytes."""
+
+    @property
+    def least_gpu_bytes(self) -> int:
+        """least_bytes, or reserved_bytes where it was not searched."""
+        return self.reserved_bytes if self.least_bytes is None else self.least_bytes
 
     def need_bytes(self, tier: Tier) -> int:
-        """What the tier's budget must hold: reserved bytes on the GPU, the peak elsewhere."""
+        """What the tier's budget must hold: the least memory the step needs on the GPU (the
+        allocator frees cached blocks before it fails), the peak elsewhere."""
         if tier == Tier.GPU:
-            return max(self.reserved_bytes, self.peak_bytes.get(Tier.GPU, 0))
+            return max(self.least_gpu_bytes, self.peak_bytes.get(Tier.GPU, 0))
         return self.peak_bytes.get(tier, 0)
 
     def missing(self, budget: Budget) -> dict[Tier, int]:
@@ -270,6 +285,7 @@ class Estimate:
             "peak_bytes": {t.value: b for t, b in self.peak_bytes.items()},
             "components": {t.value: {c.value: b for c, b in comps.items()} for t, comps in self.components.items()},
             "reserved_bytes": self.reserved_bytes,
+            "least_bytes": self.least_gpu_bytes,
             "context_bytes": self.context_bytes,
             "step_time_s": self.step_time_s,
             "step_time_parts_s": dict(self.step_time_parts_s),
@@ -285,6 +301,7 @@ class Estimate:
                 components={Tier(t): {Component(c): int(b) for c, b in comps.items()}
                             for t, comps in data["components"].items()},
                 reserved_bytes=int(data["reserved_bytes"]),
+                least_bytes=None if data.get("least_bytes") is None else int(data["least_bytes"]),
                 context_bytes=int(data.get("context_bytes", 0)),
                 step_time_s=float(data["step_time_s"]),
                 step_time_parts_s={str(k): float(v) for k, v in data.get("step_time_parts_s", {}).items()},
