@@ -130,7 +130,8 @@ class AllocConf:
                 except ValueError:
                     v = -1.0
                 if not 0.0 < v < 1.0:
-                    raise ChunkftError(f"invalid garbage_collection_threshold {value!r}: must be a number in (0.0, 1.0)")
+                    raise ChunkftError(f"invalid garbage_collection_threshold {value!r}: "
+                                       "must be a number in (0.0, 1.0)")
                 values[key] = v
             elif key == "backend":
                 if value != "native":

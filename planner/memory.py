@@ -260,8 +260,7 @@ def side_stream_pool(chunk_tensors: tuple[tuple[int, ...], ...], depth: int,
     ops = []
     for k in range(2 * c):
         j = k + depth + 1
-        frees = tuple((k, k % c, i) for i, b in enumerate(chunk_tensors[k % c]) if b)
-        frees = tuple((k // c, kk, i) for _, kk, i in frees)
+        frees = tuple((k // c, k % c, i) for i, b in enumerate(chunk_tensors[k % c]) if b)
         allocs = tuple(((j // c, j % c, i), b, SIDE_STREAM) for i, b in enumerate(chunk_tensors[j % c]) if b)
         ops.append((frees, allocs))
     program = Program(pre=pre, ops=tuple(ops))

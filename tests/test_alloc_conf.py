@@ -140,7 +140,8 @@ class RefAllocator:
             return None
         j = 0
         if self.expandable:
-            while j + 1 < len(cands) and self.span(cands[j + 1][2], cands[j + 1][3]) < self.span(cands[j][2], cands[j][3]):
+            spans = [self.span(c[2], c[3]) for c in cands]
+            while j + 1 < len(cands) and spans[j + 1] < spans[j]:
                 j += 1
         bsize, _, seg, row = cands[j]
         if self.max_split and size < self.max_split <= bsize:
@@ -189,7 +190,8 @@ class RefAllocator:
             if self.cap is not None and self.reserved + top - r[0] > self.cap:
                 return None
             i = seg["rows"].index(r)
-            seg["rows"][i:i + 1] = [[r[0], top - r[0], "F"]] + ([[top, r[0] + r[1] - top, "U"]] if top < r[0] + r[1] else [])
+            rest = [[top, r[0] + r[1] - top, "U"]] if top < r[0] + r[1] else []
+            seg["rows"][i:i + 1] = [[r[0], top - r[0], "F"]] + rest
             self.coalesce(seg)
         row = next(r for r in seg["rows"] if r[0] == addr)
         return seg, row
@@ -459,7 +461,8 @@ def test_roundup_power2_divisions_as_test_cuda_expects():
     nbytes, nbytes_big = 4 * 21 * MiB, 4 * 100 * MiB
     assert AllocConf.parse("").round_size(nbytes) == nbytes
     assert AllocConf.parse("roundup_power2_divisions:4").round_size(nbytes) == power2_div(nbytes, 4) == 96 * MiB
-    listed = AllocConf.parse("garbage_collection_threshold:0.5,roundup_power2_divisions:[64:8,128:2,256:2,512:2,1024:1,>:1]")
+    listed = AllocConf.parse("garbage_collection_threshold:0.5,"
+                             "roundup_power2_divisions:[64:8,128:2,256:2,512:2,1024:1,>:1]")
     assert listed.round_size(nbytes) == power2_div(nbytes, 8) == 88 * MiB
     assert listed.round_size(nbytes_big) == power2_div(nbytes_big, 2) == 512 * MiB
     assert listed.garbage_collection_threshold == 0.5
