@@ -17,6 +17,13 @@ the device while the current chunk trains. A chunk's state is created the first 
 chunk is activated (masters copied from the weights, moments zero): identical to creating it
 up front, since an inactive chunk's weights do not change.
 
+State formats (`runtime.lean_state.StateFormat`, from the plan's recipe): fp32 moments
+(`--optim chunkft`, the default), bf16 moments (`adamw_bf16`) or torchao's block-wise 8-bit
+moments (`adamw_torch_8bit`), each with an fp32 master (`--precision mixed`) or without one
+(`pure`: the step updates the 16-bit weights directly, in fp32 arithmetic, rounded back). Every
+tier holds every format (bf16 tensors, uint8 codes and fp32 block scales are tensors like any
+other: pinned on HOST, safetensors on DISK); the accounting counts their real bytes.
+
 Typical loop (one optimizer step of `accum` micro-batches):
 
     opt = ChunkAdamW(model, table, config=AdamWConfig(lr=2e-5), schedule=LRSchedule(...),
@@ -34,7 +41,8 @@ Known limitations:
 - The CUDA paths (pinned host buffers, the side-stream prefetch) are written for CUDA but
   were tested only on CPU, where HOST is plain memory and the prefetch a thread.
 - `state_dict()` gathers every chunk's state in CPU memory at once (3 fp32 copies of the
-  trainable parameters); a checkpoint of a very large model needs that much host memory.
+  trainable parameters with fp32 state, fewer bytes with a lean format); a checkpoint of a
+  very large model needs that much host memory.
 """
 
 from __future__ import annotations
@@ -55,13 +63,13 @@ from planner.fsio import atomic_path, atomic_write_json
 from planner.schema import Tier
 from runtime.disk_store import describe_os_error, file_crc32
 from runtime.guard import DEFAULT_MAX_NONFINITE_STEPS, SkipGuard, first_nonfinite, nonfinite_flag
+from runtime.lean_state import StateFormat, step_span
 from runtime.scaler import LossScaler
 from runtime.subgrad import GradCallback, SubgradHandle, install
 
 STATE_VERSION = 1
 OWNER = "OWNER.json"
 """In a DISK state directory: the run id and process that own it."""
-_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -76,9 +84,18 @@ class AdamWConfig:
     """Decoupled: w <- w * (1 - lr * weight_decay) before the Adam update."""
     max_grad_norm: float | None = None
     """Clip the active chunk's gradients to this global L2 norm (None: no clipping)."""
+    stochastic_rounding: bool = False
+    """Round the step's fp32 -> bf16 writes (bf16 moments; bf16 weights without a master)
+    stochastically instead of to nearest (runtime.lean_state: unbiased, seeded by `seed`)."""
+    seed: int = 0
+    """Seeds stochastic rounding's random bits, with each span's key and step count."""
 
     def __post_init__(self) -> None:
         problems = []
+        if not isinstance(self.stochastic_rounding, bool):
+            problems.append(f"stochastic_rounding must be true or false, got {self.stochastic_rounding!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            problems.append(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not (math.isfinite(self.lr) and self.lr >= 0):
             problems.append(f"lr must be a finite number >= 0, got {self.lr}")
         if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
@@ -155,26 +172,19 @@ def next_chunk(k: int, steps_done: int, update_interval: int, num_chunks: int) -
 
 
 def adamw_update(state: Mapping[str, torch.Tensor], name: str, grad: torch.Tensor, *, config: AdamWConfig,
-                 lr: float, step: int) -> torch.Tensor:
-    """One AdamW step of `name`'s fp32 master and moments in `state` ("<name>/master",
-    "/exp_avg", "/exp_avg_sq"), in place: torch.optim.adam._single_tensor_adam with decoupled
-    weight decay, line for line (so one chunk equals torch.optim.AdamW bit for bit). Returns
-    the master."""
-    beta1, beta2 = config.betas
-    master = state[f"{name}/master"]
-    exp_avg = state[f"{name}/exp_avg"]
-    exp_avg_sq = state[f"{name}/exp_avg_sq"]
-    if config.weight_decay != 0:
-        master.mul_(1 - lr * config.weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1 ** float(step)
-    bias_correction2 = 1 - beta2 ** float(step)
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(config.eps)
-    master.addcdiv_(exp_avg, denom, value=-step_size)
-    return master
+                 lr: float, step: int, weight: torch.Tensor | None = None, key: str | None = None) -> torch.Tensor:
+    """One AdamW step of `name`'s master and moments in `state` ("<name>/master", "/exp_avg",
+    "/exp_avg_sq", or their 8-bit "/exp_avg.codes" and "/exp_avg.scale" ...), in place:
+    torch.optim.adam._single_tensor_adam with decoupled weight decay, line for line (so one
+    chunk of fp32 state equals torch.optim.AdamW bit for bit), in fp32 on moments read in any
+    format (runtime.lean_state). Without a master in `state` (pure precision) `weight` is
+    stepped instead. `key` names the span's stochastic-rounding stream (default: `name`).
+    Returns the tensor stepped (the master, or `weight`)."""
+    target = state.get(f"{name}/master", weight)
+    if target is None:
+        raise ChunkftError(f"optimizer state of {name!r} has no master and no weights were given to step")
+    step_span(state, name, grad, target, config=config, lr=lr, step=step, key=key)
+    return target
 
 
 class _Store:
@@ -313,9 +323,18 @@ class ChunkAdamW:
             step would, so a CPU run of a GPU plan has the plan's memory layout.
         max_nonfinite_steps: consecutive skipped (non-finite) steps before a ChunkftError.
         run_id: written into a DISK state directory as its owner (the run's id).
+        step_in_backward: step each span as soon as its gradient is complete, from inside
+            backward, and free the gradient (torchtune's optimizer_in_bwd, LOMO); step() then
+            only counts the step and cycles the chunk. Same weights as the step after backward
+            for the same gradients. Refuses clipping (max_grad_norm), an fp16 scaler and
+            `on_grad` staging; one backward per step (no gradient accumulation); a non-finite
+            gradient stops the run instead of skipping the step.
         weights: parameter name -> where its weights rest between steps, for parameters whose
             data is not there (runtime.stream's host copies of streamed layers): new masters
             are read from it and every step writes it. Default: the parameters themselves.
+        state_format: how each span's state is held (runtime.lean_state.StateFormat, from the
+            recipe's --optim / --precision): fp32, bf16 or torchao 8-bit moments, with or
+            without an fp32 master. Default: fp32 master and moments.
 
     Every chunk's state is created when the optimizer is (not at its first activation), so
     the memory a plan predicts for its steady state is held from the first step, and a
@@ -341,6 +360,8 @@ class ChunkAdamW:
         max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
         run_id: str | None = None,
         weights: Mapping[str, torch.Tensor] | None = None,
+        step_in_backward: bool = False,
+        state_format: StateFormat | None = None,
     ):
         if update_interval < 1:
             raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
@@ -353,6 +374,23 @@ class ChunkAdamW:
         self.scaler = scaler
         self.guard = SkipGuard(max_nonfinite_steps)
         self._on_grad = on_grad
+        self.state_format = state_format or StateFormat()
+        if not isinstance(self.state_format, StateFormat):
+            raise ChunkftError(f"state_format must be a runtime.lean_state.StateFormat, got {state_format!r}")
+        self._parts: list[tuple[int, int]] | None = None  # per chunk: (master, moment) bytes of its format
+        if step_in_backward:  # what a step that runs inside backward cannot do, refused up front
+            if self.config.max_grad_norm is not None:
+                raise ChunkftError(f"the optimizer step in backward cannot clip to a global gradient norm "
+                                   f"(max_grad_norm={self.config.max_grad_norm}): each span steps before the "
+                                   "norm is known; run with --max-grad-norm 0")
+            if scaler is not None:
+                raise ChunkftError("the optimizer step in backward cannot skip an fp16 overflow step (spans already "
+                                   "stepped cannot be taken back): train in bf16 or fp32")
+            if on_grad is not None:
+                raise ChunkftError("the optimizer step in backward consumes each gradient itself; it does not "
+                                   "combine with gradient staging (on_grad)")
+        self._in_backward = step_in_backward
+        self._stepped_in_backward: list[str] = []
         self._params = dict(model.named_parameters())
         # where each parameter's weights rest between steps (read for new masters, written by
         # the step): the parameter itself, or its host copy when runtime.stream streams it
@@ -399,7 +437,14 @@ class ChunkAdamW:
 
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward(), scaled by the loss scaler when there is one."""
-        (self.scaler.scale_loss(loss) if self.scaler is not None else loss).backward()
+        self.handle.in_backward = True  # forwards from here on are checkpoint recomputations
+        try:
+            (self.scaler.scale_loss(loss) if self.scaler is not None else loss).backward()
+        finally:
+            self.handle.in_backward = False
+        if self._in_backward and (self.handle._ready or any(self.handle._gates.values())):
+            raise ChunkftError("a slice's gradient was complete but its step never ran (a module input that "
+                               "needs a gradient got none): the optimizer step in backward cannot follow this model")
 
     def zero_grad(self) -> None:
         self.handle.zero_grad()
@@ -418,6 +463,10 @@ class ChunkAdamW:
         `max_nonfinite_steps` skips in a row, a ChunkftError. Otherwise AdamW on every span
         that received a gradient, and a switch to the next chunk after `update_interval` steps.
         """
+        if self._in_backward:
+            if grads is not None:
+                raise ChunkftError("gradients handed to step() cannot be used: this optimizer steps in backward")
+            return self._finish_step_in_backward()
         k = self.active_chunk
         scale = self.scaler.scale if self.scaler is not None else None
         lr = self.lr()
@@ -450,14 +499,7 @@ class ChunkAdamW:
             g = self._grad32(grads[name], inv_scale)
             if coef is not None:
                 g.mul_(coef)
-            step = self._span_steps[k].get(name, 0) + 1
-            self._span_steps[k][name] = step
-            if self._stream_spans:
-                self._state = self._store.get(k, self.device, span=name) or self._fresh_span(k, name)
-            self._adamw(name, g, lr, step)
-            if self._stream_spans:
-                self._store.put(k, self._state, span=name)
-                self._state = {}
+            self._step_span(k, name, g, lr)
             del g
         self.handle.zero_grad()
         if self.scaler is not None:
@@ -469,6 +511,43 @@ class ChunkAdamW:
             self._evict()
             self._activate(switched)
         return StepResult(stepped=True, chunk=k, lr=lr, grad_norm=grad_norm, switched_to=switched, loss_scale=scale)
+
+    def _step_span(self, k: int, name: str, g: torch.Tensor, lr: float) -> None:
+        """AdamW on one span of chunk k with its (unscaled, clipped) master-dtype gradient."""
+        step = self._span_steps[k].get(name, 0) + 1
+        self._span_steps[k][name] = step
+        if self._stream_spans:
+            self._state = self._store.get(k, self.device, span=name) or self._fresh_span(k, name)
+        self._adamw(name, g, lr, step)
+        if self._stream_spans:
+            self._store.put(k, self._state, span=name)
+            self._state = {}
+
+    def _step_in_backward(self, name: str, grad: torch.Tensor) -> None:
+        """on_complete of the chunk's handle: a span's gradient is complete; step it now, so the
+        gradient is freed before backward produces the next (torchtune's optimizer_in_bwd,
+        LOMO). A non-finite gradient cannot be skipped (earlier spans have stepped): it stops."""
+        if name in self._stepped_in_backward:
+            raise ChunkftError(f"{name!r} completed a second gradient before step(): gradient accumulation over "
+                               "micro-batches does not combine with the optimizer step in backward (--grad-accum 1)")
+        if bool(nonfinite_flag((grad,), grad.device)):
+            raise ChunkftError(f"inf/nan in the gradient of {name!r} during backward: the optimizer step in "
+                               "backward cannot skip a step; resume from the last checkpoint with a lower --lr")
+        self._step_span(self.active_chunk, name, self._grad32(grad, 1.0), self.lr())
+        self._stepped_in_backward.append(name)
+
+    def _finish_step_in_backward(self) -> StepResult:
+        """step() when every span stepped during backward: count the step, cycle the chunk."""
+        k, lr = self.active_chunk, self.lr()
+        self._stepped_in_backward = []
+        self.handle.zero_grad()
+        self.guard.stepped()
+        self.global_step += 1
+        self.active_steps, switched = next_chunk(k, self.active_steps + 1, self.update_interval, self.table.num_chunks)
+        if switched is not None:
+            self._evict()
+            self._activate(switched)
+        return StepResult(stepped=True, chunk=k, lr=lr, grad_norm=None, switched_to=switched, loss_scale=None)
 
     def _skip(self, k: int, lr: float, scale: float | None, why: str) -> StepResult:
         """Drop the gradients, back the fp16 scale off, count the skip (may raise)."""
@@ -504,12 +583,31 @@ class ChunkAdamW:
         return out
 
     def chunk_state_bytes(self, k: int) -> int:
-        """fp32 (float64 for a float64 model) master and two moments of chunk k's spans."""
-        total = 0
-        for span in self.table.chunks[k]:
-            p = self._params[span.param]
-            total += 3 * (span.nbytes // p.element_size()) * (8 if p.dtype == torch.float64 else 4)
-        return total
+        """Bytes of chunk k's state in its format (runtime.lean_state): master (fp32, fp64 for
+        an fp64 model; none under pure precision) and two moments (fp32, bf16, or 8-bit codes
+        plus an fp32 scale per block of 256)."""
+        return sum(self._chunk_parts(k))
+
+    def split_bytes(self, nbytes: int) -> tuple[int, int]:
+        """(master, moments) shares of `nbytes` of state, in the proportion the format holds
+        them over every chunk (fp32 mixed: 1 : 2; pure: 0 : all)."""
+        self._chunk_parts(0)
+        master = sum(m for m, _ in self._parts)
+        total = sum(m + v for m, v in self._parts)
+        share = nbytes * master // total if total else 0
+        return share, nbytes - share
+
+    def _chunk_parts(self, k: int) -> tuple[int, int]:
+        if self._parts is None:  # the table and the format are fixed: computed once
+            self._parts = []
+            for chunk in self.table.chunks:
+                master = moments = 0
+                for span in chunk:
+                    p = self._params[span.param]
+                    a, b = self.state_format.span_bytes(span.nbytes // p.element_size(), p.dtype)
+                    master, moments = master + a, moments + b
+                self._parts.append((master, moments))
+        return self._parts[k]
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, meta): every chunk's state as CPU tensors "chunk<k>/<param>/<kind>", and
@@ -535,6 +633,7 @@ class ChunkAdamW:
             "config": asdict(self.config),
             "schedule": asdict(self.schedule),
             "table": self.table.to_json(),
+            "state_format": self.state_format.to_json(),
         }
         return tensors, meta
 
@@ -548,6 +647,10 @@ class ChunkAdamW:
                 raise ChunkftError("optimizer state was saved with a different chunk table")
             config = dict(meta["config"])
             config["betas"] = tuple(config["betas"])
+            saved_format = StateFormat.from_json(meta.get("state_format"))
+            if saved_format != self.state_format:
+                raise ChunkftError(f"optimizer state holds {saved_format.describe()}; this optimizer keeps "
+                                   f"{self.state_format.describe()} (the plan's --optim / --precision differ)")
             self.config = AdamWConfig(**config)
             self.schedule = LRSchedule(**meta["schedule"])
             self.update_interval = int(meta["update_interval"])
@@ -596,9 +699,6 @@ class ChunkAdamW:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _master_dtype(self, p: torch.Tensor) -> torch.dtype:
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
-
     def _grad32(self, g: torch.Tensor, inv_scale: float) -> torch.Tensor:
         """The gradient cast to the master dtype on the step device (fp16-centric: the cast
         happens here, at the optimizer), unscaled. A copy when the cast or unscale needs one."""
@@ -615,20 +715,27 @@ class ChunkAdamW:
 
     def _adamw(self, name: str, grad: torch.Tensor, lr: float, step: int) -> None:
         """torch.optim.adam._single_tensor_adam with decoupled weight decay, line for line."""
-        master = adamw_update(self._state, name, grad, config=self.config, lr=lr, step=step)
         with torch.no_grad():
             view = self._span_view(self.active_chunk, name)
-            # a host step sends the weights back already in their 16-bit dtype (same rounding)
-            view.copy_(master if master.device == view.device else master.to(view.dtype))
+            # pure precision: the weights are the master (a host step steps a host copy of them)
+            weight = None if self.state_format.master else view if view.device == self.device else view.to(self.device)
+            master = adamw_update(self._state, name, grad, config=self.config, lr=lr, step=step, weight=weight,
+                                  key=f"chunk{self.active_chunk}/{name}")
+            if master is not view:
+                # a host step sends the weights back already in their 16-bit dtype (same rounding)
+                view.copy_(master if master.device == view.device else master.to(view.dtype))
 
     def _fresh_state(self, k: int) -> dict[str, torch.Tensor]:
         return {key: t for span in self.table.chunks[k] for key, t in self._fresh_span(k, span.param).items()}
 
     def _fresh_span(self, k: int, name: str) -> dict[str, torch.Tensor]:
-        view = self._span_view(k, name)
-        master = view.to(device=self.device, dtype=self._master_dtype(view), copy=True)
-        return {f"{name}/master": master, f"{name}/exp_avg": torch.zeros_like(master),
-                f"{name}/exp_avg_sq": torch.zeros_like(master)}
+        """A span's new state in the format (runtime.lean_state): master from the weights, moments zero."""
+        return self.state_format.fresh(name, self._span_view(k, name), self.device)
+
+    def _state_keys(self, k: int) -> set[str]:
+        """The state keys chunk k's spans hold in the format."""
+        return {key for s in self.table.chunks[k]
+                for key in self.state_format.keys(s.param, s.nbytes // self._params[s.param].element_size())}
 
     def _load(self, k: int) -> dict[str, torch.Tensor] | None:
         if self._stream is None:
@@ -646,7 +753,8 @@ class ChunkAdamW:
         if self._stream_spans:  # nothing to load: step() reads each span's state as it goes
             self._state = {}
             self.active_chunk = k
-            self._handle = install(self.model, self.table.grad_spec(k), on_grad=self._grad_callback())
+            self._handle = install(self.model, self.table.grad_spec(k), on_grad=self._grad_callback(),
+                                   on_complete=self._step_in_backward if self._in_backward else None)
             return
         if self._pending is not None and self._pending[0] == k:
             state = self._pending[1].result()
@@ -657,7 +765,7 @@ class ChunkAdamW:
             self._wait_prefetch()
             state = self._store.get(k, self.device)
         self._pending = None
-        expected = {f"{s.param}/{kind}" for s in self.table.chunks[k] for kind in _KINDS}
+        expected = self._state_keys(k)
         if not state:
             state = self._fresh_state(k)
             if self._store.aliased:  # the store holds what the step works on
@@ -666,7 +774,8 @@ class ChunkAdamW:
             raise ChunkftError(f"optimizer state of chunk {k} holds {sorted(set(state) ^ expected)[:3]} unexpectedly")
         self._state = state
         self.active_chunk = k
-        self._handle = install(self.model, self.table.grad_spec(k), on_grad=self._grad_callback())
+        self._handle = install(self.model, self.table.grad_spec(k), on_grad=self._grad_callback(),
+                                   on_complete=self._step_in_backward if self._in_backward else None)
         if self._prefetch:
             nxt = (k + 1) % self.table.num_chunks
             self._pending = (nxt, self._executor.submit(self._load, nxt))

@@ -56,6 +56,7 @@ from planner.errors import ChunkftError
 from planner.schema import Component, Tier
 from runtime.chunk_optim import AdamWConfig, ChunkAdamW, LRSchedule, StepResult
 from runtime.disk_store import DiskLog, Opener
+from runtime.lean_state import StateFormat
 from runtime.scaler import LossScaler
 from runtime.train import ChunkOptimizer
 
@@ -166,7 +167,8 @@ class OffloadAdamW:
                  schedule: LRSchedule | None = None, update_interval: int = 1, state_tier: Tier = Tier.HOST,
                  state_dir: str | os.PathLike | None = None, prefetch_depth: int = 1,
                  scaler: LossScaler | None = None, opener: Opener = open, max_nonfinite_steps: int | None = None,
-                 run_id: str | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+                 run_id: str | None = None, weights: dict[str, torch.Tensor] | None = None,
+                 state_format: StateFormat | None = None) -> None:
         if staging == Tier.HOST:
             first = next(model.parameters())
             self._staging: _HostStaging | _DiskStaging = _HostStaging(pin=first.device.type == "cuda")
@@ -187,6 +189,7 @@ class OffloadAdamW:
                                 state_tier=state_tier, state_dir=state_dir, device="cpu",
                                 prefetch_depth=prefetch_depth, scaler=scaler, on_grad=self._on_grad,
                                 stream_state=state_tier == Tier.DISK, run_id=run_id, weights=weights,
+                                state_format=state_format,
                                 **({} if max_nonfinite_steps is None else {"max_nonfinite_steps": max_nonfinite_steps}))
 
     # -- the ChunkAdamW-like surface ---------------------------------------------------------
@@ -258,8 +261,8 @@ class OffloadAdamW:
 class OffloadOptimizer(ChunkOptimizer):
     """OffloadAdamW behind runtime.train's `StepOptimizer` (what `chunkft run` uses).
 
-    Accounting: nothing of the optimizer on the compute device; the active chunk's fp32
-    master and moments on the host; resting chunks on the plan's state tier; staged 16-bit
+    Accounting: nothing of the optimizer on the compute device; the active chunk's master and
+    moments (in the state format) on the host; resting chunks on the plan's state tier; staged 16-bit
     gradients on the staging tier (Component.GRADIENTS).
     """
 
@@ -278,11 +281,12 @@ class OffloadOptimizer(ChunkOptimizer):
                 parts[component] = parts.get(component, 0) + n
 
         # ChunkAdamW.state_bytes reports its step device's bytes under the compute tier's name;
-        # the step device is the host here. Master : moments = 1 : 2 (both fp32).
+        # the step device is the host here. Master : moments as the state format holds them.
         for tier, n in self.adamw.state_bytes().items():
             tier = Tier.HOST if tier == Tier.GPU else tier
-            put(tier, Component.MASTER, n // 3)
-            put(tier, Component.OPTIMIZER, n - n // 3)
+            master, moments = self.adamw.split_bytes(n)
+            put(tier, Component.MASTER, master)
+            put(tier, Component.OPTIMIZER, moments)
         for tier, n in self.inner.staged_bytes().items():
             put(tier, Component.GRADIENTS, n)
         return tiers

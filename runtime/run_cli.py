@@ -128,6 +128,7 @@ def build_run(args):
     from planner.strategy import OptimizerDevice, WeightResidency
     from runtime.checkpoint import check_writable
     from runtime.chunk_optim import ChunkAdamW
+    from runtime.lean_state import StateFormat
     from runtime.outdir import claim_output, run_arguments
     from runtime.data import PackedLoader, eval_batches, load_tokenizer, padding_id, read_examples
     from runtime.memtrace import TraceWriter
@@ -139,7 +140,9 @@ def build_run(args):
     spec = resolve_model(plan.model_name)
     check_plan_model(plan, spec)
     strategy = plan.strategy
-    strategy.recipe.require_modelled()
+    strategy.recipe.require_runnable()  # what the runtime executes (planner.recipe), not just what is priced
+    if strategy.recipe.optimizer_in_backward:
+        check_step_in_backward(args, plan)
     streamed = strategy.weights == WeightResidency.STREAM
     if streamed and spec.layer_prefix() is None:
         raise ChunkftError(f"the plan streams decoder layers, but model {spec.name!r} has no decoder layer list")
@@ -180,6 +183,8 @@ def build_run(args):
     weights = streamer.host_weights() if streamer is not None else None
 
     scaler = LossScaler() if plan.shape.dtype == "fp16" else None
+    # the recipe's --optim / --precision: how ChunkAdamW holds its state (runtime.lean_state)
+    state_format = StateFormat.from_recipe(strategy.recipe.optim, strategy.recipe.precision)
     state_tier = Tier(strategy.state_tier)
     adamw, schedule = trainer_adamw(args), trainer_schedule(args)
     if strategy.grad_staging is not None:  # NVMSA: the Strategy guarantees a host optimizer
@@ -189,7 +194,8 @@ def build_run(args):
             model, plan.chunk_table, staging=Tier(strategy.grad_staging), staging_dir=out / "grad-staging",
             config=adamw, schedule=schedule, update_interval=strategy.update_interval, state_tier=state_tier,
             state_dir=out / "optimizer-state", prefetch_depth=strategy.prefetch_depth, scaler=scaler,
-            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id, weights=weights)
+            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id, weights=weights,
+            state_format=state_format)
         optimizer = OffloadOptimizer(staged)
     else:
         inner = ChunkAdamW(
@@ -202,7 +208,8 @@ def build_run(args):
             # a GPU-step plan run on a CPU keeps the active chunk's working copy beside its host
             # slot, as on a GPU, so the measured memory follows the plan's layout
             host_state_in_place=strategy.optimizer_device == OptimizerDevice.HOST,
-            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id, weights=weights)
+            max_nonfinite_steps=args.max_nonfinite_steps, run_id=claimed.run_id, weights=weights,
+            state_format=state_format, step_in_backward=strategy.recipe.optimizer_in_backward)
         optimizer = ChunkOptimizer(inner)
 
     pad = padding_id(tok)
@@ -240,7 +247,8 @@ def trainer_adamw(args):
     """The command line's AdamW hyper-parameters (max_grad_norm 0 = no clipping)."""
     from runtime.chunk_optim import AdamWConfig
 
-    return AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None)
+    return AdamWConfig(lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
+                       seed=args.seed)
 
 
 def trainer_schedule(args):
@@ -276,6 +284,22 @@ def data_fingerprint(examples, seq_len: int, tokenizer: str, seed: int) -> str:
         h.update(array("q", ex.input_ids).tobytes())
         h.update(array("q", ex.labels).tobytes())
     return h.hexdigest()
+
+
+def check_step_in_backward(args, plan) -> None:
+    """Refuse, before anything is written, what the optimizer step in backward cannot do: each
+    span steps as its gradient completes, so nothing may need every gradient at once."""
+    problems = []
+    if args.max_grad_norm:
+        problems.append(f"global gradient-norm clipping (--max-grad-norm {args.max_grad_norm}; give 0)")
+    if args.grad_accum != 1:
+        problems.append(f"gradient accumulation (--grad-accum {args.grad_accum}; give 1)")
+    if plan.shape.dtype == "fp16":
+        problems.append("fp16 loss-scale skipping (plan in bf16 or fp32)")
+    if plan.strategy.grad_staging is not None:
+        problems.append(f"gradient staging to {plan.strategy.grad_staging.value} (plan without --grad-staging)")
+    if problems:
+        raise ChunkftError("the plan steps the optimizer in backward, which does not combine with " + "; ".join(problems))
 
 
 def load_model(spec, *, dtype, device, seed: int):
@@ -318,6 +342,7 @@ def run(args) -> int:
         return run_parallel(args, plan, spec, world)
     import sys
 
+    from runtime.lean_state import StateFormat
     from runtime.outdir import parse_allow_changed
 
     trainer, trace, plan, spec = build_run(args)
@@ -338,6 +363,8 @@ def run(args) -> int:
     print(f"training {spec.name} ({plan.shape.dtype}, batch {plan.shape.batch} x {plan.shape.seq_len} tokens) "
           f"with {chunks} chunk{'s' if chunks != 1 else ''}, state on {plan.strategy.state_tier.value}"
           + (f", 16-bit gradients staged on {staging.value}" if staging is not None else "")
+          + (f", optimizer state: {trainer.optimizer.adamw.state_format.describe()}"
+             if trainer.optimizer.adamw.state_format != StateFormat() else "")
           + f", for {args.steps} steps")
     result = trainer.train()
     line = f"done: step {result.final_step}"

@@ -161,7 +161,8 @@ class ChunkOptimizer:
     Accounting: the working state on the step device (the active chunk's copy and the
     prefetched chunk's) is reported as Tier.GPU (the CPU itself in a CPU-only run); every
     chunk's resting state on the plan's state tier (for the GPU tier, and a host step stepping
-    its host state in place, that is all of it, counted once). Master : moments = 1 : 2.
+    its host state in place, that is all of it, counted once). Master : moments as the state
+    format holds them (`ChunkAdamW.split_bytes`: 1 : 2 for fp32 state).
     """
 
     def __init__(self, inner) -> None:
@@ -196,14 +197,15 @@ class ChunkOptimizer:
         return self.inner.lr()
 
     def tier_bytes(self) -> dict[Tier, dict[Component, int]]:
-        working = self.inner.working_bytes()
+        working = self.inner.split_bytes(self.inner.working_bytes())
         tier, resting = self.inner.resting_bytes()
-        tiers = {Tier.GPU: {Component.MASTER: working // 3, Component.OPTIMIZER: working - working // 3,
+        tiers = {Tier.GPU: {Component.MASTER: working[0], Component.OPTIMIZER: working[1],
                             Component.GRADIENTS: sum(g.nbytes for g in self.inner.handle.grads().values())}}
         if resting:
+            master, moments = self.inner.split_bytes(resting)
             parts = tiers.setdefault(tier, {})
-            parts[Component.MASTER] = parts.get(Component.MASTER, 0) + resting // 3
-            parts[Component.OPTIMIZER] = parts.get(Component.OPTIMIZER, 0) + resting - resting // 3
+            parts[Component.MASTER] = parts.get(Component.MASTER, 0) + master
+            parts[Component.OPTIMIZER] = parts.get(Component.OPTIMIZER, 0) + moments
         return tiers
 
     def state_dict(self) -> dict:
