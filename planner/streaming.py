@@ -10,7 +10,8 @@ device bytes appear and go where the runtime allocates and frees them:
               after layer i's last forward op: release i
     backward  at layer i's first backward or recompute op: fetch i, prefetch i - 1 if backward
               reaches it; layer i + 1 is released just before
-    end       whatever is left is released after the last op (the optimizer writes the host copy)
+    end       whatever is left is released once backward is done, before the optimizer step
+              (which writes the host copy): a last no-op, RELEASE_OP, marks that point
 
 Each fetch is one storage of the layer's packed bytes (`layer_packing`: parameters in module
 order, each at a 64-byte aligned offset, as the runtime lays them out), owned by the weights
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 ALIGN_BYTES = 64
 STREAM_AHEAD = 1
+RELEASE_OP = "chunkft.release_streamed_layers"
 
 
 def layer_packing(shapes: Sequence[tuple[tuple[int, ...], int]]) -> tuple[list[int], int]:
@@ -53,7 +55,7 @@ def layer_packing(shapes: Sequence[tuple[tuple[int, ...], int]]) -> tuple[list[i
 
 def layer_intervals(graph: "OpGraph") -> dict[int, list[tuple[int, int | None]]]:
     """Per decoder layer, the (fetch op, release op) intervals its weights are on the device
-    (release None = until after the last op), following the policy in the module docstring."""
+    (release None = until backward ends), following the policy in the module docstring."""
     ops = graph.ops
     n_layers = graph.num_layers or 0
     first_fwd: dict[int, int] = {}
@@ -94,19 +96,22 @@ def layer_intervals(graph: "OpGraph") -> dict[int, list[tuple[int, int | None]]]
 def stream_weights(graph: "OpGraph", layer_bytes: dict[int, int]) -> "OpGraph":
     """`graph` with decoder-layer weights streamed: their resting storages removed and one
     storage of `layer_bytes[i]` (the packed layer) per interval `layer_intervals` gives."""
-    from planner.opgraph import OpGraph, StorageInfo
+    from planner.opgraph import OpGraph, OpNode, StorageInfo
 
     storages = {sid: s for sid, s in graph.storages.items()
                 if not (s.component == Component.WEIGHTS and s.alloc_op is None and s.layer is not None)}
     sid = max(graph.storages, default=0) + 1
+    last = len(graph.ops) - 1
     for i, intervals in sorted(layer_intervals(graph).items()):
         for start, end in intervals:
             storages[sid] = StorageInfo(id=sid, nbytes=layer_bytes[i], component=Component.WEIGHTS, alloc_op=start,
-                                        free_op=end, saved=False, layer=i)
+                                        free_op=last if end is None else end, saved=False, layer=i)
             sid += 1
-    ops = tuple(dataclasses.replace(op, inputs=tuple(s for s in op.inputs if s in storages),
-                                    outputs=tuple(s for s in op.outputs if s in storages))
-                for op in graph.ops)
+    ops = [dataclasses.replace(op, inputs=tuple(s for s in op.inputs if s in storages),
+                               outputs=tuple(s for s in op.outputs if s in storages))
+           for op in graph.ops]
+    ops.append(OpNode(index=last + 1, name=RELEASE_OP, module="", phase=graph.ops[-1].phase, layer=None, inputs=(),
+                      outputs=(), allocs=(), out_bytes=0, flops=0))
     return OpGraph(ops, storages, num_layers=graph.num_layers, template_layers=graph.template_layers)
 
 

@@ -149,6 +149,7 @@ def build_run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ChunkftError("--device cuda was given but no CUDA device is available; valid here: cpu")
+    alloc_conf = apply_alloc_conf(strategy.recipe.alloc_conf, device)  # before CUDA initialises
     if args.gpu_memory_cap is not None:
         cap_gpu_memory(args.gpu_memory_cap, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[plan.shape.dtype]
@@ -234,7 +235,7 @@ def build_run(args):
         trace = TraceWriter(args.trace, device=device, accounting=trainer.tier_bytes,
                             model_fingerprint=plan.model_fingerprint, plan_fingerprint=plan.fingerprint(),
                             cpu_baseline_bytes=cpu_baseline, max_steps=args.trace_steps or None,
-                            extra_header={"strategy": strategy.to_json(), "shape": {
+                            extra_header={"strategy": strategy.to_json(), "alloc_conf": alloc_conf, "shape": {
                                 "batch": plan.shape.batch, "seq_len": plan.shape.seq_len, "dtype": plan.shape.dtype}})
         layers = decoder_layers(model, spec)
         if layers:
@@ -255,6 +256,36 @@ def trainer_schedule(args):
     from runtime.chunk_optim import LRSchedule
 
     return LRSchedule(kind=args.schedule, warmup_steps=args.warmup_steps, total_steps=args.steps)
+
+
+def apply_alloc_conf(text: str, device) -> str:
+    """Put the plan's CUDA allocator settings (planner.cuda_alloc.AllocConf, normalised text) in
+    force before CUDA initialises: PyTorch reads them from PYTORCH_CUDA_ALLOC_CONF once, when its
+    caching allocator starts. A different value already in the environment is refused (the plan
+    was priced for its own settings); on a CPU run they have no effect. Returns what is in force
+    (recorded in the trace header)."""
+    import os
+
+    import torch
+
+    from planner.cuda_alloc import AllocConf
+
+    current = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    try:
+        in_force = AllocConf.parse(current).normalised()
+    except ChunkftError as e:
+        raise ChunkftError(f"PYTORCH_CUDA_ALLOC_CONF in the environment: {e}") from None
+    if device.type != "cuda":
+        return text
+    if current and in_force != text:
+        raise ChunkftError(f"PYTORCH_CUDA_ALLOC_CONF={current!r} is set, but the plan was priced for "
+                           f"{text or 'the default allocator settings'!r}: unset it, or plan with --alloc-conf "
+                           f"{in_force!r}")
+    if text and not current:
+        if torch.cuda.is_initialized():
+            raise ChunkftError("CUDA is initialised already; the plan's allocator settings cannot take effect")
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = text
+    return text
 
 
 def cap_gpu_memory(text: str, device) -> int:

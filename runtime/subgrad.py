@@ -173,10 +173,20 @@ class SubgradHandle:
     `zero_grad()`, which is how gradient accumulation over micro-batches works.
     """
 
-    def __init__(self, model: nn.Module, spec: GradSpec, on_grad: GradCallback | None):
+    def __init__(self, model: nn.Module, spec: GradSpec, on_grad: GradCallback | None,
+                 on_complete: GradCallback | None = None):
         self.spec: GradSpec = dict(spec)
         self._params = dict(model.named_parameters())
         self._on_grad = on_grad
+        self._on_complete = on_complete
+        self._uses: dict[str, int] = {}  # slice -> contributions one backward brings (its owners)
+        self._arrived: dict[str, int] = {}
+        # on_complete for slices waits until the owning module's backward has used the weight
+        # (for its input's gradient): one gate per forward use whose input needs a gradient,
+        # opened by a hook on that input; `_ready` holds complete slices behind closed gates
+        self._gates: dict[str, int] = {}
+        self._ready: dict[str, torch.Tensor] = {}
+        self.in_backward = False  # set by the optimizer around loss.backward(): recomputation
         self._slice_grads: dict[str, torch.Tensor] = {}
         self._hooks: list = []
         self._saved_requires_grad = {n: p.requires_grad for n, p in self._params.items()}
@@ -189,6 +199,42 @@ class SubgradHandle:
             self._slice_grads[name] = grad
         else:
             current.add_(grad)
+        if self._on_complete is not None:
+            arrived = self._arrived.get(name, 0) + 1
+            if arrived > self._uses[name]:
+                raise ChunkftError(f"{name!r} received more gradient contributions than it has owning modules "
+                                   f"({self._uses[name]}): a module ran twice in one forward, which the optimizer "
+                                   "step in backward cannot follow")
+            self._arrived[name] = arrived
+            if arrived == self._uses[name]:  # complete for this backward: consume once the weight is free
+                self._arrived[name] = 0
+                self._ready[name] = self._slice_grads.pop(name)
+                self._release(name)
+
+    def _gate(self, name: str, args: tuple, kwargs: dict) -> None:
+        """Forward of a module using slice `name` (not a recomputation): the step must wait for
+        this use's backward, which needs the weight for its input's gradient."""
+        if self._on_complete is None or self.in_backward:
+            return
+        x = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad), None)
+        if x is None:  # no input gradient: the backward of this use never reads the weight
+            return
+        self._gates[name] = self._gates.get(name, 0) + 1
+
+        def opened(grad, name=name):
+            self._gates[name] -= 1
+            self._release(name)
+
+        x.register_hook(opened)
+
+    def _release(self, name: str) -> None:
+        if name in self._ready and not self._gates.get(name):
+            self._on_complete(name, self._ready.pop(name))
+
+    def _complete_whole(self, name: str, p: torch.Tensor) -> None:
+        """post-accumulate-grad hook of a whole trained tensor: consume p.grad, then free it."""
+        grad, p.grad = p.grad, None
+        self._on_complete(name, grad)
 
     def grads(self) -> dict[str, torch.Tensor]:
         """{name: gradient} of every trained parameter that has received one."""
@@ -206,6 +252,9 @@ class SubgradHandle:
             if value is True:
                 self._params[name].grad = None
         self._slice_grads.clear()
+        self._arrived.clear()
+        self._gates.clear()
+        self._ready.clear()
 
     def remove(self) -> None:
         """Remove hooks, drop gradients and restore each parameter's original requires_grad."""
@@ -280,7 +329,8 @@ def recomputes_in_backward(model: nn.Module, name: str) -> bool:
     return any(_rule_kind(mod_name, mod, attr, p, name)[0] == "generic" for mod_name, mod, attr in _owners(model, p))
 
 
-def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = None) -> SubgradHandle:
+def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = None,
+            on_complete: GradCallback | None = None) -> SubgradHandle:
     """Apply `grad` to `model` (see the module docstring) and return the handle.
 
     Parameters missing from `grad` are treated as False (no gradient); a tied parameter may
@@ -289,10 +339,16 @@ def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = 
     autograd Function, whole tensors through a tensor hook -- which is where the fp16 loss
     scaler checks for overflow on the fly. Install one GradSpec at a time: remove() the old
     handle before installing the next chunk's.
+
+    `on_complete(name, g)` (the optimizer step in backward, runtime.chunk_optim) is called once
+    per backward with a parameter's complete gradient, which the handle then drops: a whole
+    tensor from its post-accumulate-grad hook (p.grad is None afterwards), a slice once all its
+    owning modules have contributed (each owner runs once per forward in a causal LM; a tied
+    weight has two). grads() then holds nothing for it.
     """
     params = dict(model.named_parameters())
     grad = _canonical_names(model, grad)
-    handle = SubgradHandle(model, {n: grad.get(n, False) for n in params}, on_grad)
+    handle = SubgradHandle(model, {n: grad.get(n, False) for n in params}, on_grad, on_complete)
     rules: dict[nn.Module, list[_Rule]] = {}
     intercepted: dict[nn.Module, list[_Rule]] = {}
     try:
@@ -304,6 +360,7 @@ def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = 
                     raise ChunkftError(f"slice {value} is out of bounds for {name!r} of shape {list(p.shape)}")
                 owners = _owners(model, p)
                 assert owners, name
+                handle._uses[name] = len(owners)
                 for mod_name, mod, attr in owners:
                     kind, intercept = _rule_kind(mod_name, mod, attr, p, name)
                     (intercepted if intercept else rules).setdefault(mod, []).append(
@@ -314,6 +371,9 @@ def install(model: nn.Module, grad: GradSpec, *, on_grad: GradCallback | None = 
                 p.requires_grad_(True)
                 if on_grad is not None:
                     handle._hooks.append(p.register_hook(lambda g, name=name: on_grad(name, g)))
+                if on_complete is not None:
+                    handle._hooks.append(p.register_post_accumulate_grad_hook(
+                        lambda t, name=name: handle._complete_whole(name, t)))
             else:
                 p.requires_grad_(False)
         for mod, mod_rules in rules.items():
@@ -338,6 +398,7 @@ def _make_hook(rules: list[_Rule]):
                 f"{type(output).__name__}, not one tensor"
             )
         for rule in rules:
+            rule.handle._gate(rule.name, args, kwargs)
             anchor = output.new_empty(0).requires_grad_(True)
             output = _SliceGrad.apply(rule, anchor, output, args, kwargs, *rule.saved(args, kwargs))
         return output
@@ -367,6 +428,7 @@ class _Intercept(TorchFunctionMode):
         for rule in self.rules:
             used = getattr(rule.module, rule.attr)
             if used is weight or (func is F.linear and used is bias):
+                rule.handle._gate(rule.name, (first,), {})
                 anchor = out.new_empty(0).requires_grad_(True)
                 out = _SliceGrad.apply(rule, anchor, out, (first,), {}, *rule.saved((first,), {}))
         return out

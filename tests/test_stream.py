@@ -187,3 +187,30 @@ def test_streamed_plan_host_and_gpu_bytes():
     saved = resident.components[Tier.GPU][Component.WEIGHTS] - streamed.components[Tier.GPU][Component.WEIGHTS]
     assert saved >= (layout.num_layers - 2) * packed[0]  # at most the computing and the arriving layer
     assert streamed.peak_bytes[Tier.GPU] < resident.peak_bytes[Tier.GPU] - 12 * 2**30  # 30 of 32 layers of 436 MiB
+
+
+def test_allocator_settings_of_the_plan_are_applied_and_recorded(tmp_path, monkeypatch):
+    """The plan's --alloc-conf reaches PyTorch through PYTORCH_CUDA_ALLOC_CONF before CUDA starts
+    (CUDA path; here: the refusal of a conflicting environment, and the CPU trace header)."""
+    import torch as _torch
+
+    from planner.errors import ChunkftError
+    from planner.recipe import Recipe
+    from runtime.run_cli import apply_alloc_conf, build_run
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert apply_alloc_conf("expandable_segments:True", _torch.device("cpu")) == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    with pytest.raises(ChunkftError, match="priced for"):
+        apply_alloc_conf("expandable_segments:True", _torch.device("cuda"))
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:oops")
+    with pytest.raises(ChunkftError, match="PYTORCH_CUDA_ALLOC_CONF in the environment"):
+        apply_alloc_conf("", _torch.device("cpu"))
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    plan, _, _ = make_plan(tmp_path, chunks=1, recipe=Recipe(alloc_conf="expandable_segments:True"))
+    trace = tmp_path / "t.jsonl"
+    trainer, _, _, _ = build_run(_args(plan, write_data(tmp_path / "d.jsonl"), tmp_path / "out", steps=1, trace=trace))
+    trainer.train()
+    trainer.optimizer.inner.close()
+    header = json.loads(trace.read_text().splitlines()[0])
+    assert header["alloc_conf"] == "expandable_segments:True"
