@@ -68,6 +68,7 @@ from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidenc
 if TYPE_CHECKING:
     from planner.chunks import ChunkTable
     from planner.model import ModelSpec
+    from planner.recipe import Recipe
     from planner.trace import StepShape
 
 # The CUDA context (driver, kernels of torch's loaded modules with lazy loading) sits outside
@@ -141,6 +142,10 @@ class TracedStep:
     least: int | None = None
     """The least memory the traced step needs (planner.memory MemoryTimeline.least_bytes: the
     smallest allocator cap it replays under, cached blocks freed and retried); None = reserved."""
+    host_activations: int = 0
+    """Offloaded activations in pinned host memory at their peak (--offload-activations), and
+    the CachingHostAllocator's power-of-two rounding of them (planner.activations.host_bytes)."""
+    host_rounding: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -209,12 +214,17 @@ def param_layout(model: "ModelSpec", dtype: str = "bf16") -> ParamLayout:
     return layout
 
 
-def chunk_table(model: "ModelSpec", dtype: str, chunks: int) -> "ChunkTable":
+def chunk_table(model: "ModelSpec", dtype: str, chunks: int, recipe: "Recipe | None" = None) -> "ChunkTable":
+    """The C-chunk table over the parameters `recipe` trains (--trainable / --freeze: the
+    trainable ones only, so ChunkFT cycles through exactly those; default: all)."""
     from planner.chunks import make_chunk_table
+    from planner.train_axes import trained_shapes
 
-    key = (model.fingerprint(), dtype, chunks)
+    patterns = () if recipe is None else (recipe.trainable, recipe.freeze)
+    key = (model.fingerprint(), dtype, chunks, patterns)
     if key not in _TABLES:
-        _TABLES[key] = make_chunk_table(param_layout(model, dtype).named_shapes, chunks)
+        shapes = param_layout(model, dtype).named_shapes
+        _TABLES[key] = make_chunk_table(trained_shapes(recipe, shapes) if recipe is not None else shapes, chunks)
     return _TABLES[key]
 
 
@@ -248,21 +258,30 @@ def sm_arch(hw: Any) -> int:
 
 
 def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, checkpointing: bool,
-                loss_chunk_tokens: int, sm: int, loop: str = "chunkft", alloc_conf: str = "") -> TracedStep:
+                loss_chunk_tokens: int, sm: int, loop: str = "chunkft", alloc_conf: str = "",
+                recipe: "Recipe | None" = None) -> TracedStep:
     """trace_step + replay(allocator="cuda"), cached per model, shape and trace options
     (`loop`: the recipe's, planner.recipe.Loop)."""
     from planner.trace import TraceOptions, trace_step
 
-    options = TraceOptions(grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens, loop=loop)
+    if recipe is None:
+        options = TraceOptions(grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens, loop=loop)
+    else:  # the recipe's traced axes (planner.train_axes.trace_options); `loop` is the recipe's
+        from planner.train_axes import trace_options
+
+        options = trace_options(recipe, grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens)
     key = (model.fingerprint(), shape, options.key(), sm, AllocConf.parse(alloc_conf).normalised())
     if key in _TRACES:
         return _TRACES[key]
     graph = trace_step(model, shape, options)
     tl = graph.replay(allocator="cuda", sm=sm, alloc_conf=alloc_conf, least=True)
     live = np.stack([tl.live_bytes[c] for c in COMPONENTS])
+    from planner.activations import host_bytes
+
+    host_act, host_round = host_bytes(graph)
     step = TracedStep(live=live, reserved=np.asarray(tl.reserved_bytes, dtype=np.int64), least=tl.least_bytes,
                       flops=int(graph.total_flops()), phases=tuple(op.phase for op in graph.ops),
-                      layers=tuple(op.layer for op in graph.ops))
+                      layers=tuple(op.layer for op in graph.ops), host_activations=host_act, host_rounding=host_round)
     if len(_TRACES) >= _TRACE_CACHE_SIZE:
         _TRACES.pop(next(iter(_TRACES)))
     _TRACES[key] = step
@@ -472,7 +491,8 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
     slack = traced_top - (traced_top if traced.least is None else min(traced.least, traced_top))
     least = max(int(reserved.max()) - slack, int(total.max())) + static_least
 
-    temps = optimizer_temp_allocs(strategy, layout, active)
+    # optimizer in backward: each tensor's step ran inside the traced backward (planner.train_axes)
+    temps = [] if strategy.recipe.optimizer_in_backward else optimizer_temp_allocs(strategy, layout, active)
     if temps:  # the optimizer step after backward: what is left at the end, plus temporaries
         end = {c: int(live[i, -1]) for i, c in enumerate(COMPONENTS)}
         for c, b in static_comps.items():
@@ -488,6 +508,9 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
     reserved_bytes = max(gpu_reserved, gpu_peak)
 
     host, disk = host_and_disk_bytes(strategy, layout, active, all_spans)
+    for c, b in ((Component.ACTIVATIONS, traced.host_activations), (Component.ROUNDING, traced.host_rounding)):
+        if b:  # activations offloaded to pinned host memory (planner.activations)
+            host[c] = host.get(c, 0) + b
     work = _work(layout, sum(active.tensor_bytes), traced.flops if flops is None else flops, dtype)
     parts = predict_step_time(work, strategy, hw)
     return Estimate(
@@ -539,7 +562,11 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
     """
     if not isinstance(strategy, Strategy):
         raise ChunkftError(f"expected a Strategy, got {type(strategy).__name__}")
-    strategy.recipe.require_modelled()
+    recipe = strategy.recipe
+    recipe.require_modelled()
+    conflict = recipe.conflict(strategy, shape.dtype)
+    if conflict:
+        raise ChunkftError(conflict)
     if chunk_traces not in CHUNK_TRACE_MODES:
         raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(CHUNK_TRACE_MODES)}")
     layout = param_layout(model, shape.dtype)
@@ -547,13 +574,14 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
 
     def trace(grad: dict | None) -> TracedStep:
         return traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                           alloc_conf=strategy.recipe.alloc_conf,
-                           loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=strategy.recipe.loop.value)
+                           alloc_conf=recipe.alloc_conf,
+                           loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=recipe.loop.value, recipe=recipe)
 
     if strategy.chunks == 1:
-        full = ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes)
-        return combine(trace(None), strategy, layout, full, hw, dtype=shape.dtype, all_spans=layout.tensor_bytes)
-    table = chunk_table(model, shape.dtype, strategy.chunks)
+        full = one_chunk_active_set(layout, recipe)
+        return combine(trace(trained_grad_spec(layout, recipe)), strategy, layout, full, hw, dtype=shape.dtype,
+                       all_spans=full.tensor_bytes)
+    table = chunk_table(model, shape.dtype, strategy.chunks, recipe)
     spans = tuple(s.nbytes for chunk in table.chunks for s in chunk)
     by_chunk = tuple(tuple(s.nbytes for s in chunk) for chunk in table.chunks)
     if chunk_traces == "auto":
@@ -568,8 +596,8 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
                 estimates.append(combine(traced, strategy, layout, active_set_for(table, k, strategy), hw,
                                          dtype=shape.dtype, all_spans=spans, chunk_spans=by_chunk))
     else:
-        traced = trace(None)
-        flops = _bound_flops(traced.flops, table, layout, shape)
+        traced = trace(trained_grad_spec(layout, recipe))
+        flops = _bound_flops(traced.flops, table, layout, shape, recipe)
         actives = [active_set_for(table, k, strategy) for k in range(table.num_chunks)]
         for k in bound_candidates(actives, layout):
             estimates.append(combine(traced, strategy, layout, actives[k], hw, dtype=shape.dtype,
@@ -611,22 +639,46 @@ def bound_candidates(actives: list[ActiveSet], layout: ParamLayout) -> list[int]
     return sorted({k for _, k in by_total} | {by_grad[1], by_static[1]})
 
 
-def _bound_flops(full_flops: int, table: "ChunkTable", layout: ParamLayout, shape: "StepShape") -> list[int]:
+def _bound_flops(full_flops: int, table: "ChunkTable", layout: ParamLayout, shape: "StepShape",
+                 recipe: "Recipe | None" = None) -> list[int]:
     """Per chunk: full-FT flops minus the weight-gradient matmuls of frozen matrices (2 flops
     per token per weight) and the input-gradient matmuls below the chunk's first trained
-    matrix (nothing there needs a gradient). The input embedding is a lookup, not a matmul."""
+    matrix (nothing there needs a gradient). The input embedding is a lookup, not a matmul.
+    With --trainable / --freeze `full_flops` is the trainable set's step: what it already
+    leaves out (frozen matrices, everything below the first trainable one) is not taken twice."""
     tokens = shape.batch * shape.seq_len
     elem = layout.elem_bytes
     order = {n: i for i, (n, _, _) in enumerate(layout.named_shapes)}
+    spec = None if recipe is None else trained_grad_spec(layout, recipe)
     is_matmul = {n for n, sh, _ in layout.named_shapes if len(sh) == 2 and n != layout.input_embedding}
     below = np.cumsum([0] + [math.prod(sh) if n in is_matmul else 0 for n, sh, _ in layout.named_shapes])
-    total_mm = int(below[-1])
+    total_mm = sum(math.prod(sh) for n, sh, _ in layout.named_shapes if n in is_matmul and (spec is None or spec[n]))
+    floor = 0 if spec is None else int(below[min(order[n] for n, v in spec.items() if v)])
     out = []
     for chunk in table.chunks:
         trained = sum(s.nbytes // elem for s in chunk if s.param in is_matmul)
         first = min(order[s.param] for s in chunk)
-        out.append(max(full_flops - 2 * tokens * (total_mm - trained) - 2 * tokens * int(below[first]), 0))
+        out.append(max(full_flops - 2 * tokens * (total_mm - trained) - 2 * tokens * (int(below[first]) - floor), 0))
     return out
+
+
+def trained_grad_spec(layout: ParamLayout, recipe: "Recipe") -> dict | None:
+    """The GradSpec of a one-chunk step of `recipe`: None (every parameter trains) unless
+    --trainable / --freeze / --lora narrow it (planner.train_axes.trainable_grad_spec)."""
+    from planner.train_axes import trainable_grad_spec
+
+    return trainable_grad_spec(recipe, (n for n, _, _ in layout.named_shapes))
+
+
+def one_chunk_active_set(layout: ParamLayout, recipe: "Recipe") -> ActiveSet:
+    """What a one-chunk step of `recipe` updates: every parameter, the trainable ones, or the
+    LoRA adapters (planner.train_axes.trained_shapes); optimizer state follows it."""
+    from planner.train_axes import trained_shapes
+
+    if not (recipe.trainable or recipe.freeze or recipe.lora_rank):
+        return ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes)
+    return ActiveSet(chunk=None, tensor_bytes=tuple(math.prod(sh) * e for _, sh, e in
+                                                     trained_shapes(recipe, layout.named_shapes)))
 
 
 def _work(layout: ParamLayout, step_bytes: int, flops: int, dtype: str) -> StepWork:
@@ -662,14 +714,14 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
     if chunk_traces not in CHUNK_TRACE_MODES:
         raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(CHUNK_TRACE_MODES)}")
     layout = param_layout(model, shape.dtype)
-    grad = None
+    grad = trained_grad_spec(layout, strategy.recipe)
     if strategy.chunks == 1:
-        active = ActiveSet(chunk=None, tensor_bytes=layout.tensor_bytes)
-        spans = layout.tensor_bytes
+        active = one_chunk_active_set(layout, strategy.recipe)
+        spans = active.tensor_bytes
     else:
         if chunk is None:
             chunk = evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces).worst_chunk
-        table = chunk_table(model, shape.dtype, strategy.chunks)
+        table = chunk_table(model, shape.dtype, strategy.chunks, strategy.recipe)
         if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < table.num_chunks:
             raise ChunkftError(f"chunk {chunk!r} does not exist; valid chunks are 0..{table.num_chunks - 1}")
         active = active_set_for(table, chunk, strategy)
@@ -681,7 +733,8 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
             grad = table.grad_spec(group[0])
     traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
                          alloc_conf=strategy.recipe.alloc_conf,
-                         loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw), loop=strategy.recipe.loop.value)
+                         loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw), loop=strategy.recipe.loop.value,
+                         recipe=strategy.recipe)
     return timeline_events(traced, strategy, layout, active, all_spans=spans)
 
 
@@ -704,7 +757,8 @@ def timeline_events(traced: TracedStep, strategy: Strategy, layout: ParamLayout,
                             layer=traced.layers[t] if traced.layers else None, chunk=active.chunk))
     n = live.shape[1]
     end = {c: int(live[i, -1]) + static_comps.get(c, 0) for i, c in enumerate(COMPONENTS)}
-    temps = optimizer_temp_allocs(strategy, layout, active)
+    # optimizer in backward: each tensor's step ran inside the traced backward (planner.train_axes)
+    temps = [] if strategy.recipe.optimizer_in_backward else optimizer_temp_allocs(strategy, layout, active)
     opt = dict(end)
     add_allocs(opt, temps)
     opt_reserved = max(run_reserved + segment_bytes(temps), sum(opt.values()))

@@ -119,6 +119,8 @@ def fit_strategies(chunk_counts: tuple[int, ...], recipe: Recipe = Recipe(),
     out = []
     for s in rows:
         s = dataclasses.replace(s, recipe=recipe, checkpointing=s.checkpointing if checkpointing is None else checkpointing)
+        if recipe.conflict(s) is not None:
+            continue  # a row the recipe cannot run (e.g. --lora or --optimizer-in-backward with ChunkFT)
         if s not in out:
             out.append(s)
     return out

@@ -17,7 +17,7 @@ import dataclasses
 import functools
 from typing import TYPE_CHECKING
 
-from planner.schema import Component, Phase
+from planner.schema import Component, Phase, Tier
 
 if TYPE_CHECKING:
     import networkx
@@ -66,6 +66,9 @@ class StorageInfo:
     """autograd saved it for backward (saved_tensors_hooks saw it)."""
     layer: int | None
     """Decoder layer of the allocating op; for weights, the layer of the parameter; else None."""
+    tier: Tier = Tier.GPU
+    """Where the bytes live: the device, or HOST for what the step copies out to host memory
+    (activations offloaded by --offload-activations, planner.activations)."""
 
 
 class OpGraph:
@@ -106,11 +109,17 @@ class OpGraph:
         g.add_edges_from((u, v, {"storages": tuple(s)}) for (u, v), s in links.items())
         return g
 
-    def replay(self, allocator: str = "cpu", **options) -> "MemoryTimeline":
-        """Live bytes per component after every op, from allocation and free events in order."""
+    def replay(self, allocator: str = "cpu", *, tier: Tier | None = Tier.GPU, **options) -> "MemoryTimeline":
+        """Live bytes per component after every op, from allocation and free events in order,
+        of the storages on `tier` (the device by default; None: every tier, as one CPU process
+        holding both sees them)."""
         from planner.memory import replay
 
-        return replay(self, allocator=allocator, **options)
+        graph = self
+        if tier is not None and any(s.tier != tier for s in self.storages.values()):
+            graph = OpGraph(self.ops, {k: s for k, s in self.storages.items() if s.tier == tier},
+                            num_layers=self.num_layers, template_layers=self.template_layers)
+        return replay(graph, allocator=allocator, **options)
 
     def phase_of(self, index: int) -> Phase:
         return self.ops[index].phase

@@ -40,7 +40,11 @@ PYTORCH_CUDA_ALLOC_CONF's syntax):
 
 `Recipe.require_modelled()` refuses, in one line, an axis value the cost model does not price
 yet; a plan states the recipe it was made for so that an older plan never passes for a newer
-recipe.
+recipe. `conflict(strategy)` names a strategy the recipe cannot run (every-K / selective need
+checkpointing on; LoRA and the optimizer in backward need one chunk; the optimizer in backward
+needs the GPU optimizer and no fp16 loss scaling); `require_runnable()` refuses what `chunkft
+run` does not execute yet, `require_sharded_modelled()` what the sharded cost model does not
+price yet (the axes of `traced_axes()`).
 """
 
 from __future__ import annotations
@@ -147,21 +151,70 @@ class Recipe:
             unmodelled.append(f"--precision {self.precision.value}")
         if self.optim != "chunkft":
             unmodelled.append(f"--optim {self.optim}")
-        if self.optimizer_in_backward:
-            unmodelled.append("--optimizer-in-backward")
-        if self.checkpoint_every != 1:
-            unmodelled.append(f"--checkpointing every-{self.checkpoint_every}")
-        if self.selective_checkpointing:
-            unmodelled.append("--checkpointing selective")
-        if self.offload_activations:
-            unmodelled.append("--offload-activations")
-        if self.trainable or self.freeze:
-            unmodelled.append("--trainable/--freeze")
-        if self.lora_rank:
-            unmodelled.append("--lora")
         if unmodelled:
             raise ChunkftError(f"{unmodelled[0]} is not modelled by this planner yet; leave it at its default "
                                f"(planner.recipe lists each axis)")
+
+    def traced_axes(self) -> list[str]:
+        """The flags of this recipe's axes that change the traced step beyond the loop
+        (planner.activations, planner.train_axes), as the user wrote them."""
+        out = []
+        if self.checkpoint_every != 1:
+            out.append(f"--checkpointing every-{self.checkpoint_every}")
+        if self.selective_checkpointing:
+            out.append("--checkpointing selective")
+        if self.offload_activations:
+            out.append("--offload-activations")
+        if self.trainable or self.freeze:
+            out.append("--trainable/--freeze")
+        if self.lora_rank:
+            out.append(f"--lora {self.lora_rank}")
+        if self.optimizer_in_backward:
+            out.append("--optimizer-in-backward")
+        return out
+
+    def require_sharded_modelled(self) -> None:
+        """Refuse (one line) what the sharded cost model (planner.sharding) does not price: it
+        traces the loop only, not the axes of `traced_axes` (one-GPU plans price them)."""
+        self.require_modelled()
+        axes = self.traced_axes()
+        if axes:
+            raise ChunkftError(f"{axes[0]} is priced for one-GPU plans only; the sharded cost model does not "
+                               f"trace it yet (plan without --gpus, or leave it at its default)")
+
+    def require_runnable(self) -> None:
+        """Refuse (one line) a recipe `chunkft run` cannot execute: its runtime runs either loop
+        with every parameter trained, whole-layer checkpointing and the plan's optimizer."""
+        self.require_modelled()
+        default = Recipe(loop=self.loop, alloc_conf=self.alloc_conf)
+        if self != default:
+            axes = self.traced_axes() or [f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}"
+                                          for f in dataclasses.fields(self)
+                                          if getattr(self, f.name) != getattr(default, f.name)]
+            raise ChunkftError(f"the plan's recipe has {axes[0]}, which chunkft run does not execute yet; "
+                               "run it in your own loop, or plan without it")
+
+    def conflict(self, strategy, dtype: str | None = None) -> str | None:
+        """Why this recipe cannot run `strategy` (one line), or None. `fit` and the solver leave
+        such strategies out; planner.evaluate refuses them."""
+        from planner.strategy import OptimizerDevice
+
+        if (self.checkpoint_every != 1 or self.selective_checkpointing) and not strategy.checkpointing:
+            what = "selective" if self.selective_checkpointing else f"every-{self.checkpoint_every}"
+            return f"--checkpointing {what} needs a strategy with checkpointing on"
+        if self.lora_rank and strategy.chunks > 1:
+            return (f"--lora trains adapters only; ChunkFT's {strategy.chunks} chunks cut base weights "
+                    "(plan LoRA with one chunk)")
+        if self.optimizer_in_backward:
+            if strategy.chunks > 1:
+                return (f"--optimizer-in-backward steps whole tensors in backward; ChunkFT's {strategy.chunks} chunks "
+                        "train sliced spans and switch state between steps (use one chunk)")
+            if strategy.optimizer_device == OptimizerDevice.HOST:
+                return "--optimizer-in-backward steps on the GPU inside backward; a host optimizer cannot (use the GPU optimizer)"
+            if dtype == "fp16":
+                return ("--optimizer-in-backward cannot skip a step on fp16 loss-scale overflow (each tensor has stepped "
+                        "before the overflow is known): use --dtype bf16 or fp32")
+        return None
 
     def check_strategy(self, *, loss_chunk_tokens: int) -> None:
         """Refuse (one line) what this recipe cannot be combined with."""

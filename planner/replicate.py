@@ -137,8 +137,10 @@ def layer_plan(model: "ModelSpec", options: "TraceOptions") -> LayerPlan | None:
     for j in range(n):
         names = [f"{prefix}.{j}.{x}" for x in local]
         pattern = None if grad is None else tuple(grad_key(grad.get(m, False)) for m in names)
-        keys.append((pattern, below, per_layer[j]))
-        below = below or any(trains(m) for m in names)
+        # recipe axes that differ per layer: every-K checkpointing
+        keys.append((pattern, below, per_layer[j], options.checkpoints_layer(j)))
+        # LoRA adapters train in every layer: what is above layer j needs an input gradient
+        below = below or bool(options.lora_rank) or any(trains(m) for m in names)
 
     # A run is m repeats of a block of p layers (p = 1 for identical layers, 2 for Gemma 2's
     # alternating sliding / full attention); the template keeps its first, one interior and
@@ -222,8 +224,7 @@ def _template_trace(model: "ModelSpec", shape: "StepShape", options: "TraceOptio
     non_layer = None if options.grad is None else {
         k: v for k, v in options.grad.items() if not k.startswith(plan.prefix + ".")}
     non_layer_key = None if non_layer is None else tuple(sorted((k, grad_key(v)) for k, v in non_layer.items()))
-    key = (_model_key(model), shape, options.checkpointing, options.loss_chunk_tokens, options.loop, plan.keys,
-           non_layer_key)
+    key = (_model_key(model), shape, options.axes_key(), plan.keys, non_layer_key)
     cached = _TEMPLATE_CACHE.get(key)
     if cached is not None:
         return cached
@@ -237,7 +238,7 @@ def _template_trace(model: "ModelSpec", shape: "StepShape", options: "TraceOptio
             for name, value in options.grad.items():
                 if name.startswith(source):
                     grad[f"{head}{t}.{name[len(source):]}"] = value
-    graph = trace_module(module, shape, options, layer_prefix=plan.prefix, grad=grad)
+    graph = trace_module(module, shape, options, layer_prefix=plan.prefix, grad=grad, layer_index=plan.anchors)
     if len(_TEMPLATE_CACHE) >= _TEMPLATE_CACHE_SIZE:
         _TEMPLATE_CACHE.pop(next(iter(_TEMPLATE_CACHE)))
     _TEMPLATE_CACHE[key] = graph
@@ -418,7 +419,7 @@ def replicate(template: "OpGraph", plan: LayerPlan) -> "OpGraph":
             alloc = None if s.alloc_op is None else full_op(s.alloc_op, j, owner)
             free = None if s.free_op is None else full_op(s.free_op, j, owner)
             storages[sid] = StorageInfo(id=sid, nbytes=s.nbytes, component=s.component, alloc_op=alloc,
-                                        free_op=free, saved=s.saved, layer=j)
+                                        free_op=free, saved=s.saved, layer=j, tier=s.tier)
             if j is None:
                 single[s.id] = sid
             else:

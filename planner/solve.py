@@ -142,6 +142,8 @@ class SearchSpace:
                                     base = Strategy(chunks=c, optimizer_device=device, state_tier=tier,
                                                     grad_staging=staging, checkpointing=ckpt,
                                                     weights=weights, loss_chunk_tokens=loss, recipe=self.recipe)
+                                    if self.recipe.conflict(base) is not None:
+                                        continue  # a strategy the recipe cannot run (planner.recipe)
                                     depths = (tuple(sorted({min(d, c - 1) for d in self.prefetch_depths}))
                                               if c > 1 and base.moves_state else (1,))
                                     for depth in depths:

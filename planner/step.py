@@ -87,11 +87,27 @@ def chunked_causal_lm_loss(model: "torch.nn.Module", hidden: "torch.Tensor", lab
     return total / count
 
 
-def enable_checkpointing(model: "torch.nn.Module") -> None:
-    """Per-decoder-layer activation checkpointing (non-reentrant), as tracer and runtime both use it."""
+def enable_checkpointing(model: "torch.nn.Module", *, every: int = 1, layers: "list[bool] | None" = None,
+                         selective: bool = False) -> None:
+    """Activation checkpointing (non-reentrant), as tracer and runtime both use it: HF's own
+    `activation_checkpointing_enable` (every decoder layer), then
+
+    - `every` > 1: only decoder layers whose index % every == 0 stay checkpointed (the
+      selection of transformers' `every_n_layers`, torchtune's and torchtitan's);
+    - `layers`: the per-layer choice given outright (a template's layers stand for full-depth
+      layers whose indices differ from their own: planner.replicate);
+    - `selective`: op-level selective checkpointing, the checkpoint's `context_fn` from
+      `planner.activations.selective_context_fn` (matmul and attention outputs are saved).
+
+    The per-layer choice is the `gradient_checkpointing` flag HF's GradientCheckpointingLayer
+    reads (transformers' `every_n_layers` sets the same flag)."""
     from planner.errors import ChunkftError
 
-    kwargs = {"use_reentrant": False}
+    kwargs: dict = {"use_reentrant": False}
+    if selective:
+        from planner.activations import selective_context_fn
+
+        kwargs["context_fn"] = selective_context_fn
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif hasattr(model, "gradient_checkpointing_enable"):
@@ -99,6 +115,20 @@ def enable_checkpointing(model: "torch.nn.Module") -> None:
     else:
         raise ChunkftError(f"{type(model).__name__} has no activation_checkpointing_enable(): "
                            "activation checkpointing needs a transformers model")
+    if every == 1 and layers is None:
+        return
+    from planner.model import find_layer_list
+
+    found = find_layer_list(model)
+    blocks = [] if found is None else list(found[1])
+    if not blocks or not all(hasattr(b, "gradient_checkpointing") for b in blocks):
+        raise ChunkftError(f"{type(model).__name__}'s decoder layers have no per-layer checkpointing flag: "
+                           "checkpointing every K-th layer needs transformers' GradientCheckpointingLayer")
+    flags = [i % every == 0 for i in range(len(blocks))] if layers is None else list(layers)
+    if len(flags) != len(blocks):
+        raise ChunkftError(f"{len(flags)} checkpointing flags for {len(blocks)} decoder layers")
+    for block, on in zip(blocks, flags):
+        block.gradient_checkpointing = bool(on)
 
 
 def _forward_kwargs(model: "torch.nn.Module") -> dict:

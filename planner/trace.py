@@ -19,6 +19,11 @@ Where the real step's path depends on tensor *data*, the trace must take the rea
 transformers builds no causal mask for an unpadded batch, but cannot tell on fake tensors
 (see match_real_attention_branch).
 
+The recipe's axes that change the step (TraceOptions: every-K and selective checkpointing,
+the trainable set as a GradSpec, LoRA adapters, the optimizer stepped in backward) run their
+real implementations on the fake model (planner.activations, planner.train_axes); optimizer
+state that outlives the step is left out of the graph (planner.evaluate prices it).
+
 Known limitations: scratch buffers a kernel allocates and frees inside one op are invisible
 (to the per-op CPU measurement as well); what is not a tensor storage (autograd nodes, malloc
 headers: 150-300 KiB on the tiny test models, about 1%) is not counted; on CUDA, SDPA's flash /
@@ -33,7 +38,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from planner.errors import ChunkftError
-from planner.schema import Component, Phase
+from planner.schema import Component, Phase, Tier
 
 if TYPE_CHECKING:
     import torch
@@ -82,6 +87,20 @@ class TraceOptions:
     """Trace template layers and replicate them to full depth (else trace every layer)."""
     loop: str = "chunkft"
     """The recipe's loop (planner.recipe.Loop value): "chunkft" or "hf" (planner.step.loop_forward)."""
+    checkpoint_every: int = 1
+    """With checkpointing: only decoder layers whose index % checkpoint_every == 0 (planner.activations)."""
+    selective_checkpointing: bool = False
+    """With checkpointing: op-level selective checkpointing in every layer (planner.activations)."""
+    offload_activations: bool = False
+    """Saved activations go to host memory as torch.autograd.graph.save_on_cpu does (planner.activations)."""
+    lora_rank: int = 0
+    """> 0: runtime.lora adapters of this rank on `lora_targets` of a frozen base (planner.train_axes)."""
+    lora_targets: tuple[str, ...] = ()
+    optimizer_in_backward: bool = False
+    """Each trained tensor's AdamW step runs in its post-accumulate-grad hook (planner.train_axes)."""
+    master_weights: bool = True
+    """With optimizer_in_backward: the step updates an fp32 master (mixed precision) rather than the
+    weight itself (pure precision)."""
 
     def __post_init__(self):
         if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
@@ -89,12 +108,34 @@ class TraceOptions:
                                "must be 0 (no chunking) or a positive token count")
         from planner.recipe import Recipe
 
-        Recipe(loop=self.loop).check_strategy(loss_chunk_tokens=self.loss_chunk_tokens)
+        Recipe(loop=self.loop, checkpoint_every=self.checkpoint_every,
+               selective_checkpointing=self.selective_checkpointing, lora_rank=self.lora_rank,
+               lora_targets=self.lora_targets or ("q_proj",)).check_strategy(loss_chunk_tokens=self.loss_chunk_tokens)
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_rank:
+            if not self.lora_targets:
+                raise ChunkftError("lora_rank > 0 needs lora_targets (module names to adapt)")
+            if self.grad is None:
+                object.__setattr__(self, "grad", {})  # LoRA freezes the base: only adapters train
+            elif any(v is not False for v in self.grad.values()):
+                raise ChunkftError("LoRA trains adapters on a frozen base: the grad spec must train no base parameter")
 
     def key(self) -> tuple:
-        """Hashable identity (GradSpec dicts are not hashable)."""
+        """Hashable identity (GradSpec dicts are not hashable): exactly what changes the step."""
         grad = None if self.grad is None else tuple(sorted((k, grad_key(v)) for k, v in self.grad.items()))
-        return (grad, self.checkpointing, self.loss_chunk_tokens, self.replicate, self.loop)
+        return (grad, self.replicate) + self.axes_key()
+
+    def axes_key(self) -> tuple:
+        """key() without the GradSpec and replication: the step's axes (replicate's template key)."""
+        ckpt = self.checkpointing
+        return (ckpt, self.loss_chunk_tokens, self.loop, self.checkpoint_every if ckpt else 1,
+                self.selective_checkpointing and ckpt, self.offload_activations,
+                (self.lora_rank, self.lora_targets) if self.lora_rank else None,
+                (self.optimizer_in_backward, self.master_weights) if self.optimizer_in_backward else None)
+
+    def checkpoints_layer(self, index: int) -> bool:
+        """Whether decoder layer `index` (of the full model) runs under activation checkpointing."""
+        return self.checkpointing and index % self.checkpoint_every == 0
 
 
 def grad_key(v: Any) -> Any:
@@ -124,12 +165,18 @@ def trace_full(model: "ModelSpec", shape: StepShape, options: TraceOptions) -> "
 
 
 def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOptions, *,
-                 layer_prefix: str | None, grad: dict[str, Any] | None) -> "OpGraph":
-    """Trace one step of an already built (meta) module. Consumes the module."""
+                 layer_prefix: str | None, grad: dict[str, Any] | None,
+                 layer_index: tuple[int, ...] | None = None) -> "OpGraph":
+    """Trace one step of an already built (meta) module. Consumes the module.
+
+    `layer_index`: the full-depth index each decoder layer stands for (a template's layers,
+    planner.replicate); per-layer recipe choices such as every-K checkpointing follow it."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+    from planner.activations import OffloadHooks
     from planner.step import enable_checkpointing, loop_forward
+    from planner.train_axes import StepAxes
 
     # The meta parameters are the one non-fake input: empty_like turns them into fake cpu tensors.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -140,23 +187,31 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
         handle = _apply_grad_spec(module, grad)
         match_real_attention_branch(module, shape)
         if options.checkpointing:
-            enable_checkpointing(module)
+            n = len(module.get_submodule(layer_prefix)) if layer_prefix else 0
+            index = layer_index if layer_index is not None else tuple(range(n))
+            per_layer = n and options.checkpoint_every != 1
+            enable_checkpointing(module, layers=[options.checkpoints_layer(i) for i in index] if per_layer else None,
+                                 selective=options.selective_checkpointing)
+        axes = StepAxes(module, options, grad)  # LoRA adapters, optimizer in backward
         module.train()
         vocab = _vocab_size(module)
         input_ids = torch.randint(0, vocab, (shape.batch, shape.seq_len))
         labels = torch.randint(0, vocab, (shape.batch, shape.seq_len))
 
-        recorder = StepRecorder(module, layer_prefix=layer_prefix)
-        with _quiet_transformers(), recorder.recording(inputs=(input_ids, labels)):
-            loss, held = loop_forward(module, input_ids, labels, loop=options.loop,
-                                      loss_chunk_tokens=options.loss_chunk_tokens)
+        recorder = StepRecorder(module, layer_prefix=layer_prefix, extra_weights=axes.named_weights(),
+                                external=axes.external_tensors())
+        with _quiet_transformers(), recorder.recording(inputs=(input_ids, labels)), axes.running(recorder):
+            with OffloadHooks(on_host=recorder.mark_host) if options.offload_activations else contextlib.nullcontext():
+                loss, held = loop_forward(module, input_ids, labels, loop=options.loop,
+                                          loss_chunk_tokens=options.loss_chunk_tokens)
             recorder.start_backward(loss)
             if loss.requires_grad:
                 loss.backward()
             del loss, held
-            grads = _final_grads(module, handle)
+            grads = _final_grads(module, handle) + axes.final_grads()
             recorder.mark_gradients(grads)
             del grads
+        axes.remove()
         if handle is not None:
             handle.remove()
     return recorder.to_opgraph()
@@ -290,8 +345,13 @@ class StepRecorder:
     under enable_grad; autograd runs backward functions with grad mode off).
     """
 
-    def __init__(self, module: "torch.nn.Module", *, layer_prefix: str | None):
+    def __init__(self, module: "torch.nn.Module", *, layer_prefix: str | None,
+                 extra_weights: dict[str, "torch.Tensor"] | None = None, external: tuple = ()):
         self.module = module
+        self.extra_weights = extra_weights or {}
+        """Trained tensors outside the module (LoRA adapters), named as if inside it."""
+        self.external = external
+        """Tensors the trace leaves out (optimizer state another part of the cost model prices)."""
         self.layer_prefix = layer_prefix
         self.layers = list(module.get_submodule(layer_prefix)) if layer_prefix else []
         self.head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
@@ -360,6 +420,10 @@ class StepRecorder:
     @staticmethod
     def _unpack(t: "torch.Tensor") -> "torch.Tensor":
         return t
+
+    def mark_host(self, t: "torch.Tensor") -> None:
+        """`t`'s storage lives in host memory (an offloaded activation), not on the device."""
+        self.kind[self.storage_id(t, None)[0]] = "host"
 
     def mark_gradients(self, grads: list["torch.Tensor"]) -> None:
         for g in grads:
@@ -492,9 +556,11 @@ class StepRecorder:
             for name, p in self.module.named_parameters():
                 sid = self.storage_id(p, None)[0]
                 self.kind[sid], self.weight_layer[sid] = "weight", layer_of(name)
-            for name, b in self.module.named_buffers():
+            for name, b in list(self.module.named_buffers()) + list(self.extra_weights.items()):
                 sid = self.storage_id(b, None)[0]
                 self.kind[sid], self.weight_layer[sid] = "weight", layer_of(name)
+            for t in self.external:
+                self.kind[self.storage_id(t, None)[0]] = "external"
             for t in inputs:
                 self.kind[self.storage_id(t, None)[0]] = "input"
             handles = self._install_hooks()
@@ -524,9 +590,13 @@ class StepRecorder:
         storages = {}
         for sid in range(len(self.nbytes)):
             a, f, kind = self.alloc_op[sid], self.free_op[sid], self.kind[sid]
+            if kind == "external":
+                continue
             last = n if f is None else f
             if kind == "weight":
                 comp = Component.WEIGHTS
+            elif kind == "host":
+                comp = Component.ACTIVATIONS
             elif kind == "grad":
                 comp = Component.GRADIENTS
             elif kind == "input" or a is None:
@@ -542,10 +612,14 @@ class StepRecorder:
             else:
                 comp = Component.TEMPORARIES
             storages[sid] = StorageInfo(id=sid, nbytes=self.nbytes[sid], component=comp, alloc_op=a, free_op=f,
+                                        tier=Tier.HOST if kind == "host" else Tier.GPU,
                                         saved=self.saved[sid],
                                         layer=self.weight_layer.get(sid) if a is None else self.rows[a][4])
-        ops = [OpNode(index=i, name=r[0], module=r[1], phase=phases[i], layer=r[4], inputs=r[5], outputs=r[6],
-                      allocs=r[7], out_bytes=r[8], flops=r[9]) for i, r in enumerate(self.rows)]
+        def kept(sids: tuple[int, ...]) -> tuple[int, ...]:
+            return sids if len(storages) == len(self.nbytes) else tuple(s for s in sids if s in storages)
+
+        ops = [OpNode(index=i, name=r[0], module=r[1], phase=phases[i], layer=r[4], inputs=kept(r[5]),
+                      outputs=kept(r[6]), allocs=kept(r[7]), out_bytes=r[8], flops=r[9]) for i, r in enumerate(self.rows)]
         return OpGraph(ops, storages, num_layers=len(self.layers) or None)
 
 
