@@ -9,7 +9,7 @@ successful steps the chunk's state is evicted to its tier and the next chunk (cy
 activated. A float64 model keeps float64 masters; anything narrower keeps fp32.
 
 State tiers (`planner.schema.Tier`): GPU keeps every chunk's state as device tensors; HOST in
-pinned memory (plain CPU memory without CUDA); DISK in one safetensors file per chunk under
+one flat pinned buffer per chunk (runtime.host_buffer; plain CPU memory without CUDA); DISK in one safetensors file per chunk under
 `state_dir`, each written atomically and crc32-checked when read back (with `stream_state`, one
 file per span, the active chunk's too: a host step then holds one span's state at a time). For HOST and DISK with `prefetch_depth >= 1` a
 background thread (on a side CUDA stream where there is one) loads the next chunk's state to
@@ -62,6 +62,7 @@ from planner.errors import ChunkftError
 from planner.fsio import atomic_path, atomic_write_json
 from planner.schema import Tier
 from runtime.disk_store import describe_os_error, file_crc32
+from runtime.host_buffer import FlatBuffer
 from runtime.guard import DEFAULT_MAX_NONFINITE_STEPS, SkipGuard, first_nonfinite, nonfinite_flag
 from runtime.lean_state import StateFormat, step_span
 from runtime.scaler import LossScaler
@@ -206,6 +207,7 @@ class _Store:
         self.aliased = tier == Tier.GPU or (tier == Tier.HOST and device.type == "cpu" and in_place)
         """The step works on the resting tensors themselves (no working copy beside them)."""
         self._mem: dict[int, dict[str, torch.Tensor]] = {}
+        self._flat: dict[int, FlatBuffer] = {}  # HOST (not aliased): each chunk's one buffer
         self._pin = tier == Tier.HOST and torch.cuda.is_available()
         self._crc: dict[tuple[int, str | None], int] = {}  # DISK: crc32 of each chunk file as written, checked on read
         if tier == Tier.DISK:
@@ -229,15 +231,13 @@ class _Store:
         """Rest chunk k's state here (DISK with `span`: one span's state, in its own file)."""
         if self.aliased:
             self._mem[k] = {n: t.to(self.device) for n, t in state.items()}
-        elif self.tier == Tier.HOST:
-            old = self._mem.get(k, {})
-            new = {}
-            for n, t in state.items():
-                host = old.get(n)
-                if host is None or host.shape != t.shape or host.dtype != t.dtype:
-                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._pin)
-                new[n] = host.copy_(t)
-            self._mem[k] = new
+        elif self.tier == Tier.HOST:  # one flat (pinned) buffer per chunk, reused in place
+            flat = self._flat.get(k)
+            if flat is None or not flat.matches(state):
+                if flat is not None:
+                    flat.release()
+                flat = self._flat[k] = FlatBuffer(state, pin=self._pin)
+            self._mem[k] = flat.copy_in(state)
         else:
             from safetensors.torch import save_file
 
@@ -280,6 +280,9 @@ class _Store:
 
     def drop(self, k: int) -> None:
         self._mem.pop(k, None)
+        flat = self._flat.pop(k, None)
+        if flat is not None:
+            flat.release()
         for key in [key for key in self._crc if key[0] == k]:
             del self._crc[key]
         if self.tier == Tier.DISK:
@@ -290,6 +293,8 @@ class _Store:
         """Bytes held on this tier (file sizes for DISK)."""
         if self.tier == Tier.DISK:
             return sum(p.stat().st_size for p in self.dir.glob("chunk[0-9][0-9][0-9][0-9][0-9].*safetensors"))
+        if self._flat:
+            return sum(f.nbytes for f in self._flat.values())
         return sum(t.numel() * t.element_size() for s in self._mem.values() for t in s.values())
 
 
