@@ -34,6 +34,8 @@ SHAPE = ["--seq", "256", "--batch", "2", "--dtype", "bf16"]
 CASES = {
     "fullft-ckpt": ["--chunks", "1", "--optimizer", "gpu", "--checkpointing", "on"],
     "chunkft-c4-host": ["--chunks", "4", "--optimizer", "gpu", "--state", "host", "--checkpointing", "on"],
+    "chunkft-c4-stream": ["--chunks", "4", "--optimizer", "gpu", "--state", "host", "--checkpointing", "on",
+                          "--weights", "stream"],
 }
 STEPS = 4
 
