@@ -1,15 +1,23 @@
-"""Hardware profiles: GPU catalogue and host defaults, read from planner/hardware/*.json.
+"""Hardware profiles: GPU catalogue, node catalogue and host defaults, read from planner/hardware/*.json.
 
 Each GPU file holds the CUDA-reported memory, HBM bandwidth, dense bf16 and fp32 FLOPS and the
 PCIe link, with its sources; host.json holds host-memory bandwidth, NVMe sequential read and
 write bandwidth and the default MFU. Every figure can be overridden through `hardware(...)`.
+
+Node files (node-<name>.json) are whole machines as sold or rented: the GPU kind and count, the
+host RAM and the NVMe data capacity, each with its vendor or cloud source (`NodeProfile`,
+`load_node`). Every catalogue GPU kind has a default node (`default_node`: its file's
+"default_for"), whose host RAM and disk `chunkft size` and `chunkft plan --gpus-per-node` hold a
+plan to unless told otherwise (--node, --host-ram, --disk).
 
 Names are matched case-insensitively ignoring spaces, dashes and underscores, with the
 "NVIDIA"/"GeForce" prefixes of `torch.cuda.get_device_name()` dropped, so "RTX 4090", "4090"
 and "NVIDIA GeForce RTX 4090" all name rtx4090.
 
 Known limitations: one GPU kind per Hardware; interconnect (NVLink / network) bandwidth for
-several GPUs is not modelled here.
+several GPUs is not modelled here (planner.sharding); a node's NVMe bandwidth is host.json's
+(one drive's sustained figures), not the node's RAID; host RAM is what the node has installed,
+not what the OS leaves free (a few GiB less).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from planner.units import parse_bytes
 
 HARDWARE_DIR = Path(__file__).with_name("hardware")
 HOST_FILE = "host.json"
+NODE_PREFIX = "node-"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,7 +90,7 @@ def _catalogue() -> dict[str, dict]:
     """GPU name -> its file's content."""
     out = {}
     for path in sorted(HARDWARE_DIR.glob("*.json")):
-        if path.name != HOST_FILE:
+        if path.name != HOST_FILE and not path.name.startswith(NODE_PREFIX):
             out[path.stem] = read_json(path, what="GPU profile")
     return out
 
@@ -155,6 +164,70 @@ def hardware(gpu: str | GpuProfile = "rtx4090", **overrides) -> Hardware:
     if not 0 < values["mfu"] <= 1:
         raise ChunkftError(f"invalid mfu {values['mfu']!r}: must be in (0, 1]")
     return Hardware(gpu=profile, **values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class NodeProfile:
+    """One machine: its GPUs, host RAM and NVMe data capacity (a node of a sharded run)."""
+
+    name: str
+    gpu: str
+    """Catalogue GPU kind."""
+    gpus: int
+    """GPUs in the node."""
+    host_ram_bytes: int
+    """Installed host RAM."""
+    disk_bytes: int
+    """NVMe data capacity (OS drives not counted)."""
+
+    def describe(self) -> str:
+        from planner.units import format_bytes
+
+        return (f"{self.name}: {self.gpus} x {self.gpu}, {format_bytes(self.host_ram_bytes)} host RAM, "
+                f"{format_bytes(self.disk_bytes)} NVMe")
+
+
+@functools.cache
+def _nodes() -> dict[str, dict]:
+    """Node name -> its file's content."""
+    return {path.stem.removeprefix(NODE_PREFIX): read_json(path, what="node profile")
+            for path in sorted(HARDWARE_DIR.glob(f"{NODE_PREFIX}*.json"))}
+
+
+@functools.cache
+def _node_aliases() -> dict[str, str]:
+    table: dict[str, str] = {}
+    for name, entry in _nodes().items():
+        for alias in [name, *entry.get("aliases", [])]:
+            key = _normalize(alias)
+            assert table.get(key, name) == name, f"node alias {alias!r} names two profiles"
+            table[key] = name
+    return table
+
+
+def list_nodes() -> list[str]:
+    """Catalogue node names, alphabetically."""
+    return sorted(_nodes())
+
+
+def load_node(name: str) -> NodeProfile:
+    """The catalogue node `name` (case-insensitive, aliases allowed)."""
+    key = _node_aliases().get(_normalize(str(name)))
+    if key is None:
+        raise ChunkftError(f"unknown node {name!r}; known nodes: {', '.join(list_nodes())}")
+    entry = _nodes()[key]
+    gpu = load_gpu(entry["gpu"]).name
+    return NodeProfile(name=key, gpu=gpu, gpus=_number(entry["gpus"], "num_gpus", key),
+                       host_ram_bytes=_number(entry["host_ram_bytes"], "host_ram_bytes", key),
+                       disk_bytes=_number(entry["disk_bytes"], "disk_bytes", key))
+
+
+def default_node(gpu: str | GpuProfile) -> NodeProfile:
+    """The node a GPU kind is planned on unless told otherwise (its "default_for" file)."""
+    kind = gpu.name if isinstance(gpu, GpuProfile) else load_gpu(gpu).name
+    found = [n for n, e in _nodes().items() if kind in e.get("default_for", [])]
+    assert len(found) == 1, f"GPU kind {kind!r} has {len(found)} default nodes: {found}"
+    return load_node(found[0])
 
 
 def _number(value, field: str, where: str):

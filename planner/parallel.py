@@ -9,9 +9,17 @@ of one card, and one rank's share of host RAM and disk (a node holds `gpus_per_n
     solution = solve_parallel(model, shape, hw, budget, layout, space=space)
 
 The budget is per GPU for the GPU tier and per node for host RAM and disk; `per_rank_budget`
-turns it into what one rank may use. The strategy space is narrowed to what runs sharded
+turns it into what one rank may use, and `node_budget` is a catalogue node's (its host RAM and
+NVMe: planner.hardware.NodeProfile), what `chunkft plan --gpus-per-node` and `chunkft size`
+hold a plan to by default. The strategy space is narrowed to what runs sharded
 (`sharded_strategies`): AdamW on the GPU with every layer resident, no gradient staging, and
-the resting optimizer state on the GPU or in host RAM.
+the resting optimizer state on the GPU, in host RAM or on disk (runtime.sharded_optim's tiers).
+
+Chunk counts past the one-GPU space: a rank holds 1/W of the state, so finer chunks keep
+paying off (smaller working copies and step temporaries). When nothing in the space fits and
+the GPU is what is short, `solve_parallel` tries the powers of two above the space's largest
+chunk count, up to `SHARDED_MAX_CHUNKS`, one count at a time, and stops at the first that fits
+(or when the GPU need stops falling).
 
 Known limitations: one micro-batch per rank and step (no gradient accumulation term in the
 communication); the host link of a node is not shared out among its ranks in the step time;
@@ -22,20 +30,22 @@ start with torchrun on each node).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from planner.errors import ChunkftError
 from planner.schema import Tier
 from planner.strategy import Budget, Estimate, OptimizerDevice, Strategy, WeightResidency
 
 if TYPE_CHECKING:
-    from planner.hardware import Hardware
+    from planner.hardware import Hardware, NodeProfile
     from planner.model import ModelSpec
     from planner.sharding import ShardedEstimate
     from planner.solve import Objective, SearchSpace, Solution
     from planner.trace import StepShape
 
 CHUNK_TRACE_MODES = ("auto", "exact", "bound")
+SHARDED_MAX_CHUNKS = 4096
+"""Largest chunk count a sharded plan tries past its space (see the module doc)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -79,7 +89,26 @@ class ParallelLayout:
 def runs_sharded(strategy: Strategy) -> bool:
     """Whether runtime.distributed executes this strategy (and planner.sharding models it)."""
     return (strategy.optimizer_device == OptimizerDevice.GPU and strategy.weights == WeightResidency.GPU
-            and strategy.grad_staging is None and strategy.state_tier in (Tier.GPU, Tier.HOST))
+            and strategy.grad_staging is None and strategy.state_tier in (Tier.GPU, Tier.HOST, Tier.DISK))
+
+
+def extra_chunk_counts(counts: Iterable[int], limit: int = SHARDED_MAX_CHUNKS) -> tuple[int, ...]:
+    """Powers of two above the largest of `counts`, up to `limit` (none if it is 1: full FT only)."""
+    top = max(counts, default=1)
+    if top <= 1:
+        return ()
+    out, c = [], 1 << top.bit_length()
+    while c <= limit:
+        out.append(c)
+        c *= 2
+    return tuple(out)
+
+
+def node_budget(node: "NodeProfile", gpu_bytes: int, *, host_bytes: int | None = None,
+                disk_bytes: int | None = None) -> Budget:
+    """A node's budget: `gpu_bytes` per card, the node's host RAM and NVMe unless given."""
+    return Budget(gpu_bytes=gpu_bytes, host_bytes=node.host_ram_bytes if host_bytes is None else host_bytes,
+                  disk_bytes=node.disk_bytes if disk_bytes is None else disk_bytes)
 
 
 def sharded_strategies(strategies: Iterable[Strategy]) -> list[Strategy]:
@@ -89,7 +118,7 @@ def sharded_strategies(strategies: Iterable[Strategy]) -> list[Strategy]:
 def per_rank_budget(budget: Budget, layout: ParallelLayout) -> Budget:
     """GPU per card stays; host RAM and disk per node are shared out among its ranks."""
     def share(b: int | None) -> int | None:
-        return None if b is None else b // layout.gpus_per_node
+        return None if b is None else max(1, b // layout.gpus_per_node)  # a Budget's bytes are positive
 
     return Budget(gpu_bytes=budget.gpu_bytes, host_bytes=share(budget.host_bytes), disk_bytes=share(budget.disk_bytes))
 
@@ -104,10 +133,14 @@ def as_estimate(est: "ShardedEstimate") -> Estimate:
 
 def solve_parallel(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: Budget, layout: ParallelLayout, *,
                    objective: "Objective | None" = None, space: "SearchSpace | None" = None,
-                   chunk_traces: str = "auto") -> "tuple[Solution, dict[Strategy, ShardedEstimate]]":
+                   chunk_traces: str = "auto", extend_chunks: bool = True,
+                   known: "dict[Strategy, ShardedEstimate] | None" = None
+                   ) -> "tuple[Solution, dict[Strategy, ShardedEstimate]]":
     """planner.solve.solve over the sharded strategies of `space`, each rank held against
-    `per_rank_budget(budget, layout)`. Returns the solution and the sharded estimate of every
-    strategy evaluated (the winner's communication figures go into the plan)."""
+    `per_rank_budget(budget, layout)`; with `extend_chunks` (and a SearchSpace), chunk counts
+    past the space's when nothing fits for want of GPU memory (module doc). `known`: estimates
+    already made on this layout (reused, not re-evaluated). Returns the solution and the sharded
+    estimate of every strategy evaluated (the winner's communication figures go into the plan)."""
     from planner.sharding import evaluate_sharded
     from planner.solve import Objective, SearchSpace, default_space, solve
 
@@ -118,13 +151,52 @@ def solve_parallel(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budge
     strategies = sharded_strategies(space.strategies() if isinstance(space, SearchSpace) else space)
     if not strategies:
         raise ChunkftError("no strategy in the space runs sharded: a sharded plan steps AdamW on the GPU "
-                           "(--optimizer gpu) with state on gpu or host and no --grad-staging")
+                           "(--optimizer gpu) with weights resident and no --grad-staging")
     sharded: dict[Strategy, ShardedEstimate] = {}
 
     def cost(s: Strategy) -> Estimate:
-        sharded[s] = evaluate_sharded(model, shape, s, hw, gpus_per_node=layout.gpus_per_node, nodes=layout.nodes,
-                                      shard_embeddings=layout.shard_embeddings, chunk_traces=chunk_traces)
+        if known is not None and s in known:
+            sharded[s] = known[s]
+        else:
+            sharded[s] = evaluate_sharded(model, shape, s, hw, gpus_per_node=layout.gpus_per_node,
+                                          nodes=layout.nodes, shard_embeddings=layout.shard_embeddings,
+                                          chunk_traces=chunk_traces)
         return as_estimate(sharded[s])
 
-    solution = solve(strategies, cost, per_rank_budget(budget, layout), objective=objective or Objective.SPEED)
+    rank_budget = per_rank_budget(budget, layout)
+    solution = solve(strategies, cost, rank_budget, objective=objective or Objective.SPEED)
+    if solution.fits or not extend_chunks or not isinstance(space, SearchSpace) or Tier.GPU not in solution.missing_bytes:
+        return solution, sharded
+    need = solution.closest.need_bytes(Tier.GPU)
+    for c in extra_chunk_counts(space.chunk_counts):
+        more = sharded_strategies(dataclasses.replace(space, chunk_counts=(c,)).strategies())
+        if not more:
+            break
+        tried = solve(more, cost, rank_budget, objective=objective or Objective.SPEED)
+        if tried.fits:
+            return tried, sharded
+        if Tier.GPU not in tried.missing_bytes or tried.closest.need_bytes(Tier.GPU) >= need:
+            break  # finer chunks no longer help the GPU
+        need = tried.closest.need_bytes(Tier.GPU)
     return solution, sharded
+
+
+def solve_layouts(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: Budget,
+                  layouts: "Sequence[ParallelLayout]", *, objective: "Objective | None" = None,
+                  space: "SearchSpace | None" = None, chunk_traces: str = "auto", extend_chunks: bool = True
+                  ) -> "tuple[Solution, dict[Strategy, ShardedEstimate], ParallelLayout]":
+    """`solve_parallel` on each layout (e.g. the embeddings inside the root unit, and as units of
+    their own): the layout whose plan fits and is best under the objective (ties: the earlier
+    layout); if none fits, the one whose closest strategy misses the fewest bytes."""
+    from planner.solve import Objective, objective_key
+
+    objective = objective or Objective.SPEED
+    results = []
+    for layout in layouts:
+        solution, sharded = solve_parallel(model, shape, hw, budget, layout, objective=objective, space=space,
+                                           chunk_traces=chunk_traces, extend_chunks=extend_chunks)
+        results.append((solution, sharded, layout))
+    fitting = [r for r in results if r[0].fits]
+    if fitting:
+        return min(fitting, key=lambda r: objective_key(r[0].best, objective))
+    return min(results, key=lambda r: sum(r[0].missing_bytes.values()))

@@ -197,7 +197,7 @@ class Plan:
                 raise ChunkftError(f"plan field 'parallel' is invalid: {e}") from None
             if not runs_sharded(strategy):
                 raise ChunkftError(f"plan field 'parallel' is set but strategy {strategy.label()!r} does not run "
-                                   "sharded (AdamW on the GPU, weights resident, state on gpu or host, no staging)")
+                                   "sharded (AdamW on the GPU, weights resident, no staging)")
         return cls(
             parallel=parallel, communication=communication, chunk_traces=chunk_traces,
             model_name=model.field("name", str),

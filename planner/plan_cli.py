@@ -46,8 +46,11 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("several GPUs (FSDP2; the budget is per GPU, --host-ram and --disk per node)")
     g.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node, one rank each (default 1)")
     g.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    g.add_argument("--shard-embeddings", action="store_true",
-                   help="the input embedding and the output head as FSDP units of their own")
+    g.add_argument("--node", help="catalogue node (planner/hardware/node-*.json): its GPU kind, and its host RAM "
+                                  "and NVMe as --host-ram / --disk (default with several GPUs: the GPU kind's node)")
+    g.add_argument("--shard-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="the input embedding and the output head as FSDP units of their own, or not "
+                        "(default with several GPUs: both layouts are searched)")
     p.add_argument("--chunk-traces", choices=["auto", "exact", "bound"], default="auto",
                    help="ChunkFT per-chunk traces: exact traces every chunk pattern; bound (auto above 2B "
                         "parameters) shares one full-FT trace, pessimistic by its free-block slack")
@@ -67,8 +70,9 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, default=1024, help="sequence length in tokens (default 1024)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch size (default 1)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="training dtype")
-    p.add_argument("--max-chunks", type=int, default=MAX_CHUNKS,
-                   help=f"largest chunk count searched (default {MAX_CHUNKS})")
+    p.add_argument("--max-chunks", type=int,
+                   help=f"largest chunk count searched (default {MAX_CHUNKS}; a sharded plan that does not fit "
+                        "then tries larger powers of two)")
     p.add_argument("--allow-long-seq", action="store_true",
                    help="plan a --seq beyond the model's max_position_embeddings")
     add_recipe_args(p)
@@ -80,7 +84,8 @@ def check_shape_args(args) -> None:
     from planner.validate import check_int, check_step
 
     check_step(seq=args.seq, batch=args.batch)
-    check_int(args.max_chunks, "--max-chunks", low=1, high=LARGEST_CHUNKS)
+    if args.max_chunks is not None:
+        check_int(args.max_chunks, "--max-chunks", low=1, high=LARGEST_CHUNKS)
     if getattr(args, "chunks", None):
         _parse_chunk_counts(args.chunks)
 
@@ -126,9 +131,10 @@ def search_space(args, model):
     from planner.solve import default_space
     from planner.strategy import OptimizerDevice, WeightResidency
 
-    if args.max_chunks < 1:
+    max_chunks = MAX_CHUNKS if args.max_chunks is None else args.max_chunks
+    if max_chunks < 1:
         raise ChunkftError(f"invalid --max-chunks {args.max_chunks}: must be 1 or more")
-    space = default_space(num_layers=model.num_layers, tokens=args.batch * args.seq, max_chunks=args.max_chunks)
+    space = default_space(num_layers=model.num_layers, tokens=args.batch * args.seq, max_chunks=max_chunks)
     pins = {}
     if getattr(args, "chunks", None):
         pins["chunk_counts"] = _parse_chunk_counts(args.chunks)
@@ -169,12 +175,39 @@ def _layout(args):
     if args.gpus_per_node * args.nodes > MAX_GPUS:
         raise ChunkftError(f"invalid --gpus-per-node {args.gpus_per_node} x --nodes {args.nodes}: "
                            f"{args.gpus_per_node * args.nodes:,} GPUs; at most {MAX_GPUS:,} are planned")
-    layout = ParallelLayout(gpus_per_node=args.gpus_per_node, nodes=args.nodes, shard_embeddings=args.shard_embeddings)
+    layout = ParallelLayout(gpus_per_node=args.gpus_per_node, nodes=args.nodes,
+                            shard_embeddings=bool(args.shard_embeddings))
     if layout.world_size == 1:
         if args.shard_embeddings:
             raise ChunkftError("--shard-embeddings needs several GPUs (--gpus-per-node or --nodes above 1)")
         return None
     return layout
+
+
+def _node(args, layout):
+    """The catalogue node whose host RAM and NVMe bound the plan: --node, else with several GPUs
+    the GPU kind's default node when it has that many GPUs per node; None for a one-GPU plan
+    without --node."""
+    from planner.hardware import default_node, load_gpu, load_node
+
+    if args.node is not None:
+        node = load_node(args.node)
+        if args.gpu_kind and load_gpu(args.gpu_kind).name != node.gpu:
+            raise ChunkftError(f"--gpu-kind {args.gpu_kind} is not node {node.name}'s GPU ({node.gpu}); "
+                               f"drop one, or pick a node with {load_gpu(args.gpu_kind).name} GPUs")
+    elif layout is not None:
+        node = default_node(args.gpu_kind or DEFAULT_GPU_KIND)
+        if args.gpus_per_node > node.gpus:  # not that machine: no catalogue figures to hold the plan to
+            print(f"note      {node.name} (the {node.gpu}'s catalogue node) has {node.gpus} GPU"
+                  f"{'s' if node.gpus > 1 else ''}, not {args.gpus_per_node}: host RAM and disk are limited only "
+                  "by --host-ram / --disk")
+            return None
+    else:
+        return None
+    if args.gpus_per_node > node.gpus:
+        raise ChunkftError(f"invalid --gpus-per-node {args.gpus_per_node}: node {node.name} has {node.gpus} GPU"
+                           f"{'s' if node.gpus > 1 else ''} (pick another --node, or --nodes for more)")
+    return node
 
 
 def _budget_line(budget) -> str:
@@ -217,7 +250,8 @@ def run_plan(args) -> int:
     check_shape_args(args)
     layout = _layout(args)
     check_output_file(args.output, "-o/--output", inputs=[args.model])
-    hw = hardware(args.gpu_kind or DEFAULT_GPU_KIND)
+    node = _node(args, layout)
+    hw = hardware(args.gpu_kind or (node.gpu if node is not None else DEFAULT_GPU_KIND))
     if args.gpu is None:
         from planner.evaluate import CUDA_CONTEXT_BYTES
 
@@ -230,6 +264,10 @@ def run_plan(args) -> int:
     budget = Budget(gpu_bytes=gpu_bytes,
                     host_bytes=None if args.host_ram is None else parse_bytes(args.host_ram, what="host RAM budget"),
                     disk_bytes=None if args.disk is None else parse_bytes(args.disk, what="disk budget"))
+    if node is not None:
+        from planner.parallel import node_budget
+
+        budget = node_budget(node, gpu_bytes, host_bytes=budget.host_bytes, disk_bytes=budget.disk_bytes)
     shape = step_shape(args)
     model = resolve_model(args.model)
     check_model_args(args, model)
@@ -239,16 +277,24 @@ def run_plan(args) -> int:
         solution = solve_model(model, shape, hw, budget, objective=objective, space=search_space(args, model),
                                chunk_traces=args.chunk_traces)
     else:
-        from planner.parallel import per_rank_budget, solve_parallel
+        import dataclasses
 
-        solution, sharded = solve_parallel(model, shape, hw, budget, layout, objective=objective,
-                                           space=search_space(args, model), chunk_traces=args.chunk_traces)
+        from planner.parallel import per_rank_budget, solve_layouts
+
+        pinned = args.chunks is not None or args.max_chunks is not None
+        layouts = [dataclasses.replace(layout, shard_embeddings=e) for e in
+                   ((False, True) if args.shard_embeddings is None else (args.shard_embeddings,))]
+        solution, sharded, layout = solve_layouts(model, shape, hw, budget, layouts, objective=objective,
+                                                  space=search_space(args, model), chunk_traces=args.chunk_traces,
+                                                  extend_chunks=not pinned)
     print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}; "
           f"times for {hw.gpu.name}")
     if layout is not None:
         print(f"GPUs      {layout.gpus_per_node} per node x {layout.nodes} node{'s' if layout.nodes > 1 else ''} "
               f"(FSDP2{', embeddings sharded apart' if layout.shard_embeddings else ''}); batch {shape.batch} "
               f"per GPU, {shape.batch * layout.world_size} in all; figures below are per GPU")
+        if node is not None:
+            print(f"node      {node.describe()}")
         rank = per_rank_budget(budget, layout)
         share = "" if rank == budget else f" (per rank: {_budget_line(rank)})"
         print(f"budget    {_budget_line(budget)}{share}")

@@ -5,9 +5,15 @@ chunk of whole tensors, `chunk_spans`). Its state is the fp32 master + AdamW mom
 for fp32 training too) of the spans' local slices only: each rank holds the part of each span
 inside its own dim-0 shard rows (`local_span_bytes`, runtime.sharded_optim.local_span), so a
 slice of a big tensor may sit whole on one rank. State tier GPU: every chunk's on the GPU;
-HOST: every chunk's rests in (pinned) host memory, the active chunk's working copy is on the GPU,
-plus the next chunk's with prefetch_depth >= 1 (`prefetches_next_chunk`: deeper prefetch behaves
-as 1 in the runtime). DISK is not run sharded (planner.sharding refuses it). The AdamW step
+HOST: every chunk's rests in host memory, the active chunk's working copy is on the GPU, plus
+the next chunk's with prefetch_depth >= 1 (`prefetches_next_chunk`: deeper prefetch behaves as 1
+in the runtime). The runtime keeps one flat host buffer per chunk, plain memory page-locked with
+cudaHostRegister, so the host bytes are the state's bytes exactly (`rank_host_disk`: none of
+the CachingHostAllocator's per-tensor power-of-two rounding, which at 70B on 2 ranks was ~180
+GiB of the node's ~970). DISK: every chunk's state in one file per chunk in the rank's own
+directory (the same bytes on disk), the GPU side as HOST, and in host memory only the staging
+buffers the files are read into and written from: one of the rank's largest chunk state, two
+with prefetch (the background load and the switch's write use one each). The AdamW step
 (`step_temp_allocs`) works one local slice at a time: the largest slice's fp32 gradient copy
 (16-bit training), sqrt and division.
 
@@ -56,20 +62,20 @@ def local_span_bytes(spans: Sequence["ChunkSpan"], shapes: dict[str, tuple[int, 
     FSDP2 gives rank r the rows [r * ceil(rows / W), ...) that exist; a dim-0 span keeps its
     rows inside them, a dim-1 span all local rows of its columns
     (runtime.sharded_optim.local_span)."""
-    out = np.zeros((len(spans), world), dtype=np.int64)
-    ranks = np.arange(world, dtype=np.int64)
-    for i, s in enumerate(spans):
-        shape = shapes[s.param]
-        rows = shape[0] if shape else 1
-        per = -(-rows // world)
-        lo = np.minimum(ranks * per, rows)
-        hi = np.minimum(lo + per, rows)
-        if s.dim == 0:
-            row_bytes = s.nbytes // (s.end - s.start) if s.end > s.start else 0
-            out[i] = np.clip(np.minimum(s.end, hi) - np.maximum(s.start, lo), 0, None) * row_bytes
-        else:
-            out[i] = s.nbytes * (hi - lo) // max(rows, 1)
-    return out
+    if not spans:
+        return np.zeros((0, world), dtype=np.int64)
+    rows = np.array([shapes[s.param][0] if shapes[s.param] else 1 for s in spans], dtype=np.int64)[:, None]
+    start = np.array([s.start for s in spans], dtype=np.int64)[:, None]
+    end = np.array([s.end for s in spans], dtype=np.int64)[:, None]
+    nbytes = np.array([s.nbytes for s in spans], dtype=np.int64)[:, None]
+    dim0 = np.array([s.dim == 0 for s in spans])[:, None]
+    per = -(-rows // world)
+    lo = np.minimum(np.arange(world, dtype=np.int64)[None, :] * per, rows)
+    hi = np.minimum(lo + per, rows)
+    row_bytes = np.where(end > start, nbytes // np.maximum(end - start, 1), 0)
+    by_rows = np.clip(np.minimum(end, hi) - np.maximum(start, lo), 0, None) * row_bytes
+    by_cols = nbytes * (hi - lo) // np.maximum(rows, 1)
+    return np.where(dim0, by_rows, by_cols)
 
 
 def step_temp_allocs(local_bytes: Sequence[int], elem: int) -> list:
@@ -138,7 +144,8 @@ def rank_states(strategy: Strategy, layout: "ParamLayout", spans: tuple, local: 
             temps: dict = {}
             ev.add_allocs(temps, temps_list)
             if ("host", r) not in cache:
-                cache[("host", r)] = ev.host_and_disk_bytes(strategy, layout, active, every)
+                sums = np.concatenate([[0], np.cumsum(local[:, r])])
+                cache[("host", r)] = rank_host_disk(strategy, (sums[bounds[1:]] - sums[bounds[:-1]]).tolist(), elem)
             host, disk = cache[("host", r)]
             cache[key] = RankState(static=static, static_reserved=static_reserved, temps=temps,
                                    temps_reserved=ev.segment_bytes(temps_list), host=host, disk=disk)
@@ -147,9 +154,33 @@ def rank_states(strategy: Strategy, layout: "ParamLayout", spans: tuple, local: 
 
 
 def prefetches_next_chunk(strategy: Strategy, num_chunks: int) -> bool:
-    """HOST tier with prefetch_depth >= 1: the next chunk's working copy is on the device too
-    (runtime.sharded_optim: depth beyond 1 behaves as 1)."""
-    return strategy.state_tier == Tier.HOST and strategy.prefetch_depth >= 1 and num_chunks > 1
+    """HOST or DISK tier with prefetch_depth >= 1: the next chunk's working copy is on the device
+    too (runtime.sharded_optim: depth beyond 1 behaves as 1)."""
+    return strategy.state_tier in (Tier.HOST, Tier.DISK) and strategy.prefetch_depth >= 1 and num_chunks > 1
+
+
+def rank_host_disk(strategy: Strategy, chunk_bytes: Sequence[int], elem: int
+                   ) -> tuple[dict[Component, int], dict[Component, int]]:
+    """(host, disk) bytes per component of one rank whose local slices of each chunk hold
+    `chunk_bytes` (training dtype): runtime.sharded_optim's stores. HOST: one flat buffer per
+    chunk of fp32 master + moments (12 B per parameter), no rounding. DISK: those bytes in the
+    rank's chunk files, and staging buffers of the largest chunk's state in host memory (two
+    with prefetch). GPU tier: nothing off the GPU."""
+    from planner import evaluate as ev
+
+    host: dict[Component, int] = {}
+    disk: dict[Component, int] = {}
+    if strategy.state_tier == Tier.GPU:
+        return host, disk
+    params = [int(b) // elem for b in chunk_bytes]
+    resting = disk if strategy.state_tier == Tier.DISK else host
+    if sum(params):
+        resting[Component.MASTER] = ev.MASTER_BYTES_PER_PARAM * sum(params)
+        resting[Component.OPTIMIZER] = ev.MOMENT_BYTES_PER_PARAM * sum(params)
+    if strategy.state_tier == Tier.DISK and max(params, default=0):
+        buffers = 2 if prefetches_next_chunk(strategy, len(params)) else 1
+        host[Component.TEMPORARIES] = buffers * (ev.MASTER_BYTES_PER_PARAM + ev.MOMENT_BYTES_PER_PARAM) * max(params)
+    return host, disk
 
 
 def rank_state_allocs(model: "ModelSpec", shape: "StepShape", strategy: Strategy, *, world: int,

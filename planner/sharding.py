@@ -13,7 +13,8 @@ per-rank figures come from three parts, each with its own module and docstring:
                       FSDP2 gradients (unsharded until their unit's reduce-scatter, then
                       shards), all-gather and reduce-scatter buffers
   planner.rank_state  the fp32 master + AdamW moments of the rank's local slices of the spans
-                      (GPU or HOST state tier), the AdamW step's temporaries
+                      (GPU, HOST or DISK state tier: flat host buffers per chunk, or chunk
+                      files and staging buffers), the AdamW step's temporaries
   planner.rank_step   chunk k's gradients (whole FSDP2 gradients, sub-tensor buffers of sliced
                       spans), the chunk traces ("exact" / "bound" / "auto"), and `RankStep`:
                       one (chunk, rank) through its step (public here as `rank_step`)
@@ -22,8 +23,10 @@ Every rank is evaluated (ranks differ in the slices they hold); the reported GPU
 the worst (chunk, rank)'s by reserved then allocated bytes, host / disk the fullest rank's,
 `node_host_bytes` the fullest node's. W = 1 is not sharded (no FSDP) and returns `evaluate`'s
 estimate exactly (sub-tensor gradients, runtime.chunk_optim). `min_gpus` / `world_sizes` /
-`fits_card` search GPU counts (one node, then whole nodes); `cpu_rank_rise_bytes` is the same
-per-rank model on a CPU (gloo) run, what tests measure.
+`fits_card` search GPU counts (one node, then whole nodes); `fewest_gpus` is that search against
+a node's whole budget (GPU per card, host RAM and disk per node, as `chunkft plan` holds a plan
+to: planner.parallel.per_rank_budget), what `chunkft size` answers with; `cpu_rank_rise_bytes`
+is the same per-rank model on a CPU (gloo) run, what tests measure.
 
 Communication per step (ring collectives: each rank sends and receives (W-1)/W of the
 unsharded bytes): all-gather of every parameter in forward and, in backward, of every unit
@@ -130,6 +133,8 @@ class ShardedEstimate:
     """The rank whose GPU need is reported (ranks hold different parts of sliced spans)."""
     node_host_bytes: int = 0
     """Host bytes of the fullest node: the sum over its ranks (HOST state tier: their slices)."""
+    node_disk_bytes: int = 0
+    """Disk bytes of the fullest node: the sum over its ranks (DISK state tier: their files)."""
     chunk_traces: str = "exact"
     """How the chunks' steps were traced: "exact" or "bound" (see evaluate_sharded)."""
 
@@ -176,9 +181,10 @@ def _check(strategy: Strategy, gpus_per_node: Any, nodes: Any) -> None:
 
 
 def _check_tier(strategy: Strategy) -> None:
-    if strategy.chunks > 1 and strategy.state_tier not in (Tier.GPU, Tier.HOST):
-        raise ChunkftError(f"state tier {strategy.state_tier.value!r} is not supported sharded "
-                           "(runtime.sharded_optim refuses it): valid state tiers are gpu, host")
+    """Every state tier runs sharded (runtime.sharded_optim: GPU, HOST, DISK)."""
+    if strategy.state_tier not in (Tier.GPU, Tier.HOST, Tier.DISK):
+        raise ChunkftError(f"state tier {strategy.state_tier!r} is not supported sharded: valid state tiers are "
+                           "gpu, host, disk")
 
 
 def rank_step(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: "Hardware", *, gpus_per_node: int,
@@ -259,8 +265,10 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     res, worst, worst_rank = worst_step.reserved_bytes(), worst_step.chunk, worst_step.rank
     states = rank_states(strategy, layout, prep.spans, local, worst, None, world, cache)
     hosts = [sum(st.host.values()) for st in states]
-    fullest = max(range(world), key=lambda r: (hosts[r], -r))
+    disks = [sum(st.disk.values()) for st in states]
+    fullest = max(range(world), key=lambda r: (hosts[r], disks[r], -r))
     node_host = max(sum(hosts[n * gpus_per_node:(n + 1) * gpus_per_node]) for n in range(nodes))
+    node_disk = max(sum(disks[n * gpus_per_node:(n + 1) * gpus_per_node]) for n in range(nodes))
     u = fsdp_units(layout, world, prep.touched[worst], shard_embeddings)
     all_gather = u.root_full + sum(u.full) + schedule.backward_gathered
     reduce_scatter = world * grad_shard_bytes(layout, prep.touched[worst], world)  # padded, root's included
@@ -287,14 +295,14 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     parts["comm"] = max(0.0, comm - parts.get("compute", 0.0))
     return ShardedEstimate(
         strategy=strategy, gpus_per_node=gpus_per_node, nodes=nodes,
-        peak_bytes={Tier.GPU: peak, Tier.HOST: hosts[fullest],
-                    Tier.DISK: sum(states[fullest].disk.values())},
+        peak_bytes={Tier.GPU: peak, Tier.HOST: hosts[fullest], Tier.DISK: max(disks)},
         components={Tier.GPU: {c: b for c, b in gpu.items() if b}, Tier.HOST: dict(states[fullest].host),
                     Tier.DISK: dict(states[fullest].disk)},
         reserved_bytes=max(res, peak), context_bytes=ev.CUDA_CONTEXT_BYTES, all_gather_bytes=all_gather,
         reduce_scatter_bytes=reduce_scatter, all_reduce_bytes=all_reduce, interconnect_Bps=bw, comm_time_s=comm,
         step_time_s=float(sum(parts.values())), step_time_parts_s=parts, single=single,
         worst_chunk=worst if strategy.chunks > 1 else None, worst_rank=worst_rank, node_host_bytes=node_host,
+        node_disk_bytes=node_disk,
         chunk_traces=prep.mode, shard_embeddings=shard_embeddings)
 
 
@@ -308,11 +316,117 @@ def world_sizes(gpus_per_node: int, max_gpus: int = MAX_GPUS) -> list[tuple[int,
     return out
 
 
-def fits_card(est: ShardedEstimate, memory_bytes: int, host_bytes_per_node: int | None = None) -> bool:
+def fits_card(est: ShardedEstimate, memory_bytes: int, host_bytes_per_node: int | None = None,
+              disk_bytes_per_node: int | None = None) -> bool:
     """Every card holds its rank (reserved + CUDA context) and, if given, every node's host
-    memory holds its ranks' host bytes."""
+    memory and disk hold its ranks' host and disk bytes."""
     host_ok = host_bytes_per_node is None or est.node_host_bytes <= host_bytes_per_node
-    return est.card_need_bytes() <= memory_bytes and host_ok
+    disk_ok = disk_bytes_per_node is None or est.node_disk_bytes <= disk_bytes_per_node
+    return est.card_need_bytes() <= memory_bytes and host_ok and disk_ok
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GpuCount:
+    """`fewest_gpus`' answer: the fitting estimate, or the closest one and what it lacks."""
+
+    estimate: ShardedEstimate | None
+    """The fewest GPUs' fitting strategy (fewest chunks; GPU, HOST, DISK tier in that order)."""
+    closest: ShardedEstimate | None = None
+    """None fits: of the leanest strategies at the most GPUs examined, the one missing least."""
+    missing_bytes: dict[Tier, int] = dataclasses.field(default_factory=dict)
+    """None fits: what `closest` lacks per tier (GPU per card, host RAM and disk per node)."""
+    evaluated: int = 0
+
+
+_TIER_ORDER = {Tier.GPU: 0, Tier.HOST: 1, Tier.DISK: 2}
+
+
+def fewest_gpus(model: "ModelSpec", shape: "StepShape", strategies: Sequence[Strategy], hw: "Hardware",
+                budget: Budget, *, gpus_per_node: int, max_gpus: int = 64, shard_embeddings: bool = False,
+                chunk_traces: str = "auto", memo: dict | None = None) -> GpuCount:
+    """Fewest GPUs of `hw`'s kind (2 .. `gpus_per_node` on one node, then whole nodes, up to
+    `max_gpus`) on which one of `strategies` fits `budget` (GPU per card, host RAM and disk per
+    node, shared out among its ranks as planner.parallel.per_rank_budget: what `chunkft plan`
+    checks), with the fewest chunks (ties: GPU, HOST, DISK tier).
+
+    Strategies are grouped by everything but the chunk count (state tier, loss chunk,
+    checkpointing, prefetch, update interval) and ordered by chunk count. The per-rank need falls as
+    GPUs are added (smaller shards and state slices) and, within a group, as chunks grow
+    (smaller working copies and step temporaries): the world size is bisected on whether some
+    group's largest chunk count fits, then each group is bisected for its fewest fitting chunks
+    (O(log W + log C) evaluations per group instead of one per world size and strategy).
+    `memo` ((strategy, layout) -> estimate) may be shared by GPU kinds of one SM architecture."""
+    from planner.parallel import ParallelLayout, per_rank_budget, runs_sharded
+
+    memo = {} if memo is None else memo
+    groups: dict[tuple, list[Strategy]] = {}
+    for st in sorted(dict.fromkeys(s for s in strategies if runs_sharded(s)), key=lambda s: s.chunks):
+        key = (_TIER_ORDER[st.state_tier], st.loss_chunk_tokens == 0, st.loss_chunk_tokens, st.checkpointing,
+               st.prefetch_depth, st.update_interval)
+        groups.setdefault(key, []).append(st)
+    ordered = [g for _, g in sorted(groups.items(), key=lambda kg: kg[0])]
+    sizes = [(p, n) for p, n in world_sizes(gpus_per_node, max_gpus) if p * n > 1]
+    evaluated = 0
+
+    def share(size: tuple[int, int]) -> Budget:
+        return per_rank_budget(budget, ParallelLayout(gpus_per_node=size[0], nodes=size[1]))
+
+    def estimate(st: Strategy, size: tuple[int, int]) -> ShardedEstimate | None:
+        nonlocal evaluated
+        key = (st, size, shard_embeddings, chunk_traces)
+        if key not in memo:
+            evaluated += 1
+            try:
+                memo[key] = evaluate_sharded(model, shape, st, hw, gpus_per_node=size[0], nodes=size[1],
+                                             shard_embeddings=shard_embeddings, chunk_traces=chunk_traces)
+            except ChunkftError:
+                memo[key] = None
+        return memo[key]
+
+    def fits(st: Strategy, size: tuple[int, int]) -> bool:
+        est = estimate(st, size)
+        return est is not None and est.fits(share(size))
+
+    def lean_fits(i: int) -> bool:
+        return any(fits(g[-1], sizes[i]) for g in ordered)
+
+    if not sizes or not ordered:
+        return GpuCount(estimate=None, evaluated=evaluated)
+    if not lean_fits(len(sizes) - 1):
+        top = sizes[-1]
+        limits = share(top)
+        closest, short = None, {}
+        for g in ordered:
+            est = estimate(g[-1], top)
+            if est is None:
+                continue
+            miss = {t: (est.need_bytes(t) - limits.limit(t)) * (1 if t == Tier.GPU else top[0])
+                    for t in Tier if limits.limit(t) is not None and est.need_bytes(t) > limits.limit(t)}
+            if closest is None or sum(miss.values()) < sum(short.values()):
+                closest, short = est, miss
+        return GpuCount(estimate=None, closest=closest, missing_bytes=short, evaluated=evaluated)
+    lo, hi = 0, len(sizes) - 1  # sizes[hi] fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if lean_fits(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    size = sizes[hi]
+    found = []
+    for group in ordered:
+        if not fits(group[-1], size):
+            continue
+        a, b = 0, len(group) - 1  # group[b] fits
+        while a < b:
+            mid = (a + b) // 2
+            if fits(group[mid], size):
+                b = mid
+            else:
+                a = mid + 1
+        found.append(estimate(group[b], size))
+    best = min(found, key=lambda e: (e.strategy.chunks, _TIER_ORDER[e.strategy.state_tier]))
+    return GpuCount(estimate=best, evaluated=evaluated)
 
 
 def min_gpus(model: "ModelSpec", shape: "StepShape", strategy: Strategy | Sequence[Strategy],
@@ -324,7 +438,7 @@ def min_gpus(model: "ModelSpec", shape: "StepShape", strategy: Strategy | Sequen
     each node's host memory; None if `max_gpus` do not suffice. `chunk_traces` as in
     planner.evaluate.evaluate ("bound", auto's choice above 2B parameters, carries the full-FT
     trace's free-block slack into the reserved bytes). Strategies the sharded runtime does not
-    run (host optimizer, streamed weights, disk state) are skipped."""
+    run (host optimizer, streamed weights, gradient staging) are skipped."""
     from planner.hardware import hardware
 
     hw = hardware(gpu_profile, **(hw_overrides or {}))
@@ -357,11 +471,12 @@ def cpu_rank_rise_bytes(model: "ModelSpec", shape: "StepShape", world: int, *, c
     The same per-rank model as `evaluate_sharded` over the trace replayed with the CPU
     allocator (exact byte sizes), without forward prefetch (a CPU rank cannot run ahead of its
     own compute), the chunk traced with `sharded_grad_spec`. Optimizer state is
-    not part of the rise: the GPU tier's exists from the start, and the HOST tier's working copy
-    of the chunk (a separate clone on CPU) and the prefetched next one are made at the previous
-    chunk switch, before the step. The optimizer step keeps the FSDP2 gradients' padded shards
+    not part of the rise: the GPU tier's exists from the start, the HOST tier's flat buffers and
+    the DISK tier's staging buffers are made with the optimizer, and the working copy of the
+    chunk (a separate clone on CPU) and the prefetched next one are made at the previous chunk
+    switch, before the step. The optimizer step keeps the FSDP2 gradients' padded shards
     and the sliced spans' whole buffers, and adds `step_temp_allocs` for the rank's slices. With update_interval 1 the step
-    ends in a chunk switch (HOST tier): the working copy of chunk `chunk` is written back and
+    ends in a chunk switch (HOST / DISK tier): the working copy of chunk `chunk` is written back and
     freed, the next one's loaded (or, prefetching, the one after it): a rise of the difference,
     counted when positive."""
     from planner import evaluate as ev
@@ -410,7 +525,7 @@ def cpu_rank_rise_bytes(model: "ModelSpec", shape: "StepShape", world: int, *, c
         mine = local[bounds[chunk]:bounds[chunk + 1], r]
         temps = sum(a.nbytes for a in step_temp_allocs([int(b) for b in mine], layout.elem_bytes))
         switch = 0
-        if strategy.state_tier == Tier.HOST and num_chunks > 1 and strategy.update_interval == 1:
+        if strategy.state_tier in (Tier.HOST, Tier.DISK) and num_chunks > 1 and strategy.update_interval == 1:
             ahead = 2 if prefetches_next_chunk(strategy, num_chunks) else 1
             new = (chunk + ahead) % num_chunks
             grown = int(local[bounds[new]:bounds[new + 1], r].sum()) - int(mine.sum())

@@ -209,16 +209,17 @@ def _rank_switch_events(plan: "Plan", model: "ModelSpec", step: "RankStep", end:
     events = [Event(t=t, event=EventKind.CHUNK_SWITCH, tier=Tier.GPU, allocated=sum(gpu.values()),
                     reserved=reserved, bytes={x: b for x, b in gpu.items() if b}, phase=Phase.CHUNK_SWITCH,
                     chunk=k, name=f"chunk {k} -> {(k + 1) % c} (gradients freed)")]
-    if s.state_tier != Tier.HOST:  # GPU tier: every chunk's state stays on the GPU
+    if s.state_tier == Tier.GPU:  # every chunk's state stays on the GPU
         return events
+    src = s.state_tier.value  # host, or disk (through the rank's staging buffer)
     prefetch = s.prefetch_depth >= 1 and c > 1
     fetch = (k + (2 if prefetch else 1)) % c
 
     def state(j: int) -> dict[Component, int]:
         return rank_state_allocs(model, plan.shape, s, world=plan.world_size, chunk=j, rank=step.rank)
 
-    moves = [(-1, state(k), f"evict chunk {k} master+moments gpu->host", k),
-             (1, state(fetch), f"{'prefetch' if prefetch else 'fetch'} chunk {fetch} master+moments host->gpu", fetch)]
+    moves = [(-1, state(k), f"evict chunk {k} master+moments gpu->{src}", k),
+             (1, state(fetch), f"{'prefetch' if prefetch else 'fetch'} chunk {fetch} master+moments {src}->gpu", fetch)]
     for sign, comps, name, j in moves:
         t += 1
         for comp, b in comps.items():

@@ -3,35 +3,37 @@
 For every family of strategies (full FT on the GPU, ZeRO-Offload style, NVMSA staging, ChunkFT
 with state on GPU / host / disk, streamed weights) `size_model` finds the strategy of the
 family with the smallest GPU need (CUDA reserved bytes plus the CUDA context: what a card must
-physically hold), reports its host RAM and disk, and lists the catalogue GPUs that suffice.
+physically hold), reports its host RAM and disk, and lists the catalogue GPUs that suffice: a
+GPU suffices when some strategy of the family fits its card and the host RAM and NVMe of its
+node (planner.hardware.default_node: e.g. an RTX 4090 workstation with 128 GiB).
 
 For each catalogue GPU that cannot hold the job alone with the weights resident, it says how
-many of it would, run the way runtime.distributed runs it (FSDP2 + runtime.sharded_optim):
-planner.sharding's per-rank model of the traced step, every rank of every examined world size
-(one node of 2 .. `gpus_per_node` GPUs, then whole nodes, up to `max_gpus`). The answer is the
-fewest GPUs on which every card holds its rank (reserved + CUDA context) and, if a budget is
-given, every node's host RAM holds its ranks' host bytes; with the strategy that fits (the
-fewest chunks, the GPU state tier before the host tier), its per-GPU need and host RAM per node.
+many of it would, run the way runtime.distributed runs it (FSDP2 + runtime.sharded_optim),
+on that kind's node (its GPU count per node, host RAM and NVMe; `--node` picks another, the
+flags override each figure): planner.sharding.fewest_gpus over the space's sharded memory
+representatives (`sharded_candidates`: AdamW on the GPU, weights resident, no gradient
+staging; per chunk count, state tier (GPU, host, disk) and loss form (chunked or whole) the
+space's most memory-saving corner: checkpointing on, the smallest loss chunk, prefetch 0,
+update interval 1), with chunk
+counts past the space's (`sharded_space`: planner.parallel.extra_chunk_counts, up to
+SHARDED_MAX_CHUNKS, as a sharded `chunkft plan` extends them: a rank holds 1/W of the state).
+The budget check is `chunkft plan`'s (planner.parallel.per_rank_budget), and each answer is
+verified with the plan solver itself (planner.parallel.solve_parallel on the answer's layout
+and strategy), so `chunkft size` and `chunkft plan --gpus-per-node N --gpu-kind K` agree. A
+kind no count up to `max_gpus` holds is reported with what its closest strategy lacks per
+tier (GPU per card, host RAM and disk per node).
 
-The sharded search (`size_sharded`) examines the strategies the sharded runtime runs: AdamW on
-the GPU, weights resident, no gradient staging, state on the GPU or (ChunkFT) the host; per
-chunk count and state tier only the space's most memory-saving corner (checkpointing on,
-the smallest loss chunk, prefetch 0, update interval 1: the memory representative whose
-activations and state copies are least; `sharded_candidates`). A world size is examined in
-full only when the leanest of them (the largest chunk count, per tier) fits the largest GPU
-still unanswered: the per-rank need falls with the chunk count (smaller working copies and
-step temporaries). Everything that does not depend on the world size (traces, layouts, chunk
-tables) is computed once (planner.sharding caches it), and memory depends on the GPU kind only
-through the cuBLAS workspace (the SM architecture), so one evaluation per architecture serves
-every kind of it.
+Speed: traces follow planner.evaluate's "auto" (bound above 2B parameters: one full-FT trace
+for every chunk), estimates are shared by the GPU kinds of one SM architecture (memory depends
+on the kind only through the cuBLAS workspace), a world size is examined only when some tier's
+leanest strategy fits, and each tier's fewest fitting chunk count is bisected.
 
-Known limitations: chunk traces follow planner.evaluate's "auto" (exact up to 2B parameters,
-"bound" above: one full-FT trace for every chunk, pessimistic by what frozen layers would not
-save), reported in `SizeReport.sharded_chunk_traces`; the leanest-first skip above is a
-heuristic (a chunk count below the largest that fits where the largest does not is not found);
-the sharded estimate's step time is one catalogue GPU's of its architecture; NCCL's own
-buffers are not counted (planner.sharding). The one-GPU families use one set of estimates (on
-`hw`) for the whole catalogue.
+Known limitations: bound chunk traces are pessimistic by what frozen layers would not save
+(`SizeReport.sharded_chunk_traces` says which ran; exact traces at 70B take minutes per
+strategy); the bisection assumes the per-rank GPU need falls as chunks grow; the sharded
+estimate's step time is one catalogue GPU's of its architecture; NCCL's own buffers are not
+counted (planner.sharding). The one-GPU families use one set of estimates (on `hw`) for the
+whole catalogue.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from planner.solve import SearchSpace, default_space, memory_representatives, ob
 from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidency
 
 if TYPE_CHECKING:
-    from planner.hardware import Hardware
+    from planner.hardware import Hardware, NodeProfile
     from planner.model import ModelSpec
     from planner.sharding import ShardedEstimate
     from planner.trace import StepShape
@@ -92,18 +94,39 @@ class FamilyNeed:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ShardedNeed:
-    """The fewest GPUs of one kind that hold the job sharded (planner.sharding's model)."""
+    """The fewest GPUs of one kind that hold the job sharded on its node (planner.sharding)."""
 
     gpu: str
+    node: str
+    """The node profile whose host RAM and NVMe were the budget (planner.hardware)."""
     num_gpus: int
     gpus_per_node: int
     nodes: int
     gpu_bytes: int
     """What each card must hold: the worst rank's reserved bytes + CUDA context."""
     host_bytes_per_node: int
-    """Host RAM of the fullest node (HOST state tier: its ranks' slices of every chunk)."""
+    """Host RAM of the fullest node (HOST tier: its ranks' flat state buffers; DISK: staging)."""
+    disk_bytes_per_node: int
+    """Disk of the fullest node (DISK tier: its ranks' chunk files)."""
     estimate: "ShardedEstimate"
     """The fitting strategy's per-rank estimate."""
+    verified: bool = False
+    """The plan solver (planner.parallel.solve_parallel) fits the same strategy on that layout."""
+    shard_embeddings: bool = False
+    """The layout that fits: input embedding and output head as FSDP units of their own."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Unsized:
+    """A GPU kind that `max_gpus` of it cannot hold on its node: what the closest lacks."""
+
+    gpu: str
+    node: str
+    num_gpus: int
+    """The most GPUs examined."""
+    closest: "ShardedEstimate | None"
+    missing_bytes: dict[Tier, int]
+    """Per tier: GPU per card, host RAM and disk per node."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,19 +138,37 @@ class SizeReport:
     """Per catalogue GPU that cannot hold the job alone with weights resident: the fewest
     GPUs of that kind, run sharded (none listed if `max_gpus` do not suffice)."""
     single_gpus: tuple[str, ...]
-    """Catalogue GPUs that alone hold some weights-resident strategy."""
+    """Catalogue GPUs that alone (with their node's host RAM and disk) hold some weights-resident strategy."""
     evaluated: int
-    unsized: tuple[str, ...] = ()
+    unsized: tuple[Unsized, ...] = ()
     """Catalogue GPUs neither alone nor up to `max_gpus` of them hold the job."""
     sharded_chunk_traces: str = ""
     """How the sharded ChunkFT estimates traced chunks: "exact" or "bound" ("" if none ran)."""
     sharded_evaluated: int = 0
 
 
-def size_estimates(estimates: list[Estimate], *, model_name: str, shape: "StepShape") -> SizeReport:
+def _fits_node(est: Estimate, gpu: GpuProfile, node: "NodeProfile | None", host: int | None,
+               disk: int | None) -> bool:
+    """One GPU: the card holds the estimate and its node's host RAM and disk hold the rest."""
+    if card_need_bytes(est) > gpu.memory_bytes:
+        return False
+    host = host if host is not None else (node.host_ram_bytes if node is not None else None)
+    disk = disk if disk is not None else (node.disk_bytes if node is not None else None)
+    return ((host is None or est.peak_bytes.get(Tier.HOST, 0) <= host)
+            and (disk is None or est.peak_bytes.get(Tier.DISK, 0) <= disk))
+
+
+def size_estimates(estimates: list[Estimate], *, model_name: str, shape: "StepShape",
+                   node: "NodeProfile | None" = None, host_bytes: int | None = None,
+                   disk_bytes: int | None = None, nodes: bool = True) -> SizeReport:
     """The one-GPU part of the report from estimates of (a superset of) the memory
-    representatives: families, the catalogue GPUs that suffice, and which hold it alone."""
+    representatives: families, the catalogue GPUs that suffice (card, and the host RAM and disk
+    of `node`, else of each kind's default node; `nodes=False`: the card only), and which hold
+    it alone."""
+    from planner.hardware import default_node
+
     catalogue = [load_gpu(name) for name in list_gpus()]
+    where = {g.name: (node if node is not None else default_node(g)) if nodes else None for g in catalogue}
     families = []
     for name, member in FAMILIES:
         mine = [e for e in estimates if member(e.strategy)]
@@ -136,92 +177,112 @@ def size_estimates(estimates: list[Estimate], *, model_name: str, shape: "StepSh
         best = min(mine, key=lambda e: (card_need_bytes(e), e.peak_bytes.get(Tier.HOST, 0),
                                          e.peak_bytes.get(Tier.DISK, 0), objective_key(e, Objective.FIDELITY)))
         need = card_need_bytes(best)
+        gpus = tuple(g.name for g in catalogue
+                     if any(_fits_node(e, g, where[g.name], host_bytes, disk_bytes) for e in mine))
         families.append(FamilyNeed(family=name, estimate=best, gpu_bytes=need,
                                    host_bytes=best.peak_bytes.get(Tier.HOST, 0),
-                                   disk_bytes=best.peak_bytes.get(Tier.DISK, 0),
-                                   gpus=tuple(g.name for g in catalogue if g.memory_bytes >= need)))
+                                   disk_bytes=best.peak_bytes.get(Tier.DISK, 0), gpus=gpus))
     resident = [e for e in estimates if e.strategy.weights == WeightResidency.GPU]
-    least = min((card_need_bytes(e) for e in resident), default=None)
-    single = tuple(g.name for g in catalogue if least is not None and least <= g.memory_bytes)
+    single = tuple(g.name for g in catalogue
+                   if any(_fits_node(e, g, where[g.name], host_bytes, disk_bytes) for e in resident))
     return SizeReport(model_name=model_name, shape=shape, families=tuple(families), sharded=(),
                       single_gpus=single, evaluated=len(estimates))
 
 
 def sharded_candidates(strategies: Iterable[Strategy]) -> list[Strategy]:
     """The strategies the sharded search examines (module doc), in preference order: fewest
-    chunks first, the GPU state tier before the host tier."""
-    runs = [s for s in strategies if s.optimizer_device == OptimizerDevice.GPU and s.weights == WeightResidency.GPU
-            and s.grad_staging is None and (s.chunks == 1 or s.state_tier in (Tier.GPU, Tier.HOST))]
+    chunks first, then the GPU, host and disk state tiers, the chunked loss before the whole
+    one. Both loss forms are kept: under FSDP the chunked loss is not always the leaner (its
+    trace's free-block slack can exceed the logits it saves)."""
+    from planner.parallel import runs_sharded
+
     lean: dict[tuple, Strategy] = {}
-    for s in runs:
-        key = (s.chunks, s.state_tier)
-        rank = (not s.checkpointing, s.loss_chunk_tokens == 0, s.loss_chunk_tokens, s.prefetch_depth,
-                s.update_interval)
+    for s in strategies:
+        if not runs_sharded(s) or (s.chunks == 1 and s.state_tier != Tier.GPU):
+            continue
+        key = (s.chunks, s.state_tier, s.loss_chunk_tokens == 0)
+        rank = (not s.checkpointing, s.loss_chunk_tokens, s.prefetch_depth, s.update_interval)
         if key not in lean or rank < lean[key][0]:
             lean[key] = (rank, s)
-    tier_order = {Tier.GPU: 0, Tier.HOST: 1}
-    return [s for _, s in sorted(lean.values(), key=lambda rs: (rs[1].chunks, tier_order[rs[1].state_tier]))]
+    tier_order = {Tier.GPU: 0, Tier.HOST: 1, Tier.DISK: 2}
+    return [s for _, s in sorted(lean.values(), key=lambda rs: (rs[1].chunks, tier_order[rs[1].state_tier],
+                                                                 rs[1].loss_chunk_tokens == 0))]
+
+
+def sharded_space(space: SearchSpace, *, extend_chunks: bool = True) -> list[Strategy]:
+    """`sharded_candidates` of the space with its chunk counts extended past its largest
+    (planner.parallel.extra_chunk_counts), as a sharded `chunkft plan` extends them."""
+    from planner.parallel import extra_chunk_counts
+
+    counts = tuple(space.chunk_counts) + (extra_chunk_counts(space.chunk_counts) if extend_chunks else ())
+    return sharded_candidates(dataclasses.replace(space, chunk_counts=counts).strategies())
 
 
 def size_sharded(model: "ModelSpec", shape: "StepShape", candidates: list[Strategy],
-                 gpus: Iterable["str | GpuProfile"], *,
-                 gpus_per_node: int = 8, max_gpus: int = 64, shard_embeddings: bool = False,
-                 host_bytes_per_node: int | None = None, chunk_traces: str = "auto"
-                 ) -> tuple[list[ShardedNeed], list[str], str, int]:
-    """(answers, GPUs max_gpus cannot hold, chunk trace mode, evaluations) for these GPUs
-    (catalogue names or profiles): the fewest of each kind that hold the job sharded, trying
-    `candidates` in order at each world size (module doc)."""
-    from planner.evaluate import sm_arch
-    from planner.hardware import hardware
-    from planner.sharding import evaluate_sharded, fits_card, world_sizes
+                 gpus: Iterable["str | GpuProfile"], *, gpus_per_node: int | None = None, max_gpus: int = 64,
+                 shard_embeddings: bool | None = None, node: "NodeProfile | None" = None,
+                 host_bytes_per_node: int | None = None, disk_bytes_per_node: int | None = None,
+                 chunk_traces: str = "auto") -> tuple[list[ShardedNeed], list[Unsized], str, int]:
+    """(answers, kinds `max_gpus` cannot hold, chunk trace mode, evaluations) for these GPUs
+    (catalogue names or profiles), each on `node` or its default node (`gpus_per_node`,
+    `host_bytes_per_node`, `disk_bytes_per_node` override the node's figures): the fewest of
+    each kind that hold the job sharded (planner.sharding.fewest_gpus), each answer verified
+    with the plan solver (module doc). `shard_embeddings` None tries both FSDP layouts (the
+    embeddings in the root unit first; the fewer GPUs win, ties the root layout), as `chunkft
+    plan` does without --shard-embeddings / --no-shard-embeddings."""
+    from planner.evaluate import CUDA_CONTEXT_BYTES, sm_arch
+    from planner.hardware import default_node, hardware
+    from planner.parallel import ParallelLayout, node_budget, solve_parallel
+    from planner.sharding import fewest_gpus
 
-    _check_counts(gpus_per_node, max_gpus)
+    _check_counts(gpus_per_node if gpus_per_node is not None else 1, max_gpus)
     kinds = sorted((g if isinstance(g, GpuProfile) else load_gpu(g) for g in gpus), key=lambda g: -g.memory_bytes)
-    by_tier = [[c for c in candidates if c.state_tier == tier] for tier in (Tier.HOST, Tier.GPU)]
-    leanest = [max(mine, key=lambda c: c.chunks) for mine in by_tier if mine]
-    answers: dict[str, ShardedNeed] = {}
+    arch_hw: dict[int, "Hardware"] = {}
+    memos: dict[int, dict] = {}
+    answers: list[ShardedNeed] = []
+    unsized: list[Unsized] = []
     modes: set[str] = set()
     evaluated = 0
-    groups: dict[int, list] = {}
-    for g in kinds:
-        groups.setdefault(sm_arch(hardware(g)), []).append(g)
-    for group in groups.values():
-        hw = hardware(group[-1])
-        open_kinds = list(group)  # largest memory first
-        for per_node, nodes in world_sizes(gpus_per_node, max_gpus):
-            if not open_kinds:
-                break
-            if per_node * nodes == 1:
-                continue
-            seen: dict[Strategy, Any] = {}
+    for kind in kinds:
+        where = node if node is not None else default_node(kind)
+        per_node = gpus_per_node if gpus_per_node is not None else where.gpus
+        budget = node_budget(where, kind.memory_bytes - CUDA_CONTEXT_BYTES, host_bytes=host_bytes_per_node,
+                             disk_bytes=disk_bytes_per_node)
+        arch = sm_arch(hardware(kind))
+        hw = arch_hw.setdefault(arch, hardware(kind))  # one kind's step times per architecture
+        tries = []
+        for emb in ((False, True) if shard_embeddings is None else (shard_embeddings,)):
+            found = fewest_gpus(model, shape, candidates, hw, budget, gpus_per_node=per_node, max_gpus=max_gpus,
+                                shard_embeddings=emb, chunk_traces=chunk_traces, memo=memos.setdefault(arch, {}))
+            evaluated += found.evaluated
+            tries.append(found)
+        fitting = [f for f in tries if f.estimate is not None]
+        if fitting:
+            found = min(fitting, key=lambda f: (f.estimate.world_size, f.estimate.strategy.chunks))
+        else:
+            found = min(tries, key=lambda f: sum(f.missing_bytes.values()) if f.missing_bytes else float("inf"))
+        est = found.estimate
+        if est is None:
+            from planner.sharding import world_sizes
 
-            def estimate(s: Strategy):
-                nonlocal evaluated
-                if s not in seen:
-                    evaluated += 1
-                    seen[s] = evaluate_sharded(model, shape, s, hw, gpus_per_node=per_node, nodes=nodes,
-                                               shard_embeddings=shard_embeddings, chunk_traces=chunk_traces)
-                    if s.chunks > 1:
-                        modes.add(seen[s].chunk_traces)
-                return seen[s]
-
-            top = open_kinds[0].memory_bytes
-            if not any(fits_card(estimate(s), top, host_bytes_per_node) for s in leanest):
-                continue
-            for kind in list(open_kinds):
-                for s in candidates:
-                    est = estimate(s)
-                    if fits_card(est, kind.memory_bytes, host_bytes_per_node):
-                        answers[kind.name] = ShardedNeed(gpu=kind.name, num_gpus=per_node * nodes,
-                                                         gpus_per_node=per_node, nodes=nodes,
-                                                         gpu_bytes=est.card_need_bytes(),
-                                                         host_bytes_per_node=est.node_host_bytes, estimate=est)
-                        open_kinds.remove(kind)
-                        break
+            top = world_sizes(per_node, max_gpus)[-1]
+            unsized.append(Unsized(gpu=kind.name, node=where.name, num_gpus=top[0] * top[1], closest=found.closest,
+                                   missing_bytes=dict(found.missing_bytes)))
+            continue
+        if est.strategy.chunks > 1:
+            modes.add(est.chunk_traces)
+        layout = ParallelLayout(gpus_per_node=est.gpus_per_node, nodes=est.nodes,
+                                shard_embeddings=est.shard_embeddings)
+        solution, _ = solve_parallel(model, shape, hw, budget, layout, space=[est.strategy], chunk_traces=chunk_traces,
+                                     extend_chunks=False, known={est.strategy: est})
+        answers.append(ShardedNeed(gpu=kind.name, node=where.name, num_gpus=est.world_size,
+                                   gpus_per_node=est.gpus_per_node, nodes=est.nodes, gpu_bytes=est.card_need_bytes(),
+                                   host_bytes_per_node=est.node_host_bytes, disk_bytes_per_node=est.node_disk_bytes,
+                                   estimate=est, verified=solution.fits, shard_embeddings=est.shard_embeddings))
     order = [g.name for g in kinds]
-    found = sorted(answers.values(), key=lambda a: (a.num_gpus, order.index(a.gpu)))
+    answers.sort(key=lambda a: (a.num_gpus, order.index(a.gpu)))
     mode = "bound" if "bound" in modes else ("exact" if modes else "")
-    return found, [g for g in order if g not in answers], mode, evaluated
+    return answers, unsized, mode, evaluated
 
 
 def _check_counts(gpus_per_node: Any, max_gpus: Any) -> None:
@@ -231,24 +292,30 @@ def _check_counts(gpus_per_node: Any, max_gpus: Any) -> None:
 
 
 def size_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", *, space: SearchSpace | None = None,
-               gpus_per_node: int = 8, max_gpus: int = 64, shard_embeddings: bool = False,
-               host_bytes_per_node: int | None = None, chunk_traces: str = "auto") -> SizeReport:
+               gpus_per_node: int | None = None, max_gpus: int = 64, shard_embeddings: bool | None = None,
+               node: "NodeProfile | None" = None, host_bytes_per_node: int | None = None,
+               disk_bytes_per_node: int | None = None, chunk_traces: str = "auto",
+               extend_chunks: bool = True) -> SizeReport:
     """Evaluate the memory representatives of the space on one GPU, then size the job sharded
-    on every catalogue GPU that cannot hold it alone (module doc)."""
+    on every catalogue GPU that cannot hold it alone (module doc). With `node`, only its GPU
+    kind is sized sharded, on it."""
     from planner.evaluate import evaluate
 
-    _check_counts(gpus_per_node, max_gpus)
+    _check_counts(gpus_per_node if gpus_per_node is not None else 1, max_gpus)
     if space is None:
         space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
     strategies = memory_representatives(space.strategies())
     estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in strategies]
-    report = size_estimates(estimates, model_name=model.name, shape=shape)
-    rest = [g for g in list_gpus() if g not in report.single_gpus]
-    candidates = sharded_candidates(space.strategies())
+    report = size_estimates(estimates, model_name=model.name, shape=shape, node=node, host_bytes=host_bytes_per_node,
+                            disk_bytes=disk_bytes_per_node)
+    rest = [g for g in list_gpus() if g not in report.single_gpus and (node is None or g == node.gpu)]
+    candidates = sharded_space(space, extend_chunks=extend_chunks)
     if not rest or not candidates:
-        return dataclasses.replace(report, unsized=tuple(rest))
+        return dataclasses.replace(report, unsized=tuple(Unsized(gpu=g, node="", num_gpus=0, closest=None,
+                                                                  missing_bytes={}) for g in rest))
     found, unsized, mode, count = size_sharded(model, shape, candidates, rest, gpus_per_node=gpus_per_node,
-                                               max_gpus=max_gpus, shard_embeddings=shard_embeddings,
-                                               host_bytes_per_node=host_bytes_per_node, chunk_traces=chunk_traces)
+                                               max_gpus=max_gpus, shard_embeddings=shard_embeddings, node=node,
+                                               host_bytes_per_node=host_bytes_per_node,
+                                               disk_bytes_per_node=disk_bytes_per_node, chunk_traces=chunk_traces)
     return dataclasses.replace(report, sharded=tuple(found), unsized=tuple(unsized), sharded_chunk_traces=mode,
                                sharded_evaluated=count)

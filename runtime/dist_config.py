@@ -24,7 +24,7 @@ from runtime.dist_checkpoint import read_trainer_state
 from runtime.scaler import ScalerConfig
 
 IGNORE_INDEX = -100
-STATE_TIERS = ("gpu", "host")
+STATE_TIERS = ("gpu", "host", "disk")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -55,9 +55,11 @@ class DistConfig:
     """A planner.chunks.ChunkTable's JSON form (spans may slice a tensor along dim 0 or 1); None:
     one chunk of whole tensors (plain AdamW, full fine-tuning)."""
     state_tier: str = "gpu"
-    """Where resting chunks' fp32 masters and moments live: "gpu" (the step device) or "host"."""
+    """Where resting chunks' fp32 masters and moments live: "gpu" (the step device), "host" or "disk"."""
     prefetch_depth: int = 1
-    """HOST tier: >= 1 copies the next chunk's state to the device while the current trains."""
+    """HOST / DISK tier: >= 1 copies the next chunk's state to the device while the current trains."""
+    state_dir: str | None = None
+    """DISK tier: the run's state directory (each rank writes its own rank<r>-of-<W> folder)."""
     update_interval: int = 1
     """Successful optimizer steps on a chunk before the next one becomes active."""
     checkpointing: bool = False
@@ -102,6 +104,8 @@ class DistConfig:
         if self.state_tier not in STATE_TIERS:
             raise ChunkftError(f"state tier {self.state_tier!r} is not supported for sharded runs; "
                                f"valid: {', '.join(STATE_TIERS)}")
+        if self.state_tier == "disk" and not self.state_dir:
+            raise ChunkftError("state tier 'disk' needs a state directory (state_dir)")
         if self.update_interval < 1:
             raise ChunkftError(f"invalid update interval {self.update_interval}: must be >= 1")
         if self.prefetch_depth < 0:
@@ -145,7 +149,8 @@ class RankResult:
     """Bytes of this rank's parameter shards."""
     state_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
     """This rank's optimizer-state bytes after training: "device" (GPU tier, or the active and
-    prefetched chunks' working copies) and "host" (HOST tier's resting state)."""
+    prefetched chunks' working copies), "host" (HOST tier's resting state, DISK tier's staging
+    buffers) and "disk" (DISK tier's chunk files)."""
     samples: tuple = ()
     """(op name, bytes above baseline) after every op of the measured step, if recorded."""
     grad_bytes: tuple = ()

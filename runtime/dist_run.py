@@ -114,6 +114,7 @@ def dist_config(plan: "Plan", spec: "ModelSpec", args, *, ids, labels, device: s
         seed=args.seed, dtype=plan.shape.dtype,
         adamw=trainer_adamw(args), schedule=trainer_schedule(args),
         chunk_table=plan.chunk_table.to_json(), state_tier=s.state_tier.value, prefetch_depth=s.prefetch_depth,
+        state_dir=str(out / "optimizer-state") if s.state_tier.value == "disk" else None,
         update_interval=s.update_interval, checkpointing=s.checkpointing, loss_chunk_tokens=s.loss_chunk_tokens,
         loop=s.recipe.loop.value,
         shard_embeddings=plan.parallel.shard_embeddings, init_from=init, save_at=save_at,

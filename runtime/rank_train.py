@@ -72,8 +72,13 @@ class _RankTrace:
         tiers = {Tier.GPU: {Component.WEIGHTS: self.weights,
                             Component.GRADIENTS: sum(held["shard"].values()) + sum(held["slice"].values()),
                             Component.MASTER: dev // 3, Component.OPTIMIZER: dev - dev // 3}}
-        if host:
+        if host and self.state.get("disk"):  # DISK tier: the host holds staging buffers only
+            tiers[Tier.HOST] = {Component.TEMPORARIES: host}
+        elif host:
             tiers[Tier.HOST] = {Component.MASTER: host // 3, Component.OPTIMIZER: host - host // 3}
+        disk = self.state.get("disk", 0)
+        if disk:
+            tiers[Tier.DISK] = {Component.MASTER: disk // 3, Component.OPTIMIZER: disk - disk // 3}
         return tiers
 
     def traced(self, step: int) -> bool:
@@ -180,7 +185,8 @@ def train_rank(config: DistConfig) -> RankResult:
     scaler = LossScaler(config.loss_scaler) if config.dtype == "fp16" else None
     optimizer = ShardedChunkAdamW(model, table, config=config.adamw, schedule=config.schedule,
                                   update_interval=config.update_interval, state_tier=Tier(config.state_tier),
-                                  prefetch_depth=config.prefetch_depth, scaler=scaler, grad_multiplier=world)
+                                  prefetch_depth=config.prefetch_depth, scaler=scaler, grad_multiplier=world,
+                                  state_dir=config.state_dir)
     trace = None
     try:
         start = 0 if saved is None else restore_checkpoint(model, optimizer, config.resume_from, saved, scaler=scaler)

@@ -70,11 +70,19 @@ tensor's rows are its elements). One chunk of a `planner.chunks.ChunkTable` is a
   nor its reduce-scattered shard. Communication: one all_reduce of each sliced span per step
   (ring: 2 (W - 1) / W x slice bytes sent per rank) instead of the tensor's reduce-scatter.
 - Tiers. GPU: every chunk's state on the step device. HOST: every chunk's state rests in host
-  memory (pinned with CUDA); the active chunk's is a working copy on the step device (also on a
-  CPU run, where it is a separate clone: the memory layout of a GPU run, like ChunkAdamW's
-  host_state_in_place=False), written back when the chunk is switched out. With
-  prefetch_depth >= 1 a background thread (on a side CUDA stream where there is one) copies the
-  next chunk's state to the device while the current chunk trains. DISK is refused.
+  memory, one flat buffer per chunk (`FlatLayout`: its master and moments back to back),
+  allocated as plain memory (torch.empty: no CachingHostAllocator, so no power-of-two rounding
+  per tensor) and page-locked in place with cudaHostRegister (torch.cuda.cudart()) when CUDA is
+  there; the active chunk's state is a working copy on the step device (also on a CPU run,
+  where it is a separate clone: the memory layout of a GPU run, like ChunkAdamW's
+  host_state_in_place=False), written back into its buffer when the chunk is switched out.
+  DISK: every chunk's state in one raw file per chunk in this rank's directory
+  (`rank_state_dir(state_dir, rank, W)`: ranks never share a file), written atomically from a
+  flat staging buffer, its crc32 checked when read back; the rank holds one staging buffer of
+  its largest chunk state (two with prefetch: the background load and the switch's write never
+  share one) and the same device working copies as HOST. With prefetch_depth >= 1 a background
+  thread (on a side CUDA stream where there is one) copies the next chunk's state to the device
+  while the current chunk trains (HOST and DISK).
 
 `state_dict()` / `load_state_dict()` are this rank's state (local slices plus counters);
 `save_state_file` / `read_state_file` put them in one safetensors file per rank with a crc32 of
@@ -94,7 +102,8 @@ Known limitations:
 - The non-finite check (every dtype: fp16 skips and backs its scale off, bf16/fp32 skip;
   runtime.guard) reads each span's reduced gradient once after backward (one extra pass over
   the active spans' gradient bytes), not NVMSA's on-the-fly check; the ranks agree on it.
-- The CUDA paths (pinned host memory, the side stream) are written for CUDA but tested on CPU.
+- The CUDA paths (cudaHostRegister'ed buffers, the side stream) are written for CUDA but tested on
+  CPU. DISK files are scratch space (no fsync); a checkpoint (`save_state_file`) is what survives.
 """
 
 from __future__ import annotations
@@ -111,9 +120,10 @@ from torch import nn
 
 from planner.chunks import ChunkSpan, ChunkTable
 from planner.errors import ChunkftError
-from planner.fsio import atomic_path
+from planner.fsio import atomic_path, atomic_write_json
 from planner.schema import Tier
-from runtime.chunk_optim import AdamWConfig, LRSchedule, StepResult, adamw_update, next_chunk
+from runtime.chunk_optim import OWNER, AdamWConfig, LRSchedule, StepResult, adamw_update, next_chunk
+from runtime.disk_store import describe_os_error
 from runtime.guard import DEFAULT_MAX_NONFINITE_STEPS, SkipGuard, nonfinite_flag
 from runtime.scaler import LossScaler
 from runtime.subgrad import SubgradHandle, install, recomputes_in_backward
@@ -168,22 +178,183 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
-class _HostStore:
-    """HOST tier: chunk k's state resting in host memory (pinned with CUDA), by state key."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FlatLayout:
+    """Where each state tensor of one chunk lives inside the chunk's one flat buffer: keys in
+    order ("<param>/master", "/exp_avg", "/exp_avg_sq" per local span slice), shapes, element
+    offsets; every tensor of a chunk has the master dtype."""
 
-    def __init__(self) -> None:
-        self.mem: dict[int, dict[str, torch.Tensor]] = {}
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    numel: int
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{key: view into `flat`} (`flat` holds at least `numel` elements of `dtype`)."""
+        out = {}
+        for key, shape, offset in zip(self.keys, self.shapes, self.offsets):
+            n = 1
+            for d in shape:
+                n *= d
+            out[key] = flat.narrow(0, offset, n).view(shape)
+        return out
+
+
+def _flat_buffer(numel: int, dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, bool]:
+    """(one flat host tensor, registered): plain memory (torch.empty, no CachingHostAllocator and
+    so no power-of-two rounding); with CUDA, page-locked in place with cudaHostRegister."""
+    flat = torch.empty(max(numel, 1), dtype=dtype)
+    if not pin:
+        return flat, False
+    nbytes = flat.numel() * flat.element_size()
+    code = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), nbytes, 0)
+    if int(code) != 0:
+        raise ChunkftError(f"cudaHostRegister of {nbytes:,} bytes of host memory failed (cudaError {int(code)}); "
+                           "the node may lack the locked-memory limit (ulimit -l) or the RAM for it")
+    return flat, True
+
+
+def _unregister(flat: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(flat.data_ptr())
+
+
+class _HostStore:
+    """HOST tier: every chunk's state resting in one flat host buffer per chunk (plain memory,
+    page-locked with cudaHostRegister on CUDA: `_flat_buffer`); a switch writes the working copy
+    back into the chunk's buffer in place."""
+
+    def __init__(self, layouts: list[FlatLayout]) -> None:
+        self.layouts = layouts
         self._pin = torch.cuda.is_available()
+        self.flat: dict[int, torch.Tensor] = {}
+        self._registered: list[torch.Tensor] = []
+
+    def state(self, k: int) -> dict[str, torch.Tensor]:
+        """Chunk k's resting tensors (views into its flat buffer)."""
+        return self.layouts[k].views(self.flat[k])
 
     def put(self, k: int, state: dict[str, torch.Tensor]) -> None:
-        old = self.mem.setdefault(k, {})
+        if k not in self.flat:
+            self.flat[k], registered = _flat_buffer(self.layouts[k].numel, self.layouts[k].dtype, self._pin)
+            if registered:
+                self._registered.append(self.flat[k])
+        views = self.state(k)
         for n, t in state.items():
-            if n not in old:
-                old[n] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self._pin)
-            old[n].copy_(t)
+            views[n].copy_(t)
 
     def get(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return {n: t.to(device, non_blocking=self._pin, copy=True) for n, t in self.mem[k].items()}
+        return {n: t.to(device, non_blocking=self._pin, copy=True) for n, t in self.state(k).items()}
+
+    def nbytes(self) -> int:
+        return sum(self.layouts[k].nbytes for k in self.flat)
+
+    def close(self) -> None:
+        for flat in self._registered:
+            _unregister(flat)
+        self._registered.clear()
+
+
+class _DiskStore:
+    """DISK tier: every chunk's state in one raw file per chunk under this rank's directory
+    (`rank_state_dir`), written atomically (a temporary file renamed over the old one) from a
+    flat host staging buffer, its crc32 kept and checked when read back (a file this store did
+    not write is never read). The directory is this rank's scratch space: stale chunk files and
+    interrupted writes are deleted when the store opens it, and OWNER.json names the run and
+    process that own it (runtime.chunk_optim's DISK tier does the same).
+
+    Staging: one flat buffer of the rank's largest chunk state for loads and, with prefetch
+    (loads on the background thread while a switch writes the old chunk), a second one for
+    writes; plain memory page-locked with cudaHostRegister on CUDA."""
+
+    def __init__(self, layouts: list[FlatLayout], directory: Path, *, run_id: str | None, rank: int,
+                 world_size: int, buffers: int) -> None:
+        self.layouts = layouts
+        self.dir = directory
+        self._crc: dict[int, int] = {}
+        pin = torch.cuda.is_available()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in [*self.dir.glob("chunk*.bin"), *self.dir.glob(".*.tmp")]:
+                stale.unlink()
+            atomic_write_json(self.dir / OWNER, {"run_id": run_id, "pid": os.getpid(), "rank": rank,
+                                                 "world_size": world_size})
+        except OSError as e:
+            raise ChunkftError(f"cannot prepare state directory {str(self.dir)!r}: {describe_os_error(e)}") from None
+        largest = max((lay.numel for lay in layouts), default=0)
+        dtype = layouts[0].dtype if layouts else torch.float32
+        made = [_flat_buffer(largest, dtype, pin) for _ in range(buffers)]
+        self.staging = [flat for flat, _ in made]
+        self._registered = [flat for flat, registered in made if registered]
+
+    def path(self, k: int) -> Path:
+        return self.dir / f"chunk{k:05d}.bin"
+
+    def _bytes(self, flat: torch.Tensor, k: int) -> memoryview:
+        return memoryview(flat.view(torch.uint8).numpy())[:self.layouts[k].nbytes]
+
+    def put(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        staging = self.staging[-1]  # the write buffer (the only one without prefetch)
+        views = self.layouts[k].views(staging)
+        for n, t in state.items():
+            views[n].copy_(t)
+        data = self._bytes(staging, k)
+        path = self.path(k)
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise ChunkftError(f"disk tier: cannot write {str(path)!r}: {describe_os_error(e)}") from None
+        self._crc[k] = zlib.crc32(data)
+
+    def read(self, k: int, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Chunk k's file into `flat` (checked); views of its tensors there."""
+        path, want = self.path(k), self._crc.get(k)
+        if want is None:
+            raise ChunkftError(f"disk tier: chunk {k}'s state was never written by this run ({str(path)!r})")
+        data = self._bytes(flat, k)
+        try:
+            with open(path, "rb") as f:
+                got = f.readinto(data)
+        except OSError as e:
+            raise ChunkftError(f"disk tier: cannot read {str(path)!r}: {describe_os_error(e)}") from None
+        if got != len(data):
+            raise ChunkftError(f"disk tier: {str(path)!r} is truncated: {got} of {len(data)} bytes")
+        crc = zlib.crc32(data)
+        if crc != want:
+            raise ChunkftError(f"disk tier: checksum mismatch in {str(path)!r}: the file changed since it was "
+                               f"written (crc32 {crc:08x}, wrote {want:08x})")
+        return self.layouts[k].views(flat)
+
+    def get(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
+        pin = bool(self._registered)
+        return {n: t.to(device, non_blocking=pin, copy=True) for n, t in self.read(k, self.staging[0]).items()}
+
+    def state(self, k: int) -> dict[str, torch.Tensor]:
+        """Chunk k's tensors as fresh CPU copies (checkpoints)."""
+        flat = torch.empty(max(self.layouts[k].numel, 1), dtype=self.layouts[k].dtype)
+        return self.read(k, flat)
+
+    def nbytes(self) -> int:
+        """Bytes of this rank's chunk files."""
+        return sum(self.layouts[k].nbytes for k in self._crc)
+
+    def staging_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.staging)
+
+    def close(self) -> None:
+        for flat in self._registered:
+            _unregister(flat)
+        self._registered.clear()
+
+
+def rank_state_dir(state_dir: str | os.PathLike, rank: int, world_size: int) -> Path:
+    """The DISK tier's directory of one rank under a run's state directory."""
+    return Path(state_dir) / f"rank{rank}-of-{world_size}"
 
 
 class ShardedChunkAdamW:
@@ -195,8 +366,11 @@ class ShardedChunkAdamW:
         table: the chunk table over the model's (global) parameter shapes.
         config / schedule: AdamW hyper-parameters (incl. max_grad_norm) and the LR schedule.
         update_interval: successful steps on a chunk before the next one becomes active.
-        state_tier: Tier.GPU or Tier.HOST (where resting chunks' state lives).
-        prefetch_depth: HOST only: 0 loads the next chunk's state at the switch, >= 1 before.
+        state_tier: Tier.GPU, Tier.HOST or Tier.DISK (where resting chunks' state lives).
+        prefetch_depth: HOST / DISK: 0 loads the next chunk's state at the switch, >= 1 before.
+        state_dir: DISK only: the run's state directory; this rank's files go in its
+            `rank_state_dir` (created; stale chunk files there are deleted).
+        run_id: written into the rank directory's OWNER.json (DISK).
         scaler: a LossScaler for fp16 (None for bf16 / fp32).
         group: the process group of the clipping and overflow all_reduces (default: world).
         grad_multiplier: every gradient is multiplied by this before use (runtime.distributed
@@ -207,7 +381,8 @@ class ShardedChunkAdamW:
     def __init__(self, model: nn.Module, table: ChunkTable, *, config: AdamWConfig | None = None,
                  schedule: LRSchedule | None = None, update_interval: int = 1, state_tier: Tier | str = Tier.GPU,
                  prefetch_depth: int = 1, scaler: LossScaler | None = None, group=None,
-                 grad_multiplier: float = 1.0, max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS):
+                 grad_multiplier: float = 1.0, max_nonfinite_steps: int = DEFAULT_MAX_NONFINITE_STEPS,
+                 state_dir: str | os.PathLike | None = None, run_id: str | None = None):
         if update_interval < 1:
             raise ChunkftError(f"update_interval must be >= 1, got {update_interval}")
         if prefetch_depth < 0:
@@ -216,9 +391,11 @@ class ShardedChunkAdamW:
             tier = Tier(state_tier)
         except ValueError:
             tier = None
-        if tier not in (Tier.GPU, Tier.HOST):
+        if tier not in (Tier.GPU, Tier.HOST, Tier.DISK):
             raise ChunkftError(f"state tier {getattr(state_tier, 'value', state_tier)!r} is not supported for sharded "
-                               f"runs; valid: gpu, host")
+                               f"runs; valid: gpu, host, disk")
+        if tier == Tier.DISK and state_dir is None:
+            raise ChunkftError("the disk state tier needs a state directory (state_dir)")
         self._params = dict(model.named_parameters())
         table.validate([(n, tuple(p.shape), p.element_size()) for n, p in self._params.items()])
         self.model, self.table = model, table
@@ -245,7 +422,15 @@ class ShardedChunkAdamW:
         self.span_steps: dict[int, dict[str, int]] = {k: {} for k in range(table.num_chunks)}
         self.active_chunk = 0
         self._resting: dict[int, dict[str, torch.Tensor]] = {}  # GPU tier: every chunk's state
-        self._host = _HostStore() if tier == Tier.HOST else None
+        self.layouts = [self._layout(k) for k in range(table.num_chunks)]
+        self._prefetch = tier != Tier.GPU and prefetch_depth >= 1 and table.num_chunks > 1
+        self._host: _HostStore | _DiskStore | None = None
+        if tier == Tier.HOST:
+            self._host = _HostStore(self.layouts)
+        elif tier == Tier.DISK:
+            self._host = _DiskStore(self.layouts, rank_state_dir(state_dir, self._rank(), self._world_size()),
+                                    run_id=run_id, rank=self._rank(), world_size=self._world_size(),
+                                    buffers=2 if self._prefetch else 1)
         for k in range(table.num_chunks):
             fresh = self._fresh_state(k)
             if self._host is None:
@@ -253,7 +438,6 @@ class ShardedChunkAdamW:
             else:
                 self._host.put(k, fresh)
                 del fresh
-        self._prefetch = tier == Tier.HOST and prefetch_depth >= 1 and table.num_chunks > 1
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1) if self._prefetch else None
         self._stream = torch.cuda.Stream(self.device) if self._prefetch and self.device.type == "cuda" else None
         self._pending: tuple[int, concurrent.futures.Future] | None = None
@@ -362,14 +546,18 @@ class ShardedChunkAdamW:
 
     def state_bytes(self) -> dict[str, int]:
         """This rank's optimizer-state bytes: "device" (the GPU tier's state, or the active
-        chunk's working copy and a prefetched one) and "host" (the HOST tier's resting state)."""
+        chunk's working copy and a prefetched one), "host" (the HOST tier's flat buffers, or the
+        DISK tier's staging buffers) and "disk" (the DISK tier's chunk files)."""
         def nbytes(states) -> int:
             return sum(t.numel() * t.element_size() for s in states for t in s.values())
 
         if self._host is None:
-            return {"device": nbytes(self._resting.values()), "host": 0}
+            return {"device": nbytes(self._resting.values()), "host": 0, "disk": 0}
         pending = [self._pending[1].result()] if self._pending is not None else []
-        return {"device": nbytes([self._state, *pending]), "host": nbytes(self._host.mem.values())}
+        device = nbytes([self._state, *pending])
+        if isinstance(self._host, _DiskStore):
+            return {"device": device, "host": self._host.staging_bytes(), "disk": self._host.nbytes()}
+        return {"device": device, "host": self._host.nbytes(), "disk": 0}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, meta): this rank's local state as CPU tensors "chunk<k>/<param>/<kind>" and a
@@ -380,7 +568,7 @@ class ShardedChunkAdamW:
             if k == self.active_chunk:
                 state = self._state
             else:
-                state = self._resting[k] if self._host is None else self._host.mem[k]
+                state = self._resting[k] if self._host is None else self._host.state(k)
             for key, t in state.items():
                 tensors[f"chunk{k}/{key}"] = t.detach().to("cpu", copy=True)
         meta = {
@@ -440,13 +628,16 @@ class ShardedChunkAdamW:
         self._wait_prefetch()
         self._pending = None
         self._state = {}
+        by_chunk: dict[int, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             head, _, rest = key.partition("/")
-            k = int(head[len("chunk"):])
+            by_chunk.setdefault(int(head[len("chunk"):]), {})[rest] = t
+        for k, state in by_chunk.items():
             if self._host is None:
-                self._resting[k][rest].copy_(t)
+                for rest, t in state.items():
+                    self._resting[k][rest].copy_(t)
             else:
-                self._host.mem[k][rest].copy_(t)
+                self._host.put(k, state)
         self.span_steps = span_steps
         self.global_step, self.active_steps, active = counters
         self._activate(active)
@@ -460,6 +651,8 @@ class ShardedChunkAdamW:
             self._handle = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._host is not None:
+            self._host.close()
 
     # -- internals ----------------------------------------------------------------------
 
@@ -542,6 +735,20 @@ class ShardedChunkAdamW:
         master = adamw_update(self._state, ls.param, grad, config=self.config, lr=lr, step=step)
         with torch.no_grad():
             self._view(ls).copy_(master)
+
+    def _layout(self, k: int) -> FlatLayout:
+        """Chunk k's state tensors in its flat buffer (HOST / DISK tiers): `_fresh_state`'s order."""
+        keys, shapes, offsets, numel, dtype = [], [], [], 0, torch.float32
+        for ls in self.local_spans[k]:
+            if ls.length:
+                view = self._view(ls)
+                dtype = self._master_dtype(view)
+                for kind in _KINDS:
+                    keys.append(f"{ls.param}/{kind}")
+                    shapes.append(tuple(view.shape))
+                    offsets.append(numel)
+                    numel += view.numel()
+        return FlatLayout(keys=tuple(keys), shapes=tuple(shapes), offsets=tuple(offsets), numel=numel, dtype=dtype)
 
     def _fresh_state(self, k: int) -> dict[str, torch.Tensor]:
         state = {}

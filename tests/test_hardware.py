@@ -84,3 +84,51 @@ def test_bad_input():
     one_line_error(lambda: hardware(memory_bytes="24XB"), "'24XB'")
     one_line_error(lambda: hardware(hbm_bandwidth_Bps="fast"), "hbm_bandwidth_Bps", "'fast'")
     one_line_error(lambda: hardware(gpu_memory=1), "'gpu_memory'", "memory_bytes")
+
+
+NODES = {  # name: (GPU kind, GPUs, host RAM, NVMe data bytes), as their vendor / cloud sources say
+    "dgx-h100": ("h100-80gb", 8, 2 * 2**40, 8 * 3_840_000_000_000),
+    "dgx-h800": ("h800-80gb", 8, 2 * 2**40, 8 * 3_840_000_000_000),
+    "dgx-h200": ("h200-141gb", 8, 2 * 2**40, 8 * 3_840_000_000_000),
+    "dgx-a100-640gb": ("a100-80gb", 8, 2 * 2**40, 8 * 3_840_000_000_000),
+    "dgx-a100-320gb": ("a100-40gb", 8, 2**40, 4 * 3_840_000_000_000),
+    "rtx4090-workstation": ("rtx4090", 1, 128 * GiB, 2_000_000_000_000),
+    "rtx3090-workstation": ("rtx3090", 1, 128 * GiB, 2_000_000_000_000),
+    "gcp-g2-standard-96": ("l4", 8, 384 * GiB, 8 * 375 * GiB),
+    "gcp-g2-standard-8": ("l4", 1, 32 * GiB, 375 * GiB),
+    "lambda-1x-a10": ("a10", 1, 200 * GiB, int(1.4 * 2**40)),
+}
+
+
+def test_node_catalogue_figures_and_sources():
+    import json
+
+    from planner.hardware import HARDWARE_DIR, list_nodes, load_node
+
+    assert list_nodes() == sorted(NODES)
+    for name, (gpu, gpus, host, disk) in NODES.items():
+        node = load_node(name)
+        assert (node.gpu, node.gpus, node.host_ram_bytes, node.disk_bytes) == (gpu, gpus, host, disk), name
+        sources = json.loads((HARDWARE_DIR / f"node-{name}.json").read_text())["sources"]
+        assert "host_ram_bytes" in sources and "disk_bytes" in sources  # where each figure comes from
+    assert load_node("DGX H800").name == "dgx-h800" and load_node("g2-standard-8").name == "gcp-g2-standard-8"
+    # node files are not GPUs
+    assert not any(g.startswith("node") or g.startswith("dgx") for g in list_gpus())
+
+
+def test_every_gpu_kind_has_one_default_node():
+    from planner.hardware import default_node
+
+    for name in REQUIRED:
+        node = default_node(name)
+        assert node.gpu == name and node.gpus >= 1
+    assert default_node("h800").name == "dgx-h800" and default_node("4090").name == "rtx4090-workstation"
+    assert default_node(load_gpu("l4")).name == "gcp-g2-standard-96"
+
+
+def test_unknown_node_is_one_line():
+    from planner.hardware import load_node
+
+    with pytest.raises(ChunkftError, match=r"unknown node 'dgx-h900'; known nodes: dgx-a100-320gb, ") as e:
+        load_node("dgx-h900")
+    assert "\n" not in str(e.value)

@@ -8,6 +8,8 @@ multi-rank runs are tests/test_distributed.py's."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -98,15 +100,16 @@ def expected_grad_bytes(model, table: ChunkTable, k: int, sub_tensor) -> dict:
     return {"shard": shard, "slice": slices, "requires_grad": dict.fromkeys(shard, 1)}
 
 
-@pytest.mark.parametrize("tier", [Tier.GPU, Tier.HOST])
-def test_unsharded_equals_chunk_adamw(tier):
+@pytest.mark.parametrize("tier", [Tier.GPU, Tier.HOST, Tier.DISK])
+def test_unsharded_equals_chunk_adamw(tier, tmp_path):
     ref_model, model = _model(), _model()
     table = make_chunk_table_from_model(model, 4, cut_dims=CUT_DIMS)
     sliced = {(s.param, s.dim) for c in table.chunks for s in c if not table.is_whole(s)}
     assert {("model.layers.0.self_attn.o_proj.weight", 0), ("model.layers.1.mlp.up_proj.weight", 1)} <= sliced
     ref = ChunkAdamW(ref_model, table, config=ADAMW, schedule=SCHEDULE, update_interval=2, state_tier=tier,
-                     host_state_in_place=False)
-    opt = ShardedChunkAdamW(model, table, config=ADAMW, schedule=SCHEDULE, update_interval=2, state_tier=tier)
+                     host_state_in_place=False, state_dir=tmp_path / "ref")
+    opt = ShardedChunkAdamW(model, table, config=ADAMW, schedule=SCHEDULE, update_interval=2, state_tier=tier,
+                            state_dir=tmp_path / "state", run_id="test-run")
     assert opt.sub_tensor == tuple(frozenset(s.param for s in c if not table.is_whole(s)) for c in table.chunks)
     steps = range(10)  # every chunk twice, bar the last; warm-up and cosine decay; clipping
     norms, ref_norms, held = [], [], []
@@ -124,12 +127,20 @@ def test_unsharded_equals_chunk_adamw(tier):
     for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
         assert torch.equal(a, b), name
     device = 3 * 4 * sum(p.numel() for p in model.parameters())
+    per_chunk = [3 * 4 * sum(s.nbytes // 4 for s in c) for c in table.chunks]
+    active = per_chunk[opt.active_chunk] + per_chunk[(opt.active_chunk + 1) % 4]
     if tier == Tier.GPU:
-        assert opt.state_bytes() == {"device": device, "host": 0}
-    else:  # all chunks on the host; the active chunk's working copy and the prefetched one
-        active = 3 * 4 * sum(s.nbytes // 4 for k in (opt.active_chunk, (opt.active_chunk + 1) % 4)
-                             for s in table.chunks[k])
-        assert opt.state_bytes() == {"device": active, "host": device}
+        assert opt.state_bytes() == {"device": device, "host": 0, "disk": 0}
+    elif tier == Tier.HOST:  # all chunks on the host, one flat buffer each; the working copies
+        assert opt.state_bytes() == {"device": active, "host": device, "disk": 0}
+        assert [opt._host.flat[k].numel() * 4 for k in range(4)] == per_chunk
+    else:  # all chunks in files; two staging buffers of the largest chunk (prefetch 1)
+        assert opt.state_bytes() == {"device": active, "host": 2 * max(per_chunk), "disk": device}
+        rank_dir = tmp_path / "state" / "rank0-of-1"
+        files = sorted(p.name for p in rank_dir.iterdir())
+        assert files == ["OWNER.json", *[f"chunk{k:05d}.bin" for k in range(4)]]
+        assert [(rank_dir / f"chunk{k:05d}.bin").stat().st_size for k in range(4)] == per_chunk
+        assert json.loads((rank_dir / "OWNER.json").read_text())["run_id"] == "test-run"
     opt.close()
     ref.close()
 
@@ -199,17 +210,18 @@ def test_fsdp2_hands_sliced_parameters_over_without_requires_grad(tmp_path):
         dist.destroy_process_group()
 
 
-def test_state_file_round_trip_mid_chunk_continues_bitwise(tmp_path):
+@pytest.mark.parametrize("tier", [Tier.HOST, Tier.DISK])
+def test_state_file_round_trip_mid_chunk_continues_bitwise(tmp_path, tier):
     model, resumed_model = _model(), _model()
     table = make_chunk_table_from_model(model, 3, cut_dims=CUT_DIMS)
-    kw = dict(config=ADAMW, schedule=SCHEDULE, update_interval=2, state_tier=Tier.HOST)
+    kw = dict(config=ADAMW, schedule=SCHEDULE, update_interval=2, state_tier=tier, state_dir=tmp_path / "state")
     opt = ShardedChunkAdamW(model, table, **kw)
     _train(model, opt, range(3))  # chunk 1, one of its two steps done
     save_state_file(opt, tmp_path / "opt.safetensors")
     with torch.no_grad():
         for a, b in zip(resumed_model.parameters(), model.parameters()):
             a.copy_(b)
-    resumed = ShardedChunkAdamW(resumed_model, table, **kw)
+    resumed = ShardedChunkAdamW(resumed_model, table, **{**kw, "state_dir": tmp_path / "resumed"})
     resumed.load_state_dict(*read_state_file(tmp_path / "opt.safetensors"))
     assert (resumed.active_chunk, resumed.active_steps, resumed.global_step) == (1, 1, 3)
     assert _train(resumed_model, resumed, range(3, 7)) == _train(model, opt, range(3, 7))
@@ -244,6 +256,39 @@ def test_bad_state_is_refused_in_one_line(tmp_path):
     with pytest.raises(ChunkftError, match="unreadable or not chunkft's") as e:
         read_state_file(path)
     errors.append(str(e.value))
-    with pytest.raises(ChunkftError, match="state tier 'disk' is not supported for sharded runs; valid: gpu, host"):
+    with pytest.raises(ChunkftError, match="state tier 'nvme' is not supported for sharded runs; "
+                                           "valid: gpu, host, disk") as e:
+        ShardedChunkAdamW(model, table, state_tier="nvme")
+    errors.append(str(e.value))
+    with pytest.raises(ChunkftError, match="needs a state directory") as e:
         ShardedChunkAdamW(model, table, state_tier="disk")
+    errors.append(str(e.value))
     assert all("\n" not in e for e in errors)
+
+
+def test_disk_tier_refuses_a_changed_or_truncated_chunk_file(tmp_path):
+    """A chunk file flipped or cut after it was written is a one-line error naming the file,
+    never stale state; a file another process left in the rank directory is deleted on open."""
+    model = _model()
+    table = make_chunk_table_from_model(model, 3)
+    rank_dir = tmp_path / "rank0-of-1"
+    rank_dir.mkdir()
+    (rank_dir / "chunk00007.bin").write_bytes(b"stale")
+    (rank_dir / ".chunk00001.bin.x.tmp").write_bytes(b"torn")
+    opt = ShardedChunkAdamW(model, table, config=ADAMW, state_tier="disk", state_dir=tmp_path, prefetch_depth=0)
+    assert sorted(p.name for p in rank_dir.iterdir()) == ["OWNER.json", "chunk00000.bin", "chunk00001.bin",
+                                                          "chunk00002.bin"]
+    path = rank_dir / "chunk00001.bin"
+    data = bytearray(path.read_bytes())
+    data[5] ^= 0x01
+    path.write_bytes(bytes(data))
+    errors = []
+    with pytest.raises(ChunkftError, match=r"checksum mismatch in .*chunk00001\.bin") as e:
+        _train(model, opt, range(1))  # the switch to chunk 1 reads it
+    errors.append(str(e.value))
+    path.write_bytes(bytes(data[:-4]))
+    with pytest.raises(ChunkftError, match=r"chunk00001\.bin' is truncated") as e:
+        opt._load(1)
+    errors.append(str(e.value))
+    assert all("\n" not in e for e in errors)
+    opt.close()

@@ -1,6 +1,7 @@
-"""Sizing: the per-family minimum and the catalogue GPUs that suffice on hand-made estimates
-(hand-solved); the sharded GPU counts against planner.sharding on a small traced model (the
-count fits, one fewer does not), Llama 3-70B, and the CLI."""
+"""Sizing: the per-family minimum and the catalogue GPUs that suffice (card, and the host RAM and
+disk of the GPU's node) on hand-made estimates (hand-solved); the sharded GPU counts against
+planner.sharding on a small traced model (the count fits, one fewer does not; a node's host RAM
+and disk; what is missing per tier), Llama 3-70B, and the CLI."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import pytest
 from transformers import LlamaConfig
 
 from planner.errors import ChunkftError
-from planner.hardware import hardware, load_gpu
+from planner.hardware import hardware, load_gpu, load_node
 from planner.model import ModelSpec
 from planner.schema import Component, Tier
 from planner.sharding import evaluate_sharded
-from planner.size import sharded_candidates, size_estimates, size_sharded
+from planner.size import sharded_candidates, sharded_space, size_estimates, size_sharded
 from planner.solve import SearchSpace
 from planner.strategy import Estimate, Strategy
 from planner.trace import StepShape
@@ -51,9 +52,17 @@ def test_size_report_by_hand():
     assert fam["full FT, AdamW on GPU"].estimate is FULL
     streamed = fam["any, decoder layers streamed from host"]
     assert streamed.gpu_bytes == 10 * GIB + CONTEXT and streamed.host_bytes == 900 * GIB
-    assert "rtx4090" in streamed.gpus and "h100-80gb" in streamed.gpus
+    # 900 GiB of host RAM: a DGX's 2 TiB holds it, an RTX 4090 workstation's 128 GiB and a
+    # g2-standard-96's 384 GiB do not
+    assert streamed.gpus == ("a100-40gb", "h100-80gb", "h800-80gb", "a100-80gb", "h200-141gb")
     assert report.single_gpus == ("h200-141gb",)
     assert report.sharded == ()  # the sharded answer needs a model to trace: size_sharded
+    # the card alone (no node), or one node for every kind
+    cards = size_estimates([CHUNKED, FULL, STREAMED], model_name="toy", shape=StepShape(), nodes=False)
+    assert "rtx4090" in {f.family: f for f in cards.families}["any, decoder layers streamed from host"].gpus
+    small = size_estimates([CHUNKED], model_name="toy", shape=StepShape(), node=load_node("dgx-h200"),
+                           host_bytes=599 * GIB)
+    assert small.single_gpus == () and small.families[0].gpus == ()  # 600 GiB of host RAM needed
 
 
 def test_single_gpu_suffices_means_no_sharded_answer():
@@ -80,8 +89,12 @@ def _candidates():
 
 def test_sharded_candidates_are_what_the_sharded_runtime_runs():
     labels = [s.label() for s in _candidates()]
-    # per chunk count and state tier the leanest corner, fewest chunks first, GPU tier first
-    assert labels == ["full FT, ckpt", "ChunkFT C=4, ckpt", "ChunkFT C=4, state host, prefetch 0, ckpt"]
+    # per chunk count and state tier the leanest corner, fewest chunks first, GPU, host, disk
+    assert labels == ["full FT, ckpt", "ChunkFT C=4, ckpt", "ChunkFT C=4, state host, prefetch 0, ckpt",
+                      "ChunkFT C=4, state disk, prefetch 0, ckpt"]
+    # chunk counts past the space's, as a sharded plan extends them
+    extended = sharded_space(SearchSpace(chunk_counts=(1, 4), checkpointing=(True,), loss_chunk_tokens=(0,)))
+    assert sorted({s.chunks for s in extended}) == [1, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 
 def test_sharded_count_is_the_fewest_that_fits():
@@ -92,21 +105,30 @@ def test_sharded_count_is_the_fewest_that_fits():
     assert least[3] < least[2]
     card = (least[2] + least[3]) // 2
     kind = dataclasses.replace(load_gpu("h100"), memory_bytes=card)
-    found, unsized, mode, count = size_sharded(spec, SHAPE, cands, [kind], gpus_per_node=8)
+    found, unsized, mode, count = size_sharded(spec, SHAPE, cands, [kind], gpus_per_node=8, shard_embeddings=False)
     assert unsized == [] and mode == "exact" and count > 0
     (answer,) = found
     assert (answer.num_gpus, answer.nodes, answer.gpus_per_node) == (3, 1, 3)
+    assert answer.node == "dgx-h100" and answer.verified  # the plan solver fits it on that layout
     # it fits at 3 with the strategy it names, and nothing fits at 2
     assert need[3][answer.estimate.strategy].card_need_bytes() == answer.gpu_bytes <= card
     assert all(e.card_need_bytes() > card for e in need[2].values())
     # the fewest chunks that fit at 3, the GPU tier before the host tier
     first = next(s for s in cands if need[3][s].card_need_bytes() <= card)
     assert answer.estimate.strategy == first
-    # a node's host RAM: both tiers' ranks; with 1 byte of host RAM the host tier cannot run
-    tight, _, _, _ = size_sharded(spec, SHAPE, cands, [kind], host_bytes_per_node=1)
+    # a node's host RAM: with 1 byte of it neither the host tier (its state) nor the disk tier
+    # (its staging buffers) can run; with 1 byte of disk the disk tier cannot
+    tight, _, _, _ = size_sharded(spec, SHAPE, cands, [kind], host_bytes_per_node=1, shard_embeddings=False)
     assert all(a.estimate.strategy.state_tier == Tier.GPU and a.host_bytes_per_node == 0 for a in tight)
-    # too few GPUs allowed: no answer, and said so
-    assert size_sharded(spec, SHAPE, cands, [kind], max_gpus=2)[:2] == ([], ["h100-80gb"])
+    # too few GPUs allowed: no answer, and what the closest lacks per tier
+    found, unsized, _, _ = size_sharded(spec, SHAPE, cands, [kind], max_gpus=2, shard_embeddings=False,
+                                        host_bytes_per_node=1, disk_bytes_per_node=1)
+    (short,) = unsized
+    assert found == [] and (short.gpu, short.node, short.num_gpus) == ("h100-80gb", "dgx-h100", 2)
+    gpu_short = short.closest.card_need_bytes() - card
+    assert short.missing_bytes[Tier.GPU] == gpu_short > 0
+    if short.closest.strategy.state_tier != Tier.GPU:  # host / disk short by all but the 1 byte per rank
+        assert Tier.HOST in short.missing_bytes
     with pytest.raises(ChunkftError, match="gpus per node"):
         size_sharded(spec, SHAPE, cands, [kind], gpus_per_node=0)
 
@@ -118,27 +140,45 @@ def test_nodes_beyond_one_are_whole_nodes():
             for w in (2, 3, 4)}
     card = (need[3] + need[4]) // 2  # needs 4: with 2 per node, 2 nodes x 2
     kind = dataclasses.replace(load_gpu("h100"), memory_bytes=card)
-    (answer,), _, _, _ = size_sharded(spec, SHAPE, cands, [kind], gpus_per_node=2)
+    (answer,), _, _, _ = size_sharded(spec, SHAPE, cands, [kind], gpus_per_node=2, shard_embeddings=False)
     assert (answer.num_gpus, answer.nodes, answer.gpus_per_node) == (4, 2, 2)
     two_nodes = evaluate_sharded(spec, SHAPE, answer.estimate.strategy, hw, gpus_per_node=2, nodes=2)
     assert two_nodes.card_need_bytes() == answer.gpu_bytes <= card
 
 
 @pytest.mark.slow
-def test_llama3_70b_on_80gb_cards_needs_three():
-    """Bound chunk traces (auto above 2B): 3 x 80 GB (planner.sharding: the lm_head chunks'
-    whole gradient and the reserved slack do not fit two); a 24 GB card needs whole nodes."""
+def test_llama3_70b_on_80gb_cards_needs_two_and_agrees_with_the_plan():
+    """Bound chunk traces (auto above 2B), chunk counts past 256: 2 x 80 GB with C=1024 and the
+    embeddings as units of their own (the root unit holding embedding and lm_head unsharded
+    does not fit two at any chunk count); the plan solver on that layout finds the same count,
+    and nothing on one GPU fewer. A 24 GB card needs whole workstations."""
     from planner.model import resolve_model
+    from planner.parallel import ParallelLayout, node_budget, solve_layouts
 
+    spec, shape = resolve_model("llama3-70b"), StepShape(seq_len=1024)
     space = SearchSpace(chunk_counts=(1, 32, 256), checkpointing=(True,), loss_chunk_tokens=(256,),
-                        update_intervals=(1,))
-    found, unsized, mode, _ = size_sharded(resolve_model("llama3-70b"), StepShape(seq_len=1024),
-                                           sharded_candidates(space.strategies()), ["h100", "rtx4090"])
+                        update_intervals=(1,), prefetch_depths=(0,))
+    found, unsized, mode, _ = size_sharded(spec, shape, sharded_space(space), ["h800", "rtx4090"])
     answers = {a.gpu: a for a in found}
     assert mode == "bound" and unsized == []
-    assert answers["h100-80gb"].num_gpus == 3 and answers["h100-80gb"].gpu_bytes <= load_gpu("h100").memory_bytes
-    assert answers["h100-80gb"].estimate.strategy.chunks == 32  # fewest chunks that fit
-    assert answers["rtx4090"].nodes > 1 and answers["rtx4090"].num_gpus % 8 == 0
+    h800 = answers["h800-80gb"]
+    assert (h800.num_gpus, h800.shard_embeddings, h800.estimate.strategy.chunks, h800.verified) == (2, True, 1024, True)
+    assert h800.gpu_bytes <= load_gpu("h800").memory_bytes
+    assert h800.host_bytes_per_node == 12 * 70_553_706_496  # every parameter's master + moments, no rounding
+    assert answers["rtx4090"].gpus_per_node == 1 and answers["rtx4090"].nodes > 1
+    hw = hardware("h800")
+    budget = node_budget(load_node("dgx-h800"), hw.gpu.memory_bytes - CONTEXT)
+    plan, _, layout = solve_layouts(spec, shape, hw, budget, [ParallelLayout(gpus_per_node=2),
+                                                             ParallelLayout(gpus_per_node=2, shard_embeddings=True)],
+                                    space=space)
+    assert plan.fits and layout.shard_embeddings and plan.best.strategy.chunks == 1024
+    # 256 GiB of host RAM per node: the state goes to disk, per rank
+    low = node_budget(load_node("dgx-h800"), hw.gpu.memory_bytes - CONTEXT, host_bytes=256 * GIB)
+    plan, sharded, _ = solve_layouts(spec, shape, hw, low, [ParallelLayout(gpus_per_node=2, shard_embeddings=True)],
+                                     space=space)
+    assert plan.fits and plan.best.strategy.state_tier == Tier.DISK
+    est = sharded[plan.best.strategy]
+    assert est.node_host_bytes <= 256 * GIB and est.node_disk_bytes == 12 * 70_553_706_496
 
 
 def test_cli_size_on_a_small_model(tmp_path, capsys):
@@ -168,10 +208,15 @@ def test_cli_size_sharded_answer(tmp_path, capsys):
     assert f"With weights resident, one GPU suffices on: {alone}." in lines
     head = next(i for i, line in enumerate(lines) if line.startswith("Sharded"))
     assert "bound chunk traces" in lines[head]
-    assert "up to 4 GPUs per node, 8 in all, host RAM <= 1.00 TiB" in lines[head]
+    assert "4 GPUs per node, 8 in all" in lines[head]
+    assert "nodes     each GPU kind's default node (planner/hardware/node-*.json); per node: host RAM 1.00 TiB" in lines
     answers = {line.split(":")[0].strip(): line for line in lines[head + 1:] if " x " in line}
-    assert set(answers) == {"3 x rtx3090", "3 x rtx4090", "4 x a10", "4 x l4"}
-    assert answers["3 x rtx4090"].endswith("(ChunkFT C=8, state host, prefetch 0, ckpt)")
+    assert set(answers) == {"3 x rtx3090 (rtx3090-workstation)", "3 x rtx4090 (rtx4090-workstation)",
+                            "3 x a10 (lambda-1x-a10)", "3 x l4 (gcp-g2-standard-96)"}
+    four = answers["3 x rtx4090 (rtx4090-workstation)"]
+    assert four.endswith("(ChunkFT C=8, state host, prefetch 0, ckpt; verified by the plan solver)")
+    # the a10's and L4's smaller cards need the embeddings as units of their own at 3
+    assert answers["3 x l4 (gcp-g2-standard-96)"].endswith("embeddings as own units; verified by the plan solver)")
     # the count against planner.sharding: C=8 on the host fits 3 RTX 4090s, not 2
     from planner.model import resolve_model
 
@@ -181,7 +226,8 @@ def test_cli_size_sharded_answer(tmp_path, capsys):
     three = evaluate_sharded(spec, shape, plan, hw, gpus_per_node=3)
     assert three.card_need_bytes() <= hw.gpu.memory_bytes < evaluate_sharded(spec, shape, plan, hw, gpus_per_node=2
                                                                               ).card_need_bytes()
-    assert f"{three.card_need_bytes() / 2**30:.2f} GiB per GPU" in answers["3 x rtx4090"]
+    assert f"{three.card_need_bytes() / 2**30:.2f} GiB per GPU" in four
+    assert f"{three.node_host_bytes / 2**30:.2f} GiB host RAM per node" in four
     assert lines[-1].startswith("evaluated ") and lines[-1].endswith(" sharded")
 
 
@@ -190,6 +236,8 @@ def test_cli_size_sharded_answer(tmp_path, capsys):
     (["--max-gpus", "-1"], "invalid --max-gpus -1"),
     (["--host-ram-per-node", "12XB"], "invalid --host-ram-per-node"),
     (["--host-ram-per-node", "0GiB"], "invalid --host-ram-per-node"),
+    (["--disk-per-node", "0GiB"], "invalid --disk-per-node"),
+    (["--node", "dgx-h900"], "unknown node 'dgx-h900'; known nodes: dgx-a100-320gb, "),
     (["--gpus-per-node", "two"], "invalid int value"),
 ])
 def test_cli_size_bad_flags_exit_2_with_one_line(tmp_path, capsys, flags, message):
