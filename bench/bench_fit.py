@@ -6,7 +6,8 @@ In process, after the imports (torch, transformers and the Llama modeling module
 a warm-up on a tiny model): the whole evaluation behind `chunkft fit MODEL` at its defaults
 (1024 tokens, batch 1, 24 GiB, chunks 4,16,64, every row), from cold caches: model layout,
 chunk tables and traces are all rebuilt per model. Then once, the whole CLI process
-(`python3 -m planner.cli fit`, imports included) for the default model.
+(`python3 -m planner.cli fit --no-cache`, imports included) for the default model; the disk cache's
+cold and warm processes are bench/bench_cli_speed.py's.
 
 Targets (issue 2): 8B <= 1 s, 405B <= 5 s. A script that prints a table, not a timed test.
 """
@@ -33,12 +34,6 @@ MODELS = (("llama3-8b", 1.0), ("llama3.1-70b", None), ("llama3.1-405b", 5.0))
 RESULTS = ROOT / "bench" / "results" / "fit_times.csv"
 
 
-def _clear_caches() -> None:
-    ev._LAYOUTS.clear()
-    ev._TABLES.clear()
-    ev._TRACES.clear()
-
-
 def _warm_up() -> None:
     """Import torch, transformers and the Llama modeling code, and trace a tiny step once."""
     import transformers
@@ -49,7 +44,7 @@ def _warm_up() -> None:
 
     spec = ModelSpec(name="warm-up", source="config", config=tiny, num_layers=2)
     fit(spec, StepShape(seq_len=16), Budget(gpu_bytes=2**30), hardware(), (2,))
-    _clear_caches()
+    ev.clear_caches()
 
 
 def main() -> int:
@@ -60,17 +55,19 @@ def main() -> int:
     chunks = parse_chunks(DEFAULT_CHUNKS)
     rows = []
     for name, target in MODELS:
-        _clear_caches()
+        ev.clear_caches()
         model = resolve_model(name)
         t0 = time.perf_counter()
         report = fit(model, shape, budget, hw, chunks)
         wall = time.perf_counter() - t0
+        held = ev.clear_caches()
         rows.append({"what": f"fit {name} (in process)", "parameters": report["parameters"],
-                     "rows": len(report["rows"]), "traces": len(ev._TRACES), "wall_s": round(wall, 3),
+                     "rows": len(report["rows"]), "traces": held["traces"], "wall_s": round(wall, 3),
                      "target_s": target if target is not None else "",
                      "recommended": report["recommended_label"] or "nothing fits"})
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "planner.cli", "fit"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "planner.cli", "fit", "--no-cache"], cwd=ROOT, capture_output=True,
+                          text=True)
     wall = time.perf_counter() - t0
     rows.append({"what": "chunkft fit (whole process, imports included)", "parameters": rows[0]["parameters"],
                  "rows": rows[0]["rows"], "traces": "", "wall_s": round(wall, 3), "target_s": "",

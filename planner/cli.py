@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "compare": "analysis.cli",
     "report": "analysis.cli",
     "run": "runtime.run_cli",
+    "cache": "planner.cache",
 }
 
 

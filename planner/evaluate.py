@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from planner import cache as disk_cache
 from planner.errors import ChunkftError
 from planner.memory import (COMPONENTS, K_LARGE_BUFFER, K_MIN_LARGE_ALLOC, K_SMALL_BUFFER, K_SMALL_SIZE,
                             AllocConf, round_size, segment_size, side_stream_pool)
@@ -167,6 +168,17 @@ _TRACES: dict[tuple, TracedStep] = {}
 _TRACE_CACHE_SIZE = 96
 
 
+def clear_caches() -> dict[str, int]:
+    """Forget the layouts, chunk tables and traced steps kept in this process (the disk cache,
+    planner.cache, is not touched): the next evaluation rebuilds them. Returns how many of each
+    were held."""
+    held = {"layouts": len(_LAYOUTS), "tables": len(_TABLES), "traces": len(_TRACES)}
+    _LAYOUTS.clear()
+    _TABLES.clear()
+    _TRACES.clear()
+    return held
+
+
 def _elem_bytes(dtype: str) -> int:
     return {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
 
@@ -177,6 +189,10 @@ def param_layout(model: "ModelSpec", dtype: str = "bf16") -> ParamLayout:
     key = (model.fingerprint(), dtype)
     if key in _LAYOUTS:
         return _LAYOUTS[key]
+    stored = disk_cache.load("layout", key)  # planner.cache: None unless `chunkft fit` enabled it
+    if isinstance(stored, ParamLayout):
+        _LAYOUTS[key] = stored
+        return stored
     import torch
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
@@ -211,20 +227,26 @@ def param_layout(model: "ModelSpec", dtype: str = "bf16") -> ParamLayout:
     layout = ParamLayout(named_shapes=tuple(shapes), elem_bytes=_elem_bytes(dtype), layer_prefix=prefix,
                          num_layers=num_layers, layer_weight_bytes=layer_bytes, input_embedding=input_embedding)
     _LAYOUTS[key] = layout
+    disk_cache.store("layout", key, layout)
     return layout
 
 
 def chunk_table(model: "ModelSpec", dtype: str, chunks: int, recipe: "Recipe | None" = None) -> "ChunkTable":
     """The C-chunk table over the parameters `recipe` trains (--trainable / --freeze: the
     trainable ones only, so ChunkFT cycles through exactly those; default: all)."""
-    from planner.chunks import make_chunk_table
+    from planner.chunks import ChunkTable, make_chunk_table
     from planner.train_axes import trained_shapes
 
     patterns = () if recipe is None else (recipe.trainable, recipe.freeze)
     key = (model.fingerprint(), dtype, chunks, patterns)
     if key not in _TABLES:
-        shapes = param_layout(model, dtype).named_shapes
-        _TABLES[key] = make_chunk_table(trained_shapes(recipe, shapes) if recipe is not None else shapes, chunks)
+        stored = disk_cache.load("chunks", key)
+        if isinstance(stored, ChunkTable):
+            _TABLES[key] = stored
+        else:
+            shapes = param_layout(model, dtype).named_shapes
+            _TABLES[key] = make_chunk_table(trained_shapes(recipe, shapes) if recipe is not None else shapes, chunks)
+            disk_cache.store("chunks", key, _TABLES[key])
     return _TABLES[key]
 
 
@@ -273,6 +295,10 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
     key = (model.fingerprint(), shape, options.key(), sm, AllocConf.parse(alloc_conf).normalised())
     if key in _TRACES:
         return _TRACES[key]
+    stored = disk_cache.load("trace", (key, recipe))
+    if isinstance(stored, TracedStep):
+        _TRACES[key] = stored
+        return stored
     graph = trace_step(model, shape, options)
     tl = graph.replay(allocator="cuda", sm=sm, alloc_conf=alloc_conf, least=True)
     live = np.stack([tl.live_bytes[c] for c in COMPONENTS])
@@ -285,6 +311,7 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
     if len(_TRACES) >= _TRACE_CACHE_SIZE:
         _TRACES.pop(next(iter(_TRACES)))
     _TRACES[key] = step
+    disk_cache.store("trace", (key, recipe), step)
     return step
 
 

@@ -2,7 +2,7 @@
 
     chunkft fit [MODEL] [--gpu 24GiB] [--host-ram SIZE] [--disk SIZE] [--seq 1024] [--batch 1]
                 [--dtype bf16] [--chunks 4,16,64] [--hardware rtx4090]
-                [--chunk-traces auto|exact|bound] [--json]
+                [--chunk-traces auto|exact|bound] [--json] [--cache-dir DIR] [--no-cache]
 
 With no MODEL: Llama 3-8B at 1024 tokens, batch 1, on a 24 GiB GPU. Rows (`fit_strategies`):
 full fine-tuning with AdamW on the GPU, the same with activation checkpointing, ChunkFT at each
@@ -16,6 +16,10 @@ Then the recommended row -- the first that fits in the objective's order (`--obj
 the default: shortest predicted step, then fewest chunks; `fidelity`: fewest chunks first, the
 closest to plain full fine-tuning) -- with its component breakdown per tier, and the other
 objective's pick when it differs.
+
+Traced steps, parameter layouts and chunk tables are kept on disk (planner.cache; `--cache-dir`,
+default $XDG_CACHE_HOME/chunkft or ~/.cache/chunkft): a repeated question is answered without
+importing torch or transformers, with the same answer. `--no-cache` neither reads nor writes it.
 
 Exit status: 0 when some row fits, 1 when none does (an answer, not an error), 2 on bad input.
 """
@@ -73,6 +77,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max", choices=("seq", "batch"), default=None,
                    help="instead: the longest sequence (or largest batch) each strategy fits, the other axis at "
                         "its flag's value (planner.fit_max)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where traced steps, layouts and chunk tables are kept between runs (default "
+                        "$XDG_CACHE_HOME/chunkft, else ~/.cache/chunkft; see `chunkft cache`)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     add_recipe_args(p)
     p.set_defaults(run=run)
 
@@ -138,6 +146,14 @@ def recommend(estimates: list["Estimate"], budget: "Budget", objective: "Objecti
 
 
 def run(args: argparse.Namespace) -> int:
+    from planner import cache
+
+    directory = None if args.no_cache else cache.resolve_dir(args.cache_dir)
+    with cache.using(directory):  # planner.cache: a warm cache answers without torch or transformers
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from planner.hardware import hardware
     from planner.model import resolve_model
     from planner.trace import StepShape

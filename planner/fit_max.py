@@ -94,7 +94,7 @@ def largest(model, shape: "StepShape", budget: "Budget", hw, strategies: list["S
 
     if axis == "seq":
         limit = min(MAX_SEQ_LEN, MAX_STEP_TOKENS // shape.batch)
-        positions = getattr(model.config, "max_position_embeddings", None) if model.config is not None else None
+        positions = model.config_value("max_position_embeddings")
         if isinstance(positions, int) and not allow_long_seq:
             limit = min(limit, positions)
         start, quantum = shape.seq_len, SEQ_QUANTUM

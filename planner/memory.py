@@ -255,6 +255,12 @@ def side_stream_pool(chunk_tensors: tuple[tuple[int, ...], ...], depth: int,
     key = (chunk_tensors, depth, conf)
     if key in _SIDE_POOLS:
         return _SIDE_POOLS[key]
+    from planner import cache as disk_cache  # `chunkft fit`'s disk cache (planner.cache), if enabled
+
+    stored = disk_cache.load("pool", key)
+    if isinstance(stored, tuple) and len(stored) == 2 and all(isinstance(v, int) for v in stored):
+        _SIDE_POOLS[key] = stored
+        return stored
     pre = tuple(((0, j, i), b, SIDE_STREAM) for j in range(depth + 1)
                 for i, b in enumerate(chunk_tensors[j]) if b)
     ops = []
@@ -270,4 +276,5 @@ def side_stream_pool(chunk_tensors: tuple[tuple[int, ...], ...], depth: int,
     if len(_SIDE_POOLS) > 256:
         _SIDE_POOLS.clear()
     _SIDE_POOLS[key] = (peak, least)
+    disk_cache.store("pool", key, (peak, least))
     return peak, least

@@ -14,6 +14,11 @@ Llama-3-8B-width layers once the modeling module is imported), with no patch of 
 init machinery. `build(device="cpu")` gives a randomly initialised real model, deterministic
 under `torch.manual_seed`.
 
+With planner.cache in use (`chunkft fit`), a preset or config.json whose content was resolved
+before comes back as a deferred spec: fingerprint, depth and max_position_embeddings come from the
+cache and the transformers config (which imports transformers and torch) is built on first use of
+`config`.
+
 Known limitations: factories have no config, so their fingerprint hashes parameter names,
 shapes and dtypes instead; depth overrides of a config only keep per-layer *lists* consistent
 (lists as long as the model is deep, such as `layer_types`), not per-layer index sets.
@@ -119,6 +124,15 @@ class ModelSpec:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model
+
+    def config_value(self, name: str) -> Any:
+        """The config's attribute `name`; None without a config, or when it has none."""
+        if self.config is None:
+            return None
+        try:
+            return getattr(self.config, name, None)
+        except Exception:  # some configs compute attributes from others
+            return None
 
     def layer_prefix(self) -> str | None:
         """Dotted path of the decoder-layer ModuleList ("model.layers"), None if there is none."""
@@ -235,10 +249,55 @@ def _config_from_dict(d: dict, *, where: str) -> "transformers.PretrainedConfig"
 def _from_config_dict(name: str, source: str, d: Any, path: Path) -> ModelSpec:
     if not isinstance(d, dict):
         raise ChunkftError(f"model config {str(path)!r} is not a JSON object")
-    config = _config_from_dict(d, where=f"model config {str(path)!r}")
-    check_config(config, f"model config {str(path)!r}")
-    return ModelSpec(name=name, source=source, config=config,
-                     num_layers=getattr(config, "num_hidden_layers", None))
+    from planner import cache
+
+    where = f"model config {str(path)!r}"
+    raw = copy.deepcopy(d)  # the key: transformers may change nested dicts (rope_scaling) in place
+    known = cache.load("model", raw)  # planner.cache (`chunkft fit`): this content resolved before
+    if isinstance(known, dict) and isinstance(known.get("fingerprint"), str):
+        return _DeferredConfigSpec(name, source, raw=raw, where=where, known=known)
+    config = _config_from_dict(copy.deepcopy(raw), where=where)  # the preset's own dict stays as read
+    check_config(config, where)
+    spec = ModelSpec(name=name, source=source, config=config, num_layers=getattr(config, "num_hidden_layers", None))
+    if cache.active() is not None:
+        values = {k: spec.config_value(k) for k in DEFERRED_CONFIG_VALUES}
+        cache.store("model", raw, {"fingerprint": spec.fingerprint(), "num_layers": spec.num_layers,
+                                 "values": {k: v for k, v in values.items() if v is None or isinstance(v, (int, str))}})
+    return spec
+
+
+# What a deferred spec answers without building its config (planner.validate.check_seq_for_model).
+DEFERRED_CONFIG_VALUES = ("max_position_embeddings",)
+
+
+class _DeferredConfigSpec(ModelSpec):
+    """A preset or config.json spec resolved from planner.cache: name, source, depth and
+    fingerprint are known, the config values of DEFERRED_CONFIG_VALUES too; the transformers
+    config (which imports transformers and torch) is built on first use of `config`, from the
+    same raw content, which passed `check_config` when it was cached."""
+
+    def __init__(self, name: str, source: str, config: Any = None, num_layers: int | None = None,
+                 factory: Any = None, *, raw: dict | None = None, where: str = "", known: dict | None = None):
+        # dataclasses.replace(spec, config=...) comes here with a config: an ordinary spec then
+        for field, value in (("name", name), ("source", source), ("num_layers", num_layers), ("factory", factory),
+                             ("_config", config), ("_raw", raw), ("_where", where)):
+            object.__setattr__(self, field, value)
+        if known is not None:
+            object.__setattr__(self, "num_layers", known.get("num_layers"))
+            object.__setattr__(self, "_known", dict(known.get("values") or {}))
+            object.__setattr__(self, "_fingerprint", known["fingerprint"])
+
+    @property
+    def config(self) -> "transformers.PretrainedConfig":
+        if self._config is None and self._raw is not None:
+            object.__setattr__(self, "_config", _config_from_dict(copy.deepcopy(self._raw), where=self._where))
+        return self._config
+
+    def config_value(self, name: str) -> Any:
+        known = self.__dict__.get("_known", {})
+        if self._config is None and name in known:
+            return known[name]
+        return super().config_value(name)
 
 
 def _from_factory(spec: str) -> ModelSpec:

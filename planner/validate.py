@@ -97,7 +97,7 @@ def check_step(*, seq: Any, batch: Any, seq_flag: str = "--seq", batch_flag: str
 
 def check_seq_for_model(seq: int, model: "ModelSpec", *, allow_long: bool, flag: str = "--seq") -> None:
     """seq <= the model's max_position_embeddings, unless --allow-long-seq."""
-    limit = _config_value(model.config, "max_position_embeddings") if model.config is not None else None
+    limit = model.config_value("max_position_embeddings")  # a deferred spec (planner.cache) knows it
     if allow_long or not isinstance(limit, int) or seq <= limit:
         return
     raise ChunkftError(f"invalid {flag} {seq}: model {model.name!r} has max_position_embeddings {limit}; "

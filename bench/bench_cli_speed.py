@@ -1,0 +1,135 @@
+"""Benchmark: wall time of whole `chunkft` processes, cold and warm disk cache (planner.cache).
+
+    python3 bench/bench_cli_speed.py [--warm-runs 5] [--cold-runs 2] [--skip-size]
+    # prints a table, writes bench/results/cli_speed.csv
+
+Each command runs as its own process (`python -m planner.cli ...`, imports included), in a
+snapshot of planner/, runtime/ and analysis/ copied to a temporary directory: the cache key holds
+a digest of the planner's sources, so in a checkout others are editing, an edit between two runs
+would make a "warm" run cold. Cases:
+  - fit llama3-8b and fit llama3.1-405b (the defaults: 1024 tokens, 24 GiB, chunks 4,16,64):
+    cold = an empty cache directory (every run gets a fresh one), warm = the same directory after
+    a cold run; warm runs are also checked to have imported neither torch nor transformers and to
+    print the cold run's answer byte for byte;
+  - size llama3-70b: it does not use the cache; timed the same way for comparison.
+Python bytecode: "cached" runs keep .pyc files in a temporary PYTHONPYCACHEPREFIX (what an
+installed package has); "none" runs with PYTHONDONTWRITEBYTECODE=1 (every module compiled from
+source each time, as in a checkout where bytecode writing is off). The minimum of the runs is
+reported (the machine may be shared: the spread is printed too), with the CPU time (user + sys)
+of the fastest run.
+
+Targets (issue "Answers people can act on", item 1): warm fit 8B <= 0.5 s, 405B <= 1 s; cold
+8B <= 5 s. A script that prints a table, not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "cli_speed.csv"
+SNAPSHOT_DIRS = ("planner", "runtime", "analysis")
+# Reports on stderr which heavy packages the process imported (after the command's own output).
+WRAPPER = ("import json, sys\nfrom planner.cli import main\ncode = main(sys.argv[1:])\n"
+           "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+           "sys.stderr.write('HEAVY-MODULES ' + json.dumps(heavy[:3]) + '\\n')\nsys.exit(code)\n")
+TARGETS = {("fit llama3-8b", "warm"): 0.5, ("fit llama3.1-405b", "warm"): 1.0, ("fit llama3-8b", "cold"): 5.0}
+
+
+def _snapshot(into: Path) -> Path:
+    for name in SNAPSHOT_DIRS:
+        shutil.copytree(ROOT / name, into / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return into
+
+
+def _run(argv: list[str], cwd: Path, env: dict) -> tuple[float, float, int, str, list[str]]:
+    """(wall s, cpu s, exit code, stdout, heavy modules) of one process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *argv], cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    marker = [line for line in proc.stderr.splitlines() if line.startswith("HEAVY-MODULES ")]
+    if not marker:
+        raise SystemExit(f"`chunkft {' '.join(argv)}` failed:\n{proc.stderr[-3000:]}")
+    return wall, cpu, proc.returncode, proc.stdout, json.loads(marker[-1].split(" ", 1)[1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--warm-runs", type=int, default=5)
+    p.add_argument("--cold-runs", type=int, default=2)
+    p.add_argument("--skip-size", action="store_true", help="leave out `chunkft size llama3-70b` (slow)")
+    args = p.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="chunkft-bench-") as tmp:
+        tmp = Path(tmp)
+        snap = _snapshot(tmp / "src")
+        base = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
+        base["PYTHONPATH"] = str(snap)
+        envs = {"cached": {**base, "PYTHONPYCACHEPREFIX": str(tmp / "pyc")},
+                "none": {**base, "PYTHONDONTWRITEBYTECODE": "1"}}
+        # compiles the bytecode of everything a cold fit imports (torch and transformers too) once
+        _run(["fit", "--json", "--cache-dir", str(tmp / "cache-warm-up")], snap, envs["cached"])
+
+        def record(what: str, cache: str, bytecode: str, runs: list, note: str = "") -> None:
+            walls = [r[0] for r in runs]
+            best = min(range(len(runs)), key=lambda i: walls[i])
+            target = TARGETS.get((what, cache), "") if bytecode == "cached" else ""
+            rows.append({"command": f"chunkft {what}", "cache": cache, "bytecode": bytecode, "runs": len(runs),
+                         "min_s": round(walls[best], 3), "max_s": round(max(walls), 3),
+                         "cpu_s_of_min": round(runs[best][1], 3), "target_s": target,
+                         "torch_imported": "yes" if runs[best][4] else "no", "note": note})
+            print(f"  {what:<22} {cache:<5} bytecode {bytecode:<6} min {walls[best]:.3f} s  "
+                  f"(max {max(walls):.3f} s, cpu {runs[best][1]:.3f} s)", flush=True)
+
+        for model in ("llama3-8b", "llama3.1-405b"):
+            what = f"fit {model}"
+            argv = ["fit", model, "--json"]
+            cold = []
+            for i in range(args.cold_runs):
+                cold.append(_run(argv + ["--cache-dir", str(tmp / f"cache-{model}-{i}")], snap, envs["cached"]))
+            record(what, "cold", "cached", cold)
+            warm_dir = ["--cache-dir", str(tmp / f"cache-{model}-0")]
+            answer = cold[0][3]
+            for bytecode, env in envs.items():
+                warm = [_run(argv + warm_dir, snap, env) for _ in range(args.warm_runs)]
+                same = all(r[3] == answer for r in warm)
+                record(what, "warm", bytecode, warm, note="same answer as cold" if same else "ANSWER DIFFERS")
+            nocache = [_run(argv + ["--no-cache"], snap, envs["cached"])]
+            record(what, "off", "cached", nocache,
+                   note="--no-cache; same answer" if nocache[0][3] == answer else "--no-cache; ANSWER DIFFERS")
+        if not args.skip_size:
+            runs = [_run(["size", "llama3-70b"], snap, envs["cached"]) for _ in range(max(1, args.cold_runs))]
+            record("size llama3-70b", "n/a", "cached", runs, note="size does not use the cache")
+
+    cols = ("command", "cache", "bytecode", "runs", "min_s", "max_s", "cpu_s_of_min", "target_s",
+            "torch_imported", "note")
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print()
+    print("  ".join(f"{c:<{widths[c]}}" for c in cols))
+    for r in rows:
+        print("  ".join(f"{str(r[c]):<{widths[c]}}" for c in cols))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {RESULTS.relative_to(ROOT)}  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
