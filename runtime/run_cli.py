@@ -178,8 +178,9 @@ def build_run(args):
         from runtime.stream import stream_model
 
         streamer = stream_model(model, spec.layer_prefix(), device)
-    if strategy.checkpointing:
-        enable_checkpointing(model)
+    if strategy.checkpointing:  # every layer, every K-th, or op-level selective: the recipe's policy
+        enable_checkpointing(model, every=strategy.recipe.checkpoint_every,
+                             selective=strategy.recipe.selective_checkpointing)
     model.train()
     weights = streamer.host_weights() if streamer is not None else None
 
@@ -224,7 +225,7 @@ def build_run(args):
                  "data_fingerprint": data_print, "tokenizer": tok.name, "seed": args.seed,
                  "run_id": claimed.run_id, "args": run_arguments(args)}
     config = LoopConfig(steps=args.steps, grad_accum=args.grad_accum, loss_chunk_tokens=strategy.loss_chunk_tokens,
-                        loop=strategy.recipe.loop.value,
+                        loop=strategy.recipe.loop.value, offload_activations=strategy.recipe.offload_activations,
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                         progress=not args.no_progress)
     trainer = Trainer(model, optimizer, loader, config, eval_batches=evals, out_dir=out, run_state=run_state,

@@ -232,6 +232,10 @@ class LoopConfig:
     loop: str = "chunkft"
     """The plan's recipe loop (planner.step.loop_forward): chunkft's step or the plain "hf" loop,
     whose output stays alive through backward as in the user's own loop."""
+    offload_activations: bool = False
+    """The recipe's --offload-activations: what autograd saves in forward and loss goes to (pinned)
+    host memory and comes back for backward (planner.activations.OffloadHooks, save_on_cpu's
+    mechanism, as the planner traces it)."""
     eval_every: int = 0
     """Evaluate every this many steps, and at the end (0 = only at the end, if an eval set)."""
     checkpoint_every: int = 0
@@ -357,6 +361,14 @@ class Trainer:
             self.trace.record(kind, phase=phase, name=name, peak=peak)
 
     # -- the loop ----------------------------------------------------------------------------
+    def _saved_tensors(self):
+        """Where forward's saved tensors wait for backward: host memory with --offload-activations."""
+        if not self.config.offload_activations:
+            return contextlib.nullcontext()
+        from planner.activations import OffloadHooks
+
+        return OffloadHooks()
+
     def _sampler(self):
         """A per-op malloc sampler for the step when a CPU trace is being written (the op-level
         peak that event sampling misses), else a no-op context."""
@@ -387,8 +399,9 @@ class Trainer:
                 for ids, labels in batches:
                     ids, labels = ids.to(self.device), labels.to(self.device)
                     self._event(EventKind.PHASE, Phase.FORWARD)
-                    loss, held = loop_forward(self.model, ids, labels, loop=cfg.loop,
-                                              loss_chunk_tokens=cfg.loss_chunk_tokens)
+                    with self._saved_tensors():
+                        loss, held = loop_forward(self.model, ids, labels, loop=cfg.loop,
+                                                  loss_chunk_tokens=cfg.loss_chunk_tokens)
                     self._event(EventKind.PHASE, Phase.BACKWARD)
                     self.optimizer.backward(loss / cfg.grad_accum)
                     del held
