@@ -17,6 +17,11 @@ Cases:
   llama3.2-1b  plan-24g     the solver's plan for 24 GiB (objective speed)
   llama3.2-1b  stream-6g    decoder layers streamed from pinned host memory (runtime.stream),
                             ChunkFT C=16, state on host, checkpointing, under a 6 GiB cap
+  llama3.2-1b  recipe-*     the runtime's recipe axes on the 1B, each its own plan under a 12 GiB cap:
+                            8-bit moments (torchao format), bf16 moments with pure precision,
+                            selective and every-2 checkpointing, activations offloaded to host,
+                            expandable segments; and full FT with the optimizer step in backward
+                            (clipping off) under a 24 GiB cap
   llama3-8b    plan-24g     the solver's plan for 24 GiB (objective speed)
   llama2-7b    floor-13g    exact AdamW aiming at issue 4's 13.0 GiB floor: weights resident,
                             checkpointing, the fewest chunks that fit 13.6 GiB (predicted: C=128,
@@ -55,6 +60,17 @@ CASES = (
     ("llama3.2-1b-plan-24g", "llama3.2-1b", ["--gpu", "24GiB", "--weights", "gpu", "--objective", "speed"], "24GiB"),
     ("llama3.2-1b-stream-6g", "llama3.2-1b", ["--gpu", "6GiB", "--weights", "stream", "--chunks", "16",
                                               "--state", "host", "--optimizer", "gpu", "--checkpointing", "on"], "6GiB"),
+    *((f"llama3.2-1b-recipe-{name}", "llama3.2-1b", ["--gpu", "12GiB", "--chunks", "4", "--state", "host",
+                                                     "--optimizer", "gpu", *flags], "12GiB")
+      for name, flags in (("8bit", ["--optim", "adamw_torch_8bit", "--checkpointing", "on"]),
+                          ("pure-bf16", ["--optim", "adamw_bf16", "--precision", "pure", "--checkpointing", "on"]),
+                          ("selective", ["--checkpointing", "selective"]),
+                          ("every-2", ["--checkpointing", "every-2"]),
+                          ("offload", ["--offload-activations", "--checkpointing", "off"]),
+                          ("expandable", ["--alloc-conf", "expandable_segments:True", "--checkpointing", "on"]))),
+    # the planner prices the optimizer step in backward for one chunk (full FT)
+    ("llama3.2-1b-recipe-in-backward", "llama3.2-1b", ["--gpu", "24GiB", "--chunks", "1", "--optimizer", "gpu",
+                                                       "--optimizer-in-backward", "--checkpointing", "on"], "24GiB"),
     ("llama3-8b-plan-24g", "llama3-8b", ["--gpu", "24GiB", "--host-ram", "110GiB", "--weights", "gpu",
                                          "--objective", "speed"], "24GiB"),
     ("llama2-7b-floor-13g", "llama2-7b", ["--gpu", "13.6GiB", "--host-ram", "100GiB", "--weights", "gpu",
@@ -65,6 +81,10 @@ SMOKE_CASES = (
     ("tiny-chunkft", "tiny", ["--gpu", "1GiB", "--chunks", "4", "--state", "host", "--optimizer", "gpu"], None),
     ("tiny-stream", "tiny", ["--gpu", "1GiB", "--chunks", "4", "--state", "host", "--optimizer", "gpu",
                              "--weights", "stream"], None),
+    ("tiny-recipe", "tiny", ["--gpu", "1GiB", "--chunks", "4", "--state", "host", "--optimizer", "gpu",
+                             "--optim", "adamw_torch_8bit", "--checkpointing", "selective"], None),
+    ("tiny-in-backward", "tiny", ["--gpu", "1GiB", "--chunks", "1", "--optimizer", "gpu", "--optimizer-in-backward",
+                                  "--offload-activations"], None),
 )
 
 
@@ -119,6 +139,8 @@ def main() -> int:
         plan_text = chunkft("plan", spec, *seq, "--gpu-kind", "h100", *flags, "-o", str(d / "plan.json"))
         chunkft("simulate", str(d / "plan.json"), "-o", str(d / "timeline.jsonl"))
         capped = ["--gpu-memory-cap", cap] if cap and not args.smoke else []
+        if "--optimizer-in-backward" in flags:  # it cannot clip to a global norm
+            capped += ["--max-grad-norm", "0"]
         with tempfile.TemporaryDirectory(prefix="chunkft-gpu-") as run_dir:
             text = chunkft("run", str(d / "plan.json"), "--data", str(data), "--steps", str(STEPS), *device, *capped,
                            "--no-progress", "--lr", "1e-5", "--out", run_dir, "--trace", str(d / "trace.jsonl"))
