@@ -18,6 +18,10 @@ loss. Onto that timeline go the bytes the trace does not hold (see `gpu_static_a
     would instead materialise sqrt(v) for every parameter at once
     (torch/optim/adam.py `_multi_tensor_adam`: `exp_avg_sq_sqrt = torch._foreach_sqrt(...)`):
     4 B/param more, 30 GiB at 8B; plans do not use it.
+  - with a recipe's `--optim` / `--precision` other than chunkft's mixed ChunkAdamW, the state,
+    its off-GPU part and the step's temporaries are those of the real optimizer, traced per
+    parameter shape by planner.optim_step (`recipe_step_cost`); for C > 1 only optimizers whose
+    state ChunkAdamW could hold (planner.recipe.CHUNK_HELD_OPTIMS), priced per span.
   - gradients that leave the GPU: with grad staging (NVMSA) only a double buffer of the
     largest gradient stays (`STAGING_BUFFERS`); a host optimizer without staging copies in
     DeepSpeed-style buckets (`DEEPSPEED_BUCKET_ELEMENTS`).
@@ -348,19 +352,29 @@ def gpu_static_allocs(strategy: Strategy, layout: ParamLayout, active: ActiveSet
                       all_spans: tuple[int, ...]) -> list[Alloc]:
     """Allocations resident on the GPU for the whole step that the trace does not hold: fp32
     master + moments of `all_spans` (C = 1, or state on the GPU) or of the active set's spans
-    and prefetch (state on host / disk); none for a host optimizer."""
+    and prefetch (state on host / disk); none for a host optimizer. The recipe's --optim /
+    --precision change the tensors (`recipe_state_allocs`)."""
     if strategy.optimizer_device == OptimizerDevice.HOST:
         return []
-    elem = layout.elem_bytes
-    if strategy.chunks == 1 or strategy.state_tier == Tier.GPU:
-        return state_allocs(all_spans or active.tensor_bytes, elem)
-    return state_allocs(active.tensor_bytes + active.prefetch_bytes, elem)
+    spans = (all_spans or active.tensor_bytes) if strategy.chunks == 1 or strategy.state_tier == Tier.GPU else (
+        active.tensor_bytes + active.prefetch_bytes)
+    return recipe_state_allocs(strategy, layout, spans)
+
+
+def recipe_state_allocs(strategy: Strategy, layout: ParamLayout, spans: tuple[int, ...]) -> list[Alloc]:
+    """The GPU state tensors of these spans under the strategy's recipe: `state_allocs` for
+    chunkft's ChunkAdamW, the traced optimizer's (planner.optim_step) for --optim / --precision."""
+    cost = recipe_step_cost(strategy, layout, spans)
+    return state_allocs(spans, layout.elem_bytes) if cost is None else _allocs(cost.gpu_state)
 
 
 def optimizer_temp_allocs(strategy: Strategy, layout: ParamLayout, active: ActiveSet) -> list[Alloc]:
     """GPU temporaries of the AdamW step: one span at a time, so the largest span's."""
     if strategy.optimizer_device == OptimizerDevice.HOST or not active.tensor_bytes:
         return []
+    cost = recipe_step_cost(strategy, layout, active.tensor_bytes)  # --optim / --precision: its traced step
+    if cost is not None:
+        return _allocs(cost.temps)
     elem = layout.elem_bytes
     n = max(active.tensor_bytes) // elem
     per = SINGLE_TENSOR_TEMP_BYTES_PER_PARAM // FP32_BYTES
@@ -368,6 +382,34 @@ def optimizer_temp_allocs(strategy: Strategy, layout: ParamLayout, active: Activ
     if elem < FP32_BYTES:
         out.append(Alloc(component=Component.TEMPORARIES, nbytes=FP32_BYTES * n))
     return out
+
+
+def recipe_step_cost(strategy: Strategy, layout: ParamLayout, spans: tuple[int, ...]) -> Any:
+    """The recipe's optimizer over these spans (16-bit bytes), traced by planner.optim_step, or
+    None for chunkft's own ChunkAdamW (the constants above). C = 1: each parameter's own shape
+    (Adafactor factors 2-D ones); a ChunkFT span, or a tensor the layout does not name (LoRA),
+    is flat. 2-byte training is traced as bf16."""
+    recipe = strategy.recipe
+    if recipe.optim == "chunkft" and recipe.precision.value == "mixed":
+        return None
+    from planner.optim_step import step_cost
+
+    # chunkft + pure passes require_modelled only with --optimizer-in-backward, whose hooks run
+    # torch.optim.AdamW(foreach=False) on each tensor (planner.train_axes)
+    optim = "adamw_torch_forloop" if recipe.optim == "chunkft" else recipe.optim
+
+    elem = layout.elem_bytes
+    by_bytes = {}
+    if strategy.chunks == 1:
+        for _, sh, e in reversed(layout.named_shapes):
+            by_bytes[math.prod(sh) * e] = tuple(sh)
+    shapes = tuple(by_bytes.get(b, (b // elem,)) for b in spans)
+    return step_cost(optim, recipe.precision.value, {4: "fp32"}.get(elem, "bf16"), shapes,
+                     chunk_spans=strategy.chunks > 1)
+
+
+def _allocs(entries) -> list[Alloc]:
+    return [Alloc(component=c, nbytes=b) for c, b, n in entries for _ in range(n)]
 
 
 def _grad_cap(strategy: Strategy, layout: ParamLayout, active: ActiveSet) -> int | None:
@@ -450,16 +492,24 @@ def host_and_disk_bytes(strategy: Strategy, layout: ParamLayout, active: ActiveS
             d[c] = d.get(c, 0) + n
 
     off_gpu = strategy.optimizer_device == OptimizerDevice.HOST or strategy.state_tier != Tier.GPU
+    master_total, moments_total = master * total_params, moments * total_params
+    cost = recipe_step_cost(strategy, layout, all_spans or layout.tensor_bytes)
+    if cost is not None:  # --optim / --precision: the traced state; what it keeps off the GPU is here
+        master_total = sum(b * n for c, b, n in cost.gpu_state if c == Component.MASTER)
+        moments_total = cost.gpu_state_bytes - master_total
+        put(host, Component.OPTIMIZER, cost.host_state_bytes)
     if off_gpu and strategy.state_tier == Tier.HOST:
-        put(host, Component.MASTER, master * total_params)
-        put(host, Component.OPTIMIZER, moments * total_params)
-        if strategy.optimizer_device == OptimizerDevice.GPU:  # pinned, one tensor per span and kind
+        put(host, Component.MASTER, master_total)
+        put(host, Component.OPTIMIZER, moments_total)
+        if strategy.optimizer_device == OptimizerDevice.GPU and cost is not None:  # pinned, per state tensor
+            put(host, Component.ROUNDING, sum((_pow2_ceil(b) - b) * n for _, b, n in cost.gpu_state))
+        elif strategy.optimizer_device == OptimizerDevice.GPU:  # pinned, one tensor per span and kind
             kinds = (master + moments) // FP32_BYTES
             put(host, Component.ROUNDING, kinds * sum(_pow2_ceil(FP32_BYTES * (b // elem)) - FP32_BYTES * (b // elem)
                                                       for b in (all_spans or layout.tensor_bytes)))
     if off_gpu and strategy.state_tier == Tier.DISK:
-        put(disk, Component.MASTER, master * total_params)
-        put(disk, Component.OPTIMIZER, moments * total_params)
+        put(disk, Component.MASTER, master_total)
+        put(disk, Component.OPTIMIZER, moments_total)
         if strategy.optimizer_device == OptimizerDevice.HOST:
             # state window: the span being stepped + prefetched ones. runtime.chunk_optim streams
             # state one whole span at a time (a 128K-vocabulary 8B embedding is 525M parameters,
@@ -561,7 +611,7 @@ def side_stream_state(strategy: Strategy, layout: ParamLayout,
     if (not chunk_spans or strategy.chunks < 2 or strategy.prefetch_depth < 1
             or strategy.optimizer_device != OptimizerDevice.GPU or strategy.state_tier == Tier.GPU):
         return None
-    tensors = tuple(tuple(a.nbytes for a in state_allocs(chunk, layout.elem_bytes)) for chunk in chunk_spans)
+    tensors = tuple(tuple(a.nbytes for a in recipe_state_allocs(strategy, layout, chunk)) for chunk in chunk_spans)
     return side_stream_pool(tensors, strategy.prefetch_depth, strategy.recipe.alloc_conf)
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,12 @@ PYTORCH_CUDA_ALLOC_CONF's syntax):
   master and fp32 state (fp16: with loss scaling); pure = weights, gradients and optimizer state
   all in the training dtype, no master (torchtune's and LitGPT's bf16 default; with --dtype fp32:
   fp32 training without a master copy).
-- `--optim` (`optim`): the optimizer implementation (`OPTIMS`).
+- `--optim` (`optim`): the optimizer implementation (`OPTIMS`). planner.optim_step traces each
+  one's real step (state and temporaries) for planner.evaluate; `chunkft` keeps ChunkAdamW's
+  constants. Pure precision needs an optimizer other than `chunkft` (ChunkAdamW keeps a master).
+  With ChunkFT (C > 1) or state resting off the GPU only `CHUNK_HELD_OPTIMS` are priced; the
+  sharded planner and `chunkft run` price and run `chunkft`/mixed only (`conflict`,
+  `require_sharded_modelled`, `require_runnable`).
 - `--optimizer-in-backward` (`optimizer_in_backward`): each parameter steps and frees its
   gradient as soon as it is accumulated (torchtune's optimizer_in_bwd, LOMO).
 - `--checkpointing off|on|every-K|selective`: on/off is the strategy's choice (a pin when
@@ -86,6 +91,11 @@ OPTIMS = {
     "adafactor": "Adafactor (factored second moment, no first moment)",
     "sgd": "torch.optim.SGD with momentum",
 }
+CHUNK_HELD_OPTIMS = ("adamw_bf16", "adamw_torch_8bit")
+"""--optim values whose state ChunkAdamW could hold span by span: priced with ChunkFT (C > 1) and
+with state resting on host or disk; the others are priced for one chunk with state on the GPU."""
+RUNNABLE_OPTIMS = ("chunkft",) + CHUNK_HELD_OPTIMS
+"""--optim values `chunkft run` executes (ChunkAdamW with runtime.lean_state's formats)."""
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 MAX_PATTERNS = 64
 _CHECKPOINTING = re.compile(r"^(off|on|selective|every-([1-9][0-9]{0,3}))$")
@@ -147,10 +157,10 @@ class Recipe:
     def require_modelled(self) -> None:
         """Refuse (one line) an axis value the cost model does not price yet."""
         unmodelled = []
-        if self.precision != Precision.MIXED:
-            unmodelled.append(f"--precision {self.precision.value}")
-        if self.optim != "chunkft":
-            unmodelled.append(f"--optim {self.optim}")
+        if self.precision == Precision.PURE and self.optim == "chunkft" and not self.optimizer_in_backward:
+            raise ChunkftError("--precision pure has no fp32 master, but --optim chunkft (ChunkAdamW) keeps one: "
+                               f"pick a pure optimizer, e.g. --optim adamw_torch or adamw_bf16 (valid: "
+                               f"{', '.join(o for o in OPTIMS if o != 'chunkft')})")
         if unmodelled:
             raise ChunkftError(f"{unmodelled[0]} is not modelled by this planner yet; leave it at its default "
                                f"(planner.recipe lists each axis)")
@@ -178,15 +188,29 @@ class Recipe:
         traces the loop only, not the axes of `traced_axes` (one-GPU plans price them)."""
         self.require_modelled()
         axes = self.traced_axes()
+        if self.optim != "chunkft":
+            axes.insert(0, f"--optim {self.optim}")
+        if self.precision != Precision.MIXED:
+            axes.insert(0, f"--precision {self.precision.value}")
         if axes:
             raise ChunkftError(f"{axes[0]} is priced for one-GPU plans only; the sharded cost model does not "
                                f"trace it yet (plan without --gpus, or leave it at its default)")
 
     def require_runnable(self) -> None:
         """Refuse (one line) a recipe `chunkft run` cannot execute: its runtime runs either loop
-        with every parameter trained, whole-layer checkpointing and the plan's optimizer."""
+        with every parameter trained and the plan's optimizer, whose
+        state ChunkAdamW holds as `--optim` chunkft, adamw_bf16 or adamw_torch_8bit, mixed or
+        (not with chunkft) pure precision (runtime.lean_state), after backward or inside it
+        (ChunkAdamW(step_in_backward)), under the plan's allocator settings
+        (runtime.run_cli.apply_alloc_conf), with the plan's activation policy (every-K or
+        selective checkpointing, offloaded activations: the tracer's own mechanisms)."""
         self.require_modelled()
-        default = Recipe(loop=self.loop, alloc_conf=self.alloc_conf)
+        runs_optim = self.optim in RUNNABLE_OPTIMS
+        default = Recipe(loop=self.loop, optimizer_in_backward=self.optimizer_in_backward,  # ChunkAdamW(step_in_backward)
+                         alloc_conf=self.alloc_conf,  # runtime.run_cli.apply_alloc_conf
+                         checkpoint_every=self.checkpoint_every, selective_checkpointing=self.selective_checkpointing,
+                         offload_activations=self.offload_activations,  # planner.step / planner.activations
+                         **({"optim": self.optim, "precision": self.precision} if runs_optim else {}))
         if self != default:
             axes = self.traced_axes() or [f"--{f.name.replace('_', '-')} {getattr(self, f.name)!r}"
                                           for f in dataclasses.fields(self)
@@ -198,7 +222,18 @@ class Recipe:
         """Why this recipe cannot run `strategy` (one line), or None. `fit` and the solver leave
         such strategies out; planner.evaluate refuses them."""
         from planner.strategy import OptimizerDevice
+        from planner.schema import Tier
 
+        if self.optim != "chunkft":  # planner.optim_step prices these on the GPU optimizer
+            if strategy.optimizer_device == OptimizerDevice.HOST:
+                return (f"--optim {self.optim} steps on the GPU; chunkft's host optimizer is ChunkAdamW "
+                        "(use the GPU optimizer, or --optim chunkft)")
+            if self.optim not in CHUNK_HELD_OPTIMS and (strategy.chunks > 1 or strategy.state_tier != Tier.GPU):
+                return (f"--optim {self.optim} with ChunkFT (C={strategy.chunks}): ChunkAdamW steps span by span and "
+                        f"holds only {' or '.join(CHUNK_HELD_OPTIMS)} state (use one chunk)")
+            if self.optimizer_in_backward and self.optim != "adamw_torch_forloop":
+                return (f"--optimizer-in-backward steps torch.optim.AdamW(foreach=False) per tensor; --optim "
+                        f"{self.optim} is not what it runs (use --optim adamw_torch_forloop or chunkft)")
         if (self.checkpoint_every != 1 or self.selective_checkpointing) and not strategy.checkpointing:
             what = "selective" if self.selective_checkpointing else f"every-{self.checkpoint_every}"
             return f"--checkpointing {what} needs a strategy with checkpointing on"
@@ -238,7 +273,8 @@ class Recipe:
         if self.precision != default.precision:
             parts.append(f"{self.precision.value} precision")
         if self.optim != default.optim:
-            parts.append(self.optim)
+            paged = " (state in CUDA unified memory, counted as host RAM, outside PyTorch's allocator)"
+            parts.append(self.optim + (paged if self.optim.startswith("paged_") else ""))
         if self.optimizer_in_backward:
             parts.append("optimizer in backward")
         if self.checkpoint_every != 1:
@@ -258,9 +294,12 @@ class Recipe:
         return ", ".join(parts)
 
     def to_json(self) -> dict:
+        """The loop and every axis that differs from its default (older plans stay readable)."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name != "loop" and v == f.default:
+                continue
             out[f.name] = v.value if isinstance(v, enum.Enum) else list(v) if isinstance(v, tuple) else v
         return out
 
