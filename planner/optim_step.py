@@ -28,16 +28,18 @@ What runs for each `--optim` (planner.recipe.OPTIMS):
   adamw_torch_forloop    torch.optim.AdamW(foreach=False)
   adamw_torch_fused      torch.optim.AdamW(fused=True): `_fused_adamw_` runs on fake tensors (its
                          meta kernel): state on the GPU (step counters too), no temporaries
-  adamw_bf16             runtime.chunk_optim.adamw_update (ChunkAdamW's arithmetic, torch's
-                         `_single_tensor_adam` line for line) with bf16 moments; the gradient is
-                         cast to bf16 when it is not already
+  adamw_bf16             ChunkAdamW's own span step with bf16 moments (runtime.chunk_optim.
+                         adamw_update over runtime.lean_state's format: fp32 AdamW math on
+                         upcast copies, moments rounded back to bf16), also for C = 1
   adamw_torch_8bit       torchao.optim.AdamW8bit: state traced (uint8 codes, one fp32 scale per
                          block of 256, a 256-entry qmap per tensor; tensors under 4096 elements or
                          not a multiple of 256 keep plain moments). Its step is torch.compile'd,
                          which cannot run under a dispatch mode; the compiled kernel (inductor,
                          torch 2.13, torchao 0.18) allocates, per quantized tensor, two fp32
                          buffers of the tensor's size and two of its block count, and nothing
-                         for a plain one (`TORCHAO_COMPILED_TEMPS`)
+                         for a plain one (`TORCHAO_COMPILED_TEMPS`). With ChunkFT (C > 1) ChunkAdamW
+                         holds the 8-bit state instead: runtime.lean_state's format and span step
+                         (`CHUNK_8BIT`; no per-tensor qmaps, eager dequantize/requantize)
   adamw_bnb_8bit         bitsandbytes AdamW8bit, from its source (bitsandbytes/optim/optimizer.py,
   paged_adamw_8bit       Optimizer2State.init_state, get_state_buffer): uint8 state1/state2 and
   paged_adamw_32bit      fp32 absmax1/absmax2 per block of 256 (fp32 state below 4096 elements),
@@ -53,13 +55,22 @@ Precision: pure steps the training-dtype weights themselves (state in that dtype
 an fp32 master per parameter: a parameter-owning optimizer (torch, torchao, bitsandbytes) steps
 the masters, whose `.grad` is an fp32 copy of each 16-bit gradient made before `step()` and
 dropped after it, and the weights are copied back from the masters (Apex O2 / DeepSpeed's bf16
-optimizer); adamw_bf16 updates the master from the 16-bit gradient directly, as ChunkAdamW does.
+optimizer); ChunkAdamW's formats (adamw_bf16, 8-bit with C > 1) update the master span by span
+from the 16-bit gradient, as `chunkft run` does.
 `chunkft` (ChunkAdamW, mixed) keeps planner.evaluate's own constants path.
 
 Known limitations: a parameter's shape is what a factored optimizer (Adafactor) sees; ChunkFT
 spans are flat, and only adamw_bf16 and adamw_torch_8bit (whose state ChunkAdamW could hold) are
-priced for C > 1. With mixed-dtype parameter lists a foreach step groups by dtype; every layout
-here has one dtype. 2-byte training is traced as bf16 (fp16 differs only in adamw_bf16's cast).
+priced for C > 1. ChunkAdamW's formats are traced on fake cpu tensors standing for the GPU's
+(`_HELD`), and the mixed-precision copy back into the 16-bit weights (an in-place copy_) is left
+out of the cuda traces: neither can be faked on cuda by a CPU-only torch. torchao's compiled
+buffers were read from inductor's CPU code and measured on CPU (bench/recipe_optim.py); Triton's
+kernel on CUDA is assumed to keep the same buffers (not measured on a GPU here). The mixed
+precision of a parameter-owning optimizer is one wrapper's (fp32 gradient copies of every
+tensor at once); AMP-style fp32 weights are not a precision value here. With mixed-dtype
+parameter lists a foreach step groups by dtype; every layout here has one dtype. 2-byte training
+is traced as bf16 (fp16 allocates the same bytes). planner.steptime's optimizer and switch terms
+still count fp32 state bytes.
 """
 
 from __future__ import annotations
