@@ -22,7 +22,10 @@ chunk count, up to `SHARDED_MAX_CHUNKS`, one count at a time, and stops at the f
 (or when the GPU need stops falling).
 
 Known limitations: one micro-batch per rank and step (no gradient accumulation term in the
-communication); the host link of a node is not shared out among its ranks in the step time;
+communication); the host link and the NVMe of a node are not shared out among its ranks in the
+step time (a DISK-tier switch is priced at one drive's bandwidth per rank); with equal predicted
+step times the solver's tie-break (smaller GPU, then host, then disk peaks) prefers the DISK
+tier to the HOST tier;
 several nodes are planned, but `chunkft run --nproc` starts one node's ranks (several nodes
 start with torchrun on each node).
 """

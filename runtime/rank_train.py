@@ -22,10 +22,13 @@ planner.measure's MallocSampler, so its STEP_END `peak` is the op-level peak, th
 being that peak less the step's first event); its `bytes` are this rank's accounting: weight
 shards, the gradients it holds (`ShardedChunkAdamW.grad_bytes`), the optimizer state on the
 step device. The HOST tier is `ShardedChunkAdamW.state_bytes()["host"]` (resting state), split
-into masters and moments (a third and two thirds: the three have one shape and dtype).
+into masters and moments (a third and two thirds: the three have one shape and dtype); with
+the DISK state tier, host is the staging buffers (temporaries) and the DISK tier the rank's
+chunk files (`state_bytes()["disk"]`), split likewise; the files go in
+`runtime.sharded_optim.rank_state_dir(config.state_dir, rank, W)`.
 
 Known limitations: every micro-batch must hold at least one labelled token; a traced step waits
-for the HOST tier's prefetch at the chunk switch (the accounting reads `state_bytes()`, which
+for the HOST / DISK tier's prefetch at the chunk switch (the accounting reads `state_bytes()`, which
 does), so a traced step's prefetch no longer overlaps its forward, and the trace's
 optimizer-state bytes are refreshed at step boundaries only.
 """

@@ -212,7 +212,7 @@ def _flat_buffer(numel: int, dtype: torch.dtype, pin: bool) -> tuple[torch.Tenso
     if not pin:
         return flat, False
     nbytes = flat.numel() * flat.element_size()
-    code = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), nbytes, 0)
+    code = torch.cuda.cudart().cudaHostRegister(flat.data_ptr(), nbytes, 1)  # cudaHostRegisterPortable
     if int(code) != 0:
         raise ChunkftError(f"cudaHostRegister of {nbytes:,} bytes of host memory failed (cudaError {int(code)}); "
                            "the node may lack the locked-memory limit (ulimit -l) or the RAM for it")

@@ -225,3 +225,30 @@ def test_torchrun_launcher_needs_torchrun_and_a_parallel_plan(setup, tmp_path, c
     rc = main(["run", str(setup / "plan1.json"), "--data", str(setup / "data.jsonl"), "--launcher", "torchrun",
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "runs a parallel plan" in capsys.readouterr().err
+
+
+def test_a_disk_tier_plan_trains_as_the_host_tier_plan(setup, trained, tmp_path):
+    """The same plan with its optimizer state on disk (each rank's chunk files under
+    <out>/optimizer-state/rank<r>-of-2, staging buffers in host memory): bitwise the host-tier
+    run's weights, optimizer state and losses."""
+    data = json.loads((setup / "plan.json").read_text())
+    data["strategy"]["state_tier"] = "disk"
+    disk_plan = tmp_path / "plan-disk.json"
+    disk_plan.write_text(json.dumps(data))
+    out = tmp_path / "disk"
+    assert main(["run", str(disk_plan), "--data", str(setup / "data.jsonl"), "--lr", "1e-3", "--no-progress",
+                 "--steps", "5", "--out", str(out)]) == 0
+    a = load_file(trained / "step-5" / "model.safetensors")
+    b = load_file(out / "step-5" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for r in range(2):
+        name = f"optimizer-rank{r}-of-2.safetensors"
+        sa, sb = load_file(trained / "step-5" / name), load_file(out / "step-5" / name)
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        rank_dir = out / "optimizer-state" / f"rank{r}-of-2"
+        assert sorted(p.name for p in rank_dir.glob("chunk*.bin")) == [f"chunk{k:05d}.bin" for k in range(3)]
+    ranks = json.loads((out / "ranks.json").read_text())["ranks"]
+    host = json.loads((trained / "ranks.json").read_text())["ranks"]
+    assert ranks[0]["losses"] == host[0]["losses"]
+    for d, h in zip(ranks, host):  # the host tier's bytes are now files; host memory holds staging
+        assert d["state_bytes"]["disk"] == h["state_bytes"]["host"] and 0 < d["state_bytes"]["host"]

@@ -96,7 +96,7 @@ def test_each_rank_holds_half_the_parameters_and_their_state(runs):
         assert len(r.grad_bytes) == STEPS
         assert all(g["slice"] == {} and sum(g["shard"].values()) == total // WORLD for g in r.grad_bytes)
     # GPU tier, fp32: master + two moments of the rank's half, all on the (CPU) step device
-    assert all(r.state_bytes == {"device": 3 * total // WORLD, "host": 0} for r in first)
+    assert all(r.state_bytes == {"device": 3 * total // WORLD, "host": 0, "disk": 0} for r in first)
 
 
 @pytest.mark.skipif(not mallinfo2_available(), reason="needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
@@ -273,8 +273,10 @@ def test_corrupted_optimizer_file_is_refused_on_every_rank(chunked, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_disk_state_tier_is_refused():
-    with pytest.raises(ChunkftError, match="state tier 'disk' is not supported for sharded runs; valid: gpu, host"):
+def test_bad_state_tiers_are_refused():
+    with pytest.raises(ChunkftError, match="state tier 'nvme' is not supported for sharded runs; valid: gpu, host, disk"):
+        _chunked_config(state_tier="nvme")
+    with pytest.raises(ChunkftError, match="state tier 'disk' needs a state directory"):
         _chunked_config(state_tier="disk")
 
 
