@@ -25,14 +25,16 @@ loss. Onto that timeline go the bytes the trace does not hold (see `gpu_static_a
   - gradients that leave the GPU: with grad staging (NVMSA) only a double buffer of the
     largest gradient stays (`STAGING_BUFFERS`); a host optimizer without staging copies in
     DeepSpeed-style buckets (`DEEPSPEED_BUCKET_ELEMENTS`).
-  - streamed weights: only `STREAM_RESIDENT_LAYERS` decoder layers resident.
+  - streamed weights: the trace itself is rewritten (planner.streaming.stream_weights): each
+    decoder layer's packed weights exist on the GPU only while runtime.stream holds them
+    there (the layer computing and the one arriving), allocated and freed op by op.
 
 Host: pinned fp32 master + moments of every chunk when state rests on host (the active chunk's
-slot stays allocated so a switch writes back in place, as ChunkAdamW's store does), each
-tensor rounded up to a power of two by torch's CachingHostAllocator (ATen/core/
-CachingHostAllocator.h: `c10::llvm::PowerOf2Ceil(size)`, by default for every size), staged 16-bit gradients, or fp32
+slot stays allocated so a switch writes back in place, as ChunkAdamW's store does), in one
+flat buffer per chunk registered in place (runtime.host_buffer; tensors at 64-byte offsets,
+none of the power-of-two rounding of torch's CachingHostAllocator), staged 16-bit gradients, or fp32
 gradients for the DeepSpeed-style baseline, per-tensor buffers of the host AdamW, disk bounce
-buffers, pinned layer weights when streaming. Disk: state and staged gradients on the disk tier.
+buffers, pinned layer weights when streaming (one flat buffer per layer, registered in place). Disk: state and staged gradients on the disk tier.
 
 For C > 1 the worst chunk is reported (`evaluate`'s `chunk_traces`). Exact: chunks are grouped
 by layer pattern (`chunk_groups`): chunks whose spans name the same parameters at the same
@@ -95,8 +97,6 @@ STAGING_BUFFERS = 2
 # config.py), double-buffered with overlap_comm.
 DEEPSPEED_BUCKET_ELEMENTS = 500_000_000
 DEEPSPEED_BUCKETS = 2
-# Weight streaming: the layer computing plus the layer being fetched.
-STREAM_RESIDENT_LAYERS = 2
 # Pinned bounce buffers between disk and GPU (large sequential blocks): two of 64 MiB.
 DISK_BOUNCE_BYTES = 2 * 64 * 2**20
 # cuBLAS workspace size in planner.memory depends on the architecture: Hopper (sm90) parts.
@@ -284,10 +284,11 @@ def sm_arch(hw: Any) -> int:
 
 
 def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, checkpointing: bool,
-                loss_chunk_tokens: int, sm: int, loop: str = "chunkft", alloc_conf: str = "",
+                loss_chunk_tokens: int, sm: int, loop: str = "chunkft", alloc_conf: str = "", stream: bool = False,
                 recipe: "Recipe | None" = None) -> TracedStep:
     """trace_step + replay(allocator="cuda"), cached per model, shape and trace options
-    (`loop`: the recipe's, planner.recipe.Loop)."""
+    (`loop`: the recipe's, planner.recipe.Loop). `stream`: decoder layers' weights come and go
+    as runtime.stream moves them (planner.streaming rewrites the trace before the replay)."""
     from planner.trace import TraceOptions, trace_step
 
     if recipe is None:
@@ -296,7 +297,7 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
         from planner.train_axes import trace_options
 
         options = trace_options(recipe, grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens)
-    key = (model.fingerprint(), shape, options.key(), sm, AllocConf.parse(alloc_conf).normalised())
+    key = (model.fingerprint(), shape, options.key(), sm, AllocConf.parse(alloc_conf).normalised(), stream)
     if key in _TRACES:
         return _TRACES[key]
     stored = disk_cache.load("trace", (key, recipe))
@@ -304,6 +305,13 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
         _TRACES[key] = stored
         return stored
     graph = trace_step(model, shape, options)
+    if stream:
+        from planner.streaming import packed_layer_bytes, stream_weights
+
+        layout = param_layout(model, shape.dtype)
+        if layout.layer_prefix is None:
+            raise ChunkftError(f"model {model.name!r} has no decoder layer list to stream")
+        graph = stream_weights(graph, packed_layer_bytes(layout.named_shapes, layout.layer_prefix, layout.num_layers))
     tl = graph.replay(allocator="cuda", sm=sm, alloc_conf=alloc_conf, least=True)
     live = np.stack([tl.live_bytes[c] for c in COMPONENTS])
     from planner.activations import host_bytes
@@ -451,7 +459,8 @@ def _ceil_to(n: int, unit: int) -> int:
 
 def adjusted_gpu_live(traced: TracedStep, strategy: Strategy, layout: ParamLayout,
                       active: ActiveSet) -> tuple[np.ndarray, np.ndarray]:
-    """(live per component, reserved) after every op once gradients leave and weights stream."""
+    """(live per component, reserved) after every op once gradients leave (streamed weights are
+    in the traced step already: `traced_step(stream=True)`)."""
     live = traced.live.copy()
     removed = np.zeros(live.shape[1], dtype=np.int64)
     cap = _grad_cap(strategy, layout, active)
@@ -462,18 +471,8 @@ def adjusted_gpu_live(traced: TracedStep, strategy: Strategy, layout: ParamLayou
         kept = np.minimum(g, cap)
         removed += g - kept
         live[_CI[Component.GRADIENTS]] = kept
-    if strategy.weights == WeightResidency.STREAM and layout.num_layers > STREAM_RESIDENT_LAYERS:
-        drop = (layout.num_layers - STREAM_RESIDENT_LAYERS) * layout.layer_weight_bytes
-        w = live[_CI[Component.WEIGHTS]]
-        kept = np.maximum(w - drop, 0)
-        removed += w - kept
-        live[_CI[Component.WEIGHTS]] = kept
     reserved = np.maximum(traced.reserved - removed, live.sum(axis=0))
     return live, reserved
-
-
-def _pow2_ceil(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else n
 
 
 def host_and_disk_bytes(strategy: Strategy, layout: ParamLayout, active: ActiveSet, all_spans: tuple[int, ...]
@@ -501,11 +500,13 @@ def host_and_disk_bytes(strategy: Strategy, layout: ParamLayout, active: ActiveS
     if off_gpu and strategy.state_tier == Tier.HOST:
         put(host, Component.MASTER, master_total)
         put(host, Component.OPTIMIZER, moments_total)
-        if strategy.optimizer_device == OptimizerDevice.GPU and cost is not None:  # pinned, per state tensor
-            put(host, Component.ROUNDING, sum((_pow2_ceil(b) - b) * n for _, b, n in cost.gpu_state))
-        elif strategy.optimizer_device == OptimizerDevice.GPU:  # pinned, one tensor per span and kind
+        # pinned for the GPU step as one flat buffer per chunk (runtime.host_buffer: registered in
+        # place, no power-of-two rounding); each tensor starts at a 64-byte offset
+        if strategy.optimizer_device == OptimizerDevice.GPU and cost is not None:
+            put(host, Component.ROUNDING, sum((_ceil_to(b, 64) - b) * n for _, b, n in cost.gpu_state))
+        elif strategy.optimizer_device == OptimizerDevice.GPU:
             kinds = (master + moments) // FP32_BYTES
-            put(host, Component.ROUNDING, kinds * sum(_pow2_ceil(FP32_BYTES * (b // elem)) - FP32_BYTES * (b // elem)
+            put(host, Component.ROUNDING, kinds * sum(_ceil_to(FP32_BYTES * (b // elem), 64) - FP32_BYTES * (b // elem)
                                                       for b in (all_spans or layout.tensor_bytes)))
     if off_gpu and strategy.state_tier == Tier.DISK:
         put(disk, Component.MASTER, master_total)
@@ -529,8 +530,11 @@ def host_and_disk_bytes(strategy: Strategy, layout: ParamLayout, active: ActiveS
         else:
             put(disk, Component.GRADIENTS, elem * step_params)
             put(host, Component.TEMPORARIES, DISK_BOUNCE_BYTES)
-    if strategy.weights == WeightResidency.STREAM:
-        put(host, Component.WEIGHTS, layout.num_layers * layout.layer_weight_bytes)
+    if strategy.weights == WeightResidency.STREAM:  # one flat buffer per decoder layer, registered in place
+        from planner.streaming import packed_layer_bytes
+
+        put(host, Component.WEIGHTS, sum(packed_layer_bytes(layout.named_shapes, layout.layer_prefix,
+                                                            layout.num_layers).values()))
     return host, disk
 
 
@@ -614,6 +618,7 @@ def side_stream_state(strategy: Strategy, layout: ParamLayout,
     tensors = tuple(tuple(a.nbytes for a in recipe_state_allocs(strategy, layout, chunk)) for chunk in chunk_spans)
     return side_stream_pool(tensors, strategy.prefetch_depth, strategy.recipe.alloc_conf)
 
+
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
@@ -651,8 +656,9 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
 
     def trace(grad: dict | None) -> TracedStep:
         return traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                           alloc_conf=recipe.alloc_conf,
-                           loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=recipe.loop.value, recipe=recipe)
+                           alloc_conf=strategy.recipe.alloc_conf,
+                           loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=recipe.loop.value,
+                           stream=strategy.weights == WeightResidency.STREAM, recipe=recipe)
 
     if strategy.chunks == 1:
         full = one_chunk_active_set(layout, recipe)
@@ -811,7 +817,7 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
     traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
                          alloc_conf=strategy.recipe.alloc_conf,
                          loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw), loop=strategy.recipe.loop.value,
-                         recipe=strategy.recipe)
+                         stream=strategy.weights == WeightResidency.STREAM, recipe=strategy.recipe)
     return timeline_events(traced, strategy, layout, active, all_spans=spans)
 
 

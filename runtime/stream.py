@@ -1,7 +1,8 @@
 """Weight streaming: decoder layers rest in host memory and visit the device one layer ahead.
 
 A plan with `weights: "stream"` keeps every decoder layer's 16-bit weights in one flat host
-buffer per layer (pinned on CUDA: one pinned allocation per layer, not per tensor), and gives
+buffer per layer (runtime.host_buffer: page-locked in place on CUDA, one per layer, not per
+tensor, no power-of-two rounding), and gives
 each layer one flat device storage that exists only while the layer computes:
 
     forward   before layer i: fetch i (if not already there), prefetch i + 1; after it: release i
@@ -42,6 +43,7 @@ from torch import nn
 
 from planner.errors import ChunkftError
 from planner.streaming import layer_packing
+from runtime.host_buffer import HostBytes
 
 
 class _Layer:
@@ -52,7 +54,8 @@ class _Layer:
         dtypes = {p.dtype for _, p in named}
         offsets, total = layer_packing([(tuple(p.shape), p.element_size()) for _, p in named])
         self.nbytes = total
-        self.host = torch.empty(total, dtype=torch.uint8, device="cpu", pin_memory=pin)
+        self._host = HostBytes(total, pin=pin)  # page-locked in place on CUDA (no rounding)
+        self.host = self._host.buffer
         self.storage = torch.UntypedStorage(total, device=device)
         self.flat = torch.empty(0, dtype=torch.uint8, device=device).set_(self.storage, 0, (total,))
         self.host_views: dict[str, torch.Tensor] = {}

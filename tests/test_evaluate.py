@@ -104,12 +104,17 @@ def test_chunked_state_on_host_keeps_active_and_prefetched_chunk_on_gpu():
     assert e.worst_chunk == 0
 
 
-def test_pinned_host_state_is_rounded_to_powers_of_two():
-    # spans of 3072 parameters: 12288 B per fp32 tensor, pinned as 16384 B, three kinds each
+def test_pinned_host_state_is_one_flat_buffer_per_chunk():
+    """runtime.host_buffer: each chunk's master and moments packed at 64-byte offsets in one
+    buffer registered in place, so no power-of-two rounding (12288 B tensors would pin as 16384
+    B each through the caching host allocator); only the alignment gaps count."""
     e = combine(_traced(), Strategy(chunks=2, state_tier=Tier.HOST), LAYOUT,
                 ActiveSet(chunk=0, tensor_bytes=(6144,)), HW, all_spans=(6144, 6144))
-    assert e.components[Tier.HOST][Component.ROUNDING] == 2 * 3 * 4096
+    assert Component.ROUNDING not in e.components[Tier.HOST]  # 12288 B tensors are 64-byte multiples
     assert e.components[Tier.HOST][Component.OPTIMIZER] == 8 * 6144
+    odd = combine(_traced(), Strategy(chunks=2, state_tier=Tier.HOST), LAYOUT,
+                  ActiveSet(chunk=0, tensor_bytes=(6150,)), HW, all_spans=(6150, 6150))
+    assert odd.components[Tier.HOST][Component.ROUNDING] == 2 * 3 * (12352 - 12300)
 
 
 def test_state_on_disk_fills_the_disk_and_only_bounce_buffers_on_host():
@@ -125,14 +130,20 @@ def test_state_on_disk_fills_the_disk_and_only_bounce_buffers_on_host():
     assert staged.components[Tier.HOST] == {Component.TEMPORARIES: 12 * 2048 + DISK_BOUNCE_BYTES + 12 * 2048}
 
 
-def test_streamed_weights_keep_two_layers_and_pin_the_rest_on_host():
-    layout = ParamLayout(named_shapes=SHAPES, elem_bytes=2, layer_prefix="model.layers", num_layers=6,
-                         layer_weight_bytes=1024)
+def test_streamed_weights_come_from_the_trace_and_rest_pinned_on_host():
+    """Streaming rewrites the traced step itself (planner.streaming; tests/test_stream.py):
+    combine keeps the traced GPU weights and adds every layer's packed buffer on the host
+    (registered in place by runtime.host_buffer: no power-of-two rounding)."""
     s = Strategy(optimizer_device=OptimizerDevice.HOST, state_tier=Tier.HOST, grad_staging=Tier.HOST,
                  weights=WeightResidency.STREAM)
-    e = combine(_traced(), s, layout, FULL, HW)
-    assert e.components[Tier.GPU][Component.WEIGHTS] == 16384 - 4 * 1024
-    assert e.components[Tier.HOST][Component.WEIGHTS] == 6 * 1024
+    e = combine(_traced(), s, LAYOUT, FULL, HW)
+    assert e.components[Tier.GPU][Component.WEIGHTS] == 16384
+    assert e.components[Tier.HOST][Component.WEIGHTS] == 2 * 4096  # two layers of one (256, 8) bf16 tensor
+    shapes = SHAPES[:1] + (("model.layers.0.w", (3, 5), 2), ("model.layers.0.v", (7,), 2)) + SHAPES[-1:]
+    odd = ParamLayout(named_shapes=shapes, elem_bytes=2, layer_prefix="model.layers", num_layers=1,
+                      layer_weight_bytes=44)
+    e = combine(_traced(), s, odd, FULL, HW)
+    assert e.components[Tier.HOST][Component.WEIGHTS] == 64 + 14  # the second tensor at a 64-byte offset
 
 
 def test_timeline_events_end_with_the_optimizer_step_at_the_estimated_peak():

@@ -166,7 +166,7 @@ def test_streamed_step_heap_follows_the_streamed_prediction(tmp_path):
 
 def test_streamed_plan_host_and_gpu_bytes():
     """evaluate: a streamed plan holds fewer GPU bytes than the resident one and every layer's
-    packed bytes on the host, rounded up to a power of two per layer buffer."""
+    packed bytes on the host (one buffer per layer, registered in place: no rounding)."""
     from planner.evaluate import evaluate, param_layout
     from planner.hardware import hardware
     from planner.model import resolve_model
