@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "from_file", None):  # --from: the user's own training config (planner.importers)
+            from planner.importers import apply_import, describe
+
+            print(describe(apply_import(args, sub)), file=sys.stderr)
         return int(args.run(args) or 0)
     except ChunkftError as e:
         print(f"chunkft: error: {e}", file=sys.stderr)

@@ -372,6 +372,9 @@ def add_recipe_args(p) -> None:
     g.add_argument("--lora", type=int, metavar="RANK", help="LoRA adapters of this rank on a frozen base")
     g.add_argument("--lora-targets", type=lambda s: tuple(s.split(",")), metavar="NAMES",
                    help=f"linear modules LoRA adapts (default {','.join(DEFAULT_LORA_TARGETS)})")
+    g.add_argument("--from", dest="from_file", metavar="FILE",
+                   help="read the recipe from your own config: a torchtune recipe (.yaml), HF TrainingArguments "
+                        "(training_args.json) or a DeepSpeed config (ds_config.json); planner.importers")
     g.add_argument("--alloc-conf", metavar="STRING",
                    help="PYTORCH_CUDA_ALLOC_CONF options, e.g. expandable_segments:True")
 
