@@ -20,19 +20,21 @@ What is kept (planner.evaluate and planner.model call `load` / `store`):
 
 Every key also holds `environment()`: the torch, transformers, numpy and chunkft versions (read
 from importlib.metadata, without importing them), the Python version, and a sha256 of the
-planner's and runtime's sources, so an edit of the tracer or a new release never reads an old
-answer. An entry is one `.npz` file written atomically (planner.fsio): its arrays plus a
-`__meta__` member holding JSON (format version, kind, the full key, the value, a sha256 of both);
-numpy arrays of the value are npz members, loaded with allow_pickle=False; everything else is
-JSON with dataclasses and enums of planner's own modules named and rebuilt field by field (a
-field added to TracedStep is carried without a change here). Nothing is unpickled. On read the
-format, kind, key and digest must match, else the entry is treated as absent and the caller's
-fresh result is written over it. A value that cannot be encoded (a type the codec does not
-know) is simply not cached.
+planner's sources and the runtime modules they use (`source_files`), so an edit of the tracer or
+a new release never reads an old answer. An entry is one `.npz` file written atomically
+(planner.fsio): its arrays plus a `__meta__` member holding JSON (format version, kind, the full
+key, the value, a sha256 of both); numpy arrays of the value are npz members, loaded with
+allow_pickle=False; everything else is JSON with dataclasses and enums of planner's own modules
+named and rebuilt field by field (a field added to TracedStep is carried without a change here).
+Nothing is unpickled. On read the format, kind, key and digest must match, else the entry is
+treated as absent and the caller's fresh result is written over it. A value that cannot be
+encoded (a type the codec does not know) is simply not cached.
 
 Known limitations: nothing evicts entries (an old key's files stay until `chunkft cache
 clear`); a trace entry is a few hundred KiB (8B) to a few MiB (405B). Monkeypatching planner code
-at run time is invisible to the key: tests that do so should not enable the cache.
+at run time is invisible to the key: tests that do so should not enable the cache. A recipe's
+--optim / --precision other than chunkft's own still traces the optimizer step
+(planner.optim_step, in-process cache only), so such a warm fit imports torch.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,12 +112,30 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     digest = hashlib.sha256()
-    for folder in _SOURCE_DIRS:
-        for path in sorted(folder.glob("*.py")):
-            digest.update(f"{folder.name}/{path.name}\0".encode())
-            digest.update(path.read_bytes())
+    for path, text in sorted(source_files().items()):
+        digest.update(f"{path.parent.name}/{path.name}\0".encode())
+        digest.update(text)
     return {"format": FORMAT_VERSION, **versions, "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
             "sources": digest.hexdigest()}
+
+
+_RUNTIME_NAME = re.compile(rb"\bruntime\.(\w+)")
+
+
+def source_files() -> dict[Path, bytes]:
+    """The sources whose digest is in every key: planner/*.py, and the runtime modules they
+    name (runtime.subgrad, runtime.lora, ...), and those these name, transitively: an edit
+    anywhere else in runtime/ (the trainer's CLI, data loading) keeps the cache."""
+    planner_dir, runtime_dir = _SOURCE_DIRS
+    files = {p: p.read_bytes() for p in planner_dir.glob("*.py")}
+    todo = list(files.values())
+    while todo:
+        for name in set(_RUNTIME_NAME.findall(todo.pop())):
+            path = runtime_dir / f"{name.decode()}.py"
+            if path not in files and path.is_file():
+                files[path] = path.read_bytes()
+                todo.append(files[path])
+    return files
 
 
 # ---------------------------------------------------------------------------------------------

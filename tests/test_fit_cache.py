@@ -243,6 +243,8 @@ def test_key_holds_versions_and_sources(monkeypatch, tmp_path):
     env = cache.environment()
     assert {"torch", "transformers", "numpy", "chunkft", "python", "sources", "format"} <= set(env)
     assert env["torch"] and env["transformers"]
+    runtime = {p.name for p in cache.source_files() if p.parent.name == "runtime"}
+    assert {"subgrad.py", "lora.py"} <= runtime  # what the tracer runs is in the key
     with cache.using(tmp_path):
         cache.store("model", "k", 1)
         assert cache.load("model", "k") == 1
