@@ -593,6 +593,7 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
         if b:  # activations offloaded to pinned host memory (planner.activations)
             host[c] = host.get(c, 0) + b
     work = _work(layout, sum(active.tensor_bytes), traced.flops if flops is None else flops, dtype)
+    work = dataclasses.replace(work, offload_bytes=traced.host_activations)
     parts = predict_step_time(work, strategy, hw)
     return Estimate(
         strategy=strategy,
@@ -689,6 +690,7 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
     # step time: the worst chunk's terms at the mean flops of all chunks (the other terms are
     # the same for every chunk of a balanced table, up to one row)
     work = _work(layout, sum(spans) // table.num_chunks, int(sum(flops) / len(flops)), shape.dtype)
+    work = dataclasses.replace(work, offload_bytes=worst.components.get(Tier.HOST, {}).get(Component.ACTIVATIONS, 0))
     parts = predict_step_time(work, strategy, hw)
     return dataclasses.replace(worst, step_time_s=float(sum(parts.values())), step_time_parts_s=parts)
 

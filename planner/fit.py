@@ -108,9 +108,27 @@ def parse_chunks(text: str) -> tuple[int, ...]:
 
 
 def fit_strategies(chunk_counts: tuple[int, ...], recipe: Recipe = Recipe(),
-                   checkpointing: bool | None = None) -> list["Strategy"]:
+                   checkpointing: bool | None = None, search_recipes: str = "none") -> list["Strategy"]:
     """The rows of `chunkft fit`, in display order, each for the user's `recipe`; with
-    `checkpointing` (the --checkpointing pin) every row checkpoints that way (duplicates go)."""
+    `checkpointing` (the --checkpointing pin) every row checkpoints that way (duplicates go).
+    `search_recipes` (exact / lean) adds, for each of the recipe's variants (Recipe.variants),
+    full FT and ChunkFT at the most chunks, state on host."""
+    import dataclasses
+
+    from planner.strategy import Strategy
+
+    rows = _rows(chunk_counts, recipe, checkpointing)
+    for variant in recipe.variants(search_recipes):
+        extra = [Strategy(checkpointing=True), Strategy(chunks=max(chunk_counts), state_tier=Tier.HOST,
+                                                        checkpointing=True)]
+        if variant.offload_activations:
+            extra += [dataclasses.replace(s, checkpointing=False) for s in extra]
+        rows += [s for s in _rows((), variant, checkpointing, base=extra) if s not in rows]
+    return rows
+
+
+def _rows(chunk_counts: tuple[int, ...], recipe: Recipe, checkpointing: bool | None,
+          base: list | None = None) -> list["Strategy"]:
     import dataclasses
 
     from planner.strategy import OptimizerDevice, Strategy
@@ -123,7 +141,7 @@ def fit_strategies(chunk_counts: tuple[int, ...], recipe: Recipe = Recipe(),
         Strategy(**host, grad_staging=Tier.HOST),  # NVMSA: 16-bit gradients to host as produced
         Strategy(optimizer_device=OptimizerDevice.HOST, state_tier=Tier.DISK, grad_staging=Tier.DISK,
                  checkpointing=True),  # NVMSA to SSD
-    ]
+    ] if base is None else list(base)
     out = []
     for s in rows:
         s = dataclasses.replace(s, recipe=recipe, checkpointing=s.checkpointing if checkpointing is None else checkpointing)
@@ -170,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
         return run_max(args, model, shape, budget, hw, chunk_counts)
     result = fit(model, shape, budget, hw, chunk_counts, chunk_traces=args.chunk_traces,
                  recipe=Recipe.from_args(args), objective=Objective(args.objective),
-                 checkpointing=checkpointing_pin(args.checkpointing))
+                 checkpointing=checkpointing_pin(args.checkpointing), search_recipes=args.search_recipes)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -183,7 +201,7 @@ def run_max(args: argparse.Namespace, model, shape, budget: "Budget", hw, chunk_
     from planner.fit_max import largest
 
     recipe = Recipe.from_args(args)
-    strategies = fit_strategies(chunk_counts, recipe, checkpointing_pin(args.checkpointing))
+    strategies = fit_strategies(chunk_counts, recipe, checkpointing_pin(args.checkpointing), args.search_recipes)
     rows = largest(model, shape, budget, hw, strategies, args.max,
                    allow_long_seq=args.allow_long_seq, chunk_traces=args.chunk_traces)
     code = 0 if any(r.value is not None for r in rows) else 1
@@ -225,13 +243,14 @@ def _budget(args: argparse.Namespace) -> "Budget":
 
 
 def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, chunk_traces: str = "auto",
-        recipe: Recipe = Recipe(), objective: "Objective | None" = None, checkpointing: bool | None = None) -> dict:
-    """Evaluate every row and return the report as plain JSON-able data (`checkpointing`:
-    the --checkpointing pin, see `fit_strategies`)."""
+        recipe: Recipe = Recipe(), objective: "Objective | None" = None, checkpointing: bool | None = None,
+        search_recipes: str = "none") -> dict:
+    """Evaluate every row and return the report as plain JSON-able data (`checkpointing`,
+    `search_recipes`: see `fit_strategies`)."""
     from planner.evaluate import evaluate, param_layout
 
     layout = param_layout(model, shape.dtype)
-    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in fit_strategies(chunk_counts, recipe, checkpointing)]
+    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in fit_strategies(chunk_counts, recipe, checkpointing, search_recipes)]
     objective = objective or Objective.SPEED
     other = Objective.FIDELITY if objective == Objective.SPEED else Objective.SPEED
     best, alternative = recommend(estimates, budget, objective), recommend(estimates, budget, other)

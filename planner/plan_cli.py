@@ -151,6 +151,11 @@ def search_space(args, model):
     if getattr(args, "weights", None):
         pins["weights"] = (WeightResidency(args.weights),)
     pins["recipe"] = Recipe.from_args(args)
+    level = getattr(args, "search_recipes", "none")
+    if level != "none" and (getattr(args, "gpus_per_node", 1) > 1 or getattr(args, "nodes", 1) > 1):
+        raise ChunkftError(f"--search-recipes {level} is for one-GPU plans; the sharded cost model prices "
+                           "chunkft's own recipe only")
+    pins["recipes"] = pins["recipe"].variants(level)
     space = dataclasses.replace(space, **pins)
     if not space.strategies():
         raise ChunkftError("the pinned flags (--chunks/--optimizer/--state/--grad-staging/--weights) leave no valid strategy; "

@@ -97,6 +97,8 @@ with state resting on host or disk; the others are priced for one chunk with sta
 RUNNABLE_OPTIMS = ("chunkft",) + CHUNK_HELD_OPTIMS
 """--optim values `chunkft run` executes (ChunkAdamW with runtime.lean_state's formats)."""
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+SEARCH_LEVELS = ("none", "exact", "lean")
+"""--search-recipes: which of `Recipe.variants` the solver (plan) and fit may choose."""
 MAX_PATTERNS = 64
 _CHECKPOINTING = re.compile(r"^(off|on|selective|every-([1-9][0-9]{0,3}))$")
 _NAME = re.compile(r"^[A-Za-z0-9_.*?\[\]-]{1,200}$")
@@ -251,6 +253,41 @@ class Recipe:
                         "before the overflow is known): use --dtype bf16 or fp32")
         return None
 
+    def variants(self, level: str) -> tuple["Recipe", ...]:
+        """Recipes the solver may choose instead of this one (`--search-recipes`), each one
+        `chunkft run` executes, differing from this recipe in one axis the user left at its
+        default:
+          exact  the same weights, less memory: selective or every-2nd-layer checkpointing,
+                 activations offloaded to host (apply only to checkpointing plans / to any);
+          lean   also what changes the arithmetic or the run's options: the optimizer step in
+                 backward (no gradient clipping, one micro-batch), bf16 moments, torchao's
+                 8-bit moments.
+        """
+        if level not in SEARCH_LEVELS:
+            raise ChunkftError(f"invalid --search-recipes {level!r}: valid values are {', '.join(SEARCH_LEVELS)}")
+        if level == "none":
+            return ()
+        default = Recipe()
+        changes: list[dict] = []
+        if self.checkpoint_every == 1 and not self.selective_checkpointing:
+            changes += [{"selective_checkpointing": True}, {"checkpoint_every": 2}]
+        if not self.offload_activations:
+            changes.append({"offload_activations": True})
+        if level == "lean":
+            if not self.optimizer_in_backward:
+                changes.append({"optimizer_in_backward": True})
+            if self.optim == default.optim and self.precision == default.precision:
+                changes += [{"optim": "adamw_bf16"}, {"optim": "adamw_torch_8bit"}]
+        out = []
+        for change in changes:
+            try:
+                variant = dataclasses.replace(self, **change)
+                variant.require_runnable()
+            except ChunkftError:
+                continue
+            out.append(variant)
+        return tuple(out)
+
     def check_strategy(self, *, loss_chunk_tokens: int) -> None:
         """Refuse (one line) what this recipe cannot be combined with."""
         if self.loop == Loop.HF and loss_chunk_tokens:
@@ -268,7 +305,18 @@ class Recipe:
     # -- text and JSON ----------------------------------------------------------------------
 
     def describe(self) -> str:
-        parts = [{Loop.CHUNKFT: "chunkft's step", Loop.HF: "plain HF loop (out = model(ids, labels=ids))"}[self.loop]]
+        loop = {Loop.CHUNKFT: "chunkft's step", Loop.HF: "plain HF loop (out = model(ids, labels=ids))"}[self.loop]
+        return ", ".join([loop, *self.changes()])
+
+    def label(self) -> str:
+        """Short text of the axes that differ from the default, for strategy labels ("" if none)."""
+        short = {"optimizer in backward": "opt in bwd", "selective checkpointing": "selective ckpt",
+                 "activations offloaded": "acts offloaded"}
+        return ", ".join(short.get(p, p.split(" (")[0]) for p in self.changes())
+
+    def changes(self) -> list[str]:
+        """The axes (besides the loop) that differ from the default, as text."""
+        parts: list[str] = []
         default = Recipe()
         if self.precision != default.precision:
             parts.append(f"{self.precision.value} precision")
@@ -291,7 +339,7 @@ class Recipe:
             parts.append(f"LoRA r={self.lora_rank} on {','.join(self.lora_targets)}")
         if self.alloc_conf:
             parts.append(f"alloc {self.alloc_conf}")
-        return ", ".join(parts)
+        return parts
 
     def to_json(self) -> dict:
         """The loop and every axis that differs from its default (older plans stay readable)."""
@@ -372,6 +420,10 @@ def add_recipe_args(p) -> None:
     g.add_argument("--lora", type=int, metavar="RANK", help="LoRA adapters of this rank on a frozen base")
     g.add_argument("--lora-targets", type=lambda s: tuple(s.split(",")), metavar="NAMES",
                    help=f"linear modules LoRA adapts (default {','.join(DEFAULT_LORA_TARGETS)})")
+    g.add_argument("--search-recipes", choices=SEARCH_LEVELS, default="none",
+                   help="also consider recipe variants chunkft run executes (Recipe.variants): exact = the same "
+                        "weights with less memory (selective / every-2 checkpointing, offloaded activations); "
+                        "lean = also the optimizer step in backward and bf16 / 8-bit moments (default none)")
     g.add_argument("--from", dest="from_file", metavar="FILE",
                    help="read the recipe from your own config: a torchtune recipe (.yaml), HF TrainingArguments "
                         "(training_args.json) or a DeepSpeed config (ds_config.json); planner.importers")

@@ -229,7 +229,7 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     and disk are the largest rank's, `node_host_bytes` the fullest node's. `chunk_traces` as in
     planner.evaluate.evaluate (exact: every chunk with its group's `sharded_grad_spec` trace;
     bound: the full-FT trace for every chunk, evaluated for the chunks `bound_chunks` picks)."""
-    strategy.recipe.require_modelled()
+    strategy.recipe.require_sharded_modelled()  # what the per-rank cost model prices (planner.recipe)
     from planner import evaluate as ev
 
     _check(strategy, gpus_per_node, nodes)
@@ -387,8 +387,8 @@ def fewest_gpus(model: "ModelSpec", shape: "StepShape", strategies: Sequence[Str
         est = estimate(st, size)
         return est is not None and est.fits(share(size))
 
-    def lean_fits(i: int) -> bool:
-        return any(fits(g[-1], sizes[i]) for g in ordered)
+    def lean_fits(i: int) -> bool:  # off-GPU state tiers first: their leanest need the least GPU
+        return any(fits(g[-1], sizes[i]) for g in sorted(ordered, key=lambda g: g[-1].state_tier == Tier.GPU))
 
     if not sizes or not ordered:
         return GpuCount(estimate=None, evaluated=evaluated)

@@ -109,6 +109,9 @@ class SearchSpace:
     recipe: Recipe = Recipe()
     """The user's step (planner.recipe): fixed, copied into every strategy; combinations it
     refuses (the HF loop with a chunked loss) are left out."""
+    recipes: tuple[Recipe, ...] = ()
+    """Further recipes the solver may choose (`--search-recipes`: Recipe.variants of `recipe`),
+    each searched over the same strategy space."""
 
     def strategies(self) -> list[Strategy]:
         """Every meaningful strategy, each once, in a fixed order (chunks ascending).
@@ -124,6 +127,11 @@ class SearchSpace:
           only C - 1 other chunks to fetch ahead).
         """
         out: dict[Strategy, None] = {}
+        for recipe in dict.fromkeys((self.recipe, *self.recipes)):
+            self._add(out, recipe)
+        return list(out)
+
+    def _add(self, out: dict[Strategy, None], recipe: Recipe) -> None:
         for c in sorted(set(self.chunk_counts)):
             intervals = (1,) if c == 1 else tuple(sorted(set(self.update_intervals)))
             for device in self.optimizer_devices:
@@ -137,12 +145,12 @@ class SearchSpace:
                         for ckpt in self.checkpointing:
                             for weights in self.weights:
                                 for loss in self.loss_chunk_tokens:
-                                    if loss and self.recipe.loop != Loop.CHUNKFT:
+                                    if loss and recipe.loop != Loop.CHUNKFT:
                                         continue  # only chunkft's step has a chunked loss
                                     base = Strategy(chunks=c, optimizer_device=device, state_tier=tier,
                                                     grad_staging=staging, checkpointing=ckpt,
-                                                    weights=weights, loss_chunk_tokens=loss, recipe=self.recipe)
-                                    if self.recipe.conflict(base) is not None:
+                                                    weights=weights, loss_chunk_tokens=loss, recipe=recipe)
+                                    if recipe.conflict(base) is not None:
                                         continue  # a strategy the recipe cannot run (planner.recipe)
                                     depths = (tuple(sorted({min(d, c - 1) for d in self.prefetch_depths}))
                                               if c > 1 and base.moves_state else (1,))
@@ -150,7 +158,6 @@ class SearchSpace:
                                         for interval in intervals:
                                             out[replace(base, prefetch_depth=depth,
                                                         update_interval=interval)] = None
-        return list(out)
 
 
 def default_space(*, num_layers: int | None, tokens: int, max_chunks: int = MAX_CHUNKS) -> SearchSpace:

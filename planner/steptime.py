@@ -20,6 +20,10 @@ The terms (each reported separately, the step time is their sum):
              writes of every step (not overlapped: the host step waits on them).
   stream     weights streamed from host: forward and backward each bring every decoder layer
              over PCIe; overlapped with compute, the excess is exposed.
+  offload    activations offloaded to host (--offload-activations): each saved tensor goes to
+             host in forward and comes back in backward over PCIe, on the compute stream (as
+             save_on_cpu copies), not overlapped. The bytes are the host copies' peak, which is
+             all of them without checkpointing and the checkpoint inputs with it.
 
 Known limitations: no kernel-level model (one MFU for every op), no overlap between the host
 optimizer step and the next forward, PCIe and NVMe at their nominal bandwidths, no contention
@@ -63,6 +67,8 @@ class StepWork:
     """Weight bytes streamed host -> GPU per forward (and again per backward)."""
     state_bytes_step: int = 0
     """Optimizer state bytes of the parameters updated this step (for disk traffic)."""
+    offload_bytes: int = 0
+    """Activation bytes copied to host in forward (and back in backward)."""
     dtype: str = "bf16"
 
 
@@ -100,4 +106,6 @@ def predict_step_time(work: StepWork, strategy: Strategy, hw: Any) -> dict[str, 
         parts["disk"] = disk
     if strategy.weights == WeightResidency.STREAM:
         parts["stream"] = max(0.0, 2 * work.stream_weight_bytes / pcie - compute)
+    if work.offload_bytes:
+        parts["offload"] = 2 * work.offload_bytes / pcie
     return parts

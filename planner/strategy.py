@@ -153,6 +153,8 @@ class Strategy:
             parts.append(f"loss chunks {self.loss_chunk_tokens}")
         if self.recipe.loop != Loop.CHUNKFT:
             parts.append(f"{self.recipe.loop.value} loop")
+        if self.recipe.label():
+            parts.append(self.recipe.label())
         return ", ".join(parts)
 
     def to_json(self) -> dict:

@@ -64,6 +64,7 @@ def check_parallel_args(args, plan: "Plan") -> int:
                                f"`chunkft plan MODEL --gpus-per-node {nproc}`")
         return 1
     layout = plan.parallel
+    plan.strategy.recipe.require_sharded_modelled()  # a parallel run executes chunkft's own recipe only
     if layout.nodes > 1 and args.launcher != "torchrun":
         raise ChunkftError(f"the plan spans {layout.nodes} nodes; `chunkft run` starts one node's ranks: run "
                            f"`torchrun --nnodes {layout.nodes} --nproc-per-node {layout.gpus_per_node} "
