@@ -123,9 +123,6 @@ def rank_states(strategy: Strategy, layout: "ParamLayout", spans: tuple, local: 
         def chunk_local(j: int) -> tuple[int, ...]:
             return tuple(int(b) for b in local[bounds[j]:bounds[j + 1], r] if b)
 
-        if ("all", r) not in cache:
-            cache[("all", r)] = tuple(int(b) for b in local[:, r] if b)
-        every = cache[("all", r)]
         mine = chunk_local(k)
         ahead = chunk_local(prefetch) if prefetch is not None else ()
         key = ("rank", r, k, prefetch)
@@ -135,6 +132,8 @@ def rank_states(strategy: Strategy, layout: "ParamLayout", spans: tuple, local: 
             everything = strategy.chunks == 1 or strategy.state_tier == Tier.GPU
             static_key = ("static", r) if everything else ("static", r, k, prefetch)
             if static_key not in cache:
+                # every span's slice: only read when every chunk's state is on the GPU
+                every = tuple(int(b) for b in local[:, r] if b) if everything else ()
                 statics = ev.gpu_static_allocs(strategy, layout, active, every)
                 static: dict = {}
                 ev.add_allocs(static, statics)

@@ -71,6 +71,8 @@ class PreparedChunks:
     mode: str
     """"exact" or "bound" (C = 1: "exact", the full-FT trace is exact)."""
     flops: tuple[int, ...]
+    grad_bytes: tuple[int, ...] = ()
+    """Per chunk: its FSDP2 gradients' (whole tensors) plus its slice buffers' bytes."""
 
 
 _PREPARED: dict[tuple, PreparedChunks] = {}
@@ -112,12 +114,18 @@ def chunk_grads(table: "ChunkTable", k: int, layout: "ParamLayout") -> tuple[fro
     """(parameters with an FSDP2 gradient, bytes of each sub-tensor gradient buffer) of chunk k.
     A buffer is the whole unsharded slice in the training dtype, plus one row for an
     nn.Embedding owner (subgrad's index_add sends other tokens to a dummy row)."""
-    spec = sharded_grad_spec(table, k)
-    whole = frozenset(n for n, v in spec.items() if v is True)
-    shapes = dict(table.shapes)
+    from planner.errors import ChunkftError
+
+    if not 0 <= k < table.num_chunks:
+        raise ChunkftError(f"chunk {k} does not exist; valid chunks are 0..{table.num_chunks - 1}")
+    shapes = table.shapes
+    # sharded_grad_spec's True (whole spans, sliced 1-D tensors) for this chunk's parameters only:
+    # building the whole table's spec per chunk is O(parameters x chunks)
+    spec = {sp.param: table.is_whole(sp) or len(shapes[sp.param]) <= 1 for sp in table.chunks[k]}
+    whole = frozenset(n for n, v in spec.items() if v)
     buffers = []
     for sp in table.chunks[k]:
-        if spec[sp.param] is True:
+        if spec[sp.param]:
             continue
         extra = 0
         if sp.param == layout.input_embedding:  # one more row: (e - s + 1) x C, or (R + 1) x (e - s)
@@ -173,9 +181,11 @@ def prepare_chunks(model: "ModelSpec", shape: "StepShape", strategy: Strategy, s
         traced = trace(None)
         cases = [(traced, k) for k in range(len(spans))]
         flops = [traced.flops] * len(spans)
+    tensor = dict(zip((n for n, _, _ in layout.named_shapes), layout.tensor_bytes))
+    grad_bytes = tuple(sum(tensor[n] for n in t) + sum(b) for t, b in zip(touched, sliced))
     prepared = PreparedChunks(layout=layout, spans=spans, touched=touched, sliced=sliced, cases=tuple(cases), mode=mode,
-                              flops=tuple(flops))
-    if len(_PREPARED) >= 32:
+                              flops=tuple(flops), grad_bytes=grad_bytes)
+    if len(_PREPARED) >= 128:  # chunkft size asks for ~15 chunk counts x 2 loss forms at once
         _PREPARED.pop(next(iter(_PREPARED)))
     _PREPARED[key] = prepared
     return prepared
@@ -201,8 +211,7 @@ def bound_chunks(prep: PreparedChunks, strategy: Strategy, local: np.ndarray, wo
         ahead = np.roll(sums, -1, axis=0) if prefetches_next_chunk(strategy, len(prep.spans)) else 0
         state = per_param * (sums + ahead) // elem
     static = (state + temps).max(axis=1)
-    tensor = dict(zip((n for n, _, _ in layout.named_shapes), layout.tensor_bytes))
-    grads = [sum(tensor[n] for n in t) + sum(b) for t, b in zip(prep.touched, prep.sliced)]
+    grads = prep.grad_bytes
     keyed = [((g, int(st)), k) for k, (g, st) in enumerate(zip(grads, static))]
     by_total = sorted(keyed, key=lambda x: (-(x[0][0] + x[0][1]), x[1]))[:ev.BOUND_CANDIDATES]
     by_grad = max(keyed, key=lambda x: (x[0][0], -x[1]))
