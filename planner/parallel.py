@@ -168,7 +168,8 @@ def solve_parallel(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budge
 
     rank_budget = per_rank_budget(budget, layout)
     solution = solve(strategies, cost, rank_budget, objective=objective or Objective.SPEED)
-    if solution.fits or not extend_chunks or not isinstance(space, SearchSpace) or Tier.GPU not in solution.missing_bytes:
+    if (solution.fits or not extend_chunks or not isinstance(space, SearchSpace)
+            or Tier.GPU not in solution.missing_bytes):
         return solution, sharded
     need = solution.closest.need_bytes(Tier.GPU)
     for c in extra_chunk_counts(space.chunk_counts):

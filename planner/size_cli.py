@@ -103,7 +103,7 @@ def run_size(args) -> int:
             if not u.missing_bytes:
                 print(f"  {u.gpu}: more than {args.max_gpus} GPUs")
                 continue
-            short = ", ".join(f"{_TIERS_TEXT[t.value]} {format_bytes(b)}{' per GPU' if t.value == 'gpu' else ' per node'}"
+            short = ", ".join(f"{_TIERS_TEXT[t.value]} {format_bytes(b)} per {'GPU' if t.value == 'gpu' else 'node'}"
                               for t, b in u.missing_bytes.items())
             print(f"  {u.gpu} ({u.node}): not up to {u.num_gpus} GPUs; closest "
                   f"({u.closest.strategy.label()}) lacks {short}")

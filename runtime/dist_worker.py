@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     chunks = p.add_mutually_exclusive_group()
     chunks.add_argument("--chunks", type=int, default=1, help="ChunkFT chunk count (1 = full fine-tuning)")
     chunks.add_argument("--chunk-table", help="JSON file of a ChunkTable (planner.chunks) to train")
-    p.add_argument("--state", default="gpu", choices=["gpu", "host", "disk"], help="where resting optimizer state lives")
+    p.add_argument("--state", default="gpu", choices=["gpu", "host", "disk"],
+                   help="where resting optimizer state lives")
     p.add_argument("--state-dir", help="disk state tier: the run's state directory (a folder per rank)")
     p.add_argument("--prefetch-depth", type=int, default=1)
     p.add_argument("--update-interval", type=int, default=1)
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                               max_grad_norm=args.max_grad_norm),
                             schedule=schedule, chunk_table=table, state_tier=args.state,
                             prefetch_depth=args.prefetch_depth, update_interval=args.update_interval,
-                            state_dir=args.state_dir, checkpointing=args.checkpointing, loss_chunk_tokens=args.loss_chunk_tokens,
+                            state_dir=args.state_dir, checkpointing=args.checkpointing,
+                            loss_chunk_tokens=args.loss_chunk_tokens,
                             shard_embeddings=args.shard_embeddings, out_dir=args.out, init_from=args.init_from,
                             resume_from=args.resume, device=args.device)
         init_process_group(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),

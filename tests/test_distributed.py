@@ -274,7 +274,8 @@ def test_corrupted_optimizer_file_is_refused_on_every_rank(chunked, tmp_path):
 
 
 def test_bad_state_tiers_are_refused():
-    with pytest.raises(ChunkftError, match="state tier 'nvme' is not supported for sharded runs; valid: gpu, host, disk"):
+    with pytest.raises(ChunkftError, match="state tier 'nvme' is not supported for sharded runs; "
+                                           "valid: gpu, host, disk"):
         _chunked_config(state_tier="nvme")
     with pytest.raises(ChunkftError, match="state tier 'disk' needs a state directory"):
         _chunked_config(state_tier="disk")
