@@ -331,8 +331,9 @@ class _DiskStore:
         return self.layouts[k].views(flat)
 
     def get(self, k: int, device: torch.device) -> dict[str, torch.Tensor]:
-        pin = bool(self._registered)
-        return {n: t.to(device, non_blocking=pin, copy=True) for n, t in self.read(k, self.staging[0]).items()}
+        # synchronous copies: the staging buffer is rewritten by the next read or write, and the
+        # file read dominates the transfer anyway
+        return {n: t.to(device, copy=True) for n, t in self.read(k, self.staging[0]).items()}
 
     def state(self, k: int) -> dict[str, torch.Tensor]:
         """Chunk k's tensors as fresh CPU copies (checkpoints)."""
