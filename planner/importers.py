@@ -7,12 +7,13 @@ Three formats, told apart by name and content (never executed, never unpickled):
   dtype, optimizer (torch, torchao and bitsandbytes classes), optimizer_in_bwd,
   enable_activation_checkpointing, ac_mode/ac_option, enable_activation_offloading, compile,
   and LoRA configs' lora_rank / lora_attn_modules / apply_lora_to_mlp / apply_lora_to_output.
-  torchtune trains in `dtype` throughout (no fp32 master): precision pure.
+  torchtune trains in `dtype` throughout (no fp32 master): precision pure; its loop and chunked
+  cross-entropy are `--loop torchtune` (planner.step.torchtune_loss).
 - HF TrainingArguments as JSON (`training_args.json`, `TrainingArguments.to_json_string()`):
   bf16/fp16, optim, gradient_checkpointing (+ gradient_checkpointing_kwargs), per_device_
   train_batch_size, torch_compile, fsdp, deepspeed, max_length / max_seq_length (SFTConfig).
-  The Trainer's training_step drops the model output inside compute_loss, before backward:
-  chunkft's step (`--loop chunkft`), not the plain loop that holds the logits. `bf16: true` is
+  The Trainer's training_step drops the model output inside compute_loss, before backward
+  (`--loop hf-trainer`), unlike the plain loop that holds the logits. `bf16: true` is
   read as a model loaded in bf16 and trained pure (HF's optimizers keep state in the weights'
   dtype), the usual fine-tuning setup; autocast over fp32 weights is not modelled.
 - a DeepSpeed config (`ds_config.json`: has `zero_optimization` or `train_micro_batch_size_per_gpu`):
@@ -201,6 +202,12 @@ def _torchtune(doc: Any, source: str) -> Imported:
     else:
         v["checkpointing"] = "off"
     v["offload_activations"] = bool(doc.get("enable_activation_offloading", False))
+    loss = doc.get("loss") or {}
+    lcomp = str(loss.get("_component_", "")) if isinstance(loss, dict) else ""
+    if lcomp.rsplit(".", 1)[-1] != "CEWithChunkedOutputLoss":
+        raise ChunkftError(f"--from {source!r}: loss {lcomp or loss!r} is not modelled; the torchtune loop here is "
+                           "full_finetune_single_device's with torchtune.modules.loss.CEWithChunkedOutputLoss")
+    v["loop"] = "torchtune"
     return out
 
 
@@ -245,7 +252,7 @@ def _hf(doc: dict, source: str) -> Imported:
     kwargs = doc.get("gradient_checkpointing_kwargs") or {}
     if isinstance(kwargs, dict) and kwargs.get("use_reentrant", False) is not False:
         out.notes.append("use_reentrant: true checkpointing is priced as non-reentrant (the same saved tensors)")
-    v["loop"] = "chunkft"
+    v["loop"] = "hf-trainer"
     return out
 
 

@@ -16,6 +16,10 @@ PYTORCH_CUDA_ALLOC_CONF's syntax):
              out.loss.backward()`, with the config's defaults: the output object keeps the
              logits alive through backward, and `use_cache` (True in most configs) keeps every
              layer's keys and values until `out` goes.
+    hf-trainer  transformers.Trainer's training_step: the same forward, the output dropped
+             inside compute_loss before backward.
+    torchtune  torchtune's full_finetune_single_device step: logits in 8 chunks, an fp32
+             cross-entropy per chunk (CEWithChunkedOutputLoss), `del logits` before backward.
 - `--precision` (`precision`): mixed = 16-bit (or fp32) weights and gradients with an fp32
   master and fp32 state (fp16: with loss scaling); pure = weights, gradients and optimizer state
   all in the training dtype, no master (torchtune's and LitGPT's bf16 default; with --dtype fp32:
@@ -67,6 +71,8 @@ class Loop(str, enum.Enum):
 
     CHUNKFT = "chunkft"
     HF = "hf"
+    HF_TRAINER = "hf-trainer"
+    TORCHTUNE = "torchtune"
 
 
 class Precision(str, enum.Enum):
@@ -290,8 +296,8 @@ class Recipe:
 
     def check_strategy(self, *, loss_chunk_tokens: int) -> None:
         """Refuse (one line) what this recipe cannot be combined with."""
-        if self.loop == Loop.HF and loss_chunk_tokens:
-            raise ChunkftError(f"the plain HF loop computes the model's own loss; a chunked loss "
+        if self.loop != Loop.CHUNKFT and loss_chunk_tokens:
+            raise ChunkftError(f"the {self.loop.value} loop computes its own loss; a chunked loss "
                                f"(loss_chunk_tokens={loss_chunk_tokens}) needs --loop chunkft")
 
     def is_trainable(self, name: str) -> bool:
@@ -305,7 +311,10 @@ class Recipe:
     # -- text and JSON ----------------------------------------------------------------------
 
     def describe(self) -> str:
-        loop = {Loop.CHUNKFT: "chunkft's step", Loop.HF: "plain HF loop (out = model(ids, labels=ids))"}[self.loop]
+        loop = {Loop.CHUNKFT: "chunkft's step", Loop.HF: "plain HF loop (out = model(ids, labels=ids))",
+                Loop.HF_TRAINER: "HF Trainer's training_step (output dropped before backward)",
+                Loop.TORCHTUNE: "torchtune's full_finetune_single_device step (8 output chunks, fp32 CE per chunk)"
+                }[self.loop]
         return ", ".join([loop, *self.changes()])
 
     def label(self) -> str:
@@ -401,7 +410,8 @@ def add_recipe_args(p) -> None:
     g.add_argument("--loop", choices=[v.value for v in Loop], default=Loop.CHUNKFT.value,
                    help="chunkft: chunkft's own step (default); hf: the plain HF loop, out = model(input_ids=ids, "
                         "labels=ids); out.loss.backward(), which holds logits and use_cache's keys and values "
-                        "through backward")
+                        "through backward; hf-trainer: transformers.Trainer's training_step; torchtune: "
+                        "torchtune's full_finetune_single_device step with its chunked cross-entropy")
     g.add_argument("--precision", choices=[v.value for v in Precision], default=Precision.MIXED.value,
                    help="mixed: fp32 master and optimizer state (default); pure: weights, gradients and state all in "
                         "--dtype, no master")

@@ -33,14 +33,61 @@ def loop_forward(model: "torch.nn.Module", input_ids: "torch.Tensor", labels: "t
     backward has run). "chunkft": `step_loss`, holding nothing else. "hf": the plain Hugging
     Face loop, `out = model(input_ids=ids, labels=labels)` with the config's defaults
     (`use_cache` included), holding `out` -- its logits, and the cache's keys and values --
-    through `out.loss.backward()`. Tracer, measurement and runtime all call this."""
+    through `out.loss.backward()`. "hf-trainer": transformers.Trainer's training_step, the same
+    forward with the output dropped before backward. "torchtune": torchtune's
+    full_finetune_single_device step (`torchtune_loss`). Tracer, measurement and runtime all
+    call this."""
     if loop == "chunkft":
         return step_loss(model, input_ids, labels, loss_chunk_tokens=loss_chunk_tokens), None
+    assert loop == "chunkft" or not loss_chunk_tokens, "only chunkft's step has a chunked loss (planner.recipe)"
     if loop == "hf":
-        assert not loss_chunk_tokens, "the plain HF loop has no chunked loss (planner.recipe refuses it)"
         out = model(input_ids=input_ids, labels=labels)
         return out.loss, out
+    if loop == "hf-trainer":
+        # transformers.Trainer.training_step -> compute_loss: `outputs = model(**inputs)`,
+        # `loss = outputs["loss"]`, and compute_loss returns the loss alone, so the output object
+        # (logits, use_cache's cache) is gone before `accelerator.backward(loss)`
+        out = model(input_ids=input_ids, labels=labels)
+        loss = out["loss"]
+        del out
+        return loss, None
+    if loop == "torchtune":
+        return torchtune_loss(model, input_ids, labels), None
     raise ValueError(f"unknown loop {loop!r}")
+
+
+TORCHTUNE_OUTPUT_CHUNKS = 8
+"""torchtune's CEWithChunkedOutputLoss.num_output_chunks (the recipes' default loss)."""
+
+
+def torchtune_loss(model: "torch.nn.Module", input_ids: "torch.Tensor", labels: "torch.Tensor") -> "torch.Tensor":
+    """torchtune's full_finetune_single_device `_loss_step` with its default CEWithChunkedOutputLoss,
+    on an HF model: the model (`set_num_output_chunks(8)`) returns its logits as 8 chunks along
+    the sequence, one output projection per chunk; labels are shifted left with an ignore
+    column appended (`torch.hstack((labels[..., 1:], ignore))`); the loss upcasts each chunk to
+    fp32 for a summed cross-entropy and divides by the count of labelled tokens; `del logits`
+    before backward. As in torchtune, the bf16 chunks and what each fp32 cross-entropy saves
+    for backward stay until backward."""
+    import torch
+    import torch.nn.functional as F
+
+    hidden = model.base_model(input_ids=input_ids, **_forward_kwargs(model)).last_hidden_state
+    head = model.get_output_embeddings()
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)  # torchtune's Gemma 2 caps its output too
+
+    def project(part: "torch.Tensor") -> "torch.Tensor":
+        out = head(part)
+        return out if softcap is None else torch.tanh(out / softcap) * softcap
+
+    logits = [project(part) for part in hidden.chunk(TORCHTUNE_OUTPUT_CHUNKS, dim=1)]
+    ignore = torch.full_like(labels[..., :1], IGNORE_INDEX)
+    shifted = torch.hstack((labels[..., 1:], ignore))
+    targets = shifted.chunk(TORCHTUNE_OUTPUT_CHUNKS, dim=1)
+    total = sum(F.cross_entropy(l.float().reshape(-1, l.shape[-1]), t.reshape(-1), ignore_index=IGNORE_INDEX,
+                                reduction="sum") for l, t in zip(logits, targets))
+    del logits
+    return total / (shifted != IGNORE_INDEX).sum()
 
 
 def step_loss(model: "torch.nn.Module", input_ids: "torch.Tensor", labels: "torch.Tensor", *,

@@ -56,7 +56,7 @@ def test_torchtune_recipe(tmp_path):
     got = read_config(p).values
     assert got == {"model": "llama3.1-8b", "batch": 2, "seq": 1024, "dtype": "bf16", "precision": "pure",
                    "optim": "paged_adamw_8bit", "optimizer_in_backward": True, "checkpointing": "on",
-                   "offload_activations": False}
+                   "offload_activations": False, "loop": "torchtune"}
     lora = TORCHTUNE.replace("llama3_1.llama3_1_8b", "llama3_1.lora_llama3_1_8b\n  lora_attn_modules: "
                              "['q_proj', 'v_proj', 'output_proj']\n  apply_lora_to_mlp: True\n  lora_rank: 8")
     p.write_text(lora.replace("optimizer_in_bwd: True", "optimizer_in_bwd: False")
@@ -74,7 +74,7 @@ def test_hf_training_arguments_and_deepspeed(tmp_path):
                               "logging_steps": 10, "max_length": 2048}))
     got = read_config(hf)
     assert got.values == {"batch": 4, "seq": 2048, "dtype": "bf16", "precision": "pure", "optim": "adamw_torch_fused",
-                          "checkpointing": "on", "loop": "chunkft"}
+                          "checkpointing": "on", "loop": "hf-trainer"}
     assert any("loaded in bf16" in n for n in got.notes)
     ds = tmp_path / "ds_config.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
@@ -90,6 +90,7 @@ def test_hf_training_arguments_and_deepspeed(tmp_path):
     ("yaml", TORCHTUNE.replace("llama3_1_8b", "llama9_1t"), "no preset"),
     ("yaml", TORCHTUNE.replace("bitsandbytes.optim.PagedAdamW8bit", "mylib.Lion"), "mylib.Lion"),
     ("yaml", "model: [unclosed", "not valid YAML"),
+    ("yaml", TORCHTUNE.replace("CEWithChunkedOutputLoss", "CrossEntropyLoss"), "CrossEntropyLoss"),
     ("json", {"per_device_train_batch_size": 1, "fp16": True}, "autocast"),
     ("json", {"per_device_train_batch_size": 1, "optim": "lion_8bit"}, "lion_8bit"),
     ("json", {"per_device_train_batch_size": 1, "torch_compile": True}, "torch_compile"),

@@ -311,3 +311,22 @@ def test_16bit_plans_train_and_fp16_overflow_skips_the_step(tmp_path, dtype):
     inner.close()
     assert result.skipped_steps == 0 and inner.global_step == (7 if dtype == "fp16" else 8)
     assert result.losses[-1] < result.losses[0]
+
+
+@pytest.mark.parametrize("loop", ["hf-trainer", "torchtune"])
+def test_trainer_and_torchtune_loop_plans_run_their_loops(tmp_path, loop):
+    """Plans for HF Trainer's and torchtune's loops train with those loops (planner.step.loop_forward);
+    each computes the same mean next-token loss as chunkft's step, to rounding."""
+    from planner.recipe import Recipe
+    from runtime.run_cli import build_run
+
+    losses = {}
+    for name in ("chunkft", loop):
+        case = tmp_path / name
+        case.mkdir()
+        plan, _, _ = make_plan(case, chunks=1, recipe=Recipe(loop=name))
+        trainer, _, _, _ = build_run(_args(plan, write_data(case / "d.jsonl"), case / "out", steps=2))
+        assert trainer.config.loop == name
+        losses[name] = trainer.train().losses
+        trainer.optimizer.inner.close()
+    assert losses[loop] == pytest.approx(losses["chunkft"], rel=1e-5)
