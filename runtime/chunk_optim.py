@@ -506,6 +506,10 @@ class ChunkAdamW:
                 g.mul_(coef)
             self._step_span(k, name, g, lr)
             del g
+        return self._finish_step(k, lr, grad_norm, scale)
+
+    def _finish_step(self, k: int, lr: float, grad_norm: float | None, scale: float | None) -> StepResult:
+        """After every span of chunk k stepped: drop the gradients, count the step, cycle the chunk."""
         self.handle.zero_grad()
         if self.scaler is not None:
             self.scaler.update(False)
@@ -543,16 +547,8 @@ class ChunkAdamW:
 
     def _finish_step_in_backward(self) -> StepResult:
         """step() when every span stepped during backward: count the step, cycle the chunk."""
-        k, lr = self.active_chunk, self.lr()
         self._stepped_in_backward = []
-        self.handle.zero_grad()
-        self.guard.stepped()
-        self.global_step += 1
-        self.active_steps, switched = next_chunk(k, self.active_steps + 1, self.update_interval, self.table.num_chunks)
-        if switched is not None:
-            self._evict()
-            self._activate(switched)
-        return StepResult(stepped=True, chunk=k, lr=lr, grad_norm=None, switched_to=switched, loss_scale=None)
+        return self._finish_step(self.active_chunk, self.lr(), None, None)
 
     def _skip(self, k: int, lr: float, scale: float | None, why: str) -> StepResult:
         """Drop the gradients, back the fp16 scale off, count the skip (may raise)."""
