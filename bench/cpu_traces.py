@@ -6,7 +6,8 @@ measured trace (`chunkft run --device cpu --trace`), and compares the two (`chun
 Everything goes through the CLI, as a user would run it. Output: traces/cpu/<case>/ and a
 summary table (traces/cpu/summary.csv).
 
-    python bench/cpu_traces.py            # a few minutes on 2 cores
+    python bench/cpu_traces.py            # every case: a few minutes on 2 cores
+    python bench/cpu_traces.py CASE ...   # only these cases (the summary keeps the others' rows)
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ CASES = {
     "chunkft-c4-host": ["--chunks", "4", "--optimizer", "gpu", "--state", "host", "--checkpointing", "on"],
     "chunkft-c4-stream": ["--chunks", "4", "--optimizer", "gpu", "--state", "host", "--checkpointing", "on",
                           "--weights", "stream"],
+    # recipe axes the runtime executes (planner.recipe)
+    "fullft-in-backward": ["--chunks", "1", "--optimizer", "gpu", "--checkpointing", "on", "--optimizer-in-backward"],
+    "chunkft-c4-bf16-offload": ["--chunks", "4", "--optimizer", "gpu", "--state", "host", "--checkpointing", "off",
+                                "--optim", "adamw_bf16", "--offload-activations"],
+    "chunkft-c4-8bit-selective": ["--chunks", "4", "--optimizer", "gpu", "--state", "host",
+                                  "--checkpointing", "selective", "--optim", "adamw_torch_8bit"],
 }
+# what `chunkft run` needs besides the plan for a case (the step in backward cannot clip)
+RUN_FLAGS = {"fullft-in-backward": ["--max-grad-norm", "0"]}
 STEPS = 4
 
 
@@ -65,22 +74,28 @@ def write_inputs() -> tuple[Path, Path]:
     return model_dir, data
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    unknown = sorted(set(argv) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown case {unknown[0]!r}; valid cases: {', '.join(CASES)}")
     model_dir, data = write_inputs()
-    rows = []
     for case, pins in CASES.items():
+        if argv and case not in argv:
+            continue
         d = OUT / case
         d.mkdir(parents=True, exist_ok=True)
         chunkft("plan", rel(model_dir), "--gpu", "80GiB", *SHAPE, *pins, "-o", rel(d / "plan.json"))
         chunkft("simulate", rel(d / "plan.json"), "-o", rel(d / "timeline.jsonl"))
         with tempfile.TemporaryDirectory(prefix="chunkft-cpu-traces-") as run_dir:  # checkpoints are not kept
             chunkft("run", rel(d / "plan.json"), "--data", rel(data), "--steps", str(STEPS), "--device", "cpu",
-                    "--no-progress", "--out", run_dir, "--trace", rel(d / "trace.jsonl"))
+                    "--no-progress", "--out", run_dir, "--trace", rel(d / "trace.jsonl"), *RUN_FLAGS.get(case, []))
         chunkft("compare", rel(d / "timeline.jsonl"), rel(d / "trace.jsonl"), "-o", rel(d / "report"),
                 "--perfetto", rel(d / "report" / "perfetto.json"))
-        with open(d / "report" / "peaks.csv") as f:
-            for row in csv.DictReader(f):
-                rows.append({"case": case, **row})
+    rows = []  # every case that has a report, this invocation's and earlier ones'
+    for case in CASES:
+        if (OUT / case / "report" / "peaks.csv").exists():
+            with open(OUT / case / "report" / "peaks.csv") as f:
+                rows += [{"case": case, **row} for row in csv.DictReader(f)]
     with open(OUT / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -92,4 +107,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
