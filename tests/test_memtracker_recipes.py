@@ -29,10 +29,10 @@ pack), so MemTracker's cpu peak is device memory only, compared with the device 
 host copies' own peak is compared with replay(tier=HOST).
 
 Every step is 1024 tokens, bf16, batch 1. A full-depth (32-layer) MemTracker step takes about
-30 s here, so to keep the file within its time budget four recipes run at full depth (default,
-every-2, offload, optimizer in backward with fp32 masters) and the others on the preset's config
+30 s here, so to keep the suite within its time budget every recipe runs on the preset's config
 with SHORT = 8 decoder layers (planner.model.ModelSpec.config_for, the depth override
-trace_step's templates use); bench/memtracker_recipes.py runs every recipe at full depth.
+trace_step's templates use; the default step at full depth is tests/test_accuracy.py's);
+bench/memtracker_recipes.py runs every recipe at full depth (all within 8 bytes there).
 
 Two numbers per recipe: the step's peak, and the forward's (the peak up to the loss, before
 backward starts: MemTracker's peak snapshot taken before `loss.backward()`, the replay's highest
@@ -74,16 +74,16 @@ class Case:
 
 
 CASES = [
-    Case("default", "", Recipe()),
+    Case("default", "", Recipe(), layers=SHORT),
     Case("hf loop", "--loop hf", Recipe(loop="hf"), layers=SHORT),
-    Case("every-2", "--checkpointing every-2", Recipe(checkpoint_every=2), checkpointing=True),
+    Case("every-2", "--checkpointing every-2", Recipe(checkpoint_every=2), checkpointing=True, layers=SHORT),
     Case("selective", "--checkpointing selective", Recipe(selective_checkpointing=True), checkpointing=True,
          layers=SHORT),
-    Case("offload (device)", "--offload-activations", Recipe(offload_activations=True)),
+    Case("offload (device)", "--offload-activations", Recipe(offload_activations=True), layers=SHORT),
     Case("freeze embed+head", "--freeze 'model.embed_tokens.*' --freeze 'lm_head.*'",
          Recipe(freeze=("model.embed_tokens.*", "lm_head.*")), layers=SHORT),
     Case("lora 8", "--lora 8", Recipe(lora_rank=8), layers=SHORT),
-    Case("opt in bwd mixed", "--optimizer-in-backward", Recipe(optimizer_in_backward=True)),
+    Case("opt in bwd mixed", "--optimizer-in-backward", Recipe(optimizer_in_backward=True), layers=SHORT),
     Case("opt in bwd pure", "--optimizer-in-backward --precision pure",
          Recipe(optimizer_in_backward=True, precision="pure"), layers=SHORT),
     Case("adamw_torch mixed", "--optim adamw_torch", Recipe(optim="adamw_torch"), optimizer_after=True, layers=SHORT),
