@@ -22,7 +22,6 @@ import csv
 import gc
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import Gemma2Config, LlamaConfig, Phi3Config, Qwen2Config  # noqa: E402
 
-from planner.measure import malloc_in_use_bytes  # noqa: E402
+from planner.measure import polled_malloc_peak  # noqa: E402
 from planner.model import ModelSpec  # noqa: E402
 from planner.optim_step import CHUNK_8BIT, measured_step, step_cost  # noqa: E402
 
@@ -96,24 +95,14 @@ def torchao_compiled(precision: str) -> dict:
     step.prepare()
     step.opt.step()  # compiles (inductor): tens of seconds on a laptop CPU
     step.finish()
-    gc.collect()
-    base = malloc_in_use_bytes()
-    peak, stop = [base], threading.Event()
 
-    def poll():
-        while not stop.is_set():
-            peak[0] = max(peak[0], malloc_in_use_bytes())
-
-    thread = threading.Thread(target=poll)
-    thread.start()
-    for _ in range(20):
+    def one_step():
         step.prepare()
         step.opt.step()
         step.finish()
-    stop.set()
-    thread.join()
+
+    measured = polled_malloc_peak(one_step, repeats=20)
     cost = step_cost("adamw_torch_8bit", precision, "bf16", tuple(shapes), device="cpu")
-    measured = peak[0] - base
     print(f"torchao AdamW8bit compiled, {precision}: step peak above state measured {measured}, "
           f"predicted {cost.temp_bytes} ({(cost.temp_bytes - measured) / measured:+.2%})")
     return {"optim": "adamw_torch_8bit (compiled)", "precision": precision, "arch": "tensors " + str(shapes),

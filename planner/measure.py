@@ -171,6 +171,31 @@ def measure_malloc_peak(step: Callable[[], Any], *, record_samples: bool = False
     return sampler.result
 
 
+def polled_malloc_peak(step: Callable[[], Any], *, repeats: int = 1) -> int:
+    """Peak malloc bytes in use above the level before, while `step` runs `repeats` times, read
+    by a thread polling mallinfo2: for code with no aten-op boundaries inside it (a
+    torch.compile'd kernel), where MallocSampler sees nothing between ops."""
+    import threading
+
+    gc.collect()
+    base = malloc_in_use_bytes()
+    peak, stop = [base], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], malloc_in_use_bytes())
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        for _ in range(repeats):
+            step()
+    finally:
+        stop.set()
+        thread.join()
+    return peak[0] - base
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class TrackerMeasurement:
     """Peak of a step as torch's MemTracker counts it, per its memory categories."""

@@ -240,10 +240,7 @@ def test_fit_shows_the_optim(capsys):
 def test_torchao_compiled_step_allocates_what_inductor_planned():
     # The real torch.compile'd AdamW8bit step (inductor on CPU, ~30 s to compile): no op
     # boundaries inside its kernel, so a thread polls mallinfo2 through 10 steps.
-    import gc
-    import threading
-
-    from planner.measure import malloc_in_use_bytes
+    from planner.measure import polled_malloc_peak
     from planner.optim_step import OptimizerStep
 
     shapes = ((4096, 1024), (1024,), (1000,))
@@ -252,19 +249,6 @@ def test_torchao_compiled_step_allocates_what_inductor_planned():
         p.grad = torch.randn_like(p)
     step = OptimizerStep("adamw_torch_8bit", "pure", params)
     step.opt.step()  # compiles
-    gc.collect()
-    base = malloc_in_use_bytes()
-    peak, stop = [base], threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            peak[0] = max(peak[0], malloc_in_use_bytes())
-
-    thread = threading.Thread(target=poll)
-    thread.start()
-    for _ in range(10):
-        step.opt.step()
-    stop.set()
-    thread.join()
+    measured = polled_malloc_peak(step.opt.step, repeats=10)
     predicted = step_cost("adamw_torch_8bit", "pure", "bf16", shapes, device="cpu").temp_bytes
-    assert abs(predicted - (peak[0] - base)) / (peak[0] - base) < TOLERANCE, (predicted, peak[0] - base)
+    assert abs(predicted - measured) / measured < TOLERANCE, (predicted, measured)
