@@ -83,6 +83,7 @@ from typing import Any, Callable
 
 from planner.errors import ChunkftError
 from planner.schema import Component
+from planner.trace import flat_tensors
 
 # --optim -> (implementation kind, how its per-shape traces combine)
 LOOP, MULTI = "loop", "multi"
@@ -538,7 +539,7 @@ def _make_recorder_class():
                 return _placeholder_scalar(args[0])
             out = func(*args, **(kwargs or {}))
             if self.on and func.namespace != "prim":
-                for t in _out_tensors(out):
+                for t in flat_tensors(out):
                     for inner in _inner_tensors(t):
                         self._register(inner)
                 self._sample()
@@ -597,19 +598,6 @@ def _placeholder_scalar(t) -> Any:
     if t.dtype == torch.bool:
         return True
     return 1 if not t.is_floating_point() else 1.0
-
-
-def _out_tensors(out) -> list:
-    import torch
-
-    found, stack = [], [out]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            found.append(x)
-        elif isinstance(x, (list, tuple)):
-            stack.extend(x)
-    return found
 
 
 _RECORDER: Callable | None = None

@@ -438,11 +438,11 @@ class StepRecorder:
 
         index = len(self.rows)
         inputs = []
-        for t in _tensors(args, kwargs):
+        for t in flat_tensors(args, kwargs):
             sid, _ = self.storage_id(t, None)
             inputs.append(sid)
         outputs, allocs, out_bytes = [], [], 0
-        for t in _tensors(out, None):
+        for t in flat_tensors(out):
             sid, new = self.storage_id(t, index)
             outputs.append(sid)
             if new:
@@ -669,7 +669,8 @@ def _cpu_sdpa_flops(func, args) -> int:
     return 0
 
 
-def _tensors(args, kwargs) -> list:
+def flat_tensors(args, kwargs=None) -> list:
+    """The tensors inside an op's arguments (or its output), through lists, tuples and dicts."""
     import torch
 
     found = []
