@@ -16,7 +16,13 @@ What is kept (planner.evaluate and planner.model call `load` / `store`):
               chunk state tensors, depth and alloc conf (an allocator replay and bisection);
   - "model":  what resolving a preset / config.json yields (fingerprint, depth, the config values
               checked before planning) per raw config content, so the warm path builds no
-              transformers config (planner.model's deferred spec builds it on first real use).
+              transformers config (planner.model's deferred spec builds it on first real use);
+  - "estimates": planner.evaluate's one-GPU Estimates per model fingerprint, step shape,
+              hardware and chunk trace mode, a bucket of strategy -> Estimate (`bucket`; what
+              `chunkft size` and `chunkft plan` evaluate: ~1,000 of them for `size`);
+  - "sharded": planner.sharding's per-rank ShardedEstimates per model fingerprint, step shape,
+              hardware and chunk trace mode, a bucket of (strategy, GPUs per node, nodes,
+              embeddings apart) -> ShardedEstimate (the sharded searches of `size` and `plan`).
 
 Every key also holds `environment()`: the torch, transformers, numpy and chunkft versions (read
 from importlib.metadata, without importing them), the Python version, and a sha256 of the
@@ -54,7 +60,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 FORMAT_VERSION = 1
-KINDS = ("trace", "layout", "chunks", "pool", "model")
+KINDS = ("trace", "layout", "chunks", "pool", "model", "estimates", "sharded")
 _VERSIONED_PACKAGES = ("torch", "transformers", "numpy", "chunkft")
 _ROOT = Path(__file__).resolve().parents[1]
 _SOURCE_DIRS = (_ROOT / "planner", _ROOT / "runtime")
@@ -85,14 +91,29 @@ def resolve_dir(flag: str | None) -> Path:
 
 @contextlib.contextmanager
 def using(directory: str | os.PathLike | None) -> Iterator[None]:
-    """Within the block the planner reads and writes the cache in `directory` (None: no cache)."""
+    """Within the block the planner reads and writes the cache in `directory` (None: no cache);
+    the buckets it filled (`bucket`) are written at the block's end."""
     global _active
     previous = _active
     _active = None if directory is None else Path(directory)
     try:
         yield
     finally:
+        flush()
         _active = previous
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--cache-dir DIR` and `--no-cache` (as `chunkft fit` has them) on a subcommand."""
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="the planner's disk cache of traces and estimates (default "
+                             "$XDG_CACHE_HOME/chunkft, else ~/.cache/chunkft; see `chunkft cache`)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+
+
+def cli_dir(args: argparse.Namespace) -> Path | None:
+    """The cache directory `add_arguments`' flags ask for (None: --no-cache)."""
+    return None if args.no_cache else resolve_dir(args.cache_dir)
 
 
 def active() -> Path | None:
@@ -173,6 +194,39 @@ def store(kind: str, key: Any, value: Any) -> None:
         _write(path, kind, key_text, value_text, arrays)
     except (TypeError, ValueError, OSError, ChunkftError):
         return
+
+
+# path -> [kind, key, the values, how many were read from disk]: written back by `flush`
+_buckets: dict[Path, list] = {}
+
+
+def bucket(kind: str, key: Any) -> dict | None:
+    """A dict of many values under one (kind, key) in the active cache (None: no cache): read
+    once per process, added to by the caller, written back (atomically, as one entry) when the
+    `using` block ends if it grew. For answers made of many small ones (an Estimate per
+    strategy): one file read instead of a thousand."""
+    if _active is None:
+        return None
+    try:
+        path, _ = _entry(_active, kind, key)
+    except TypeError:
+        return None
+    if path not in _buckets:
+        found = load(kind, key)
+        values = found if isinstance(found, dict) else {}
+        _buckets[path] = [kind, key, values, len(values)]
+    return _buckets[path][2]
+
+
+def flush() -> None:
+    """Write the active cache's buckets that grew since they were read (best effort, as store)."""
+    for path, entry in list(_buckets.items()):
+        kind, key, values, stored = entry
+        if _active is not None and path.parent.parent.parent == _active and len(values) > stored:
+            store(kind, key, values)
+            entry[3] = len(values)
+        if _active is None or path.parent.parent.parent == _active:
+            del _buckets[path]
 
 
 def _entry(directory: Path, kind: str, key: Any) -> tuple[Path, str]:
@@ -379,6 +433,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"cache directory: {directory}")
     for kind in KINDS:
         mine = [p for p in found if p.parent.name == kind and p.suffix == ".npz"]
-        print(f"  {kind:<7} {len(mine):>6} entries  {format_bytes(sum(p.stat().st_size for p in mine)):>10}")
-    print(f"  total   {len(found):>6} files    {format_bytes(sum(p.stat().st_size for p in found)):>10}")
+        print(f"  {kind:<9} {len(mine):>6} entries  {format_bytes(sum(p.stat().st_size for p in mine)):>10}")
+    print(f"  total     {len(found):>6} files    {format_bytes(sum(p.stat().st_size for p in found)):>10}")
     return 0

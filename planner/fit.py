@@ -81,6 +81,9 @@ def add_parser(subparsers) -> None:
                    help="where traced steps, layouts and chunk tables are kept between runs (default "
                         "$XDG_CACHE_HOME/chunkft, else ~/.cache/chunkft; see `chunkft cache`)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    from planner.progress import add_argument as add_progress_argument
+
+    add_progress_argument(p)
     add_recipe_args(p)
     p.set_defaults(run=run)
 
@@ -166,8 +169,10 @@ def recommend(estimates: list["Estimate"], budget: "Budget", objective: "Objecti
 def run(args: argparse.Namespace) -> int:
     from planner import cache
 
+    from planner import progress
+
     directory = None if args.no_cache else cache.resolve_dir(args.cache_dir)
-    with cache.using(directory):  # planner.cache: a warm cache answers without torch or transformers
+    with cache.using(directory), progress.showing(args.progress):  # a warm cache: no torch, no transformers
         return _run(args)
 
 
@@ -247,10 +252,13 @@ def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, ch
         search_recipes: str = "none") -> dict:
     """Evaluate every row and return the report as plain JSON-able data (`checkpointing`,
     `search_recipes`: see `fit_strategies`)."""
+    from planner import progress
     from planner.evaluate import evaluate, param_layout
 
     layout = param_layout(model, shape.dtype)
-    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in fit_strategies(chunk_counts, recipe, checkpointing, search_recipes)]
+    strategies = fit_strategies(chunk_counts, recipe, checkpointing, search_recipes)
+    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces)
+                 for s in progress.bar(strategies, f"fit {model.name}: evaluate strategies", unit="strategy")]
     objective = objective or Objective.SPEED
     other = Objective.FIDELITY if objective == Objective.SPEED else Objective.SPEED
     best, alternative = recommend(estimates, budget, objective), recommend(estimates, budget, other)

@@ -155,9 +155,14 @@ def solve_parallel(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budge
     if not strategies:
         raise ChunkftError("no strategy in the space runs sharded: a sharded plan steps AdamW on the GPU "
                            "(--optimizer gpu) with weights resident and no --grad-staging")
+    from planner import progress
+
     sharded: dict[Strategy, ShardedEstimate] = {}
+    apart = ", embeddings apart" if layout.shard_embeddings else ""
+    bar = progress.counter(f"rank plans for {layout.world_size} GPUs{apart}", unit="plan")
 
     def cost(s: Strategy) -> Estimate:
+        bar.update(1)
         if known is not None and s in known:
             sharded[s] = known[s]
         else:
@@ -166,7 +171,15 @@ def solve_parallel(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budge
                                           chunk_traces=chunk_traces)
         return as_estimate(sharded[s])
 
-    rank_budget = per_rank_budget(budget, layout)
+    with bar:
+        return _solve_parallel(strategies, cost, per_rank_budget(budget, layout), space, objective, extend_chunks,
+                               sharded)
+
+
+def _solve_parallel(strategies: list[Strategy], cost, rank_budget: Budget, space, objective, extend_chunks: bool,
+                    sharded: dict) -> "tuple[Solution, dict[Strategy, ShardedEstimate]]":
+    from planner.solve import Objective, SearchSpace, solve
+
     solution = solve(strategies, cost, rank_budget, objective=objective or Objective.SPEED)
     if (solution.fits or not extend_chunks or not isinstance(space, SearchSpace)
             or Tier.GPU not in solution.missing_bytes):

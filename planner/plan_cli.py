@@ -55,6 +55,7 @@ def add_parser(subparsers) -> None:
                    help="ChunkFT per-chunk traces: exact traces every chunk pattern; bound (auto above 2B "
                         "parameters) shares one full-FT trace, pessimistic by its free-block slack")
     p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
+    add_run_args(p)
     p.set_defaults(run=run_plan)
 
     s = subparsers.add_parser("simulate", help="predict a plan's memory timeline and step time",
@@ -76,6 +77,26 @@ def add_shape_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-long-seq", action="store_true",
                    help="plan a --seq beyond the model's max_position_embeddings")
     add_recipe_args(p)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """--cache-dir / --no-cache (planner.cache) and --progress / --no-progress (planner.progress)."""
+    from planner import cache, progress
+
+    cache.add_arguments(p)
+    progress.add_argument(p)
+
+
+def using_run_args(args):
+    """The block `add_run_args`' flags ask for: the disk cache and the progress bars."""
+    import contextlib
+
+    from planner import cache, progress
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(cache.using(cache.cli_dir(args)))
+    stack.enter_context(progress.showing(args.progress))
+    return stack
 
 
 def check_shape_args(args) -> None:
@@ -245,6 +266,11 @@ def print_estimate(est, budget=None) -> None:
 
 
 def run_plan(args) -> int:
+    with using_run_args(args):
+        return _run_plan(args)
+
+
+def _run_plan(args) -> int:
     from planner.hardware import hardware
     from planner.model import resolve_model
     from planner.plan import make_plan, save_plan

@@ -171,8 +171,11 @@ def prepare_chunks(model: "ModelSpec", shape: "StepShape", strategy: Strategy, s
         flops = [traced.flops]
     elif mode == "exact":
         table = ev.chunk_table(model, shape.dtype, strategy.chunks)
+        from planner import progress
+
         cases = []
-        for group in ev.chunk_groups(table, layout.layer_prefix):
+        groups = ev.chunk_groups(table, layout.layer_prefix)
+        for group in progress.bar(groups, f"trace chunk patterns of C={strategy.chunks}", unit="trace"):
             traced = trace(sharded_grad_spec(table, group[0]))
             cases += [(traced, k) for k in group]
         cases.sort(key=lambda c: c[1])

@@ -233,15 +233,38 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     planner.evaluate.evaluate (exact: every chunk with its group's `sharded_grad_spec` trace;
     bound: the full-FT trace for every chunk, evaluated for the chunks `bound_chunks` picks)."""
     strategy.recipe.require_sharded_modelled()  # what the per-rank cost model prices (planner.recipe)
+    from planner import cache
     from planner import evaluate as ev
 
     _check(strategy, gpus_per_node, nodes)
     if chunk_traces not in ev.CHUNK_TRACE_MODES:
         raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(ev.CHUNK_TRACE_MODES)}")
+    # planner.cache's "sharded" bucket (when a cache is in use): a repeated search evaluates nothing again
+    memo = None if interconnect_Bps is not None else cache.bucket("sharded", (model.fingerprint(), shape, hw,
+                                                                             chunk_traces))
+    memo_key = (strategy, gpus_per_node, nodes, shard_embeddings)
+    if memo is not None:
+        hit = memo.get(memo_key)
+        if isinstance(hit, ShardedEstimate) and hit.strategy == strategy:
+            return hit
+    est = _evaluate_sharded(model, shape, strategy, hw, gpus_per_node=gpus_per_node, nodes=nodes,
+                            interconnect_Bps=interconnect_Bps, shard_embeddings=shard_embeddings,
+                            chunk_traces=chunk_traces)
+    if memo is not None:
+        memo[memo_key] = est
+    return est
+
+
+def _evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: "Hardware", *,
+                      gpus_per_node: int, nodes: int, interconnect_Bps: float | None, shard_embeddings: bool,
+                      chunk_traces: str) -> ShardedEstimate:
+    from planner import evaluate as ev
+    from planner.solve import cached_evaluate
+
     world = gpus_per_node * nodes
     bw = interconnect_Bps if interconnect_Bps is not None else interconnect_bandwidth(hw.gpu, nodes)
     if world == 1:
-        single = ev.evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces)
+        single = cached_evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces)
         host = single.peak_bytes.get(Tier.HOST, 0)
         return ShardedEstimate(strategy=strategy, gpus_per_node=1, nodes=1, peak_bytes=dict(single.peak_bytes),
                                components=dict(single.components), reserved_bytes=single.reserved_bytes,
@@ -282,7 +305,7 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     single_key = (model.fingerprint(), shape, strategy, hw, prep.mode)
     single = _SINGLES.get(single_key)
     if single is None:
-        single = ev.evaluate(model, shape, strategy, hw, chunk_traces="bound")
+        single = cached_evaluate(model, shape, strategy, hw, chunk_traces="bound")
         if prep.mode == "exact":
             spans_bytes = tuple(sp.nbytes for chunk in prep.spans for sp in chunk)
             mean = ev.ActiveSet(chunk=None, tensor_bytes=(sum(spans_bytes) // num_chunks,))

@@ -26,7 +26,9 @@ tier (GPU per card, host RAM and disk per node).
 Speed: traces follow planner.evaluate's "auto" (bound above 2B parameters: one full-FT trace
 for every chunk), estimates are shared by the GPU kinds of one SM architecture (memory depends
 on the kind only through the cuBLAS workspace), a world size is examined only when some tier's
-leanest strategy fits, and each tier's fewest fitting chunk count is bisected.
+leanest strategy fits, and each tier's fewest fitting chunk count is bisected. Under a disk
+cache (`chunkft size` uses one unless --no-cache: planner.cache), every one-GPU and per-rank
+estimate is kept ("estimates" / "sharded" buckets), so a repeated question evaluates nothing.
 
 Known limitations: bound chunk traces are pessimistic by what frozen layers would not save
 (`SizeReport.sharded_chunk_traces` says which ran; exact traces at 70B take minutes per
@@ -243,7 +245,9 @@ def size_sharded(model: "ModelSpec", shape: "StepShape", candidates: list[Strate
     unsized: list[Unsized] = []
     modes: set[str] = set()
     evaluated = 0
-    for kind in kinds:
+    from planner import progress
+
+    for kind in progress.bar(kinds, f"size {model.name} sharded, per GPU kind", unit="kind"):
         where = node if node is not None else default_node(kind)
         per_node = gpus_per_node if gpus_per_node is not None else where.gpus
         budget = node_budget(where, kind.memory_bytes - CUDA_CONTEXT_BYTES, host_bytes=host_bytes_per_node,
@@ -299,13 +303,15 @@ def size_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", *, space:
     """Evaluate the memory representatives of the space on one GPU, then size the job sharded
     on every catalogue GPU that cannot hold it alone (module doc). With `node`, only its GPU
     kind is sized sharded, on it."""
-    from planner.evaluate import evaluate
+    from planner import progress
+    from planner.solve import cached_evaluate
 
     _check_counts(gpus_per_node if gpus_per_node is not None else 1, max_gpus)
     if space is None:
         space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
     strategies = memory_representatives(space.strategies())
-    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces) for s in strategies]
+    estimates = [cached_evaluate(model, shape, s, hw, chunk_traces=chunk_traces)
+                 for s in progress.bar(strategies, f"size {model.name} on one GPU", unit="strategy")]
     report = size_estimates(estimates, model_name=model.name, shape=shape, node=node, host_bytes=host_bytes_per_node,
                             disk_bytes=disk_bytes_per_node)
     rest = [g for g in list_gpus() if g not in report.single_gpus and (node is None or g == node.gpu)]

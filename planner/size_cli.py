@@ -2,7 +2,8 @@
 
   chunkft size MODEL [--seq 1024] [--batch 1] [--dtype bf16] [--gpu-kind KIND] [--node NAME]
                      [--gpus-per-node N] [--max-gpus 64] [--[no-]shard-embeddings]
-                     [--host-ram-per-node 1TiB] [--disk-per-node 4TB]
+                     [--host-ram-per-node 1TiB] [--disk-per-node 4TB] [--chunk-traces auto|exact|bound]
+                     [--cache-dir DIR] [--no-cache] [--[no-]progress]
 
 Every GPU kind is sized on its node (planner.hardware's node catalogue: GPUs per node, host RAM,
 NVMe); --node sizes one node's GPU kind on that node; the per-node flags override its figures.
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from planner.plan_cli import add_shape_args, check_model_args, check_shape_args, search_space, step_shape
+from planner.plan_cli import (add_run_args, add_shape_args, check_model_args, check_shape_args, search_space,
+                              step_shape, using_run_args)
 from planner.units import format_bytes
 
 _TIERS_TEXT = {"gpu": "GPU", "host": "host RAM", "disk": "disk"}
@@ -38,6 +40,10 @@ def add_parser(subparsers) -> None:
                         "(default: both layouts are tried, the fewer GPUs win)")
     z.add_argument("--host-ram-per-node", help="host RAM of one node, e.g. 1TiB (default: the node's)")
     z.add_argument("--disk-per-node", help="disk of one node, e.g. 4TB (default: the node's NVMe)")
+    z.add_argument("--chunk-traces", choices=["auto", "exact", "bound"], default="auto",
+                   help="ChunkFT per-chunk traces: exact traces every chunk pattern (minutes at 70B); bound (auto "
+                        "above 2B parameters) shares one full-FT trace, pessimistic by its free-block slack")
+    add_run_args(z)
     z.set_defaults(run=run_size)
 
 
@@ -54,6 +60,11 @@ def _per_node(text: str | None, flag: str) -> int | None:
 
 
 def run_size(args) -> int:
+    with using_run_args(args):
+        return _run_size(args)
+
+
+def _run_size(args) -> int:
     from planner.hardware import hardware, load_node
     from planner.model import resolve_model
     from planner.size import size_model
@@ -72,7 +83,7 @@ def run_size(args) -> int:
     check_model_args(args, model)
     report = size_model(model, shape, hw, space=search_space(args, model), gpus_per_node=args.gpus_per_node,
                         max_gpus=args.max_gpus, shard_embeddings=args.shard_embeddings, node=node,
-                        host_bytes_per_node=host, disk_bytes_per_node=disk,
+                        host_bytes_per_node=host, disk_bytes_per_node=disk, chunk_traces=args.chunk_traces,
                         extend_chunks=getattr(args, "chunks", None) is None and args.max_chunks is None)
     print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}")
     where = node.describe() if node is not None else "each GPU kind's default node (planner/hardware/node-*.json)"

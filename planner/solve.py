@@ -318,9 +318,32 @@ def solve_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: 
                 prune: bool = True, chunk_traces: str = "auto") -> Solution:
     """`solve` over the default space of `model` with planner.evaluate as the cost model
     (`chunk_traces`: how ChunkFT steps are traced, planner.evaluate.evaluate)."""
-    from planner.evaluate import evaluate
+    from planner import progress
 
     if space is None:
         space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
-    return solve(space, lambda s: evaluate(model, shape, s, hw, chunk_traces=chunk_traces), budget,
-                 objective=objective, prune=prune)
+    with progress.counter(f"one-GPU plans for {model.name}", unit="plan") as bar:
+        def cost(s: Strategy) -> Estimate:
+            bar.update(1)
+            return cached_evaluate(model, shape, s, hw, chunk_traces=chunk_traces)
+
+        return solve(space, cost, budget, objective=objective, prune=prune)
+
+
+def cached_evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: "Hardware", *,
+                    chunk_traces: str = "auto") -> Estimate:
+    """planner.evaluate.evaluate, kept in the disk cache's "estimates" bucket (planner.cache) of
+    the model, shape, hardware and chunk trace mode when a cache is in use: a repeated `chunkft
+    plan` or `chunkft size` evaluates nothing again."""
+    from planner import cache
+    from planner.evaluate import evaluate
+
+    memo = cache.bucket("estimates", (model.fingerprint(), shape, hw, chunk_traces))
+    if memo is not None:
+        hit = memo.get(strategy)
+        if isinstance(hit, Estimate) and hit.strategy == strategy:
+            return hit
+    est = evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces)
+    if memo is not None:
+        memo[strategy] = est
+    return est
