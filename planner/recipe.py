@@ -102,6 +102,17 @@ CHUNK_HELD_OPTIMS = ("adamw_bf16", "adamw_torch_8bit")
 with state resting on host or disk; the others are priced for one chunk with state on the GPU."""
 RUNNABLE_OPTIMS = ("chunkft",) + CHUNK_HELD_OPTIMS
 """--optim values `chunkft run` executes (ChunkAdamW with runtime.lean_state's formats)."""
+IN_BACKWARD_OPTIMS = ("adamw_torch_forloop",) + RUNNABLE_OPTIMS
+"""--optim values priced with --optimizer-in-backward: ChunkAdamW's formats (what `chunkft run`
+steps in backward, span by span, C > 1 too) and torch's per-tensor AdamW(foreach=False)."""
+
+
+def chunk_adamw_in_backward(optim: str, mixed: bool) -> bool:
+    """Whether an optimizer step in backward is ChunkAdamW's span step (its formats; chunkft
+    keeps an fp32 master, so not under pure precision) rather than torch's per-tensor AdamW."""
+    return optim in RUNNABLE_OPTIMS and (mixed or optim != "chunkft")
+
+
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 SEARCH_LEVELS = ("none", "exact", "lean")
 """--search-recipes: which of `Recipe.variants` the solver (plan) and fit may choose."""
@@ -239,9 +250,9 @@ class Recipe:
             if self.optim not in CHUNK_HELD_OPTIMS and (strategy.chunks > 1 or strategy.state_tier != Tier.GPU):
                 return (f"--optim {self.optim} with ChunkFT (C={strategy.chunks}): ChunkAdamW steps span by span and "
                         f"holds only {' or '.join(CHUNK_HELD_OPTIMS)} state (use one chunk)")
-            if self.optimizer_in_backward and self.optim != "adamw_torch_forloop":
-                return (f"--optimizer-in-backward steps torch.optim.AdamW(foreach=False) per tensor; --optim "
-                        f"{self.optim} is not what it runs (use --optim adamw_torch_forloop or chunkft)")
+            if self.optimizer_in_backward and self.optim not in IN_BACKWARD_OPTIMS:
+                return (f"--optimizer-in-backward steps ChunkAdamW's formats or torch.optim.AdamW(foreach=False) "
+                        f"per tensor; --optim {self.optim} is neither (use --optim {', '.join(IN_BACKWARD_OPTIMS)})")
         if (self.checkpoint_every != 1 or self.selective_checkpointing) and not strategy.checkpointing:
             what = "selective" if self.selective_checkpointing else f"every-{self.checkpoint_every}"
             return f"--checkpointing {what} needs a strategy with checkpointing on"
@@ -249,9 +260,10 @@ class Recipe:
             return (f"--lora trains adapters only; ChunkFT's {strategy.chunks} chunks cut base weights "
                     "(plan LoRA with one chunk)")
         if self.optimizer_in_backward:
-            if strategy.chunks > 1:
-                return (f"--optimizer-in-backward steps whole tensors in backward; ChunkFT's {strategy.chunks} chunks "
-                        "train sliced spans and switch state between steps (use one chunk)")
+            if strategy.chunks > 1 and not chunk_adamw_in_backward(self.optim, self.precision == Precision.MIXED):
+                return (f"--optimizer-in-backward with --precision {self.precision.value} --optim {self.optim} steps "
+                        f"whole tensors; ChunkFT's {strategy.chunks} chunks train sliced spans, which only "
+                        "ChunkAdamW steps in backward (mixed precision, or --optim adamw_bf16 / adamw_torch_8bit)")
             if strategy.optimizer_device == OptimizerDevice.HOST:
                 return "--optimizer-in-backward steps on the GPU inside backward; a host optimizer cannot (use the GPU optimizer)"
             if dtype == "fp16":

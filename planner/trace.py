@@ -101,6 +101,9 @@ class TraceOptions:
     master_weights: bool = True
     """With optimizer_in_backward: the step updates an fp32 master (mixed precision) rather than the
     weight itself (pure precision)."""
+    optim: str = "chunkft"
+    """With optimizer_in_backward: the recipe's --optim, which decides the step the hooks run
+    (planner.train_axes.OptimizerInBackward)."""
 
     def __post_init__(self):
         if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
@@ -131,7 +134,7 @@ class TraceOptions:
         return (ckpt, self.loss_chunk_tokens, self.loop, self.checkpoint_every if ckpt else 1,
                 self.selective_checkpointing and ckpt, self.offload_activations,
                 (self.lora_rank, self.lora_targets) if self.lora_rank else None,
-                (self.optimizer_in_backward, self.master_weights) if self.optimizer_in_backward else None)
+                (self.optimizer_in_backward, self.master_weights, self.optim) if self.optimizer_in_backward else None)
 
     def checkpoints_layer(self, index: int) -> bool:
         """Whether decoder layer `index` (of the full model) runs under activation checkpointing."""
@@ -176,7 +179,7 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
 
     from planner.activations import OffloadHooks
     from planner.step import enable_checkpointing, loop_forward
-    from planner.train_axes import StepAxes
+    from planner.train_axes import StepAxes, steps_spans_in_backward
 
     # The meta parameters are the one non-fake input: empty_like turns them into fake cpu tensors.
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -184,7 +187,10 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
         _to_fake_cpu(module)
         fake_mode.allow_non_fake_inputs = False
         assert all(isinstance(p, FakeTensor) for p in module.parameters()), "parameters must be fake"
-        handle = _apply_grad_spec(module, grad)
+        # the optimizer step in backward over ChunkAdamW's spans installs the GradSpec with its
+        # on_complete after checkpointing is enabled, as ChunkAdamW(step_in_backward=True) does
+        spans_in_backward = steps_spans_in_backward(options)
+        handle = _check_grad_spec(module, grad) if spans_in_backward else _apply_grad_spec(module, grad)
         match_real_attention_branch(module, shape)
         if options.checkpointing:
             n = len(module.get_submodule(layer_prefix)) if layer_prefix else 0
@@ -193,6 +199,8 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
             enable_checkpointing(module, layers=[options.checkpoints_layer(i) for i in index] if per_layer else None,
                                  selective=options.selective_checkpointing)
         axes = StepAxes(module, options, grad)  # LoRA adapters, optimizer in backward
+        if spans_in_backward:
+            handle = axes.span_step.handle
         module.train()
         vocab = _vocab_size(module)
         input_ids = torch.randint(0, vocab, (shape.batch, shape.seq_len))
@@ -206,6 +214,8 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
                                           loss_chunk_tokens=options.loss_chunk_tokens)
             recorder.start_backward(loss)
             if loss.requires_grad:
+                if spans_in_backward:  # forwards from here on are recomputations (ChunkAdamW.backward)
+                    handle.in_backward = True
                 loss.backward()
             del loss, held
             grads = _final_grads(module, handle) + axes.final_grads()
@@ -313,16 +323,21 @@ def _apply_grad_spec(module: "torch.nn.Module", grad: dict[str, Any] | None):
         for p in module.parameters():
             p.requires_grad_(True)
         return None
-    names = dict(module.named_parameters(remove_duplicate=False))
-    unknown = sorted(set(grad) - set(names))
-    if unknown:
-        valid = ", ".join(list(names)[:5])
-        raise ChunkftError(f"grad spec names unknown parameters {unknown[:5]}: valid names look like {valid}, ...")
+    _check_grad_spec(module, grad)
     # The runtime's own installer: whole tensors by requires_grad, slices by hooks and an
     # autograd.Function, so the trace runs exactly what a ChunkFT step runs.
     from runtime.subgrad import install
 
     return install(module, grad)
+
+
+def _check_grad_spec(module: "torch.nn.Module", grad: dict[str, Any] | None) -> None:
+    """Refuse a GradSpec naming parameters `module` does not have (one line)."""
+    names = dict(module.named_parameters(remove_duplicate=False))
+    unknown = sorted(set(grad or ()) - set(names))
+    if unknown:
+        valid = ", ".join(list(names)[:5])
+        raise ChunkftError(f"grad spec names unknown parameters {unknown[:5]}: valid names look like {valid}, ...")
 
 
 def _final_grads(module: "torch.nn.Module", handle) -> list["torch.Tensor"]:

@@ -10,13 +10,16 @@ tensors.
 - LoRA: runtime.lora's own `apply_lora` on the model the tracer runs (its adapters are created
   under the fake mode, so they are fake too): the base is frozen, each targeted nn.Linear gets
   its rank-r A and B through a forward hook, and only A and B get gradients and state.
-- Optimizer in backward (torchtune's `optimizer_in_bwd`, LOMO): every trained tensor has its
-  own `torch.optim.AdamW(foreach=False, fused=False)` stepped inside the tensor's
-  `register_post_accumulate_grad_hook`, which then drops the gradient (`p.grad = None`), so
-  gradients never all coexist and the step's temporaries are one tensor's. With
-  `master_weights` (mixed precision) the optimizer steps an fp32 master copy with the gradient
-  cast to fp32 and writes the result back into the 16-bit weight, as chunkft's ChunkAdamW does;
-  without, it steps the weight itself (pure precision). The optimizer state (master, moments,
+- Optimizer in backward (torchtune's `optimizer_in_bwd`, LOMO): every trained tensor steps
+  inside its `register_post_accumulate_grad_hook`, which then drops the gradient
+  (`p.grad = None`), so gradients never all coexist and the step's temporaries are one
+  tensor's. The step is the recipe's: with `--optim chunkft` (and the other formats ChunkAdamW
+  holds, runtime.lean_state) the one `chunkft run` executes, ChunkAdamW(step_in_backward=True)'s
+  span step (the gradient's finiteness flag, its fp32 copy, runtime.chunk_optim.adamw_update
+  over the format's state, the copy back into the 16-bit weight); with
+  `--optim adamw_torch_forloop` (or pure precision with chunkft) one
+  `torch.optim.AdamW(foreach=False, fused=False)` per tensor, stepping an fp32 master copy
+  (mixed precision) or the weight itself (pure). The optimizer state (master, moments,
   step counters) exists before the step and is left out of the trace: planner.evaluate prices
   it (`gpu_static_allocs`) like every other optimizer's state, and adds no after-backward
   optimizer temporaries for this recipe (the traced hooks hold them).
@@ -67,7 +70,7 @@ def trace_options(recipe: "Recipe", *, grad: dict | None, checkpointing: bool, l
                         offload_activations=recipe.offload_activations, lora_rank=recipe.lora_rank,
                         lora_targets=recipe.lora_targets if recipe.lora_rank else (),
                         optimizer_in_backward=recipe.optimizer_in_backward,
-                        master_weights=recipe.precision == Precision.MIXED)
+                        master_weights=recipe.precision == Precision.MIXED, optim=recipe.optim)
 
 
 def trained_shapes(recipe: "Recipe", named_shapes: tuple) -> tuple:
@@ -89,8 +92,19 @@ def trained_shapes(recipe: "Recipe", named_shapes: tuple) -> tuple:
     return tuple(named_shapes) if spec is None else tuple(x for x in named_shapes if spec[x[0]])
 
 
+def steps_spans_in_backward(options: "TraceOptions") -> bool:
+    """Whether the traced optimizer-in-backward step is ChunkAdamW's (`SpanStepInBackward`): a
+    format ChunkAdamW holds (`--optim` chunkft, adamw_bf16, adamw_torch_8bit; chunkft mixed
+    only) on the base weights (LoRA adapters step through `OptimizerInBackward`)."""
+    from planner.recipe import chunk_adamw_in_backward
+
+    return (options.optimizer_in_backward and not options.lora_rank
+            and chunk_adamw_in_backward(options.optim, options.master_weights))
+
+
 class OptimizerInBackward:
-    """One AdamW per trained tensor, stepped in its post-accumulate-grad hook (see the module doc)."""
+    """One torch.optim.AdamW(foreach=False) per trained tensor, stepped in its
+    post-accumulate-grad hook (see the module doc)."""
 
     def __init__(self, params: list["torch.Tensor"], *, master_weights: bool,
                  around_step: Callable[["torch.Tensor"], Any] | None = None):
@@ -137,6 +151,56 @@ class OptimizerInBackward:
         self._handles.clear()
 
 
+class SpanStepInBackward:
+    """ChunkAdamW(step_in_backward=True)'s step, as `chunkft run` executes it: runtime.subgrad's
+    `install(on_complete=...)` hands over each span's complete gradient (a whole tensor from its
+    post-accumulate-grad hook, a ChunkFT slice once every owning module's backward has used the
+    weight) and this steps it at once, as ChunkAdamW._step_in_backward does: the gradient's
+    finiteness flag (runtime.guard), its fp32 copy (`_grad32`), runtime.chunk_optim.adamw_update
+    over the span's state in the recipe's format (runtime.lean_state), the copy back into the
+    16-bit weights (`_adamw`). The state of every trained span exists before the step."""
+
+    def __init__(self, module: "torch.nn.Module", grad: dict[str, Any] | None, *, optim: str,
+                 master_weights: bool, around_step: Callable[["torch.Tensor"], Any] | None = None):
+        from runtime.chunk_optim import AdamWConfig
+        from runtime.lean_state import StateFormat
+        from runtime.subgrad import SliceSpec, install
+
+        spec = grad if grad is not None else {n: True for n, _ in module.named_parameters()}
+        self.handle = install(module, spec, on_complete=self._step)
+        self._format = StateFormat.from_recipe(optim, "mixed" if master_weights else "pure")
+        self._config = AdamWConfig()
+        self._around = around_step
+        params = dict(module.named_parameters())
+        self._views: dict[str, "torch.Tensor"] = {}
+        self._state: dict[str, "torch.Tensor"] = {}
+        for name, value in self.handle.spec.items():
+            if value is True or isinstance(value, SliceSpec):
+                p = params[name].detach()
+                view = p if value is True else p.narrow(value.dim, value.start, value.end - value.start)
+                self._views[name] = view
+                self._state.update(self._format.fresh(name, view, view.device))
+
+    def _step(self, name: str, grad: "torch.Tensor") -> None:
+        import torch
+
+        from runtime.chunk_optim import adamw_update
+        from runtime.guard import nonfinite_flag
+
+        view = self._views[name]
+        with self._around(grad) if self._around is not None else contextlib.nullcontext():
+            nonfinite_flag((grad,), grad.device)
+            grad32 = grad.to(torch.float32)
+            with torch.no_grad():
+                target = adamw_update(self._state, name, grad32, config=self._config, lr=1e-5, step=1,
+                                      weight=None if self._format.master else view)
+                if target is not view:
+                    view.copy_(target)
+
+    def state_tensors(self) -> tuple["torch.Tensor", ...]:
+        return tuple(self._state.values())
+
+
 def lora_config(options: "TraceOptions"):
     from runtime.lora import LoraConfig
 
@@ -155,10 +219,15 @@ class StepAxes:
             from runtime.lora import apply_lora
 
             self.adapters = apply_lora(module, lora_config(options))
-        if options.optimizer_in_backward:
+        self.span_step: SpanStepInBackward | None = None
+        if steps_spans_in_backward(options):  # installs the GradSpec itself (the trace's handle)
+            self.span_step = SpanStepInBackward(module, grad, optim=options.optim, master_weights=options.master_weights,
+                                                around_step=self._optimizer_step)
+        elif options.optimizer_in_backward:
             if any(not isinstance(v, bool) for v in (grad or {}).values()):
-                raise ChunkftError("optimizer in backward needs whole-tensor gradients; a ChunkFT chunk's "
-                                   "sliced spans (C > 1) are not modelled with it")
+                raise ChunkftError(f"--optimizer-in-backward with --optim {options.optim} steps whole tensors in "
+                                   "torch.optim.AdamW hooks; a ChunkFT chunk's sliced spans (C > 1) step only "
+                                   "with ChunkAdamW's formats (--optim chunkft, adamw_bf16, adamw_torch_8bit)")
             self._trained = [p for p in module.parameters() if p.requires_grad] + self._adapter_params()
         self._recorder = None
 
@@ -176,6 +245,8 @@ class StepAxes:
         return out
 
     def external_tensors(self) -> tuple:
+        if self.span_step is not None:
+            return self.span_step.state_tensors()
         if self.options.optimizer_in_backward and self.oib is None:
             self.oib = OptimizerInBackward(self._trained, master_weights=self.options.master_weights,
                                            around_step=self._optimizer_step)

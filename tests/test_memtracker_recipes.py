@@ -6,8 +6,10 @@ too, but executed here as an ordinary eager step on the fake model under MemTrac
 planner's recording and replay): planner.step.loop_forward ("chunkft" / "hf" loop) and
 backward; planner.step.enable_checkpointing (every-K, selective `context_fn`); planner.
 activations.OffloadHooks around forward and loss; `requires_grad_(False)` on the frozen
-parameters; runtime.lora.apply_lora; planner.train_axes.OptimizerInBackward (one
-torch.optim.AdamW(foreach=False) per trained tensor, stepped in its post-accumulate-grad hook);
+parameters; runtime.lora.apply_lora; the optimizer in backward: planner.train_axes.
+SpanStepInBackward (ChunkAdamW's span step from runtime.subgrad's on_complete, as `chunkft run`
+steps --optim chunkft) or OptimizerInBackward (one torch.optim.AdamW(foreach=False) per trained
+tensor in its post-accumulate-grad hook: pure precision);
 planner.optim_step.OptimizerStep (torch.optim.AdamW(foreach=True) / (fused=True), with fp32
 masters under mixed precision) after backward.
 
@@ -214,7 +216,8 @@ def tracked(case: Case) -> Tracked:
     from planner.optim_step import OptimizerStep
     from planner.step import enable_checkpointing, loop_forward
     from planner.trace import match_real_attention_branch
-    from planner.train_axes import OptimizerInBackward, trainable_grad_spec
+    from planner.recipe import chunk_adamw_in_backward
+    from planner.train_axes import OptimizerInBackward, SpanStepInBackward, trainable_grad_spec
 
     recipe = case.recipe
     spec = model_spec(case.layers)
@@ -239,7 +242,10 @@ def tracked(case: Case) -> Tracked:
             external.append(adapters)
             trained = list(adapters.parameters())
         mixed = recipe.precision == Precision.MIXED
-        if recipe.optimizer_in_backward:
+        if recipe.optimizer_in_backward and chunk_adamw_in_backward(recipe.optim, mixed):
+            oib = SpanStepInBackward(model, grad, optim=recipe.optim, master_weights=mixed)  # ChunkAdamW's step
+            external += oib.state_tensors()
+        elif recipe.optimizer_in_backward:
             oib = OptimizerInBackward(trained, master_weights=mixed)
             external += oib.state_tensors()
         step = None
