@@ -109,17 +109,17 @@ class OffloadHooks:
         return self._hooks.__exit__(*exc)
 
 
-def host_bytes(graph) -> tuple[int, int]:
-    """(bytes, power-of-two rounding) of the offloaded host copies alive together at their
-    peak: the HOST-tier storages of `graph`, each rounded as CachingHostAllocator rounds pinned
-    blocks (c10::llvm::PowerOf2Ceil)."""
+def host_series(graph):
+    """(raw, rounded) bytes of the offloaded host copies alive after every op of `graph` (its
+    HOST-tier storages; rounded: each as CachingHostAllocator rounds pinned blocks,
+    c10::llvm::PowerOf2Ceil), int64 arrays of len(graph.ops); None when nothing is offloaded."""
     import numpy as np
 
     from planner.schema import Tier
 
     host = [s for s in graph.storages.values() if s.tier == Tier.HOST]
     if not host:
-        return 0, 0
+        return None
     n = max(len(graph.ops), 1)
     raw = np.zeros(n + 1, dtype=np.int64)
     rounded = np.zeros(n + 1, dtype=np.int64)
@@ -131,7 +131,21 @@ def host_bytes(graph) -> tuple[int, int]:
         raw[end] -= s.nbytes
         rounded[start] += r
         rounded[end] -= r
-    rounded = np.cumsum(rounded)[:n]
+    return np.cumsum(raw)[:n], np.cumsum(rounded)[:n]
+
+
+def host_bytes(graph) -> tuple[int, int]:
+    """(bytes, power-of-two rounding) of the offloaded host copies alive together at their
+    peak (`host_series`'s op with the most rounded bytes)."""
+    return host_peak(host_series(graph))
+
+
+def host_peak(series) -> tuple[int, int]:
+    """`host_bytes` of a `host_series` result."""
+    import numpy as np
+
+    if series is None:
+        return 0, 0
+    raw, rounded = series
     t = int(np.argmax(rounded))
-    at = int(np.cumsum(raw)[:n][t])
-    return at, int(rounded[t]) - at
+    return int(raw[t]), int(rounded[t] - raw[t])

@@ -60,7 +60,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -151,6 +151,9 @@ class TracedStep:
     """Offloaded activations in pinned host memory at their peak (--offload-activations), and
     the CachingHostAllocator's power-of-two rounding of them (planner.activations.host_bytes)."""
     host_rounding: int = 0
+    host_live: np.ndarray | None = None
+    """(2, num_ops): the offloaded activations' bytes after every op, raw and as the host
+    allocator rounds them (planner.activations.host_series); None when nothing is offloaded."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -314,12 +317,14 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
         graph = stream_weights(graph, packed_layer_bytes(layout.named_shapes, layout.layer_prefix, layout.num_layers))
     tl = graph.replay(allocator="cuda", sm=sm, alloc_conf=alloc_conf, least=True)
     live = np.stack([tl.live_bytes[c] for c in COMPONENTS])
-    from planner.activations import host_bytes
+    from planner.activations import host_peak, host_series
 
-    host_act, host_round = host_bytes(graph)
+    series = host_series(graph)
+    host_act, host_round = host_peak(series)
     step = TracedStep(live=live, reserved=np.asarray(tl.reserved_bytes, dtype=np.int64), least=tl.least_bytes,
                       flops=int(graph.total_flops()), phases=tuple(op.phase for op in graph.ops),
-                      layers=tuple(op.layer for op in graph.ops), host_activations=host_act, host_rounding=host_round)
+                      layers=tuple(op.layer for op in graph.ops), host_activations=host_act, host_rounding=host_round,
+                      host_live=None if series is None else np.stack(series))
     if len(_TRACES) >= _TRACE_CACHE_SIZE:
         _TRACES.pop(next(iter(_TRACES)))
     _TRACES[key] = step
@@ -789,6 +794,15 @@ def active_set_for(table: "ChunkTable", k: int, strategy: Strategy) -> ActiveSet
     return ActiveSet(chunk=k, tensor_bytes=tuple(s.nbytes for s in table.chunks[k]), prefetch_bytes=nxt)
 
 
+class StepTrace(NamedTuple):
+    """One step of a strategy's chunk as evaluate builds it: the traced step and its parts."""
+
+    traced: TracedStep
+    layout: ParamLayout
+    active: ActiveSet
+    all_spans: tuple[int, ...]
+
+
 def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any,
                  chunk: int | None = None, *, chunk_traces: str = "auto") -> list[Event]:
     """GPU events of one step: one OP event per traced op, then the optimizer step, then the end.
@@ -796,6 +810,13 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
     Built from the same trace and the same additions as `evaluate` (same `chunk_traces`), so
     its highest `allocated` is evaluate's GPU peak for that chunk. `chunk` picks the active
     chunk (C > 1; default: the worst one evaluate reports)."""
+    step = step_trace(model, shape, strategy, hw, chunk, chunk_traces=chunk_traces)
+    return timeline_events(step.traced, strategy, step.layout, step.active, all_spans=step.all_spans)
+
+
+def step_trace(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any,
+               chunk: int | None = None, *, chunk_traces: str = "auto") -> StepTrace:
+    """The traced step behind `gpu_timeline` (same arguments)."""
     if chunk_traces not in CHUNK_TRACE_MODES:
         raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(CHUNK_TRACE_MODES)}")
     layout = param_layout(model, shape.dtype)
@@ -820,7 +841,7 @@ def gpu_timeline(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw:
                          alloc_conf=strategy.recipe.alloc_conf,
                          loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw), loop=strategy.recipe.loop.value,
                          stream=strategy.weights == WeightResidency.STREAM, recipe=strategy.recipe)
-    return timeline_events(traced, strategy, layout, active, all_spans=spans)
+    return StepTrace(traced, layout, active, spans)
 
 
 def timeline_events(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active: ActiveSet,

@@ -10,6 +10,8 @@ The timeline is what the runtime's trace is held against (planner.schema's layou
            decoder layer starts; then the optimizer step and the step end;
   host, disk   the bytes resting on those tiers, per component (an event at the step start and
            one after the optimizer step: the state tiers hold their predicted peak all step);
+           with offloaded activations, a host OP event after each op where their bytes change
+           (the resting bytes plus the copies alive then, rounded as pinned blocks are);
   switch   for C > 1: a CHUNK_SWITCH event (the step's gradients dropped: the optimizers
            zero_grad before they switch), then TRANSFER events with the bytes each moves:
            evicting the finished chunk's fp32 master and moments from the GPU, and fetching the
@@ -34,7 +36,8 @@ and the highest `reserved` its reserved bytes (one GPU and per rank alike): both
 same replay (tests hold them equal).
 
 Known limitations: host and disk bytes are held constant through the step (the cost model
-predicts their peaks, not their course); transfer events have no duration in op units (the
+predicts their peaks, not their course), except the activations offloaded to host memory
+(--offload-activations), whose bytes the host line follows op by op from the trace; transfer events have no duration in op units (the
 header's step time has the switch cost, amortised, in `step_time_parts_s`); a plan does not
 record its `--chunk-traces` mode, so `simulate` re-derives it ("auto" unless told), and a plan
 made with another mode gives a timeline of that other model. One GPU: the switch moves
@@ -99,7 +102,7 @@ def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None,
     A parallel plan's is one rank's: the (chunk, rank) planner.sharding.evaluate_sharded reports.
     `chunk_traces` as in planner.evaluate.evaluate; None: the mode the plan was made with
     (a parallel plan records it; one-GPU plans are made with "auto")."""
-    from planner.evaluate import evaluate, gpu_timeline
+    from planner.evaluate import evaluate, step_trace, timeline_events
 
     hw = plan.hardware if hw is None else hw
     if chunk_traces is None:
@@ -108,23 +111,34 @@ def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None,
         return _simulate_parallel(plan, model, hw, chunk_traces)
     strategy = plan.strategy
     chunk = plan.worst_chunk if strategy.chunks > 1 else None
-    gpu = gpu_timeline(model, plan.shape, strategy, hw, chunk=chunk, chunk_traces=chunk_traces)
+    step = step_trace(model, plan.shape, strategy, hw, chunk, chunk_traces=chunk_traces)
+    gpu = timeline_events(step.traced, strategy, step.layout, step.active, all_spans=step.all_spans)
     est = evaluate(model, plan.shape, strategy, hw, chunk_traces=chunk_traces)
     host_disk = [(tier, plan.components.get(tier, {})) for tier in (Tier.HOST, Tier.DISK)
                  if plan.peak_bytes.get(tier, 0)]
     switch = (lambda t: _switch_events(plan, gpu[-1], t, dict(host_disk))) if strategy.chunks > 1 and gpu else None
-    return _timeline(plan, hw, gpu=gpu, host_disk=host_disk, chunk=chunk, switch=switch, est=est)
+    return _timeline(plan, hw, gpu=gpu, host_disk=host_disk, chunk=chunk, switch=switch, est=est,
+                     host_live=step.traced.host_live)
 
 
 def _timeline(plan: "Plan", hw: "Hardware", *, gpu: list[Event], host_disk: list, chunk: int | None,
-              switch, est, extra: dict | None = None) -> Timeline:
-    """Header, host/disk events around the GPU step, then the switch events (`switch(t)`)."""
+              switch, est, extra: dict | None = None, host_live=None) -> Timeline:
+    """Header, host/disk events around the GPU step, then the switch events (`switch(t)`).
+
+    `host_live` (the traced step's offloaded activations per op, raw and rounded): the host
+    tier's line follows them op by op (an OP event where they change) on top of its resting
+    bytes; without, the host and disk tiers hold their bytes all step."""
     events: list[Event] = []
-    for tier, comps in host_disk:
+    rest = dict(host_disk)
+    if host_live is not None and Tier.HOST in rest:
+        rest[Tier.HOST] = _without_offloaded(rest[Tier.HOST], host_live)
+    for tier, comps in rest.items():
         events.append(_tier_event(0.0, tier, comps, phase=Phase.SETUP, chunk=chunk, kind=EventKind.PHASE))
-    events += _with_boundaries(gpu)
+    events += _with_host_line(_with_boundaries(gpu), host_live, rest.get(Tier.HOST), chunk)
     end_t = gpu[-1].t if gpu else 0.0
-    for tier, comps in host_disk:
+    for tier, comps in rest.items():
+        if tier == Tier.HOST and host_live is not None:
+            comps = _with_offloaded(comps, host_live, -1)
         events.append(_tier_event(end_t, tier, comps, phase=Phase.OPTIMIZER, chunk=chunk, kind=EventKind.STEP_END))
     if switch is not None:
         events += switch(end_t + 1)
@@ -238,6 +252,42 @@ def _tier_event(t: float, tier: Tier, comps: dict[Component, int], *, kind: Even
     total = sum(comps.values())
     return Event(t=t, event=kind, tier=tier, allocated=total, reserved=total,
                  bytes={c: b for c, b in comps.items() if b}, phase=phase, chunk=chunk, name=name)
+
+
+def _without_offloaded(comps: dict[Component, int], host_live) -> dict[Component, int]:
+    """The host tier's resting bytes: its peak components less the offloaded activations at
+    their peak (planner.evaluate adds the op with the most rounded bytes)."""
+    t = int(host_live[1].argmax())
+    out = dict(comps)
+    out[Component.ACTIVATIONS] = out.get(Component.ACTIVATIONS, 0) - int(host_live[0][t])
+    out[Component.ROUNDING] = out.get(Component.ROUNDING, 0) - int(host_live[1][t] - host_live[0][t])
+    return {c: b for c, b in out.items() if b}
+
+
+def _with_offloaded(rest: dict[Component, int], host_live, t: int) -> dict[Component, int]:
+    out = dict(rest)
+    raw, rounded = int(host_live[0][t]), int(host_live[1][t])
+    out[Component.ACTIVATIONS] = out.get(Component.ACTIVATIONS, 0) + raw
+    out[Component.ROUNDING] = out.get(Component.ROUNDING, 0) + rounded - raw
+    return out
+
+
+def _with_host_line(events: list[Event], host_live, rest: dict[Component, int] | None,
+                    chunk: int | None) -> list[Event]:
+    """`events` with a HOST OP event after each GPU op where the offloaded bytes change."""
+    if host_live is None or rest is None:
+        return events
+    out, last = [], 0
+    for ev in events:
+        out.append(ev)
+        if ev.event != EventKind.OP or ev.tier != Tier.GPU or int(ev.t) >= host_live.shape[1]:
+            continue
+        now = int(host_live[1][int(ev.t)])
+        if now != last:
+            out.append(_tier_event(ev.t, Tier.HOST, _with_offloaded(rest, host_live, int(ev.t)), kind=EventKind.OP,
+                                   phase=ev.phase, chunk=chunk, name="offloaded activations"))
+            last = now
+    return out
 
 
 def _with_boundaries(ops: list[Event]) -> list[Event]:

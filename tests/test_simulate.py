@@ -12,6 +12,7 @@ from planner.evaluate import evaluate
 from planner.hardware import hardware
 from planner.model import resolve_model
 from planner.plan import load_plan, make_plan
+from planner.recipe import Recipe
 from planner.schema import Component, EventKind, Phase, Tier
 from planner.simulate import simulate
 from planner.solve import Objective
@@ -158,3 +159,33 @@ def test_cli_simulate_refuses_another_model(small, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the plan was made for model" in err
     assert not (tmp_path / "t.jsonl").exists()
+
+
+@pytest.mark.parametrize("strategy", [
+    Strategy(recipe=Recipe(offload_activations=True)),
+    Strategy(chunks=3, state_tier=Tier.HOST, recipe=Recipe(offload_activations=True)),
+])
+def test_host_line_follows_the_offloaded_activations(small, strategy, tmp_path):
+    """--offload-activations: the host tier starts the step with its resting bytes, gains each
+    saved activation as forward offloads it and loses it as backward uses it, op by op; its
+    peak is the plan's host peak, at the end of forward."""
+    from analysis.compare import cpu_equivalent
+    from analysis.load import load_recording
+
+    plan = plan_for(small, strategy)
+    timeline = simulate(plan, small)
+    host = [e for e in timeline.events if e.tier == Tier.HOST]
+    offloaded = plan.components[Tier.HOST][Component.ACTIVATIONS]
+    assert host[0].event == EventKind.PHASE and host[0].t == 0
+    assert host[0].bytes.get(Component.ACTIVATIONS, 0) == 0
+    assert host[0].allocated == plan.peak_bytes[Tier.HOST] - offloaded - (
+        plan.components[Tier.HOST].get(Component.ROUNDING, 0) - host[0].bytes.get(Component.ROUNDING, 0))
+    ops = [e for e in host if e.event == EventKind.OP]
+    assert len(ops) > 10 and timeline.peak_bytes(Tier.HOST) == plan.peak_bytes[Tier.HOST]
+    top = max(ops, key=lambda e: e.allocated)
+    assert top.bytes[Component.ACTIVATIONS] == offloaded and top.phase in (Phase.FORWARD, Phase.LOSS)
+    assert host[-1].event == EventKind.STEP_END and host[-1].bytes.get(Component.ACTIVATIONS, 0) == 0
+    # a CPU run holds device and host bytes in one heap: the offloaded bytes rise within the step
+    timeline.write(tmp_path / "timeline.jsonl")
+    eq = cpu_equivalent(load_recording(tmp_path / "timeline.jsonl").events)
+    assert int(eq["peak"].max()) - int(eq["peak"].iloc[0]) > offloaded
