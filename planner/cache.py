@@ -198,6 +198,7 @@ def store(kind: str, key: Any, value: Any) -> None:
 
 # path -> [kind, key, the values, how many were read from disk]: written back by `flush`
 _buckets: dict[Path, list] = {}
+_bucket_paths: dict[tuple, Path] = {}  # (directory, kind, key) -> path: a key is encoded and hashed once
 
 
 def bucket(kind: str, key: Any) -> dict | None:
@@ -208,9 +209,16 @@ def bucket(kind: str, key: Any) -> dict | None:
     if _active is None:
         return None
     try:
-        path, _ = _entry(_active, kind, key)
-    except TypeError:
-        return None
+        path = _bucket_paths.get((_active, kind, key))
+    except TypeError:  # an unhashable key: named by its encoding each time
+        path = None
+    if path is None:
+        try:
+            path, _ = _entry(_active, kind, key)
+        except TypeError:
+            return None
+        with contextlib.suppress(TypeError):
+            _bucket_paths[(_active, kind, key)] = path
     if path not in _buckets:
         found = load(kind, key)
         values = found if isinstance(found, dict) else {}

@@ -254,7 +254,7 @@ def rank_live(traced: "TracedStep", layout: "ParamLayout", grads: Collection[str
     `grads`: names of the parameters FSDP2 computes a (whole) gradient of this step; `live`: the
     trace's live array after evaluate's adjustments (default: traced.live); `schedule`:
     `fsdp_schedule` of this trace, layout, world and options, when the caller reuses it."""
-    live = (traced.live if live is None else live).astype(np.int64).copy()
+    live = (traced.live if live is None else live).astype(np.int64)  # a copy (astype copies)
     u = fsdp_units(layout, world, grads, shard_embeddings)
     n = live.shape[1]
     if schedule is None:

@@ -308,9 +308,28 @@ class ChunkPart:
     schedule: FsdpSchedule
 
 
+_PARTS: dict[tuple, tuple] = {}
+_PARTS_SIZE = 48  # each holds two (components x ops) arrays: ~3 MiB at 70B
+
+
 def chunk_part(prep: PreparedChunks, strategy: Strategy, k: int, world: int, shard_embeddings: bool) -> ChunkPart:
     """Chunk k's step on any rank of `world`: its trace after evaluate's adjustments through
-    `rank_live`, and the bytes at the optimizer step (every unit resharded)."""
+    `rank_live`, and the bytes at the optimizer step (every unit resharded). Kept per prepared
+    chunks, chunk, world and layout: the strategies of one chunk table that differ in state tier,
+    prefetch or update interval share it (evaluate's adjustments read only the chunk count,
+    the optimizer device and gradient staging, fixed for a sharded plan)."""
+    key = (id(prep), k, world, shard_embeddings, strategy.chunks, strategy.optimizer_device, strategy.grad_staging)
+    hit = _PARTS.get(key)
+    if hit is not None and hit[0] is prep:
+        return hit[1]
+    part = _chunk_part(prep, strategy, k, world, shard_embeddings)
+    if len(_PARTS) >= _PARTS_SIZE:
+        _PARTS.pop(next(iter(_PARTS)))
+    _PARTS[key] = (prep, part)
+    return part
+
+
+def _chunk_part(prep: PreparedChunks, strategy: Strategy, k: int, world: int, shard_embeddings: bool) -> ChunkPart:
     from planner import evaluate as ev
 
     layout = prep.layout

@@ -115,8 +115,27 @@ def stream_weights(graph: "OpGraph", layer_bytes: dict[int, int]) -> "OpGraph":
     return OpGraph(ops, storages, num_layers=graph.num_layers, template_layers=graph.template_layers)
 
 
+_PACKED: dict[tuple, tuple] = {}
+
+
 def packed_layer_bytes(named_shapes, layer_prefix: str, num_layers: int) -> dict[int, int]:
-    """Packed bytes of each decoder layer from (name, shape, elem_bytes) in module order."""
+    """Packed bytes of each decoder layer from (name, shape, elem_bytes) in module order (kept
+    per shapes object: planner.evaluate asks once per streamed estimate, ~1,000 times in
+    `chunkft size`)."""
+    if not isinstance(named_shapes, tuple):  # kept only for immutable shapes
+        return _packed_layer_bytes(named_shapes, layer_prefix, num_layers)
+    key = (id(named_shapes), layer_prefix, num_layers)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0] is named_shapes:
+        return dict(hit[1])
+    packed = _packed_layer_bytes(named_shapes, layer_prefix, num_layers)
+    if len(_PACKED) >= 16:
+        _PACKED.pop(next(iter(_PACKED)))
+    _PACKED[key] = (named_shapes, packed)
+    return dict(packed)
+
+
+def _packed_layer_bytes(named_shapes, layer_prefix: str, num_layers: int) -> dict[int, int]:
     per: dict[int, list] = {}
     head = layer_prefix + "."
     for name, shape, elem in named_shapes:
