@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
         p.add_argument("trace", help="measured trace (chunkft run --trace ...)")
         p.add_argument("-o", "--out", default=COMPARE_OUT, help=f"output directory (default: {COMPARE_OUT}/)")
         p.add_argument("--step", type=int, default=None,
-                       help="compare the timeline against this step of the trace (default: all steps by number)")
+                       help="compare the timeline against this step of the trace (default: a one-step timeline against the worst step of its chunk, else steps by number)")
         p.add_argument("--perfetto", default=None, metavar="OUT.json",
                        help="also export timeline and trace as Chrome trace JSON (chrome://tracing, ui.perfetto.dev)")
         p.add_argument("--force", action="store_true",

@@ -279,14 +279,21 @@ class Comparison:
                 "matched": len(self.aligned)}
 
 
-def worst_step(events: pd.DataFrame) -> int:
+def worst_step(events: pd.DataFrame, chunk: int | None = None) -> int:
     """The step with the highest peak on the GPU tier (on any tier if there is no GPU row),
     among the steps that hold a phase event: a fragment (a lone step_end written after the
-    step counter moved on, the tail of a killed run) is no step to compare a timeline with."""
+    step counter moved on, the tail of a killed run) is no step to compare a timeline with.
+    `chunk`: among the steps that trained that chunk, when any did (a ChunkFT timeline is one
+    chunk's step; another chunk's step holds other spans' gradients and activations)."""
     rows = events[events["tier"] == "gpu"] if (events["tier"] == "gpu").any() else events
     whole = set(rows.loc[rows["event"] == "phase", "step"])
     if whole:
         rows = rows[rows["step"].isin(whole)]
+    if chunk is not None:
+        started = rows.loc[rows["event"] == "phase"].groupby("step")["chunk"].first()
+        same = set(started[started == chunk].index)
+        if same:
+            rows = rows[rows["step"].isin(same)]
     return int(rows.groupby("step")["peak"].max().idxmax())
 
 
@@ -296,13 +303,14 @@ def compare(predicted: Recording, measured: Recording, *, measured_step: int | N
     `measured_step`: compare the timeline (which must then hold one step) against this one
     step of the trace, e.g. a step after warm-up. Default: a one-step timeline against a
     trace of several steps is compared with the trace's worst step (highest GPU peak: the
-    prediction is meant to bound every step); otherwise steps match by number.
+    prediction is meant to bound every step) among those that trained the timeline's chunk;
+    otherwise steps match by number.
     """
     p, m = predicted.events, measured.events
     steps = sorted(set(p["step"]))
     available = sorted(set(m["step"]))
     if measured_step is None and len(steps) == 1 and len(available) > 1:
-        measured_step = worst_step(m)
+        measured_step = worst_step(m, predicted.header.get("chunk"))
     if measured_step is not None:
         if len(steps) != 1:
             raise ChunkftError(f"--step needs a timeline of one step; {predicted.path!r} has steps {steps}")

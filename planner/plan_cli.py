@@ -4,7 +4,7 @@
                [--chunks 4,16] [--optimizer gpu|host] [--state gpu|host|disk] [--grad-staging ..]
                [--dtype bf16] [--gpu-kind rtx4090] [--objective speed|fidelity] [-o plan.json]
       exit 0 with a plan written; exit 1 when nothing fits (what is missing, per tier).
-  chunkft simulate PLAN [-o timeline.jsonl] [--model SPEC] [--gpu-kind KIND]
+  chunkft simulate PLAN [-o timeline.jsonl] [--model SPEC] [--gpu-kind KIND] [--chunk K]
 
 torch and transformers are imported inside run(), not at module top (CLI start-up time).
 """
@@ -64,6 +64,7 @@ def add_parser(subparsers) -> None:
     s.add_argument("-o", "--output", default="timeline.jsonl", help="timeline to write (default timeline.jsonl)")
     s.add_argument("--model", help="model spec (default: the model named in the plan)")
     s.add_argument("--gpu-kind", help="re-time on another GPU profile (default: the plan's)")
+    s.add_argument("--chunk", type=int, help="ChunkFT: the step of this chunk (default: the plan's worst chunk)")
     s.set_defaults(run=run_simulate)
 
 
@@ -398,7 +399,7 @@ def run_simulate(args) -> int:
     if args.gpu_kind:
         hw = hardware(args.gpu_kind, **{f: getattr(plan.hardware, f) for f in
                                         ("host_bandwidth_Bps", "nvme_bandwidth_Bps", "mfu")})
-    timeline = simulate(plan, model, hw=hw)
+    timeline = simulate(plan, model, hw=hw, chunk=args.chunk)
     timeline.write(args.output)
     h = timeline.header
     print(f"plan      {plan.strategy.label()} for {plan.model_name}")

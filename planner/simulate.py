@@ -54,6 +54,7 @@ import os
 from typing import TYPE_CHECKING
 
 from planner.evaluate import MASTER_BYTES_PER_PARAM, MOMENT_BYTES_PER_PARAM
+from planner.errors import ChunkftError
 from planner.fsio import atomic_write_jsonl
 from planner.schema import TIMELINE_SCHEMA_VERSION, Component, Event, EventKind, Phase, Tier
 from planner.strategy import OptimizerDevice
@@ -96,26 +97,37 @@ class Timeline:
 
 
 def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None,
-             chunk_traces: str | None = None) -> Timeline:
+             chunk_traces: str | None = None, chunk: int | None = None) -> Timeline:
     """The plan's predicted timeline (hardware: the plan's own profile unless `hw` is given).
 
-    A parallel plan's is one rank's: the (chunk, rank) planner.sharding.evaluate_sharded reports.
-    `chunk_traces` as in planner.evaluate.evaluate; None: the mode the plan was made with
+    One GPU: the step of `chunk` (C > 1; default: the plan's worst chunk, whose peaks are the
+    plan's). A parallel plan's is one rank's: the (chunk, rank) planner.sharding.evaluate_sharded
+    reports. `chunk_traces` as in planner.evaluate.evaluate; None: the mode the plan was made with
     (a parallel plan records it; one-GPU plans are made with "auto")."""
-    from planner.evaluate import evaluate, step_trace, timeline_events
+    from planner.evaluate import evaluate, host_and_disk_bytes, step_trace, timeline_events
 
     hw = plan.hardware if hw is None else hw
     if chunk_traces is None:
         chunk_traces = plan.chunk_traces
     if plan.parallel is not None:
+        if chunk is not None:
+            raise ChunkftError("--chunk picks a one-GPU plan's chunk; a parallel plan's timeline is the rank and "
+                               "chunk its per-GPU figures are for")
         return _simulate_parallel(plan, model, hw, chunk_traces)
     strategy = plan.strategy
-    chunk = plan.worst_chunk if strategy.chunks > 1 else None
+    if chunk is not None and (strategy.chunks == 1 or isinstance(chunk, bool) or not isinstance(chunk, int)
+                              or not 0 <= chunk < strategy.chunks):
+        valid = "none (one chunk)" if strategy.chunks == 1 else f"0..{strategy.chunks - 1}"
+        raise ChunkftError(f"invalid --chunk {chunk!r}: the plan's chunks are {valid}")
+    if strategy.chunks > 1 and chunk is None:
+        chunk = plan.worst_chunk
     step = step_trace(model, plan.shape, strategy, hw, chunk, chunk_traces=chunk_traces)
     gpu = timeline_events(step.traced, strategy, step.layout, step.active, all_spans=step.all_spans)
     est = evaluate(model, plan.shape, strategy, hw, chunk_traces=chunk_traces)
-    host_disk = [(tier, plan.components.get(tier, {})) for tier in (Tier.HOST, Tier.DISK)
-                 if plan.peak_bytes.get(tier, 0)]
+    # what rests on host and disk through the step (the offloaded activations come op by op)
+    host_disk = [(tier, comps) for tier, comps in
+                 zip((Tier.HOST, Tier.DISK), host_and_disk_bytes(strategy, step.layout, step.active, step.all_spans))
+                 if sum(comps.values()) or (tier == Tier.HOST and step.traced.host_live is not None)]
     switch = (lambda t: _switch_events(plan, gpu[-1], t, dict(host_disk))) if strategy.chunks > 1 and gpu else None
     return _timeline(plan, hw, gpu=gpu, host_disk=host_disk, chunk=chunk, switch=switch, est=est,
                      host_live=step.traced.host_live)
@@ -125,13 +137,11 @@ def _timeline(plan: "Plan", hw: "Hardware", *, gpu: list[Event], host_disk: list
               switch, est, extra: dict | None = None, host_live=None) -> Timeline:
     """Header, host/disk events around the GPU step, then the switch events (`switch(t)`).
 
-    `host_live` (the traced step's offloaded activations per op, raw and rounded): the host
-    tier's line follows them op by op (an OP event where they change) on top of its resting
-    bytes; without, the host and disk tiers hold their bytes all step."""
+    `host_disk`: the bytes resting on those tiers. `host_live` (the traced step's offloaded
+    activations per op, raw and rounded): the host tier's line follows them op by op (an OP
+    event where they change) on top of its resting bytes."""
     events: list[Event] = []
     rest = dict(host_disk)
-    if host_live is not None and Tier.HOST in rest:
-        rest[Tier.HOST] = _without_offloaded(rest[Tier.HOST], host_live)
     for tier, comps in rest.items():
         events.append(_tier_event(0.0, tier, comps, phase=Phase.SETUP, chunk=chunk, kind=EventKind.PHASE))
     events += _with_host_line(_with_boundaries(gpu), host_live, rest.get(Tier.HOST), chunk)
@@ -252,16 +262,6 @@ def _tier_event(t: float, tier: Tier, comps: dict[Component, int], *, kind: Even
     total = sum(comps.values())
     return Event(t=t, event=kind, tier=tier, allocated=total, reserved=total,
                  bytes={c: b for c, b in comps.items() if b}, phase=phase, chunk=chunk, name=name)
-
-
-def _without_offloaded(comps: dict[Component, int], host_live) -> dict[Component, int]:
-    """The host tier's resting bytes: its peak components less the offloaded activations at
-    their peak (planner.evaluate adds the op with the most rounded bytes)."""
-    t = int(host_live[1].argmax())
-    out = dict(comps)
-    out[Component.ACTIVATIONS] = out.get(Component.ACTIVATIONS, 0) - int(host_live[0][t])
-    out[Component.ROUNDING] = out.get(Component.ROUNDING, 0) - int(host_live[1][t] - host_live[0][t])
-    return {c: b for c, b in out.items() if b}
 
 
 def _with_offloaded(rest: dict[Component, int], host_live, t: int) -> dict[Component, int]:

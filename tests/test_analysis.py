@@ -548,3 +548,19 @@ def test_chunks_that_fit():
     table = pd.DataFrame({"family": [family] * 4, "chunks": [1, 4, 16, 64], "fits": [True, False, True, True]})
     assert chunks_that_fit(table) == 16  # C = 1 is full FT, not ChunkFT
     assert chunks_that_fit(table.assign(fits=False)) == 64  # nothing fits: the most chunks swept
+
+
+def test_worst_step_of_the_timelines_chunk(tmp_path):
+    """A ChunkFT timeline (header chunk K) is held against the worst step that trained chunk K,
+    not against a worse step of another chunk; with no step of chunk K, the worst step."""
+    import dataclasses
+
+    tr = tmp_path / "trace.jsonl"
+    events = []
+    for step, (chunk, scale) in enumerate(((0, 1.0), (1, 1.5), (0, 1.1), (1, 1.4))):
+        events += [dataclasses.replace(e, step=step, chunk=chunk) for e in synthetic_step(seconds=True, scale=scale)]
+    write_recording(tr, header("trace"), events)
+    for chunk, expected in ((0, 2), (1, 1), (7, 1), (None, 1)):
+        tl = tmp_path / f"timeline-{chunk}.jsonl"
+        write_recording(tl, {**header("timeline"), "chunk": chunk}, synthetic_step())
+        assert compare(*load_pair(tl, tr)).measured_step == expected, chunk

@@ -200,6 +200,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("simulate-plan-version", ["simulate", "plan_version.json"], "schema_version 99"),
     ("simulate-plan-other-model", ["simulate", "plan.json", "--model", "other.json"], "fingerprint"),
     ("simulate-gpu-kind", ["simulate", "plan.json", "--gpu-kind", "tpu9"], "'tpu9'"),
+    ("simulate-chunk-beyond", ["simulate", "plan.json", "--chunk", "99"], "--chunk 99"),
+    ("simulate-chunk-negative", ["simulate", "plan.json", "--chunk", "-1"], "--chunk -1"),
+    ("simulate-chunk-not-int", ["simulate", "plan.json", "--chunk", "first"], "'first'"),
     # --- timelines and traces
     ("compare-missing-timeline", ["compare", "absent.jsonl", "trace.jsonl", "-o", "fresh"], "'absent.jsonl'"),
     ("compare-timeline-is-dir", ["compare", "outdir", "trace.jsonl", "-o", "fresh"], "'outdir'"),

@@ -189,3 +189,25 @@ def test_host_line_follows_the_offloaded_activations(small, strategy, tmp_path):
     timeline.write(tmp_path / "timeline.jsonl")
     eq = cpu_equivalent(load_recording(tmp_path / "timeline.jsonl").events)
     assert int(eq["peak"].max()) - int(eq["peak"].iloc[0]) > offloaded
+
+
+def test_simulate_picks_the_chunk(small):
+    """--chunk K: the step of chunk K (the worst chunk by default, whose peaks are the plan's)."""
+    from planner.errors import ChunkftError
+
+    plan = plan_for(small, Strategy(chunks=3, state_tier=Tier.HOST, prefetch_depth=0))
+    default = simulate(plan, small)
+    assert default.header["chunk"] == plan.worst_chunk
+    assert simulate(plan, small, chunk=plan.worst_chunk).events == default.events
+    peaks = {}
+    for k in range(3):
+        timeline = simulate(plan, small, chunk=k)
+        assert timeline.header["chunk"] == k and timeline.scope() == f"one step of chunk {k} and one chunk switch"
+        assert all(e.chunk in (k, None) for e in timeline.events if e.event == EventKind.OP)
+        peaks[k] = timeline.peak_bytes(Tier.GPU)
+    assert len(set(peaks.values())) > 1 and peaks[plan.worst_chunk] == plan.peak_bytes[Tier.GPU]
+    for bad in (3, -1, True):
+        with pytest.raises(ChunkftError, match="0..2"):
+            simulate(plan, small, chunk=bad)
+    with pytest.raises(ChunkftError, match="one chunk"):
+        simulate(plan_for(small, Strategy()), small, chunk=0)
