@@ -2,6 +2,8 @@
 
     nice -n 5 env OMP_NUM_THREADS=1 python bench/bench_quality.py --cache /tmp/qb   # ~40 min, 2 shared cores
     # writes bench/results/quality_bench*.csv and quality_bench_*.png; --workers 1 to run serially
+    nice -n 10 env OMP_NUM_THREADS=1 python bench/bench_quality.py --scale 10m --workers 1 --cache /tmp/qb10
+    # a 10.06 M-parameter model, a reduced run list (below); writes bench/results/quality_bench_10m*
 
 The task (runtime.text_corpus, nothing downloaded): a byte-level BPE tokenizer (vocabulary
 4096) is trained on the pretraining domain -- the English prose of Python's reference
@@ -50,6 +52,19 @@ run), quality_bench_curves.csv (every eval point of every run), quality_bench_st
 quality_bench_seconds.png (eval loss against steps and against wall-clock training seconds,
 mean of the seeds with their range shaded), quality_bench_ablation.png. Runs are cached under
 --cache (JSON per run), so an interrupted benchmark resumes.
+
+--scale 10m (TEN_M): a 10.06 M-parameter Llama (vocabulary 4096, hidden 320, 6 layers, MLP 864,
+5 heads of 64, no GQA; embeddings and head 26% of the parameters, against 57% at 1.85 M), the
+same task, tokenizer and fine-tuning batches, pretrained 240 steps of 16 x 128 tokens at 2e-3
+(not 300: a full FT step costs ~3.6x the 1.85 M model's, 0.42 CPU s for 4 x 128 tokens on one
+thread; pretraining took ~10 minutes). That base is less trained than the 1.85 M one (eval loss
+4.59 on its own domain against 4.30; 5.58 on the held-out modules against 5.12). The run list is
+cut to fit ~70 minutes on one thread: full FT 3e-4, 1e-3, 3e-3; ChunkFT C=2 and C=4 (K=1) 5e-4,
+1e-3, 2e-3 (around the 1.85 M best, 1e-3), and 2.5e-4 added when 1e-3 and 2e-3 diverged for
+both C and 5e-4 came out best; LoRA r=8 with embeddings and head 1e-3, 3e-3, 1e-2, and 3e-4
+added when 1e-3 came out best; BAdam-style blocks K=5 1e-4, 3e-4, 1e-3 (1.85 M's best, 3e-4,
+was at its sweep's edge); both seeds at each best rate; the longer ChunkFT runs as above; no
+C=8/16, K=5 ChunkFT, BAdam K=20, LoRA without embeddings, lean formats or ablations.
 
 Known limitations: the model is small (1.85 M parameters, 4 layers; a 2-core CPU shared with
 other jobs) and briefly pretrained (300 steps of 16 x 128 tokens, ~1.5 passes over its domain),
@@ -142,6 +157,28 @@ class Config:
     """Also LoRA without embeddings at ChunkFT C=16's budget (trimmed by default)."""
     lean: bool = True
     memory: bool = True
+    lora_no_emb: bool = True
+    """LoRA without embeddings at the middle C's trainable state (swept, `lrs_lora_no_emb`)."""
+    lora_budget_emb: bool = True
+    """LoRA at that rank with embeddings and head too (at the r=small_lora_rank one's best rate)."""
+    layer_aligned: bool = True
+    """The layer-aligned chunk ablation (at the middle C)."""
+    seed_families: tuple[str, ...] | None = None
+    """Families ("full", "chunk", "badam", "lora") whose swept methods also run the other seeds at
+    their best rate; the rest run the first seed only (None: every family)."""
+    prefix: str = "quality_bench"
+    """Output file names: {prefix}.csv, {prefix}_runs.csv, {prefix}_steps.png, ..."""
+
+    def seeds_of(self, family: str) -> tuple[int, ...]:
+        """The seeds a swept method of `family` runs at its best rate."""
+        if self.seed_families is None or family in self.seed_families:
+            return self.seeds
+        return self.seeds[:1]
+
+    def seeds_text(self) -> str:
+        if self.seed_families is None:
+            return f"{len(self.seeds)} seeds"
+        return f"{len(self.seeds)} seeds for {' and '.join(self.seed_families)}, one for the rest"
 
     def key(self) -> str:
         return hashlib.sha1(repr(dataclasses.astuple(self)).encode()).hexdigest()[:10]
@@ -163,6 +200,17 @@ TINY = Config(vocab=300, hidden=32, layers=2, intermediate=64, heads=2, seq=32, 
               large_chunks=(2,), ablation_chunks=(2,), lrs_full=(3e-3, 1e-2), lrs_chunk=(3e-3, 1e-2),
               lrs_badam=(3e-3, 1e-2), badam_long_interval=0, lrs_lora=(3e-3, 1e-2), lrs_lora_no_emb=(3e-3, 1e-2))
 """The smoke test's configuration: seconds, not minutes."""
+
+TEN_M = Config(hidden=320, layers=6, intermediate=864, heads=5, pretrain_steps=240,
+               chunks=(2, 4), large_chunks=(), ablation_chunks=(), badam_long_interval=0, extend_factor=2,
+               lrs_full=(3e-4, 1e-3, 3e-3), lrs_chunk=(2.5e-4, 5e-4, 1e-3, 2e-3), lrs_badam=(1e-4, 3e-4, 1e-3),
+               lrs_lora=(3e-4, 1e-3, 3e-3, 1e-2), lora_no_emb=False, lora_budget_emb=False, lean=False,
+               layer_aligned=False, prefix="quality_bench_10m")
+"""`--scale 10m`: a 10.06 M-parameter Llama (hidden 320, 6 layers, MLP 864, 5 heads of 64;
+embeddings and head 26% of it), pretrained 240 steps instead of 300, and the reduced run list
+of the module docstring: ~50 minutes on one thread."""
+
+SCALES = {"1.85m": Config(), "10m": TEN_M}
 
 
 # -- the task ------------------------------------------------------------------------------
@@ -430,16 +478,18 @@ def plan(config: Config, task: Task) -> list[Entry]:
     mid, small = config.chunks[len(config.chunks) // 2 - 1], config.chunks[-1]  # C=4 and C=16
     r_mid, r_small = budget_rank(mid, ()), budget_rank(small, ())
     sweep_no_emb = f"LoRA r={r_mid}"
-    entries.append(Entry(sweep_no_emb, lora(r_mid, ()), "lora", config.lrs_lora_no_emb,
-                         budget=f"= ChunkFT C={mid} state"))
-    if config.lora_small_budget and r_small is not None and r_small != r_mid:
+    if config.lora_no_emb:
+        entries.append(Entry(sweep_no_emb, lora(r_mid, ()), "lora", config.lrs_lora_no_emb,
+                             budget=f"= ChunkFT C={mid} state"))
+    if config.lora_no_emb and config.lora_small_budget and r_small is not None and r_small != r_mid:
         entries.append(Entry(f"LoRA r={r_small}", lora(r_small, ()), "lora", lr_from=sweep_no_emb,
                              budget=f"= ChunkFT C={small} state"))
     r8 = config.small_lora_rank
     sweep_emb = f"LoRA r={r8} + emb/head"
     entries.append(Entry(sweep_emb, lora(r8, EMBEDDINGS), "lora", config.lrs_lora,
                          budget="over every ChunkFT C>=2 budget: embeddings + head alone are larger"))
-    entries.append(Entry(f"LoRA r={r_mid} + emb/head", lora(r_mid, EMBEDDINGS), "lora", lr_from=sweep_emb))
+    if config.lora_budget_emb:
+        entries.append(Entry(f"LoRA r={r_mid} + emb/head", lora(r_mid, EMBEDDINGS), "lora", lr_from=sweep_emb))
     base = f"ChunkFT C={mid}"
     if config.lean:
         entries.append(Entry(f"ChunkFT C={mid} bf16 moments",
@@ -453,7 +503,9 @@ def plan(config: Config, task: Task) -> list[Entry]:
     for c in config.ablation_chunks:
         entries.append(Entry(f"ChunkFT C={c} random order", ChunkFT(c, order="random"), "ablation",
                              lr_from=f"ChunkFT C={c}"))
-    entries.append(Entry(f"ChunkFT C={mid} layer-aligned", ChunkFT(mid, layout="layers"), "ablation", lr_from=base))
+    if config.layer_aligned:
+        entries.append(Entry(f"ChunkFT C={mid} layer-aligned", ChunkFT(mid, layout="layers"), "ablation",
+                             lr_from=base))
     return entries
 
 
@@ -547,13 +599,14 @@ def _fmt(x, spec: str) -> str:
 
 def write_outputs(rows: list[dict], entries: list[Entry], out: Path, config: Config, task: Task) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "quality_bench.csv", "w", newline="") as f:
+    prefix = config.prefix
+    with open(out / f"{prefix}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for row in rows:
             w.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
-    with open(out / "quality_bench_runs.csv", "w", newline="") as f, \
-            open(out / "quality_bench_curves.csv", "w", newline="") as g:
+    with open(out / f"{prefix}_runs.csv", "w", newline="") as f, \
+            open(out / f"{prefix}_curves.csv", "w", newline="") as g:
         w, wc = csv.writer(f), csv.writer(g)
         w.writerow(["method", "role", "lr", "seed", "final_eval_loss", "train_seconds", "cpu_seconds"])
         wc.writerow(["method", "lr", "seed", "step", "seconds", "cpu_seconds", "eval_loss"])
@@ -566,12 +619,12 @@ def write_outputs(rows: list[dict], entries: list[Entry], out: Path, config: Con
                     wc.writerow([e.name, r["lr"], r["seed"], p["step"], f"{p['seconds']:.3f}",
                                  f"{p['cpu_seconds']:.3f}",
                                  f"{p['eval_loss']:.5f}"])
-    (out / "quality_bench_task.json").write_text(json.dumps({"config": dataclasses.asdict(config), **task.stats},
-                                                            indent=1, default=str) + "\n")
-    plot(entries, out, config)
+    (out / f"{prefix}_task.json").write_text(json.dumps({"config": dataclasses.asdict(config), **task.stats},
+                                                          indent=1, default=str) + "\n")
+    plot(entries, out, config, task.stats.get("params"))
 
 
-def plot(entries: list[Entry], out: Path, config: Config) -> None:
+def plot(entries: list[Entry], out: Path, config: Config, params: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -581,9 +634,9 @@ def plot(entries: list[Entry], out: Path, config: Config) -> None:
 
     apply_style()
     by_name = {e.name: e for e in entries}
-    main = ["full FT", *[f"ChunkFT C={c}" for c in config.chunks],
-            f"BAdam-style blocks K={config.large_interval}",
-            *[e.name for e in entries if e.family == "lora"]]
+    main = [n for n in ["full FT", *[f"ChunkFT C={c}" for c in config.chunks],
+                        f"BAdam-style blocks K={config.large_interval}",
+                        *[e.name for e in entries if e.family == "lora"]] if n in by_name]
     colours = plt.get_cmap("tab10").colors
     target = _mean([r["points"][-1]["eval_loss"] for r in by_name["full FT"].runs])
 
@@ -607,23 +660,26 @@ def plot(entries: list[Entry], out: Path, config: Config) -> None:
         lo = min(min(r["points"][-1]["eval_loss"] for r in by_name[n].runs) for n in names)
         ax.set_ylim(lo - 0.1, lo + 1.6)
 
-    seeds = len(config.seeds)
-    for x, fname, xlabel in (("step", "quality_bench_steps.png", "optimizer step (equal tokens: "
+    seeds = config.seeds_text()
+    for x, fname, xlabel in (("step", f"{config.prefix}_steps.png", "optimizer step (equal tokens: "
                               f"{config.batch}x{config.seq} per step)"),
-                             ("seconds", "quality_bench_seconds.png", "training seconds, wall clock (evaluation "
+                             ("seconds", f"{config.prefix}_seconds.png", "training seconds, wall clock (evaluation "
                               "excluded; 1 torch thread, shared CPU)")):
         fig, ax = plt.subplots(figsize=(9.0, 5.6))
         curves(ax, main, x, extended=True)
         ax.set_xlabel(xlabel)
-        ax.set_title(f"Fine-tuning on held-apart stdlib code: mean of {seeds} seeds, range shaded; grey: full "
-                     f"FT's final loss;\nthin dotted: ChunkFT runs continued to {config.extend_factor}x the steps "
-                     "(seed 0)")
+        model = f"{params / 1e6:.2f} M-parameter Llama " if params else ""
+        ax.set_title(f"Fine-tuning a {model}on held-apart stdlib code: mean of {seeds}, range shaded;\n"
+                     f"grey: full FT's final loss; thin dotted: ChunkFT runs continued to {config.extend_factor}x "
+                     "the steps (seed 0)")
         ax.legend(ncol=2, loc="upper right")
         fig.savefig(out / fname, dpi=100, bbox_inches="tight")
         plt.close(fig)
     ablation = [n for n in [f"ChunkFT C={c}" for c in config.ablation_chunks]
                 + [e.name for e in entries if e.family in ("ablation", "lean")]
                 + [f"ChunkFT C={c} K={config.large_interval}" for c in config.ablation_chunks] if n in by_name]
+    if not ablation:  # a reduced run list (--scale 10m) has no ablation
+        return
     fig, ax = plt.subplots(figsize=(9.0, 5.6))
     curves(ax, ablation, "step", styles={n: ("-" if n.startswith("ChunkFT C=") and n.count(" ") == 1 else "--")
                                          for n in ablation})
@@ -631,9 +687,9 @@ def plot(entries: list[Entry], out: Path, config: Config) -> None:
     start = by_name[ablation[0]].runs[0]["points"][0]["eval_loss"]
     ax.set_ylim(min(finals) - 0.05, start + 0.05)
     ax.set_xlabel("optimizer step")
-    ax.set_title(f"ChunkFT ablations: order, layout, interval, state format (mean of {seeds} seeds, range shaded)")
+    ax.set_title(f"ChunkFT ablations: order, layout, interval, state format (mean of {seeds}, range shaded)")
     ax.legend(ncol=2, loc="upper right")
-    fig.savefig(out / "quality_bench_ablation.png", dpi=100, bbox_inches="tight")
+    fig.savefig(out / f"{config.prefix}_ablation.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -685,7 +741,7 @@ def main(config: Config = Config(), *, out: Path = RESULTS, cache: Path | None =
     jobs = []
     for e in entries:
         lr = best_lr(e, records) if e.lrs else best_lr(by_name[e.lr_from], records)
-        seeds = config.seeds[1:] if e.lrs else config.seeds[:1] if e.one_seed else config.seeds
+        seeds = config.seeds_of(e.family)[1:] if e.lrs else config.seeds[:1] if e.one_seed else config.seeds
         jobs += [Job(e.name, e.method, lr, s, "seed") for s in seeds]
     log(f"phase 2: {len(jobs)} runs")
     collect(jobs, run_jobs(jobs, config, cache, workers, log))
@@ -711,11 +767,11 @@ def main(config: Config = Config(), *, out: Path = RESULTS, cache: Path | None =
     lines: list[str] = []
     print_table(rows, lines.append)
     header = (f"eval loss on {task.stats['eval_tokens']} held-out tokens after {config.steps} steps of "
-              f"{config.batch}x{config.seq} tokens; mean ± half the range of {len(config.seeds)} seeds; "
+              f"{config.batch}x{config.seq} tokens; mean ± half the range of {config.seeds_text()}; "
               "* = best rate at the edge of the sweep; 'to full FT loss' = seeds that reach full FT's final "
               "loss, mean step and wall seconds; loss@fullFT s = eval loss when full FT's training seconds "
               "were spent; =fullFT st = full FT steps to the same eval loss")
-    (out / "quality_bench.txt").write_text("\n".join([header, *lines]) + "\n")
+    (out / f"{config.prefix}.txt").write_text("\n".join([header, *lines]) + "\n")
     for line in lines:
         log(line)
     log(f"\ntotal {time.perf_counter() - t0:.0f} s")
@@ -733,5 +789,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache", type=Path, default=None, help="where the task and each run are cached")
     parser.add_argument("--tiny", action="store_true", help="the smoke test's configuration (seconds)")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="1.85m",
+                        help="model size and run list: 1.85m (the full sweep) or 10m (a reduced one)")
     a = parser.parse_args()
-    main(TINY if a.tiny else Config(), out=a.out, cache=a.cache, workers=a.workers, log=lambda s: print(s, flush=True))
+    main(TINY if a.tiny else SCALES[a.scale], out=a.out, cache=a.cache, workers=a.workers,
+         log=lambda s: print(s, flush=True))

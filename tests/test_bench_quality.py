@@ -8,6 +8,7 @@ its results are committed under bench/results/quality_bench*.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -150,3 +151,27 @@ def test_benchmark_end_to_end_on_a_tiny_configuration(tmp_path):
     again = bench_quality.main(bench_quality.TINY, out=tmp_path / "out2", cache=tmp_path / "cache", workers=1,
                                log=lines.append)
     assert [r["final_eval_loss"] for r in again] == [r["final_eval_loss"] for r in rows]
+    # the reduced run list of --scale 10m on the tiny model: its runs are all in the cache already
+    reduced = dataclasses.replace(
+        bench_quality.TINY, **{k: getattr(bench_quality.TEN_M, k) for k in (
+            "large_chunks", "ablation_chunks", "lora_no_emb", "lora_budget_emb", "lean", "layer_aligned")},
+        seed_families=("full",), prefix="reduced")
+    small = bench_quality.main(reduced, out=tmp_path / "out3", cache=tmp_path / "cache", workers=1, log=lines.append)
+    assert [r["method"] for r in small] == ["full FT", "ChunkFT C=2", "BAdam-style blocks K=2", "LoRA r=8 + emb/head"]
+    assert [r["seeds"] for r in small] == [2, 1, 1, 1]
+    assert {r["method"]: r["final_eval_loss"] for r in small}["full FT"] == by["full FT"]["final_eval_loss"]
+    assert sorted(p.name for p in (tmp_path / "out3").iterdir()) == [
+        "reduced.csv", "reduced.txt", "reduced_curves.csv", "reduced_runs.csv", "reduced_seconds.png",
+        "reduced_steps.png", "reduced_task.json"]  # no ablation figure without ablations
+
+
+def test_ten_m_scale_is_a_10_to_30_m_parameter_llama_with_vocabulary_4096():
+    from transformers import AutoModelForCausalLM
+
+    c = bench_quality.SCALES["10m"]
+    task = bench_quality.Task(c, {}, [], [], {})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(task.model_config())
+    n = sum(p.numel() for p in model.parameters())
+    assert 10e6 <= n <= 30e6 and c.vocab == 4096 and n == 10_059_840
+    assert bench_quality.SCALES["1.85m"] == bench_quality.Config()
