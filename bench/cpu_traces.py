@@ -38,14 +38,16 @@ CASES = {
     "chunkft-c4-stream": ["--chunks", "4", "--optimizer", "gpu", "--state", "host", "--checkpointing", "on",
                           "--weights", "stream"],
     # recipe axes the runtime executes (planner.recipe)
-    "fullft-in-backward": ["--chunks", "1", "--optimizer", "gpu", "--checkpointing", "on", "--optimizer-in-backward"],
+    "fullft-in-backward": ["--chunks", "1", "--optimizer", "gpu", "--checkpointing", "off", "--optimizer-in-backward"],
+    "chunkft-c4-in-backward": ["--chunks", "4", "--optimizer", "gpu", "--state", "host", "--checkpointing", "off",
+                            "--weights", "gpu", "--optimizer-in-backward"],
     "chunkft-c4-bf16-offload": ["--chunks", "4", "--optimizer", "gpu", "--state", "host", "--checkpointing", "off",
-                                "--optim", "adamw_bf16", "--offload-activations"],
+                                "--weights", "gpu", "--optim", "adamw_bf16", "--offload-activations"],
     "chunkft-c4-8bit-selective": ["--chunks", "4", "--optimizer", "gpu", "--state", "host",
                                   "--checkpointing", "selective", "--optim", "adamw_torch_8bit"],
 }
 # what `chunkft run` needs besides the plan for a case (the step in backward cannot clip)
-RUN_FLAGS = {"fullft-in-backward": ["--max-grad-norm", "0"]}
+RUN_FLAGS = {"fullft-in-backward": ["--max-grad-norm", "0"], "chunkft-c4-in-backward": ["--max-grad-norm", "0"]}
 STEPS = 4
 
 
@@ -85,7 +87,10 @@ def main(argv: list[str]) -> None:
         d = OUT / case
         d.mkdir(parents=True, exist_ok=True)
         chunkft("plan", rel(model_dir), "--gpu", "80GiB", *SHAPE, *pins, "-o", rel(d / "plan.json"))
-        chunkft("simulate", rel(d / "plan.json"), "-o", rel(d / "timeline.jsonl"))
+        # a ChunkFT run of STEPS steps trains chunk 0 (the plans switch every 16 steps); its
+        # timeline is that chunk's step, which `chunkft compare` holds against chunk 0's steps
+        chunked = pins[pins.index("--chunks") + 1] != "1"
+        chunkft("simulate", rel(d / "plan.json"), "-o", rel(d / "timeline.jsonl"), *(["--chunk", "0"] if chunked else []))
         with tempfile.TemporaryDirectory(prefix="chunkft-cpu-traces-") as run_dir:  # checkpoints are not kept
             chunkft("run", rel(d / "plan.json"), "--data", rel(data), "--steps", str(STEPS), "--device", "cpu",
                     "--no-progress", "--out", run_dir, "--trace", rel(d / "trace.jsonl"), *RUN_FLAGS.get(case, []))
