@@ -37,14 +37,12 @@ same replay (tests hold them equal).
 
 Known limitations: host and disk bytes are held constant through the step (the cost model
 predicts their peaks, not their course), except the activations offloaded to host memory
-(--offload-activations), whose bytes the host line follows op by op from the trace; transfer events have no duration in op units (the
-header's step time has the switch cost, amortised, in `step_time_parts_s`); a plan does not
-record its `--chunk-traces` mode, so `simulate` re-derives it ("auto" unless told), and a plan
-made with another mode gives a timeline of that other model. One GPU: the switch moves
-master + moments without the allocator's rounding, and with prefetch_depth > 1 follows
-evaluate's model (depth chunks ahead on the GPU) where runtime.chunk_optim prefetches one.
-Parallel: no communication events (collectives appear only as their buffers' bytes); one rank,
-not all of them.
+(--offload-activations), whose bytes the host line follows op by op from the trace; transfer
+events have no duration in op units (the header's step time has the switch cost, amortised, in
+`step_time_parts_s`); `simulate` replays the `--chunk-traces` mode the plan records. One GPU: the switch moves master + moments without the allocator's rounding, and
+with prefetch_depth > 1 follows evaluate's model (depth chunks ahead on the GPU) where
+runtime.chunk_optim prefetches one. Parallel: no communication events (collectives appear only
+as their buffers' bytes); one rank, not all of them.
 """
 
 from __future__ import annotations

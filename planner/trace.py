@@ -102,8 +102,8 @@ class TraceOptions:
     """With optimizer_in_backward: the step updates an fp32 master (mixed precision) rather than the
     weight itself (pure precision)."""
     optim: str = "chunkft"
-    """With optimizer_in_backward: the recipe's --optim, which decides the step the hooks run
-    (planner.train_axes.OptimizerInBackward)."""
+    """With optimizer_in_backward: the recipe's --optim, which decides the step run in backward
+    (planner.train_axes: ChunkAdamW's `SpanStepInBackward` or torch's `OptimizerInBackward`)."""
 
     def __post_init__(self):
         if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
@@ -190,7 +190,10 @@ def trace_module(module: "torch.nn.Module", shape: StepShape, options: TraceOpti
         # the optimizer step in backward over ChunkAdamW's spans installs the GradSpec with its
         # on_complete after checkpointing is enabled, as ChunkAdamW(step_in_backward=True) does
         spans_in_backward = steps_spans_in_backward(options)
-        handle = _check_grad_spec(module, grad) if spans_in_backward else _apply_grad_spec(module, grad)
+        if spans_in_backward:
+            _check_grad_spec(module, grad)
+        else:
+            handle = _apply_grad_spec(module, grad)
         match_real_attention_branch(module, shape)
         if options.checkpointing:
             n = len(module.get_submodule(layer_prefix)) if layer_prefix else 0

@@ -10,23 +10,25 @@ tensors.
 - LoRA: runtime.lora's own `apply_lora` on the model the tracer runs (its adapters are created
   under the fake mode, so they are fake too): the base is frozen, each targeted nn.Linear gets
   its rank-r A and B through a forward hook, and only A and B get gradients and state.
-- Optimizer in backward (torchtune's `optimizer_in_bwd`, LOMO): every trained tensor steps
-  inside its `register_post_accumulate_grad_hook`, which then drops the gradient
-  (`p.grad = None`), so gradients never all coexist and the step's temporaries are one
-  tensor's. The step is the recipe's: with `--optim chunkft` (and the other formats ChunkAdamW
-  holds, runtime.lean_state) the one `chunkft run` executes, ChunkAdamW(step_in_backward=True)'s
-  span step (the gradient's finiteness flag, its fp32 copy, runtime.chunk_optim.adamw_update
-  over the format's state, the copy back into the 16-bit weight); with
-  `--optim adamw_torch_forloop` (or pure precision with chunkft) one
-  `torch.optim.AdamW(foreach=False, fused=False)` per tensor, stepping an fp32 master copy
-  (mixed precision) or the weight itself (pure). The optimizer state (master, moments,
+- Optimizer in backward (torchtune's `optimizer_in_bwd`, LOMO): each trained tensor steps as
+  soon as its gradient is complete and the gradient is dropped, so gradients never all coexist
+  and the step's temporaries are one tensor's. The step is the recipe's: with `--optim chunkft`
+  (and the other formats ChunkAdamW holds, runtime.lean_state) the one `chunkft run` executes,
+  ChunkAdamW(step_in_backward=True)'s (`SpanStepInBackward`: runtime.subgrad's on_complete
+  hands over a whole tensor from its post-accumulate-grad hook, a ChunkFT slice once its owners'
+  backward used the weight; then the gradient's finiteness flag, its fp32 copy,
+  runtime.chunk_optim.adamw_update over the format's state, the copy back into the 16-bit
+  weight); with `--optim adamw_torch_forloop` (or pure precision with chunkft) one
+  `torch.optim.AdamW(foreach=False, fused=False)` per tensor in its post-accumulate-grad hook
+  (`OptimizerInBackward`), stepping an fp32 master copy (mixed precision) or the weight itself
+  (pure). The optimizer state (master, moments,
   step counters) exists before the step and is left out of the trace: planner.evaluate prices
   it (`gpu_static_allocs`) like every other optimizer's state, and adds no after-backward
   optimizer temporaries for this recipe (the traced hooks hold them).
 
-Known limitations: optimizer in backward needs whole-tensor gradients (ChunkFT's sliced spans
-are refused, planner.recipe); LoRA adapts nn.Linear targets only, in the weights' dtype (no
-dropout), as runtime.lora does.
+Known limitations: torch's per-tensor optimizer in backward needs whole-tensor gradients
+(ChunkFT's sliced spans step only with ChunkAdamW's formats, planner.recipe); LoRA adapts
+nn.Linear targets only, in the weights' dtype (no dropout), as runtime.lora does.
 """
 
 from __future__ import annotations

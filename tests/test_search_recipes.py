@@ -42,9 +42,12 @@ def test_solver_space_and_fit_rows_carry_the_variants():
     searched = dataclasses.replace(space, recipes=Recipe().variants("lean")).strategies()
     assert set(plain) < set(searched)
     assert {s.recipe for s in searched} == {Recipe(), *Recipe().variants("lean")}
-    # selective and every-K need checkpointing; the optimizer in backward one chunk (Recipe.conflict)
+    # selective and every-K need checkpointing; the optimizer in backward the GPU optimizer
+    # (Recipe.conflict), with ChunkFT's chunks too (ChunkAdamW steps their spans in backward)
     assert all(s.checkpointing for s in searched if s.recipe.selective_checkpointing or s.recipe.checkpoint_every > 1)
-    assert all(s.chunks == 1 for s in searched if s.recipe.optimizer_in_backward)
+    in_backward = [s for s in searched if s.recipe.optimizer_in_backward]
+    assert all(s.optimizer_device.value == "gpu" for s in in_backward)
+    assert any(s.chunks > 1 for s in in_backward)
     rows = fit_strategies((4, 16, 64), Recipe(), search_recipes="lean")
     labels = [s.label() for s in rows]
     assert len(set(labels)) == len(labels) and len(rows) > len(fit_strategies((4, 16, 64)))
