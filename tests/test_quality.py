@@ -84,23 +84,21 @@ LEAN = {"bf16 moments": dict(state_format=("adamw_bf16",)), "8-bit moments": dic
         "step in backward": dict(step_in_backward=True)}
 
 
-def test_lean_recipes_train_as_well_as_full_fine_tuning(task, full_sweep):
+@pytest.mark.parametrize("name", list(LEAN))
+def test_lean_recipes_train_as_well_as_full_fine_tuning(task, full_sweep, name):
     """The runtime's lean recipes (issue 13): ChunkAdamW over every parameter (C = 1) with bf16
     moments, with torchao's 8-bit moments, and stepping inside backward, each at its best of
     three learning rates, end within 2% of full fine-tuning's eval loss (torch AdamW, its best)."""
     from runtime.lean_state import StateFormat
 
-    def sweep(method, lrs):
-        return lr_sweep(method, task.fresh, task.make_loader, task.eval_batches, lrs, steps=STEPS, eval_every=STEPS)
-
-    full = full_sweep
-    for name, kw in LEAN.items():
-        if "state_format" in kw:
-            kw = {"state_format": StateFormat.from_recipe(*kw["state_format"])}
-        lean = sweep(ChunkFT(1, **kw), LRS["full"])
-        print(f"{name}: " + ", ".join(f"lr {lr:.0e} {loss:.3f}" for lr, loss in lean.losses.items())
-              + f"; full FT {full.best.final_loss:.3f}")
-        assert abs(lean.best.final_loss - full.best.final_loss) <= 0.02 * full.best.final_loss, (name, lean.losses)
+    full, kw = full_sweep, LEAN[name]
+    if "state_format" in kw:
+        kw = {"state_format": StateFormat.from_recipe(*kw["state_format"])}
+    lean = lr_sweep(ChunkFT(1, **kw), task.fresh, task.make_loader, task.eval_batches, LRS["full"], steps=STEPS,
+                    eval_every=STEPS)
+    print(f"{name}: " + ", ".join(f"lr {lr:.0e} {loss:.3f}" for lr, loss in lean.losses.items())
+          + f"; full FT {full.best.final_loss:.3f}")
+    assert abs(lean.best.final_loss - full.best.final_loss) <= 0.02 * full.best.final_loss, (name, lean.losses)
 
 
 def _tiny_llama(**overrides):
