@@ -57,3 +57,43 @@ def test_every_strategy_in_the_solver_space_runs_one_step(tmp_path):
         ref = reference.setdefault(s.chunks, weights)
         for k in ref:
             assert torch.equal(ref[k], weights[k]), (s.label(), k)
+
+
+def test_every_recipe_the_solver_may_choose_runs_one_step(tmp_path):
+    """`--search-recipes lean`: the recipe variants the solver may pick (selective and every-2
+    checkpointing, offloaded activations, the optimizer step in backward, bf16 and 8-bit
+    moments), with one chunk and with ChunkFT, each planned and run one step through
+    build_run. The variants that change no arithmetic leave the default recipe's weights bit
+    for bit (fp32: the step in backward steps the same spans with the same gradients)."""
+    from planner.recipe import Recipe
+    from planner.schema import Tier
+    from planner.solve import default_space
+    from planner.strategy import OptimizerDevice, WeightResidency
+    from runtime.run_cli import build_run
+
+    space = dataclasses.replace(default_space(num_layers=2, tokens=128, max_chunks=8), chunk_counts=(1, 3),
+                                update_intervals=(1,), prefetch_depths=(1,), optimizer_devices=(OptimizerDevice.GPU,),
+                                state_tiers=(Tier.GPU, Tier.HOST), grad_stagings=(None,), weights=(WeightResidency.GPU,),
+                                recipes=Recipe().variants("lean"))
+    strategies = [s for s in space.strategies() if (s.chunks == 1) == (s.state_tier == Tier.GPU)]
+    recipes = {s.recipe for s in strategies}
+    assert recipes == {Recipe(), *Recipe().variants("lean")} and len(recipes) >= 6
+    assert any(s.chunks > 1 and s.recipe.optimizer_in_backward for s in strategies)
+    data = write_data(tmp_path / "train.jsonl", n=8)
+    reference: dict[tuple, dict[str, torch.Tensor]] = {}
+    for i, s in enumerate(sorted(strategies, key=lambda s: s.recipe != Recipe())):  # the default recipe first
+        case = tmp_path / f"r{i}"
+        case.mkdir()
+        plan, _, _ = make_plan(case, chunks=s.chunks, checkpointing=s.checkpointing, state_tier=s.state_tier,
+                               recipe=s.recipe)
+        trainer, _, plan_obj, _ = build_run(_args(plan, data, case / "out", steps=1, max_grad_norm=0.0))
+        assert plan_obj.strategy == s, s.label()
+        result = trainer.train()
+        trainer.optimizer.inner.close()
+        trainer.claimed.release()
+        assert result.skipped_steps == 0 and torch.isfinite(torch.tensor(result.losses)).all(), s.label()
+        if s.recipe.optim == "chunkft":  # bf16 / 8-bit moments round the update differently
+            weights = trainer.model.state_dict()
+            ref = reference.setdefault(s.chunks, {k: v.clone() for k, v in weights.items()})
+            for k in ref:
+                assert torch.equal(ref[k], weights[k]), (s.label(), k)
