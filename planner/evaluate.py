@@ -66,8 +66,8 @@ import numpy as np
 
 from planner import cache as disk_cache
 from planner.errors import ChunkftError
-from planner.memory import (COMPONENTS, K_LARGE_BUFFER, K_MIN_LARGE_ALLOC, K_SMALL_BUFFER, K_SMALL_SIZE,
-                            AllocConf, round_size, segment_size, side_stream_pool)
+from planner.memory import (COMPONENTS, K_LARGE_BUFFER, K_MIN_BLOCK_SIZE, K_MIN_LARGE_ALLOC, K_ROUND_LARGE,
+                            K_SMALL_BUFFER, K_SMALL_SIZE, AllocConf, round_size, segment_size, side_stream_pool)
 from planner.schema import Component, Event, EventKind, Phase, Tier
 from planner.steptime import StepWork, predict_step_time
 from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidency
@@ -173,6 +173,29 @@ _LAYOUTS: dict[tuple, ParamLayout] = {}
 _TABLES: dict[tuple, "ChunkTable"] = {}
 _TRACES: dict[tuple, TracedStep] = {}
 _TRACE_CACHE_SIZE = 96
+# Traced steps replayed without the least-memory search (`traced_step(least=False)`: the sharded
+# model and the step-time path read no `least`); a full one in _TRACES answers them first.
+_LEAN_TRACES: dict[tuple, TracedStep] = {}
+# trace_step's graphs per model, shape and trace options: the GPU kind (cuBLAS workspace) and
+# streamed weights change only the replay, so one fake-tensor trace serves them all.
+_GRAPHS: dict[tuple, Any] = {}
+_GRAPH_CACHE_SIZE = 4
+# Pure functions of a chunk table (and a strategy's few fields) that evaluate asks for on every
+# call: kept per table object (tables are cached in _TABLES), with the table held beside them.
+_MEMO: dict[tuple, tuple] = {}
+_MEMO_SIZE = 512
+
+
+def _memo(key: tuple, owners: tuple, make):
+    """make() for `key`, kept while `owners` (the objects whose ids are in the key) are the same."""
+    hit = _MEMO.get(key)
+    if hit is not None and len(hit[0]) == len(owners) and all(a is b for a, b in zip(hit[0], owners)):
+        return hit[1]
+    value = make()
+    if len(_MEMO) >= _MEMO_SIZE:
+        _MEMO.pop(next(iter(_MEMO)))
+    _MEMO[key] = (owners, value)
+    return value
 
 
 def clear_caches() -> dict[str, int]:
@@ -180,9 +203,8 @@ def clear_caches() -> dict[str, int]:
     planner.cache, is not touched): the next evaluation rebuilds them. Returns how many of each
     were held."""
     held = {"layouts": len(_LAYOUTS), "tables": len(_TABLES), "traces": len(_TRACES)}
-    _LAYOUTS.clear()
-    _TABLES.clear()
-    _TRACES.clear()
+    for store in (_LAYOUTS, _TABLES, _TRACES, _LEAN_TRACES, _GRAPHS, _MEMO, _STATE_SUMMARIES, _SIDE_STATES, _TOTALS):
+        store.clear()
     return held
 
 
@@ -244,6 +266,8 @@ def chunk_table(model: "ModelSpec", dtype: str, chunks: int, recipe: "Recipe | N
     from planner.chunks import ChunkTable, make_chunk_table
     from planner.train_axes import trained_shapes
 
+    if recipe is not None and not (recipe.trainable or recipe.freeze or recipe.lora_rank):
+        recipe = None  # every parameter trains (train_axes.trained_shapes: the layout's own): one table
     patterns = () if recipe is None else (recipe.trainable, recipe.freeze)
     key = (model.fingerprint(), dtype, chunks, patterns)
     if key not in _TABLES:
@@ -288,10 +312,13 @@ def sm_arch(hw: Any) -> int:
 
 def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, checkpointing: bool,
                 loss_chunk_tokens: int, sm: int, loop: str = "chunkft", alloc_conf: str = "", stream: bool = False,
-                recipe: "Recipe | None" = None) -> TracedStep:
+                recipe: "Recipe | None" = None, least: bool = True) -> TracedStep:
     """trace_step + replay(allocator="cuda"), cached per model, shape and trace options
     (`loop`: the recipe's, planner.recipe.Loop). `stream`: decoder layers' weights come and go
-    as runtime.stream moves them (planner.streaming rewrites the trace before the replay)."""
+    as runtime.stream moves them (planner.streaming rewrites the trace before the replay).
+    `least=False`: the caller reads no `TracedStep.least` (planner.sharding's per-rank model,
+    `step_time_parts`): the replay skips the least-memory search (a full step cached already
+    answers), and the step is kept apart from the full ones."""
     from planner.trace import TraceOptions, trace_step
 
     if recipe is None:
@@ -303,11 +330,24 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
     key = (model.fingerprint(), shape, options.key(), sm, AllocConf.parse(alloc_conf).normalised(), stream)
     if key in _TRACES:
         return _TRACES[key]
+    if not least and key in _LEAN_TRACES:
+        return _LEAN_TRACES[key]
     stored = disk_cache.load("trace", (key, recipe))
     if isinstance(stored, TracedStep):
         _TRACES[key] = stored
         return stored
-    graph = trace_step(model, shape, options)
+    if not least:
+        stored = disk_cache.load("trace", (key, recipe, "lean"))
+        if isinstance(stored, TracedStep):
+            _LEAN_TRACES[key] = stored
+            return stored
+    graph_key = (model.fingerprint(), shape, options.key())
+    graph = _GRAPHS.get(graph_key)
+    if graph is None:  # the graph is read only from here on (stream_weights and replay build new ones)
+        graph = trace_step(model, shape, options)
+        if len(_GRAPHS) >= _GRAPH_CACHE_SIZE:
+            _GRAPHS.pop(next(iter(_GRAPHS)))
+        _GRAPHS[graph_key] = graph
     if stream:
         from planner.streaming import packed_layer_bytes, stream_weights
 
@@ -315,7 +355,7 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
         if layout.layer_prefix is None:
             raise ChunkftError(f"model {model.name!r} has no decoder layer list to stream")
         graph = stream_weights(graph, packed_layer_bytes(layout.named_shapes, layout.layer_prefix, layout.num_layers))
-    tl = graph.replay(allocator="cuda", sm=sm, alloc_conf=alloc_conf, least=True)
+    tl = graph.replay(allocator="cuda", sm=sm, alloc_conf=alloc_conf, least=least)
     live = np.stack([tl.live_bytes[c] for c in COMPONENTS])
     from planner.activations import host_peak, host_series
 
@@ -325,10 +365,11 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
                       flops=int(graph.total_flops()), phases=tuple(op.phase for op in graph.ops),
                       layers=tuple(op.layer for op in graph.ops), host_activations=host_act, host_rounding=host_round,
                       host_live=None if series is None else np.stack(series))
-    if len(_TRACES) >= _TRACE_CACHE_SIZE:
-        _TRACES.pop(next(iter(_TRACES)))
-    _TRACES[key] = step
-    disk_cache.store("trace", (key, recipe), step)
+    store = _TRACES if least else _LEAN_TRACES
+    if len(store) >= _TRACE_CACHE_SIZE:
+        store.pop(next(iter(store)))
+    store[key] = step
+    disk_cache.store("trace", (key, recipe) if least else (key, recipe, "lean"), step)
     return step
 
 
@@ -369,9 +410,70 @@ def gpu_static_allocs(strategy: Strategy, layout: ParamLayout, active: ActiveSet
     --precision change the tensors (`recipe_state_allocs`)."""
     if strategy.optimizer_device == OptimizerDevice.HOST:
         return []
-    spans = (all_spans or active.tensor_bytes) if strategy.chunks == 1 or strategy.state_tier == Tier.GPU else (
-        active.tensor_bytes + active.prefetch_bytes)
-    return recipe_state_allocs(strategy, layout, spans)
+    return recipe_state_allocs(strategy, layout, _static_spans(strategy, active, all_spans))
+
+
+def _static_spans(strategy: Strategy, active: ActiveSet, all_spans: tuple[int, ...]) -> tuple[int, ...]:
+    """The spans whose state `gpu_static_allocs` puts on the GPU (GPU optimizer)."""
+    if strategy.chunks == 1 or strategy.state_tier == Tier.GPU:
+        return all_spans or active.tensor_bytes
+    return active.tensor_bytes + active.prefetch_bytes
+
+
+def gpu_static_summary(strategy: Strategy, layout: ParamLayout, active: ActiveSet,
+                       all_spans: tuple[int, ...]) -> tuple[dict[Component, int], int]:
+    """(`add_allocs` of `gpu_static_allocs`, its `segment_bytes`): the same figures, with
+    chunkft's own ChunkAdamW state summed at once (`state_summary`) instead of one Alloc per
+    tensor. The dict is the caller's; it is empty exactly when there are no allocations."""
+    if strategy.optimizer_device == OptimizerDevice.HOST:
+        return {}, 0
+    spans = _static_spans(strategy, active, all_spans)
+    recipe = strategy.recipe
+    if recipe.optim == "chunkft" and recipe.precision.value == "mixed":  # recipe_step_cost is None
+        comps, reserved = state_summary(spans, layout.elem_bytes)
+        return dict(comps), reserved
+    statics = recipe_state_allocs(strategy, layout, spans)
+    comps: dict[Component, int] = {}
+    add_allocs(comps, statics)
+    return comps, segment_bytes(statics)
+
+
+_STATE_SUMMARIES: dict[tuple, tuple[dict[Component, int], int]] = {}
+
+
+def state_summary(tensor_bytes: tuple[int, ...], elem: int) -> tuple[dict[Component, int], int]:
+    """(`add_allocs` of `state_allocs(tensor_bytes, elem)`, their `segment_bytes`), the same
+    ints and the same component order, computed over arrays and kept per (elem, spans): a pure
+    function that every evaluation of a chunk count asks again (read only: copy to change)."""
+    key = (elem, tensor_bytes)
+    hit = _STATE_SUMMARIES.get(key)
+    if hit is not None:
+        return hit
+    master, moments = _state_per_param(elem)
+    n = np.asarray(tensor_bytes, dtype=np.int64) // elem
+    groups = []  # (component, bytes per tensor, tensors per span), in state_allocs' order
+    if master:
+        groups.append((Component.MASTER, master * n, 1))
+    if moments // FP32_BYTES:
+        groups.append((Component.OPTIMIZER, FP32_BYTES * n, moments // FP32_BYTES))
+    comps: dict[Component, int] = {}
+    small = mid = large = 0
+    if len(n):
+        for component, sizes, count in groups:
+            rounded = np.maximum(-(-sizes // K_MIN_BLOCK_SIZE) * K_MIN_BLOCK_SIZE, K_MIN_BLOCK_SIZE)  # round_size
+            comps[component] = comps.get(component, 0) + count * int(sizes.sum())
+            comps[Component.ROUNDING] = comps.get(Component.ROUNDING, 0) + count * int((rounded - sizes).sum())
+            is_small = rounded <= K_SMALL_SIZE
+            is_mid = ~is_small & (rounded < K_MIN_LARGE_ALLOC)
+            is_large = ~is_small & ~is_mid
+            small += count * int(rounded[is_small].sum())
+            mid += count * int(rounded[is_mid].sum())
+            large += count * int((-(-rounded[is_large] // K_ROUND_LARGE) * K_ROUND_LARGE).sum())  # segment_size
+    value = (comps, _ceil_to(small, K_SMALL_BUFFER) + _ceil_to(mid, K_LARGE_BUFFER) + large)
+    if len(_STATE_SUMMARIES) >= _MEMO_SIZE:
+        _STATE_SUMMARIES.pop(next(iter(_STATE_SUMMARIES)))
+    _STATE_SUMMARIES[key] = value
+    return value
 
 
 def recipe_state_allocs(strategy: Strategy, layout: ParamLayout, spans: tuple[int, ...]) -> list[Alloc]:
@@ -462,15 +564,43 @@ def _ceil_to(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
+def _gpu_grad_cap(strategy: Strategy, layout: ParamLayout, active: ActiveSet) -> int | None:
+    """Most gradient bytes `adjusted_gpu_live` leaves on the GPU (None: no cap)."""
+    cap = _grad_cap(strategy, layout, active)
+    if strategy.chunks > 1:  # a chunk's gradients never exceed its bytes (bound mode: see evaluate)
+        cap = min(sum(active.tensor_bytes), cap) if cap is not None else sum(active.tensor_bytes)
+    return cap
+
+
+_TOTALS: dict[int, tuple] = {}
+
+
+def _adjusted_totals(traced: TracedStep, cap: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(`adjusted_gpu_live`'s live bytes summed over components, its reserved, the capped
+    gradient row or None) without copying the (components x ops) matrix: the same ints, since
+    only the gradient row changes (total = the trace's total - what the cap removes)."""
+    hit = _TOTALS.get(id(traced))
+    if hit is None or hit[0] is not traced:
+        if len(_TOTALS) >= _TRACE_CACHE_SIZE:
+            _TOTALS.pop(next(iter(_TOTALS)))
+        hit = _TOTALS[id(traced)] = (traced, traced.live.sum(axis=0))
+    total = hit[1]
+    if cap is None:
+        return total, np.maximum(traced.reserved, total), None
+    g = traced.live[_CI[Component.GRADIENTS]]
+    kept = np.minimum(g, cap)
+    removed = g - kept
+    total = total - removed
+    return total, np.maximum(traced.reserved - removed, total), kept
+
+
 def adjusted_gpu_live(traced: TracedStep, strategy: Strategy, layout: ParamLayout,
                       active: ActiveSet) -> tuple[np.ndarray, np.ndarray]:
     """(live per component, reserved) after every op once gradients leave (streamed weights are
     in the traced step already: `traced_step(stream=True)`)."""
     live = traced.live.copy()
     removed = np.zeros(live.shape[1], dtype=np.int64)
-    cap = _grad_cap(strategy, layout, active)
-    if strategy.chunks > 1:  # a chunk's gradients never exceed its bytes (bound mode: see evaluate)
-        cap = min(sum(active.tensor_bytes), cap) if cap is not None else sum(active.tensor_bytes)
+    cap = _gpu_grad_cap(strategy, layout, active)
     if cap is not None:
         g = live[_CI[Component.GRADIENTS]]
         kept = np.minimum(g, cap)
@@ -556,19 +686,22 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
     under with PyTorch's free-cached-blocks-and-retry), lowered by what `adjusted_gpu_live`
     takes off reserved, plus what the static state needs (its segments, or the side stream's
     least); at the optimizer step, what is left allocated plus the temporaries' segments."""
-    live, reserved = adjusted_gpu_live(traced, strategy, layout, active)
-    statics = gpu_static_allocs(strategy, layout, active, all_spans)
-    static_comps: dict[Component, int] = {}
-    add_allocs(static_comps, statics)
+    # adjusted_gpu_live's figures, read at the ops combine needs (no copy of the whole matrix)
+    total, reserved, kept = _adjusted_totals(traced, _gpu_grad_cap(strategy, layout, active))
+    gr = _CI[Component.GRADIENTS]
+
+    def column(t: int) -> dict[Component, int]:
+        return {c: int(traced.live[i, t] if kept is None or i != gr else kept[t]) for i, c in enumerate(COMPONENTS)}
+
+    static_comps, static_reserved = gpu_static_summary(strategy, layout, active, all_spans)
     static_total = sum(static_comps.values())
-    static_reserved = static_least = segment_bytes(statics)
+    static_least = static_reserved
     side = side_stream_state(strategy, layout, chunk_spans)
-    if side is not None and statics:
+    if side is not None and static_comps:  # static_comps is empty exactly when there are no static allocations
         static_reserved, static_least = side
 
-    total = live.sum(axis=0)
     t = int(np.argmax(total))
-    gpu = {c: int(live[i, t]) for i, c in enumerate(COMPONENTS)}
+    gpu = column(t)
     for c, b in static_comps.items():
         gpu[c] = gpu.get(c, 0) + b
     gpu_peak = int(total[t]) + static_total
@@ -580,7 +713,7 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
     # optimizer in backward: each tensor's step ran inside the traced backward (planner.train_axes)
     temps = [] if strategy.recipe.optimizer_in_backward else optimizer_temp_allocs(strategy, layout, active)
     if temps:  # the optimizer step after backward: what is left at the end, plus temporaries
-        end = {c: int(live[i, -1]) for i, c in enumerate(COMPONENTS)}
+        end = column(total.shape[0] - 1)
         for c, b in static_comps.items():
             end[c] = end.get(c, 0) + b
         add_allocs(end, temps)
@@ -597,9 +730,8 @@ def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active:
     for c, b in ((Component.ACTIVATIONS, traced.host_activations), (Component.ROUNDING, traced.host_rounding)):
         if b:  # activations offloaded to pinned host memory (planner.activations)
             host[c] = host.get(c, 0) + b
-    work = _work(layout, sum(active.tensor_bytes), traced.flops if flops is None else flops, dtype)
-    work = dataclasses.replace(work, offload_bytes=traced.host_activations)
-    parts = predict_step_time(work, strategy, hw)
+    parts = step_parts(layout, sum(active.tensor_bytes), traced.flops if flops is None else flops, dtype,
+                       traced.host_activations, strategy, hw)
     return Estimate(
         strategy=strategy,
         peak_bytes={Tier.GPU: gpu_peak, Tier.HOST: sum(host.values()), Tier.DISK: sum(disk.values())},
@@ -621,8 +753,20 @@ def side_stream_state(strategy: Strategy, layout: ParamLayout,
     if (not chunk_spans or strategy.chunks < 2 or strategy.prefetch_depth < 1
             or strategy.optimizer_device != OptimizerDevice.GPU or strategy.state_tier == Tier.GPU):
         return None
-    tensors = tuple(tuple(a.nbytes for a in recipe_state_allocs(strategy, layout, chunk)) for chunk in chunk_spans)
-    return side_stream_pool(tensors, strategy.prefetch_depth, strategy.recipe.alloc_conf)
+    # a pure function of these (C > 1: recipe_state_allocs reads the recipe and the element size
+    # only), asked again by every combine of the strategy's chunks
+    key = (strategy.recipe, strategy.prefetch_depth, layout.elem_bytes, chunk_spans)
+    hit = _SIDE_STATES.get(key)
+    if hit is None:
+        tensors = tuple(tuple(a.nbytes for a in recipe_state_allocs(strategy, layout, chunk)) for chunk in chunk_spans)
+        hit = side_stream_pool(tensors, strategy.prefetch_depth, strategy.recipe.alloc_conf)
+        if len(_SIDE_STATES) >= _MEMO_SIZE:
+            _SIDE_STATES.pop(next(iter(_SIDE_STATES)))
+        _SIDE_STATES[key] = hit
+    return hit
+
+
+_SIDE_STATES: dict[tuple, tuple[int, int]] = {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,31 +792,17 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
                chunk count, which is what keeps `chunkft fit` and the solver fast;
       "auto":  exact up to EXACT_CHUNK_TRACE_MAX_PARAMS parameters, bound above.
     """
-    if not isinstance(strategy, Strategy):
-        raise ChunkftError(f"expected a Strategy, got {type(strategy).__name__}")
+    _check_evaluable(strategy, shape, chunk_traces)
     recipe = strategy.recipe
-    recipe.require_modelled()
-    conflict = recipe.conflict(strategy, shape.dtype)
-    if conflict:
-        raise ChunkftError(conflict)
-    if chunk_traces not in CHUNK_TRACE_MODES:
-        raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(CHUNK_TRACE_MODES)}")
     layout = param_layout(model, shape.dtype)
-    sm = sm_arch(hw)
-
-    def trace(grad: dict | None) -> TracedStep:
-        return traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                           alloc_conf=strategy.recipe.alloc_conf,
-                           loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=recipe.loop.value,
-                           stream=strategy.weights == WeightResidency.STREAM, recipe=recipe)
+    trace = _tracer(model, shape, strategy, hw)
 
     if strategy.chunks == 1:
         full = one_chunk_active_set(layout, recipe)
         return combine(trace(trained_grad_spec(layout, recipe)), strategy, layout, full, hw, dtype=shape.dtype,
                        all_spans=full.tensor_bytes)
     table = chunk_table(model, shape.dtype, strategy.chunks, recipe)
-    spans = tuple(s.nbytes for chunk in table.chunks for s in chunk)
-    by_chunk = tuple(tuple(s.nbytes for s in chunk) for chunk in table.chunks)
+    spans, by_chunk = _table_spans(table)
     if chunk_traces == "auto":
         chunk_traces = "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
     estimates: list[Estimate] = []
@@ -686,18 +816,107 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
                                          dtype=shape.dtype, all_spans=spans, chunk_spans=by_chunk))
     else:
         traced = trace(trained_grad_spec(layout, recipe))
-        flops = _bound_flops(traced.flops, table, layout, shape, recipe)
-        actives = [active_set_for(table, k, strategy) for k in range(table.num_chunks)]
-        for k in bound_candidates(actives, layout):
+        flops = _cached_bound_flops(traced.flops, table, layout, shape, recipe)
+        actives, candidates = _bound_actives(table, strategy, layout)
+        for k in candidates:
             estimates.append(combine(traced, strategy, layout, actives[k], hw, dtype=shape.dtype,
                                      all_spans=spans, flops=flops[k], chunk_spans=by_chunk))
     worst = max(estimates, key=lambda e: (e.need_bytes(Tier.GPU), -(e.worst_chunk or 0)))
     # step time: the worst chunk's terms at the mean flops of all chunks (the other terms are
     # the same for every chunk of a balanced table, up to one row)
-    work = _work(layout, sum(spans) // table.num_chunks, int(sum(flops) / len(flops)), shape.dtype)
-    work = dataclasses.replace(work, offload_bytes=worst.components.get(Tier.HOST, {}).get(Component.ACTIVATIONS, 0))
-    parts = predict_step_time(work, strategy, hw)
+    parts = step_parts(layout, sum(spans) // table.num_chunks, int(sum(flops) / len(flops)), shape.dtype,
+                       worst.components.get(Tier.HOST, {}).get(Component.ACTIVATIONS, 0), strategy, hw)
     return dataclasses.replace(worst, step_time_s=float(sum(parts.values())), step_time_parts_s=parts)
+
+
+def step_time_parts(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any, *,
+                    chunk_traces: str = "auto") -> dict[str, float]:
+    """`evaluate(...).step_time_parts_s` without the memory model: the same checks, trace, flops
+    and `step_parts` arithmetic, none of the per-chunk memory estimates (what planner.sharding
+    needs of a one-GPU step). The trace is replayed without the least-memory search (step times
+    do not read it). Exact chunk traces (C > 1) take the worst chunk's offloaded activations, a
+    memory figure: that case is `evaluate`'s own."""
+    _check_evaluable(strategy, shape, chunk_traces)
+    recipe = strategy.recipe
+    layout = param_layout(model, shape.dtype)
+    trace = _tracer(model, shape, strategy, hw, least=False)
+    if strategy.chunks == 1:
+        traced = trace(trained_grad_spec(layout, recipe))
+        return step_parts(layout, sum(one_chunk_active_set(layout, recipe).tensor_bytes), traced.flops, shape.dtype,
+                          traced.host_activations, strategy, hw)
+    if chunk_traces == "auto":
+        chunk_traces = "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
+    if chunk_traces == "exact":
+        return evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces).step_time_parts_s
+    table = chunk_table(model, shape.dtype, strategy.chunks, recipe)
+    spans, _ = _table_spans(table)
+    traced = trace(trained_grad_spec(layout, recipe))
+    flops = _cached_bound_flops(traced.flops, table, layout, shape, recipe)
+    # bound: every chunk's step is the one trace's, so the worst chunk's offloaded activations are its own
+    return step_parts(layout, sum(spans) // table.num_chunks, int(sum(flops) / len(flops)), shape.dtype,
+                      traced.host_activations, strategy, hw)
+
+
+def step_parts(layout: ParamLayout, step_bytes: int, flops: int, dtype: str, offload_bytes: int, strategy: Strategy,
+               hw: Any) -> dict[str, float]:
+    """Seconds per step by term (planner.steptime) of a step updating `step_bytes` (16-bit) of
+    parameters at `flops`, `offload_bytes` of activations offloaded to host: the one step-time
+    formula of `combine`, `evaluate`, `step_time_parts` and planner.sharding."""
+    work = dataclasses.replace(_work(layout, step_bytes, flops, dtype), offload_bytes=offload_bytes)
+    return predict_step_time(work, strategy, hw)
+
+
+def _check_evaluable(strategy: Strategy, shape: "StepShape", chunk_traces: str) -> None:
+    """What `evaluate` refuses before tracing anything."""
+    if not isinstance(strategy, Strategy):
+        raise ChunkftError(f"expected a Strategy, got {type(strategy).__name__}")
+    recipe = strategy.recipe
+    recipe.require_modelled()
+    conflict = recipe.conflict(strategy, shape.dtype)
+    if conflict:
+        raise ChunkftError(conflict)
+    if chunk_traces not in CHUNK_TRACE_MODES:
+        raise ChunkftError(f"invalid chunk_traces {chunk_traces!r}: valid values are {', '.join(CHUNK_TRACE_MODES)}")
+
+
+def _tracer(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any, *, least: bool = True):
+    """The strategy's `traced_step` for a GradSpec, as `evaluate` traces it."""
+    recipe = strategy.recipe
+    sm = sm_arch(hw)
+
+    def trace(grad: dict | None) -> TracedStep:
+        return traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
+                           alloc_conf=recipe.alloc_conf, loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm,
+                           loop=recipe.loop.value, stream=strategy.weights == WeightResidency.STREAM, recipe=recipe,
+                           least=least)
+
+    return trace
+
+
+def _table_spans(table: "ChunkTable") -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """(every span's bytes, the same per chunk) of a chunk table, kept per table."""
+    return _memo(("spans", id(table)), (table,), lambda: (tuple(s.nbytes for chunk in table.chunks for s in chunk),
+                                                        tuple(tuple(s.nbytes for s in chunk) for chunk in table.chunks)))
+
+
+def _cached_bound_flops(full_flops: int, table: "ChunkTable", layout: ParamLayout, shape: "StepShape",
+                        recipe: "Recipe | None") -> list[int]:
+    """`_bound_flops`, kept per table, layout, flops, tokens and recipe (read only)."""
+    key = ("flops", id(table), id(layout), full_flops, shape.batch * shape.seq_len, recipe)
+    return _memo(key, (table, layout), lambda: _bound_flops(full_flops, table, layout, shape, recipe))
+
+
+def _bound_actives(table: "ChunkTable", strategy: Strategy, layout: ParamLayout) -> tuple[list[ActiveSet], list[int]]:
+    """(`active_set_for` of every chunk, `bound_candidates` of them), kept per table, element
+    size and what `active_set_for` reads of the strategy (read only)."""
+    gpu_prefetch = strategy.optimizer_device == OptimizerDevice.GPU and strategy.state_tier != Tier.GPU
+    depth = min(strategy.prefetch_depth, table.num_chunks - 1) if gpu_prefetch else 0
+
+    def make() -> tuple[list[ActiveSet], list[int]]:
+        actives = [active_set_for(table, k, strategy) for k in range(table.num_chunks)]
+        return actives, bound_candidates(actives, layout)
+
+    return _memo(("actives", id(table), depth, layout.elem_bytes), (table,), make)
 
 
 CHUNK_TRACE_MODES = ("auto", "exact", "bound")

@@ -116,7 +116,9 @@ def rank_states(strategy: Strategy, layout: "ParamLayout", spans: tuple, local: 
     k's working copy and chunk `prefetch`'s), the step's temporaries, host (and disk)."""
     from planner import evaluate as ev
 
-    bounds = cache.setdefault("bounds", np.cumsum([0] + [len(c) for c in spans]))
+    bounds = cache.get("bounds")
+    if bounds is None:  # (not setdefault: its default would be built on every call)
+        bounds = cache["bounds"] = np.cumsum([0] + [len(c) for c in spans])
     elem = layout.elem_bytes
     out = []
     for r in range(world):
@@ -134,10 +136,7 @@ def rank_states(strategy: Strategy, layout: "ParamLayout", spans: tuple, local: 
             if static_key not in cache:
                 # every span's slice: only read when every chunk's state is on the GPU
                 every = tuple(int(b) for b in local[:, r] if b) if everything else ()
-                statics = ev.gpu_static_allocs(strategy, layout, active, every)
-                static: dict = {}
-                ev.add_allocs(static, statics)
-                cache[static_key] = (static, ev.segment_bytes(statics))
+                cache[static_key] = ev.gpu_static_summary(strategy, layout, active, every)
             static, static_reserved = cache[static_key]
             temps_list = step_temp_allocs(mine, elem)
             temps: dict = {}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,11 +94,33 @@ def _remember(store: dict, key: tuple, value: Any) -> Any:
 
 def _cached_schedule(traced: "TracedStep", layout: "ParamLayout", world: int, shard_embeddings: bool,
                      forward_prefetch: bool) -> FsdpSchedule:
-    key = (id(traced), world, shard_embeddings, forward_prefetch)
+    # fsdp_schedule reads the trace's phases and layers only: traces of one step replayed for
+    # another GPU architecture (or without the least-memory search) share their schedules
+    key = (_op_pattern(traced), id(layout), world, shard_embeddings, forward_prefetch)
     hit = _SCHEDULES.get(key)
-    if hit is None or hit[0] is not traced:
+    if hit is None or hit[0] is not layout:
         units = fsdp_units(layout, world, (), shard_embeddings)
-        hit = _remember(_SCHEDULES, key, (traced, fsdp_schedule(traced, units, traced.live.shape[1], forward_prefetch)))
+        hit = _remember(_SCHEDULES, key, (layout, fsdp_schedule(traced, units, traced.live.shape[1], forward_prefetch)))
+    return hit[1]
+
+
+_PATTERNS: dict[Any, int] = {}  # (ops, phases, layers) -> a small id (never reused: a counter)
+_PATTERN_OF: dict[int, tuple] = {}  # id(traced) -> (traced, its pattern id)
+_PATTERN_IDS = itertools.count()
+
+
+def _op_pattern(traced: "TracedStep") -> int:
+    """A small id per distinct (op count, phases, layers) of a traced step."""
+    hit = _PATTERN_OF.get(id(traced))
+    if hit is None or hit[0] is not traced:
+        content = (traced.live.shape[1], tuple(p.value if p is not None else None for p in traced.phases),
+                   traced.layers)
+        if content not in _PATTERNS:
+            if len(_PATTERNS) >= _CACHE_SIZE:
+                _PATTERNS.pop(next(iter(_PATTERNS)))
+            _PATTERNS[content] = next(_PATTERN_IDS)
+        pattern = _PATTERNS[content]
+        hit = _remember(_PATTERN_OF, id(traced), (traced, pattern))
     return hit[1]
 
 
@@ -153,18 +176,17 @@ def prepare_chunks(model: "ModelSpec", shape: "StepShape", strategy: Strategy, s
         return _PREPARED[key]
 
     def trace(grad):
+        # the per-rank model reads no least-memory figure: the replay skips that search
         return ev.traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                              loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=strategy.recipe.loop.value)
+                              loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=strategy.recipe.loop.value,
+                              least=False)
 
     spans = chunk_spans(strategy, model, layout, shape.dtype)
     if strategy.chunks == 1:
         touched = (frozenset(n for n, _, _ in layout.named_shapes),)
         sliced: tuple = ((),)
     else:
-        table = ev.chunk_table(model, shape.dtype, strategy.chunks)
-        grads = [chunk_grads(table, k, layout) for k in range(table.num_chunks)]
-        touched = tuple(g[0] for g in grads)
-        sliced = tuple(g[1] for g in grads)
+        touched, sliced = _table_grads(ev.chunk_table(model, shape.dtype, strategy.chunks), layout)
     if strategy.chunks == 1:
         traced = trace(None)
         cases: list = [(traced, 0)]
@@ -184,8 +206,7 @@ def prepare_chunks(model: "ModelSpec", shape: "StepShape", strategy: Strategy, s
         traced = trace(None)
         cases = [(traced, k) for k in range(len(spans))]
         flops = [traced.flops] * len(spans)
-    tensor = dict(zip((n for n, _, _ in layout.named_shapes), layout.tensor_bytes))
-    grad_bytes = tuple(sum(tensor[n] for n in t) + sum(b) for t, b in zip(touched, sliced))
+    grad_bytes = _grad_bytes(layout, touched, sliced)
     prepared = PreparedChunks(layout=layout, spans=spans, touched=touched, sliced=sliced, cases=tuple(cases), mode=mode,
                               flops=tuple(flops), grad_bytes=grad_bytes)
     if len(_PREPARED) >= 128:  # chunkft size asks for ~15 chunk counts x 2 loss forms at once
@@ -194,10 +215,46 @@ def prepare_chunks(model: "ModelSpec", shape: "StepShape", strategy: Strategy, s
     return prepared
 
 
-def bound_chunks(prep: PreparedChunks, strategy: Strategy, local: np.ndarray, world: int) -> list[int]:
+# Per chunk table and layout: every chunk's `chunk_grads` and gradient bytes (independent of the
+# checkpointing, loss and trace mode that key PreparedChunks), kept with the objects they came from.
+_TABLE_GRADS: dict[tuple, tuple] = {}
+
+
+def _table_grads(table: "ChunkTable", layout: "ParamLayout") -> tuple[tuple[frozenset, ...], tuple[tuple[int, ...], ...]]:
+    key = ("grads", id(table), id(layout))
+    hit = _TABLE_GRADS.get(key)
+    if hit is None or hit[0] is not table or hit[1] is not layout:
+        grads = [chunk_grads(table, k, layout) for k in range(table.num_chunks)]
+        hit = _remember(_TABLE_GRADS, key, (table, layout, (tuple(g[0] for g in grads), tuple(g[1] for g in grads))))
+    return hit[2]
+
+
+def _grad_bytes(layout: "ParamLayout", touched: tuple, sliced: tuple) -> tuple[int, ...]:
+    key = ("bytes", id(layout), id(touched), id(sliced))
+    hit = _TABLE_GRADS.get(key)
+    if hit is None or hit[0] is not layout or hit[1] is not touched or hit[2] is not sliced:
+        tensor = dict(zip((n for n, _, _ in layout.named_shapes), layout.tensor_bytes))
+        value = tuple(sum(tensor[n] for n in t) + sum(b) for t, b in zip(touched, sliced))
+        hit = _remember(_TABLE_GRADS, key, (layout, touched, sliced, value))
+    return hit[3]
+
+
+def bound_chunks(prep: PreparedChunks, strategy: Strategy, local: np.ndarray, world: int,
+                 cache: dict | None = None) -> list[int]:
     """Bound mode: the chunks whose analytic bytes (FSDP2 gradients and slice buffers; the
     worst rank's state on the GPU plus step temporaries) are largest, as evaluate's
-    `bound_candidates` picks them; the shared trace makes the rest differ by these terms only."""
+    `bound_candidates` picks them; the shared trace makes the rest differ by these terms only.
+    `cache`: `rank_cache`'s for this world and `local` (its key holds the state tier and
+    prefetch, all this reads of the strategy): the answer is kept there per prepared chunks."""
+    if cache is not None:
+        hit = cache.get(("bound_chunks", id(prep)))
+        if hit is None or hit[0] is not prep or hit[1] is not local:
+            hit = cache[("bound_chunks", id(prep))] = (prep, local, _bound_chunks(prep, strategy, local, world))
+        return list(hit[2])
+    return _bound_chunks(prep, strategy, local, world)
+
+
+def _bound_chunks(prep: PreparedChunks, strategy: Strategy, local: np.ndarray, world: int) -> list[int]:
     from planner import evaluate as ev
 
     layout = prep.layout
@@ -213,13 +270,12 @@ def bound_chunks(prep: PreparedChunks, strategy: Strategy, local: np.ndarray, wo
     else:
         ahead = np.roll(sums, -1, axis=0) if prefetches_next_chunk(strategy, len(prep.spans)) else 0
         state = per_param * (sums + ahead) // elem
-    static = (state + temps).max(axis=1)
-    grads = prep.grad_bytes
-    keyed = [((g, int(st)), k) for k, (g, st) in enumerate(zip(grads, static))]
-    by_total = sorted(keyed, key=lambda x: (-(x[0][0] + x[0][1]), x[1]))[:ev.BOUND_CANDIDATES]
-    by_grad = max(keyed, key=lambda x: (x[0][0], -x[1]))
-    by_static = max(keyed, key=lambda x: (x[0][1], -x[1]))
-    return sorted({k for _, k in by_total} | {by_grad[1], by_static[1]})
+    static = (state + temps).max(axis=1).astype(np.int64)
+    grads = np.asarray(prep.grad_bytes, dtype=np.int64)
+    # evaluate's bound_candidates over arrays: the largest totals (ties: the lower chunk), the
+    # largest gradients and the largest state + temporaries (argmax: the first, the lower chunk)
+    by_total = np.lexsort((np.arange(len(grads)), -(grads + static)))[:ev.BOUND_CANDIDATES]
+    return sorted({int(k) for k in by_total} | {int(np.argmax(grads)), int(np.argmax(static))})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,9 +96,9 @@ NVLINK_BANDWIDTH_BPS: dict[str, float] = {
 INTER_NODE_BANDWIDTH_BPS = 25e9
 # GPU counts min_gpus tries (whole nodes beyond one node).
 MAX_GPUS = 1024
-# evaluate's one-GPU estimates (step times) per model, shape, strategy, hardware and trace mode,
-# reused across world sizes and calls (chunkft size asks many)
-_SINGLES: dict[tuple, Estimate] = {}
+# the one-GPU step time's terms per model, shape, strategy, hardware and trace mode, reused
+# across world sizes and calls (chunkft size asks many)
+_SINGLES: dict[tuple, dict[str, float]] = {}
 _CACHE_SIZE = 256
 
 
@@ -124,9 +124,10 @@ class ShardedEstimate:
     """Time of the step's collectives at `interconnect_Bps`, before overlap."""
     step_time_s: float
     step_time_parts_s: dict[str, float]
-    single: Estimate
-    """evaluate()'s unsharded estimate of the same per-rank micro-batch (W > 1: with bound chunk
-    traces, its step time at the sharded model's mean flops; it supplies the step-time terms)."""
+    single: Estimate | None = None
+    """W = 1: evaluate()'s estimate (this one is it). W > 1: None; the step-time terms are the
+    one-GPU step's of the same per-rank micro-batch (planner.evaluate.step_time_parts, bound chunk
+    traces; exact: evaluate's formula at the sharded traces' mean flops), comm added."""
     worst_chunk: int | None = None
     shard_embeddings: bool = False
     """Input embedding and output head (final norm + lm_head) are FSDP units of their own."""
@@ -277,7 +278,7 @@ def _evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy
     layout = prep.layout
     cache, local = rank_cache(model, shape, strategy, world, prep)
     num_chunks = len(prep.spans)
-    chunks = range(num_chunks) if prep.mode == "exact" else bound_chunks(prep, strategy, local, world)
+    chunks = range(num_chunks) if prep.mode == "exact" else bound_chunks(prep, strategy, local, world, cache)
     best = None
     for k in chunks:
         part = chunk_part(prep, strategy, k, world, shard_embeddings)
@@ -301,20 +302,21 @@ def _evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy
     all_reduce = sum(prep.sliced[worst])
     comm = (world - 1) / world * (all_gather + reduce_scatter + 2 * all_reduce) / bw
     # step time: evaluate's terms at the mean flops of the chunks' steps (exact: the sharded
-    # grad-spec traces, the runtime's work; bound: evaluate's analytic flops), plus the comm term
+    # grad-spec traces, the runtime's work; bound: evaluate's analytic flops), plus the comm term.
+    # Only the one-GPU step time is needed: planner.evaluate's step-time path (the same checks,
+    # trace and formula as evaluate(chunk_traces="bound"), none of its memory estimates).
     single_key = (model.fingerprint(), shape, strategy, hw, prep.mode)
-    single = _SINGLES.get(single_key)
-    if single is None:
-        single = cached_evaluate(model, shape, strategy, hw, chunk_traces="bound")
+    single_parts = _SINGLES.get(single_key)
+    if single_parts is None:
         if prep.mode == "exact":
-            spans_bytes = tuple(sp.nbytes for chunk in prep.spans for sp in chunk)
-            mean = ev.ActiveSet(chunk=None, tensor_bytes=(sum(spans_bytes) // num_chunks,))
-            timed = ev.combine(prep.cases[0][0], strategy, layout, mean, hw, dtype=shape.dtype, all_spans=spans_bytes,
-                               flops=int(sum(prep.flops) / len(prep.flops)))
-            single = dataclasses.replace(single, step_time_s=timed.step_time_s,
-                                         step_time_parts_s=dict(timed.step_time_parts_s))
-        _remember(_SINGLES, single_key, single)
-    parts = dict(single.step_time_parts_s)
+            ev._check_evaluable(strategy, shape, "bound")  # what evaluate refuses, refused alike
+            step_bytes = sum(sp.nbytes for chunk in prep.spans for sp in chunk) // num_chunks
+            single_parts = ev.step_parts(layout, step_bytes, int(sum(prep.flops) / len(prep.flops)), shape.dtype,
+                                         prep.cases[0][0].host_activations, strategy, hw)
+        else:
+            single_parts = ev.step_time_parts(model, shape, strategy, hw, chunk_traces="bound")
+        _remember(_SINGLES, single_key, single_parts)
+    parts = dict(single_parts)
     for term in ("optimizer", "switch"):
         if term in parts:
             parts[term] /= world
@@ -326,7 +328,7 @@ def _evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy
                     Tier.DISK: dict(states[fullest].disk)},
         reserved_bytes=max(res, peak), context_bytes=ev.CUDA_CONTEXT_BYTES, all_gather_bytes=all_gather,
         reduce_scatter_bytes=reduce_scatter, all_reduce_bytes=all_reduce, interconnect_Bps=bw, comm_time_s=comm,
-        step_time_s=float(sum(parts.values())), step_time_parts_s=parts, single=single,
+        step_time_s=float(sum(parts.values())), step_time_parts_s=parts,
         worst_chunk=worst if strategy.chunks > 1 else None, worst_rank=worst_rank, node_host_bytes=node_host,
         node_disk_bytes=node_disk,
         chunk_traces=prep.mode, shard_embeddings=shard_embeddings)
