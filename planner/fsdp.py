@@ -204,10 +204,51 @@ class FsdpSchedule:
 
 def fsdp_schedule(traced: "TracedStep", u: FsdpUnits, n: int, forward_prefetch: bool) -> FsdpSchedule:
     """What FSDP2 holds around each of the trace's `n` ops (module doc: weights and comm)."""
+    st = _schedule_structure(traced, u, n, forward_prefetch)
+    # the units' bytes, then the root's (index -2) and nothing (index -1)
+    values = np.asarray(u.full + (u.root_full, 0), dtype=np.int64)
+    return FsdpSchedule(gathered=u.root_full + values[st.gathered_a] + values[st.gathered_b],
+                        ag_buffer=values[st.ag], done_count=st.done_count.copy(), done_order=st.done_order,
+                        rs_unit=st.rs_unit.copy(), backward_gathered=sum(u.full[k] for k in st.regathered))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Structure:
+    """`fsdp_schedule` as unit indices (-1: nothing, -2: the root's bytes): which units FSDP2
+    holds around each op depends on the trace's phases and layers, the unit count and the
+    prefetch only; their bytes (the world size's) are looked up afterwards."""
+
+    gathered_a: np.ndarray
+    gathered_b: np.ndarray
+    ag: np.ndarray
+    done_count: np.ndarray
+    done_order: tuple[int, ...]
+    rs_unit: np.ndarray
+    regathered: tuple[int, ...]
+
+
+_STRUCTURES: dict[tuple, tuple] = {}
+
+
+def _schedule_structure(traced: "TracedStep", u: FsdpUnits, n: int, forward_prefetch: bool) -> _Structure:
+    key = (id(traced), u.offset, len(u.full), n, forward_prefetch)
+    hit = _STRUCTURES.get(key)
+    if hit is None or hit[0] is not traced:
+        if len(_STRUCTURES) >= _CACHE_SIZE:
+            _STRUCTURES.pop(next(iter(_STRUCTURES)))
+        hit = _STRUCTURES[key] = (traced, _structure(traced, u, n, forward_prefetch))
+    return hit[1]
+
+
+def _structure(traced: "TracedStep", u: FsdpUnits, n: int, forward_prefetch: bool) -> _Structure:
+    """The walk over the ops (reads u.offset and the unit count only; see fsdp_schedule)."""
+    NONE, ROOT = -1, -2
+    units = len(u.full)
     phases = traced.phases or (None,) * n
     backward = (Phase.BACKWARD, Phase.RECOMPUTE)
-    gathered = np.full(n, u.root_full, dtype=np.int64)
-    ag_buffer = np.zeros(n, dtype=np.int64)
+    gathered_a = np.full(n, NONE, dtype=np.int64)
+    gathered_b = np.full(n, NONE, dtype=np.int64)
+    ag_buffer = np.full(n, NONE, dtype=np.int64)
     done_count = np.zeros(n, dtype=np.int64)
     rs_unit = np.full(n, -1, dtype=np.int64)
     order: list[int] = []
@@ -225,7 +266,7 @@ def fsdp_schedule(traced: "TracedStep", u: FsdpUnits, n: int, forward_prefetch: 
             # pre-backward of unit k: the prefetched unit's all-gather output (or k's own, for
             # the first unit of backward) lives until its copy-out is done
             ag = k - 1 if current is not None and k > 0 else (k if current is None else None)
-            ag_buffer[t] = u.full[ag] if ag is not None else 0
+            ag_buffer[t] = ag if ag is not None else NONE
             current = k
         if k is not None:
             seen_unit = True
@@ -233,17 +274,18 @@ def fsdp_schedule(traced: "TracedStep", u: FsdpUnits, n: int, forward_prefetch: 
                 nxt = k - 1 if k > 0 else None
                 regathered |= {k} if nxt is None else {k, nxt}
             else:
-                nxt = k + 1 if forward_prefetch and k + 1 < len(u.full) else None
-            gathered[t] += u.full[k] + (u.full[nxt] if nxt is not None else 0)
+                nxt = k + 1 if forward_prefetch and k + 1 < units else None
+            gathered_a[t] = k
+            gathered_b[t] = nxt if nxt is not None else NONE
             if not in_bwd:  # forward: the newest all-gather's output is freed at the next copy-out
-                ag_buffer[t] = u.full[nxt if nxt is not None else k]
+                ag_buffer[t] = nxt if nxt is not None else k
         elif not in_bwd and phases[t] in (Phase.FORWARD, Phase.LOSS):
             # before the first unit: the root's own all-gather output; after the last: the last
             # unit's, until the root's post-forward
-            ag_buffer[t] = u.full[-1] if seen_unit and u.full else (u.root_full if not seen_unit else 0)
+            ag_buffer[t] = units - 1 if seen_unit and units else (ROOT if not seen_unit else NONE)
         done_count[t] = len(order)
-    return FsdpSchedule(gathered=gathered, ag_buffer=ag_buffer, done_count=done_count, done_order=tuple(order),
-                        rs_unit=rs_unit, backward_gathered=sum(u.full[k] for k in regathered))
+    return _Structure(gathered_a=gathered_a, gathered_b=gathered_b, ag=ag_buffer, done_count=done_count,
+                      done_order=tuple(order), rs_unit=rs_unit, regathered=tuple(sorted(regathered)))
 
 
 def rank_live(traced: "TracedStep", layout: "ParamLayout", grads: Collection[str], world: int, *,
