@@ -234,3 +234,25 @@ def test_timeline_peak_equals_evaluate_peak(tiny):
         events = gpu_timeline(model, shape, s, hw, chunk_traces="exact")
         assert max(ev.allocated for ev in events) == est.peak_bytes[Tier.GPU], s.label()
         assert max(ev.reserved for ev in events) <= est.reserved_bytes
+
+
+def test_vectorised_state_sums_equal_the_allocation_lists():
+    """evaluate.state_summary (numpy, for speed) against add_allocs / segment_bytes over
+    state_allocs (one Alloc per tensor, the allocator's rounding): the same ints, the same
+    component order, on spans from a few bytes to hundreds of MiB."""
+    import random
+
+    from planner.evaluate import add_allocs, segment_bytes, state_allocs, state_summary
+
+    rng = random.Random(0)
+    sizes = [2, 512, 1 << 19, (1 << 20) - 2, 1 << 20, 5 << 20, (10 << 20) - 6, 10 << 20, 300 << 20]
+    cases = [()] + [tuple(rng.choice(sizes) + 2 * rng.randrange(4096) for _ in range(rng.randrange(1, 40)))
+                    for _ in range(100)]
+    for spans in cases:
+        for elem in (2, 4):
+            spans_elem = tuple(s - s % elem for s in spans)
+            allocs = state_allocs(spans_elem, elem)
+            comps: dict = {}
+            add_allocs(comps, allocs)
+            got, reserved = state_summary(spans_elem, elem)
+            assert list(got.items()) == list(comps.items()) and reserved == segment_bytes(allocs), (spans_elem, elem)
