@@ -158,9 +158,10 @@ class SpanStepInBackward:
     `install(on_complete=...)` hands over each span's complete gradient (a whole tensor from its
     post-accumulate-grad hook, a ChunkFT slice once every owning module's backward has used the
     weight) and this steps it at once, as ChunkAdamW._step_in_backward does: the gradient's
-    finiteness flag (runtime.guard), its fp32 copy (`_grad32`), runtime.chunk_optim.adamw_update
-    over the span's state in the recipe's format (runtime.lean_state), the copy back into the
-    16-bit weights (`_adamw`). The state of every trained span exists before the step."""
+    finiteness flag (runtime.guard), its fp32 copy and the span's step with the copy back into
+    the 16-bit weights (runtime.chunk_optim's `master_grad` and `step_view`, the functions
+    ChunkAdamW calls), over the span's state in the recipe's format (runtime.lean_state). The
+    state of every trained span exists before the step."""
 
     def __init__(self, module: "torch.nn.Module", grad: dict[str, Any] | None, *, optim: str,
                  master_weights: bool, around_step: Callable[["torch.Tensor"], Any] | None = None):
@@ -186,18 +187,16 @@ class SpanStepInBackward:
     def _step(self, name: str, grad: "torch.Tensor") -> None:
         import torch
 
-        from runtime.chunk_optim import adamw_update
+        from runtime.chunk_optim import master_grad, step_view
         from runtime.guard import nonfinite_flag
 
         view = self._views[name]
         with self._around(grad) if self._around is not None else contextlib.nullcontext():
             nonfinite_flag((grad,), grad.device)
-            grad32 = grad.to(torch.float32)
+            grad32 = master_grad(grad, grad.device)
             with torch.no_grad():
-                target = adamw_update(self._state, name, grad32, config=self._config, lr=1e-5, step=1,
-                                      weight=None if self._format.master else view)
-                if target is not view:
-                    view.copy_(target)
+                step_view(self._state, name, grad32, view, master=self._format.master, device=view.device,
+                          config=self._config, lr=1e-5, step=1)
 
     def state_tensors(self) -> tuple["torch.Tensor", ...]:
         return tuple(self._state.values())

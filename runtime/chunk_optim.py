@@ -188,6 +188,30 @@ def adamw_update(state: Mapping[str, torch.Tensor], name: str, grad: torch.Tenso
     return target
 
 
+def master_grad(g: torch.Tensor, device: torch.device, inv_scale: float = 1.0) -> torch.Tensor:
+    """A gradient cast to the master dtype (fp32; fp64 stays fp64) on the step device, unscaled
+    (fp16-centric: the cast happens here, at the optimizer). A copy when the cast or unscale needs one."""
+    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    out = g.to(device=device, dtype=dtype)
+    if inv_scale != 1.0:
+        out = out * inv_scale
+    return out
+
+
+def step_view(state: Mapping[str, torch.Tensor], name: str, grad: torch.Tensor, view: torch.Tensor, *,
+              master: bool, device: torch.device, config: AdamWConfig, lr: float, step: int,
+              key: str | None = None) -> None:
+    """ChunkAdamW's step of one span: `adamw_update` of its state (`master`: the state holds an
+    fp32 master; else the weights are stepped, on `device`), then the weights written back into
+    `view`, the span of the model's weights. Call under torch.no_grad()."""
+    # pure precision: the weights are the master (a host step steps a host copy of them)
+    weight = None if master else view if view.device == device else view.to(device)
+    target = adamw_update(state, name, grad, config=config, lr=lr, step=step, weight=weight, key=key)
+    if target is not view:
+        # a host step sends the weights back already in their 16-bit dtype (same rounding)
+        view.copy_(target if target.device == view.device else target.to(view.dtype))
+
+
 class _Store:
     """Chunk states resting on one tier: {chunk: {"<param>/<kind>": tensor}}.
 
@@ -703,11 +727,7 @@ class ChunkAdamW:
     def _grad32(self, g: torch.Tensor, inv_scale: float) -> torch.Tensor:
         """The gradient cast to the master dtype on the step device (fp16-centric: the cast
         happens here, at the optimizer), unscaled. A copy when the cast or unscale needs one."""
-        dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-        out = g.to(device=self.device, dtype=dtype)
-        if inv_scale != 1.0:
-            out = out * inv_scale
-        return out
+        return master_grad(g, self.device, inv_scale)
 
     def _span_view(self, k: int, name: str) -> torch.Tensor:
         span = next(s for s in self.table.chunks[k] if s.param == name)
@@ -717,14 +737,9 @@ class ChunkAdamW:
     def _adamw(self, name: str, grad: torch.Tensor, lr: float, step: int) -> None:
         """torch.optim.adam._single_tensor_adam with decoupled weight decay, line for line."""
         with torch.no_grad():
-            view = self._span_view(self.active_chunk, name)
-            # pure precision: the weights are the master (a host step steps a host copy of them)
-            weight = None if self.state_format.master else view if view.device == self.device else view.to(self.device)
-            master = adamw_update(self._state, name, grad, config=self.config, lr=lr, step=step, weight=weight,
-                                  key=f"chunk{self.active_chunk}/{name}")
-            if master is not view:
-                # a host step sends the weights back already in their 16-bit dtype (same rounding)
-                view.copy_(master if master.device == view.device else master.to(view.dtype))
+            step_view(self._state, name, grad, self._span_view(self.active_chunk, name),
+                      master=self.state_format.master, device=self.device, config=self.config, lr=lr, step=step,
+                      key=f"chunk{self.active_chunk}/{name}")
 
     def _fresh_state(self, k: int) -> dict[str, torch.Tensor]:
         return {key: t for span in self.table.chunks[k] for key, t in self._fresh_span(k, span.param).items()}
