@@ -387,10 +387,11 @@ def run_simulate(args) -> int:
     from planner.plan import load_plan
     from planner.schema import Tier
     from planner.fsio import check_output_file
-    from planner.simulate import simulate
+    from planner.simulate import check_chunk, simulate
 
     check_output_file(args.output, "-o/--output", inputs=[args.plan, args.model])
     plan = load_plan(args.plan)
+    check_chunk(plan, args.chunk)  # before the model is built
     model = resolve_model(args.model or plan.model_name)
     from planner.plan import check_plan_model
 

@@ -107,16 +107,10 @@ def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None,
     hw = plan.hardware if hw is None else hw
     if chunk_traces is None:
         chunk_traces = plan.chunk_traces
+    check_chunk(plan, chunk)
     if plan.parallel is not None:
-        if chunk is not None:
-            raise ChunkftError("--chunk picks a one-GPU plan's chunk; a parallel plan's timeline is the rank and "
-                               "chunk its per-GPU figures are for")
         return _simulate_parallel(plan, model, hw, chunk_traces)
     strategy = plan.strategy
-    if chunk is not None and (strategy.chunks == 1 or isinstance(chunk, bool) or not isinstance(chunk, int)
-                              or not 0 <= chunk < strategy.chunks):
-        valid = "none (one chunk)" if strategy.chunks == 1 else f"0..{strategy.chunks - 1}"
-        raise ChunkftError(f"invalid --chunk {chunk!r}: the plan's chunks are {valid}")
     if strategy.chunks > 1 and chunk is None:
         chunk = plan.worst_chunk
     step = step_trace(model, plan.shape, strategy, hw, chunk, chunk_traces=chunk_traces)
@@ -129,6 +123,19 @@ def simulate(plan: "Plan", model: "ModelSpec", *, hw: "Hardware | None" = None,
     switch = (lambda t: _switch_events(plan, gpu[-1], t, dict(host_disk))) if strategy.chunks > 1 and gpu else None
     return _timeline(plan, hw, gpu=gpu, host_disk=host_disk, chunk=chunk, switch=switch, est=est,
                      host_live=step.traced.host_live)
+
+
+def check_chunk(plan: "Plan", chunk: int | None) -> None:
+    """Refuse (one line) a `--chunk` the plan does not have: a one-GPU ChunkFT plan's 0..C-1."""
+    if chunk is None:
+        return
+    if plan.parallel is not None:
+        raise ChunkftError("--chunk picks a one-GPU plan's chunk; a parallel plan's timeline is the rank and "
+                           "chunk its per-GPU figures are for")
+    chunks = plan.strategy.chunks
+    if chunks == 1 or isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk < chunks:
+        valid = "none (one chunk)" if chunks == 1 else f"0..{chunks - 1}"
+        raise ChunkftError(f"invalid --chunk {chunk!r}: the plan's chunks are {valid}")
 
 
 def _timeline(plan: "Plan", hw: "Hardware", *, gpu: list[Event], host_disk: list, chunk: int | None,
