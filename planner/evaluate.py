@@ -319,15 +319,11 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
     `least=False`: the caller reads no `TracedStep.least` (planner.sharding's per-rank model,
     `step_time_parts`): the replay skips the least-memory search (a full step cached already
     answers), and the step is kept apart from the full ones."""
-    from planner.trace import TraceOptions, trace_step
+    from planner.trace import trace_step
 
-    if recipe is None:
-        options = TraceOptions(grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens, loop=loop)
-    else:  # the recipe's traced axes (planner.train_axes.trace_options); `loop` is the recipe's
-        from planner.train_axes import trace_options
-
-        options = trace_options(recipe, grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens)
-    key = (model.fingerprint(), shape, options.key(), sm, AllocConf.parse(alloc_conf).normalised(), stream)
+    options, key = _trace_key(model, shape, grad=grad, checkpointing=checkpointing,
+                              loss_chunk_tokens=loss_chunk_tokens, sm=sm, loop=loop, alloc_conf=alloc_conf,
+                              stream=stream, recipe=recipe)
     if key in _TRACES:
         return _TRACES[key]
     if not least and key in _LEAN_TRACES:
@@ -371,6 +367,72 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
     store[key] = step
     disk_cache.store("trace", (key, recipe) if least else (key, recipe, "lean"), step)
     return step
+
+
+def _trace_key(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, checkpointing: bool,
+               loss_chunk_tokens: int, sm: int, loop: str, alloc_conf: str, stream: bool,
+               recipe: "Recipe | None") -> tuple[Any, tuple]:
+    """(TraceOptions, cache key) of a `traced_step` call."""
+    from planner.trace import TraceOptions
+
+    if recipe is None:
+        options = TraceOptions(grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens, loop=loop)
+    else:  # the recipe's traced axes (planner.train_axes.trace_options); `loop` is the recipe's
+        from planner.train_axes import trace_options
+
+        options = trace_options(recipe, grad=grad, checkpointing=checkpointing, loss_chunk_tokens=loss_chunk_tokens)
+    return options, (model.fingerprint(), shape, options.key(), sm, AllocConf.parse(alloc_conf).normalised(), stream)
+
+
+def trace_requests(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any, *,
+                   chunk_traces: str = "auto") -> list[dict]:
+    """The `traced_step` calls `evaluate(model, shape, strategy, hw, chunk_traces)` makes, as
+    keyword arguments (planner.parallel_eval makes them ahead, in parallel)."""
+    _check_evaluable(strategy, shape, chunk_traces)
+    recipe = strategy.recipe
+    layout = param_layout(model, shape.dtype)
+    grads = [trained_grad_spec(layout, recipe)]
+    if strategy.chunks > 1 and chunk_mode(layout, chunk_traces) == "exact":
+        table = chunk_table(model, shape.dtype, strategy.chunks, recipe)
+        grads = [table.grad_spec(group[0]) for group in chunk_groups(table, layout.layer_prefix)]
+    return [dict(grad=grad, checkpointing=strategy.checkpointing, alloc_conf=recipe.alloc_conf,
+                 loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw), loop=recipe.loop.value,
+                 stream=strategy.weights == WeightResidency.STREAM, recipe=recipe) for grad in grads]
+
+
+def request_keys(model: "ModelSpec", shape: "StepShape", request: dict) -> tuple[tuple, tuple]:
+    """(traced step key, fake-trace graph key) of a `trace_requests` entry: requests with one
+    graph key share one fake trace (they differ in GPU kind or streamed weights only)."""
+    options, key = _trace_key(model, shape, **{k: v for k, v in request.items() if k != "least"})
+    return key, (model.fingerprint(), shape, options.key())
+
+
+def holds_trace(key: tuple, recipe: "Recipe | None") -> bool:
+    """Whether the traced step of `key` is held in this process or in the disk cache (then it
+    is loaded and held, as `traced_step` would)."""
+    if key in _TRACES:
+        return True
+    stored = disk_cache.load("trace", (key, recipe))
+    if isinstance(stored, TracedStep):
+        _TRACES[key] = stored
+        return True
+    return False
+
+
+def held_traces() -> tuple[dict, dict]:
+    """(full, lean) traced steps held in this process, by key (copies of the dicts)."""
+    return dict(_TRACES), dict(_LEAN_TRACES)
+
+
+def hold_traces(full: dict, lean: dict) -> None:
+    """Hold traced steps another process made (planner.parallel_eval), as `traced_step` holds its own."""
+    for store, new in ((_TRACES, full), (_LEAN_TRACES, lean)):
+        for key, step in new.items():
+            if key in store:
+                continue
+            if len(store) >= _TRACE_CACHE_SIZE:
+                store.pop(next(iter(store)))
+            store[key] = step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,8 +865,7 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
                        all_spans=full.tensor_bytes)
     table = chunk_table(model, shape.dtype, strategy.chunks, recipe)
     spans, by_chunk = _table_spans(table)
-    if chunk_traces == "auto":
-        chunk_traces = "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
+    chunk_traces = chunk_mode(layout, chunk_traces)
     estimates: list[Estimate] = []
     if chunk_traces == "exact":
         flops = []
@@ -844,8 +905,7 @@ def step_time_parts(model: "ModelSpec", shape: "StepShape", strategy: Strategy, 
         traced = trace(trained_grad_spec(layout, recipe))
         return step_parts(layout, sum(one_chunk_active_set(layout, recipe).tensor_bytes), traced.flops, shape.dtype,
                           traced.host_activations, strategy, hw)
-    if chunk_traces == "auto":
-        chunk_traces = "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
+    chunk_traces = chunk_mode(layout, chunk_traces)
     if chunk_traces == "exact":
         return evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces).step_time_parts_s
     table = chunk_table(model, shape.dtype, strategy.chunks, recipe)
@@ -855,6 +915,13 @@ def step_time_parts(model: "ModelSpec", shape: "StepShape", strategy: Strategy, 
     # bound: every chunk's step is the one trace's, so the worst chunk's offloaded activations are its own
     return step_parts(layout, sum(spans) // table.num_chunks, int(sum(flops) / len(flops)), shape.dtype,
                       traced.host_activations, strategy, hw)
+
+
+def chunk_mode(layout: ParamLayout, chunk_traces: str) -> str:
+    """"exact" or "bound": how ChunkFT steps of this model are traced ("auto" resolved)."""
+    if chunk_traces == "auto":
+        return "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
+    return chunk_traces
 
 
 def step_parts(layout: ParamLayout, step_bytes: int, flops: int, dtype: str, offload_bytes: int, strategy: Strategy,
@@ -1051,9 +1118,7 @@ def step_trace(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: A
             raise ChunkftError(f"chunk {chunk!r} does not exist; valid chunks are 0..{table.num_chunks - 1}")
         active = active_set_for(table, chunk, strategy)
         spans = tuple(s.nbytes for c in table.chunks for s in c)
-        if chunk_traces == "auto":
-            chunk_traces = "exact" if layout.total_params <= EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
-        if chunk_traces == "exact":
+        if chunk_mode(layout, chunk_traces) == "exact":
             group = next(g for g in chunk_groups(table, layout.layer_prefix) if chunk in g)
             grad = table.grad_spec(group[0])
     traced = traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,

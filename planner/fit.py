@@ -84,6 +84,9 @@ def add_parser(subparsers) -> None:
     from planner.progress import add_argument as add_progress_argument
 
     add_progress_argument(p)
+    from planner.parallel_eval import add_argument as add_jobs_argument
+
+    add_jobs_argument(p)
     add_recipe_args(p)
     p.set_defaults(run=run)
 
@@ -179,10 +182,12 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from planner.hardware import hardware
     from planner.model import resolve_model
+    from planner.parallel_eval import resolve_jobs
     from planner.trace import StepShape
     from planner.validate import check_seq_for_model, check_step
 
     budget = _budget(args)
+    jobs = resolve_jobs(args.jobs)
     chunk_counts = parse_chunks(args.chunks)
     check_step(seq=args.seq, batch=args.batch)
     shape = StepShape(batch=args.batch, seq_len=args.seq, dtype=args.dtype)
@@ -193,7 +198,8 @@ def _run(args: argparse.Namespace) -> int:
         return run_max(args, model, shape, budget, hw, chunk_counts)
     result = fit(model, shape, budget, hw, chunk_counts, chunk_traces=args.chunk_traces,
                  recipe=Recipe.from_args(args), objective=Objective(args.objective),
-                 checkpointing=checkpointing_pin(args.checkpointing), search_recipes=args.search_recipes)
+                 checkpointing=checkpointing_pin(args.checkpointing), search_recipes=args.search_recipes,
+                 jobs=jobs)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -249,16 +255,17 @@ def _budget(args: argparse.Namespace) -> "Budget":
 
 def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, chunk_traces: str = "auto",
         recipe: Recipe = Recipe(), objective: "Objective | None" = None, checkpointing: bool | None = None,
-        search_recipes: str = "none") -> dict:
+        search_recipes: str = "none", jobs: int = 1) -> dict:
     """Evaluate every row and return the report as plain JSON-able data (`checkpointing`,
-    `search_recipes`: see `fit_strategies`)."""
+    `search_recipes`: see `fit_strategies`; `jobs`: processes tracing, planner.parallel_eval)."""
     from planner import progress
-    from planner.evaluate import evaluate, param_layout
+    from planner.evaluate import param_layout
+    from planner.parallel_eval import evaluate_all
 
     layout = param_layout(model, shape.dtype)
     strategies = fit_strategies(chunk_counts, recipe, checkpointing, search_recipes)
-    estimates = [evaluate(model, shape, s, hw, chunk_traces=chunk_traces)
-                 for s in progress.bar(strategies, f"fit {model.name}: evaluate strategies", unit="strategy")]
+    estimates = evaluate_all(model, shape, strategies, hw, chunk_traces=chunk_traces, jobs=jobs,
+                             what=f"fit {model.name}: evaluate strategies")
     objective = objective or Objective.SPEED
     other = Objective.FIDELITY if objective == Objective.SPEED else Objective.SPEED
     best, alternative = recommend(estimates, budget, objective), recommend(estimates, budget, other)

@@ -165,9 +165,7 @@ def prepare_chunks(model: "ModelSpec", shape: "StepShape", strategy: Strategy, s
     from planner import evaluate as ev
 
     layout = ev.param_layout(model, shape.dtype)
-    mode = chunk_traces
-    if mode == "auto":
-        mode = "exact" if layout.total_params <= ev.EXACT_CHUNK_TRACE_MAX_PARAMS else "bound"
+    mode = ev.chunk_mode(layout, chunk_traces)
     if strategy.chunks == 1:
         mode = "exact"
     key = (model.fingerprint(), shape, strategy.chunks, strategy.checkpointing, strategy.loss_chunk_tokens,

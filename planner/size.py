@@ -299,19 +299,18 @@ def size_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", *, space:
                gpus_per_node: int | None = None, max_gpus: int = 64, shard_embeddings: bool | None = None,
                node: "NodeProfile | None" = None, host_bytes_per_node: int | None = None,
                disk_bytes_per_node: int | None = None, chunk_traces: str = "auto",
-               extend_chunks: bool = True) -> SizeReport:
+               extend_chunks: bool = True, jobs: int = 1) -> SizeReport:
     """Evaluate the memory representatives of the space on one GPU, then size the job sharded
     on every catalogue GPU that cannot hold it alone (module doc). With `node`, only its GPU
-    kind is sized sharded, on it."""
-    from planner import progress
-    from planner.solve import cached_evaluate
+    kind is sized sharded, on it. `jobs`: processes tracing the one-GPU steps (planner.parallel_eval)."""
+    from planner.solve import cached_evaluate_all
 
     _check_counts(gpus_per_node if gpus_per_node is not None else 1, max_gpus)
     if space is None:
         space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
     strategies = memory_representatives(space.strategies())
-    estimates = [cached_evaluate(model, shape, s, hw, chunk_traces=chunk_traces)
-                 for s in progress.bar(strategies, f"size {model.name} on one GPU", unit="strategy")]
+    estimates = cached_evaluate_all(model, shape, strategies, hw, chunk_traces=chunk_traces, jobs=jobs,
+                                    what=f"size {model.name} on one GPU")
     report = size_estimates(estimates, model_name=model.name, shape=shape, node=node, host_bytes=host_bytes_per_node,
                             disk_bytes=disk_bytes_per_node)
     rest = [g for g in list_gpus() if g not in report.single_gpus and (node is None or g == node.gpu)]

@@ -44,6 +44,9 @@ def add_parser(subparsers) -> None:
                    help="ChunkFT per-chunk traces: exact traces every chunk pattern (minutes at 70B); bound (auto "
                         "above 2B parameters) shares one full-FT trace, pessimistic by its free-block slack")
     add_run_args(z)
+    from planner.parallel_eval import add_argument as add_jobs_argument
+
+    add_jobs_argument(z)
     z.set_defaults(run=run_size)
 
 
@@ -67,10 +70,12 @@ def run_size(args) -> int:
 def _run_size(args) -> int:
     from planner.hardware import hardware, load_node
     from planner.model import resolve_model
+    from planner.parallel_eval import resolve_jobs
     from planner.size import size_model
     from planner.validate import MAX_GPUS, MAX_GPUS_PER_NODE, check_count
 
     check_shape_args(args)
+    jobs = resolve_jobs(args.jobs)
     if args.gpus_per_node is not None:
         check_count(args.gpus_per_node, "--gpus-per-node", MAX_GPUS_PER_NODE)
     check_count(args.max_gpus, "--max-gpus", MAX_GPUS)
@@ -84,7 +89,8 @@ def _run_size(args) -> int:
     report = size_model(model, shape, hw, space=search_space(args, model), gpus_per_node=args.gpus_per_node,
                         max_gpus=args.max_gpus, shard_embeddings=args.shard_embeddings, node=node,
                         host_bytes_per_node=host, disk_bytes_per_node=disk, chunk_traces=args.chunk_traces,
-                        extend_chunks=getattr(args, "chunks", None) is None and args.max_chunks is None)
+                        extend_chunks=getattr(args, "chunks", None) is None and args.max_chunks is None,
+                        jobs=jobs)
     print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}")
     where = node.describe() if node is not None else "each GPU kind's default node (planner/hardware/node-*.json)"
     overrides = ", ".join(f"{what} {format_bytes(v)}" for what, v in (("host RAM", host), ("disk", disk)) if v)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from planner.recipe import Loop, Recipe
 from planner.schema import Tier
@@ -328,6 +328,31 @@ def solve_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: 
             return cached_evaluate(model, shape, s, hw, chunk_traces=chunk_traces)
 
         return solve(space, cost, budget, objective=objective, prune=prune)
+
+
+def cached_evaluate_all(model: "ModelSpec", shape: "StepShape", strategies: "Sequence[Strategy]", hw: "Hardware", *,
+                        chunk_traces: str = "auto", jobs: int = 1, what: str = "evaluate strategies") -> list[Estimate]:
+    """[cached_evaluate(...) for s in strategies]: those not in the "estimates" bucket are
+    evaluated by planner.parallel_eval.evaluate_all (`jobs` processes), then kept in it."""
+    from planner import cache
+    from planner.parallel_eval import evaluate_all
+
+    memo = cache.bucket("estimates", (model.fingerprint(), shape, hw, chunk_traces))
+    out: list = [None] * len(strategies)
+    todo = []
+    for i, s in enumerate(strategies):
+        hit = None if memo is None else memo.get(s)
+        if isinstance(hit, Estimate) and hit.strategy == s:
+            out[i] = hit
+        else:
+            todo.append(i)
+    made = evaluate_all(model, shape, [strategies[i] for i in todo], hw, chunk_traces=chunk_traces, jobs=jobs,
+                        what=what)
+    for i, est in zip(todo, made):
+        out[i] = est
+        if memo is not None:
+            memo[strategies[i]] = est
+    return out
 
 
 def cached_evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: "Hardware", *,

@@ -79,6 +79,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("report-gpu-overflow", ["report", "tiny.json", "--gpu", "1e400GB"], "'1e400GB'"),
     ("report-host-empty", ["report", "tiny.json", "--host-ram", ""], "''"),
     # --- step shape: ranges, upper bounds, max_position_embeddings
+    ("fit-jobs-zero", ["fit", "--jobs", "0"], "invalid --jobs '0'"),
+    ("fit-jobs-words", ["fit", "--jobs", "many"], "invalid --jobs 'many'"),
+    ("size-jobs-float", ["size", "tiny.json", "--jobs", "1.5"], "invalid --jobs '1.5'"),
     ("fit-seq-zero", ["fit", "--seq", "0"], "sequence length 0"),
     ("fit-seq-negative", ["fit", "--seq", "-5"], "sequence length -5"),
     ("fit-seq-huge", ["fit", "--seq", "100000000"], "sequence length 100000000"),

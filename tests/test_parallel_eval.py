@@ -1,0 +1,115 @@
+"""planner.parallel_eval: traced steps made ahead in forked workers change no answer.
+
+Forking is only done in a process with no other thread (pytest-xdist workers have some), so
+the parallel path runs in fresh processes here: `chunkft fit` / `chunkft size` with --jobs 2
+print byte for byte what --jobs 1 prints, and a script holds evaluate_all(jobs=2) against a
+serial evaluation, checks that workers made traced steps, and that a failing worker costs
+nothing but time."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from planner.cli import main
+from planner.errors import ChunkftError
+from planner.parallel_eval import MAX_AUTO_JOBS, fork_is_safe, prepare_traces, resolve_jobs
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 256, "tie_word_embeddings": False}
+
+SCRIPT = r"""
+import json, os, sys
+from planner import evaluate as ev
+from planner.fit import fit_strategies
+from planner.hardware import hardware
+from planner.model import resolve_model
+from planner.parallel_eval import _Worker, evaluate_all, prepare_traces
+from planner.recipe import Recipe
+from planner.trace import StepShape
+
+model, shape, hw = resolve_model(sys.argv[1]), StepShape(batch=1, seq_len=64, dtype="bf16"), hardware("rtx4090")
+strategies = fit_strategies((2, 4), Recipe(), None, "none")
+made = prepare_traces(model, shape, strategies, hw, jobs=2)
+held = sorted(map(repr, ev.held_traces()[0]))
+parallel = [e.to_json() for e in evaluate_all(model, shape, strategies, hw, jobs=2)]
+ev.clear_caches()
+serial = [e.to_json() for e in evaluate_all(model, shape, strategies, hw, jobs=1)]
+serial_held = sorted(map(repr, ev.held_traces()[0]))
+failed = _Worker.start(lambda: 1 / 0).result()
+killed = _Worker.start(lambda: os._exit(3)).result()
+fine = _Worker.start(lambda: [1, 2]).result()
+print(json.dumps({"made": made, "same": parallel == serial, "rows": len(serial), "held_same": held == serial_held,
+                  "failed": failed, "killed": killed, "fine": fine}))
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "model" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(TINY_LLAMA))
+    return str(path)
+
+
+def _python(*argv: str) -> str:
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_workers_make_the_traces_and_the_estimates_equal_a_serial_run(tiny_config):
+    out = json.loads(_python("-c", SCRIPT, tiny_config).splitlines()[-1])
+    assert out["made"] > 0  # the exact chunk patterns of C=2 and 4 and the one-chunk steps, shared out
+    assert out["rows"] == 7 and out["same"] and out["held_same"]  # fit's rows for chunks 2 and 4
+    assert out["failed"] is None and out["killed"] is None and out["fine"] == [1, 2]
+
+
+@pytest.mark.parametrize("argv", [["fit", "--seq", "64", "--gpu", "1GiB", "--chunks", "2,4", "--json"],
+                                  ["size", "--seq", "64", "--max-gpus", "4", "--chunk-traces", "bound"]],
+                         ids=["fit", "size"])  # size's exact chunk traces of a tiny model take ~90 s: bound here
+def test_cli_answers_byte_for_byte_the_same_with_two_jobs(tiny_config, argv):
+    argv = [argv[0], tiny_config, *argv[1:], "--no-cache", "--no-progress"]
+    one = _python("-m", "planner.cli", *argv, "--jobs", "1")
+    two = _python("-m", "planner.cli", *argv, "--jobs", "2")
+    assert one == two and len(one) > 200
+
+
+def test_jobs_values():
+    assert 1 <= resolve_jobs("auto") <= MAX_AUTO_JOBS and resolve_jobs(None) == resolve_jobs("auto")
+    assert resolve_jobs("3") == 3 and resolve_jobs(1) == 1
+    for bad in ("0", "-1", "1.5", "x", "", "2x"):
+        with pytest.raises(ChunkftError, match="invalid --jobs"):
+            resolve_jobs(bad)
+
+
+def test_no_fork_while_another_thread_runs(tiny_config):
+    from planner.fit import fit_strategies
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.recipe import Recipe
+    from planner.trace import StepShape
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert not fork_is_safe()
+        model = resolve_model(tiny_config)
+        made = prepare_traces(model, StepShape(batch=1, seq_len=64, dtype="bf16"),
+                              fit_strategies((2,), Recipe(), None, "none"), hardware("rtx4090"), jobs=4)
+        assert made == 0
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_bad_jobs_is_one_line_error(capsys):
+    assert main(["fit", "--jobs", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "invalid --jobs '0'" in err
