@@ -122,7 +122,7 @@ from planner.chunks import ChunkSpan, ChunkTable
 from planner.errors import ChunkftError
 from planner.fsio import atomic_path, atomic_write_json
 from planner.schema import Tier
-from runtime.chunk_optim import OWNER, AdamWConfig, LRSchedule, StepResult, adamw_update, next_chunk
+from runtime.chunk_optim import OWNER, AdamWConfig, LRSchedule, StepResult, next_chunk, step_view
 from runtime.disk_store import describe_os_error
 from runtime.guard import DEFAULT_MAX_NONFINITE_STEPS, SkipGuard, nonfinite_flag
 from runtime.scaler import LossScaler
@@ -732,10 +732,11 @@ class ShardedChunkAdamW:
         return out.mul_(inv_scale) if inv_scale != 1.0 else out
 
     def _adamw(self, ls: LocalSpan, grad: torch.Tensor, lr: float, step: int) -> None:
-        """ChunkAdamW._adamw (torch.optim.adam._single_tensor_adam, decoupled decay), line for line."""
-        master = adamw_update(self._state, ls.param, grad, config=self.config, lr=lr, step=step)
+        """ChunkAdamW's span step (runtime.chunk_optim.step_view: adamw_update of the fp32
+        master, then the weights written back) on this rank's slice of the span."""
         with torch.no_grad():
-            self._view(ls).copy_(master)
+            step_view(self._state, ls.param, grad, self._view(ls), master=True, device=self.device,
+                      config=self.config, lr=lr, step=step)
 
     def _layout(self, k: int) -> FlatLayout:
         """Chunk k's state tensors in its flat buffer (HOST / DISK tiers): `_fresh_state`'s order."""
