@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -103,15 +104,21 @@ def prepare_traces(model: "ModelSpec", shape: "StepShape", strategies: Sequence[
             traced_step(model, shape, **request)
         return []
 
-    workers = [_Worker.start(lambda share=share: make(share)) for share in shares[1:]]
-    total = sum(len(share) for share in shares)
-    with progress.counter(f"trace {total} steps in {len(shares)} processes", total=total, unit="step") as bar:
-        for request in shares[0]:
-            traced_step(model, shape, **request)
-            bar.update(1)
-        for share, worker in zip(shares[1:], workers):
-            worker.result()  # None (failed): evaluate traces what is missing
-            bar.update(len(share))
+    workers: list[_Worker] = []
+    try:
+        workers += [_Worker.start(lambda share=share: make(share)) for share in shares[1:]]
+        total = sum(len(share) for share in shares)
+        with progress.counter(f"trace {total} steps in {len(shares)} processes", total=total, unit="step") as bar:
+            for request in shares[0]:
+                traced_step(model, shape, **request)
+                bar.update(1)
+            for share, worker in zip(shares[1:], workers):
+                worker.result()  # None (failed): evaluate traces what is missing
+                bar.update(len(share))
+    except BaseException:  # an error or Ctrl-C here: no worker is left behind, blocked on its pipe
+        for worker in workers:
+            worker.abandon()
+        raise
     return sum(len(share) for share in shares[1:])
 
 
@@ -146,7 +153,7 @@ class _Worker:
     """A forked process running one call; its result (and the traces it made) come back by pipe."""
 
     def __init__(self, pid: int, fd: int):
-        self.pid, self.fd = pid, fd
+        self.pid, self.fd = pid, fd  # fd: the pipe's read end, None once read or abandoned
 
     @classmethod
     def start(cls, call: Callable[[], list]) -> "_Worker":
@@ -177,11 +184,24 @@ class _Worker:
         os.close(write_fd)
         return cls(pid, read_fd)
 
+    def abandon(self) -> None:
+        """Stop the worker (if it still runs) and reap it; its result is not read."""
+        if self.fd is None:
+            return
+        os.close(self.fd)
+        self.fd = None
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+
     def result(self) -> list | None:
         """The call's result, its traces held here; None if the worker failed."""
         from planner.evaluate import hold_traces
 
-        with os.fdopen(self.fd, "rb") as f:
+        fd, self.fd = self.fd, None
+        with os.fdopen(fd, "rb") as f:
             data = f.read()
         os.waitpid(self.pid, 0)
         try:
