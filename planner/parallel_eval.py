@@ -3,10 +3,11 @@
 After the imports, a cold `chunkft fit` or `chunkft size` spends its time tracing the real model
 code (fake tensors) and replaying the traces through the allocator model, once per distinct
 traced step: checkpointing on or off, loss chunking, streamed weights, the recipe, and with
-exact chunk traces every chunk pattern. `evaluate_all` first lists the traced steps evaluating
-the strategies will read (planner.evaluate.trace_requests), keeps those neither held in this
-process nor in the disk cache, and with `jobs` > 1 shares them out between this process and
-forked workers; then it evaluates every strategy here, in order, as a serial run does:
+exact chunk traces every chunk pattern. `evaluate_all` lists the traced steps evaluating the
+strategies will read (planner.evaluate.trace_requests), keeps those neither held in this
+process nor in the disk cache, and with `jobs` > 1, batch by batch (BATCH_STEPS steps), shares
+them out between this process and forked workers, then evaluates the batch's strategies here,
+in order, as a serial run does:
 
     estimates = evaluate_all(model, shape, strategies, hw, jobs=resolve_jobs("auto"))
 
@@ -75,25 +76,74 @@ def add_argument(parser: Any) -> None:
                              f"available, at most {MAX_AUTO_JOBS})")
 
 
+BATCH_STEPS = 32
+"""Traced steps made ahead at a time: the batch's strategies are evaluated before the next batch
+is traced, so planner.evaluate's in-memory cache (96 steps) still holds them (a tiny model's
+`size` with exact chunk traces asks for ~400)."""
+
+
 def evaluate_all(model: "ModelSpec", shape: "StepShape", strategies: Sequence["Strategy"], hw: Any, *,
                  chunk_traces: str = "auto", jobs: int = 1, what: str = "evaluate strategies") -> list["Estimate"]:
-    """[evaluate(model, shape, s, hw, chunk_traces) for s in strategies], the traced steps made
-    ahead in `jobs` processes (module doc); `what`: the progress bar's text (planner.progress)."""
+    """[evaluate(model, shape, s, hw, chunk_traces) for s in strategies], in batches whose traced
+    steps are made ahead in `jobs` processes (module doc); `what`: the progress bar's text."""
     from planner import progress
     from planner.evaluate import evaluate
 
-    prepare_traces(model, shape, strategies, hw, chunk_traces=chunk_traces, jobs=jobs)
-    return [evaluate(model, shape, s, hw, chunk_traces=chunk_traces)
-            for s in progress.bar(strategies, what, unit="strategy")]
+    out: list["Estimate"] = []
+    with progress.counter(what, total=len(strategies), unit="strategy") as bar:
+        for batch, requests in _batches(model, shape, strategies, hw, chunk_traces, jobs):
+            _make(model, shape, requests, jobs)
+            for s in batch:
+                out.append(evaluate(model, shape, s, hw, chunk_traces=chunk_traces))
+                bar.update(1)
+    return out
 
 
 def prepare_traces(model: "ModelSpec", shape: "StepShape", strategies: Sequence["Strategy"], hw: Any, *,
                    chunk_traces: str = "auto", jobs: int = 1) -> int:
-    """Make the traced steps evaluating `strategies` reads that are not held yet, in up to
-    `jobs` processes; returns how many were made in workers (0: nothing to share out)."""
+    """Make the traced steps evaluating `strategies` reads that are not held yet (at most
+    BATCH_STEPS of them) in up to `jobs` processes; returns how many were made in workers."""
+    batches = list(_batches(model, shape, strategies, hw, chunk_traces, jobs))
+    requests = [r for _, rs in batches for r in rs]
+    return _make(model, shape, requests[:BATCH_STEPS], jobs)
+
+
+def _batches(model, shape, strategies: Sequence["Strategy"], hw: Any, chunk_traces: str, jobs: int):
+    """(strategies, their traced steps not held yet) in runs of at most BATCH_STEPS steps, in
+    order; one batch without steps where nothing is made ahead (one job, or forking not safe)."""
     if jobs <= 1 or not fork_is_safe():
-        return 0
-    shares = _shares(model, shape, strategies, hw, chunk_traces, jobs)
+        yield list(strategies), []
+        return
+    from planner.evaluate import holds_trace, request_keys, trace_requests
+
+    seen: set[tuple] = set()
+    batch: list = []
+    pending: list[dict] = []
+    for s in strategies:
+        try:
+            requests = trace_requests(model, shape, s, hw, chunk_traces=chunk_traces)
+        except ChunkftError:  # refused when it is evaluated, in order, as serially
+            requests = []
+        missing = []
+        for request in requests:
+            key, _ = request_keys(model, shape, request)
+            if key not in seen:
+                seen.add(key)
+                if not holds_trace(key, request["recipe"]):
+                    missing.append(request)
+        if batch and len(pending) + len(missing) > BATCH_STEPS:
+            yield batch, pending
+            batch, pending = [], []
+        batch.append(s)
+        pending += missing if len(missing) <= BATCH_STEPS else []  # more than a batch: traced as evaluated
+    if batch:
+        yield batch, pending
+
+
+def _make(model, shape, requests: list[dict], jobs: int) -> int:
+    """Make `requests` (traced_step keyword arguments): this process's share here, the others'
+    in forked workers, whose steps are then held here. Returns how many workers made."""
+    shares = _shares(model, shape, requests, jobs)
     if len(shares) < 2:
         return 0
     from planner import progress
@@ -122,31 +172,30 @@ def prepare_traces(model: "ModelSpec", shape: "StepShape", strategies: Sequence[
     return sum(len(share) for share in shares[1:])
 
 
-def _shares(model, shape, strategies: Sequence["Strategy"], hw: Any, chunk_traces: str, jobs: int) -> list[list[dict]]:
-    """The traced steps to make, per process (this one first): requests sharing a fake trace
-    stay together, the largest groups first, each to the process with the fewest so far."""
-    from planner.evaluate import holds_trace, request_keys, trace_requests
+def _shares(model, shape, requests: list[dict], jobs: int) -> list[list[dict]]:
+    """`requests` per process (this one first): those sharing a fake trace stay together, in
+    order, split in runs of about equal size (neighbouring chunk patterns share the template
+    layers planner.replicate keeps)."""
+    if jobs <= 1 or not fork_is_safe():
+        return []
+    from planner.evaluate import request_keys
 
-    seen: set[tuple] = set()
     groups: dict[tuple, list[dict]] = {}
-    for s in strategies:
-        try:
-            requests = trace_requests(model, shape, s, hw, chunk_traces=chunk_traces)
-        except ChunkftError:  # refused when it is evaluated, in order, as serially
-            continue
-        for request in requests:
-            key, graph_key = request_keys(model, shape, request)
-            if key in seen:
-                continue
-            seen.add(key)
-            if not holds_trace(key, request["recipe"]):
-                groups.setdefault(graph_key, []).append(request)
+    for request in requests:
+        groups.setdefault(request_keys(model, shape, request)[1], []).append(request)
     if len(groups) < 2:
         return []
-    shares: list[list[dict]] = [[] for _ in range(min(jobs, len(groups)))]
-    for group in sorted(groups.values(), key=len, reverse=True):
-        min(shares, key=len).extend(group)
-    return shares
+    ordered = list(groups.values())
+    count = min(jobs, len(ordered))
+    total = sum(len(g) for g in ordered)
+    shares: list[list[dict]] = [[] for _ in range(count)]
+    done, i = 0, 0
+    for group in ordered:
+        while i < count - 1 and shares[i] and done >= total * (i + 1) / count:
+            i += 1
+        shares[i].extend(group)
+        done += len(group)
+    return [share for share in shares if share]
 
 
 class _Worker:

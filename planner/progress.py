@@ -71,10 +71,19 @@ def counter(what: str, total: int | None = None, unit: str = "step") -> Any:
     """A bar to `update()` by hand (a context manager; closes on exit): `what` is its text."""
     if not active():
         return _Silent()
+    return _bar_class()(total=total, desc=what, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
+                        mininterval=0.2, disable=False)
+
+
+def _bar_class() -> type:
+    """tqdm without its monitor thread (`monitor_interval = 0`, tqdm's documented switch): a bar
+    starts no thread, so planner.parallel_eval may still fork while one is shown."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=what, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
-                mininterval=0.2, disable=False)
+    class Bar(tqdm):
+        monitor_interval = 0
+
+    return Bar
 
 
 def bar(items: Iterable[T], what: str, total: int | None = None, unit: str = "step") -> Iterator[T]:
