@@ -180,10 +180,11 @@ PLANNING_QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 def entry(argv: list[str] | None = None) -> None:
     """The `chunkft` console script (and `python -m planner.cli`): main(), tuned for a short process.
 
-    For the planner's commands, a sparser cyclic garbage collector, and once the answer is
-    printed the process ends with os._exit: the interpreter's teardown of torch and transformers
-    (~0.6 s, nothing left to write) is skipped. Other commands (run, compare, report: threads,
-    worker processes) end normally. Answers are the same either way; main() itself (what tests
+    For the planner's commands: a sparser cyclic garbage collector, the import-time warnings of
+    PLANNING_QUIET_LOGGERS not shown, and once the answer is printed the process ends with
+    os._exit: the interpreter's teardown of torch and transformers (~0.6 s, nothing left to
+    write) is skipped. Other commands (run, compare, report: threads, worker processes) end
+    normally. Answers are the same either way; main() itself (what tests
     and benchmarks call in process) changes nothing global."""
     argv = list(sys.argv[1:] if argv is None else argv)
     planning = bool(argv) and argv[0] in PLANNING

@@ -403,7 +403,7 @@ def trace_requests(model: "ModelSpec", shape: "StepShape", strategy: Strategy, h
 def request_keys(model: "ModelSpec", shape: "StepShape", request: dict) -> tuple[tuple, tuple]:
     """(traced step key, fake-trace graph key) of a `trace_requests` entry: requests with one
     graph key share one fake trace (they differ in GPU kind or streamed weights only)."""
-    options, key = _trace_key(model, shape, **{k: v for k, v in request.items() if k != "least"})
+    options, key = _trace_key(model, shape, **request)
     return key, (model.fingerprint(), shape, options.key())
 
 

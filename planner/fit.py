@@ -258,7 +258,6 @@ def fit(model, shape, budget: "Budget", hw, chunk_counts: tuple[int, ...], *, ch
         search_recipes: str = "none", jobs: int = 1) -> dict:
     """Evaluate every row and return the report as plain JSON-able data (`checkpointing`,
     `search_recipes`: see `fit_strategies`; `jobs`: processes tracing, planner.parallel_eval)."""
-    from planner import progress
     from planner.evaluate import param_layout
     from planner.parallel_eval import evaluate_all
 

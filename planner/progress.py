@@ -17,6 +17,7 @@ by hand (`update()`), for searches whose length pruning decides. Both say what i
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from typing import Any, Iterable, Iterator, TypeVar
 
@@ -75,6 +76,7 @@ def counter(what: str, total: int | None = None, unit: str = "step") -> Any:
                         mininterval=0.2, disable=False)
 
 
+@functools.cache
 def _bar_class() -> type:
     """tqdm without its monitor thread (`monitor_interval = 0`, tqdm's documented switch): a bar
     starts no thread, so planner.parallel_eval may still fork while one is shown."""

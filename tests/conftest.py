@@ -1,7 +1,23 @@
-"""Suite-wide test settings."""
+"""Suite-wide test settings, and the tiny Llama config several tests plan and trace."""
+
+import json
 
 import pytest
 import torch
+
+# A 4-layer Llama small enough to trace every chunk pattern in well under a second.
+TINY_LLAMA_CONFIG = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 256, "tie_word_embeddings": False}
+
+
+@pytest.fixture
+def tiny_llama_config(tmp_path) -> str:
+    """TINY_LLAMA_CONFIG written as a model directory's config.json; the file's path."""
+    path = tmp_path / "model" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(TINY_LLAMA_CONFIG))
+    return str(path)
 
 
 @pytest.fixture(autouse=True, scope="session")

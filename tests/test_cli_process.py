@@ -2,7 +2,6 @@
 what main() prints in process, a reader that closes stdout early ends it quietly, and import
 warnings about library parts the planner never runs (torchao's CUDA kernels) are not shown."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +11,11 @@ import pytest
 from planner.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "tie_word_embeddings": False}
 
 
 @pytest.fixture
-def fit_argv(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(TINY_LLAMA))
-    return ["fit", str(path), "--seq", "64", "--gpu", "1GiB", "--chunks", "2", "--chunk-traces", "bound",
+def fit_argv(tiny_llama_config):
+    return ["fit", tiny_llama_config, "--seq", "64", "--gpu", "1GiB", "--chunks", "2", "--chunk-traces", "bound",
             "--no-cache", "--no-progress"]
 
 

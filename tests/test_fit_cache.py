@@ -22,17 +22,6 @@ from planner.trace import StepShape
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
 FIT_ARGS = ["--seq", "64", "--gpu", "1GiB", "--chunks", "2,4", "--json"]
 
 # Runs `chunkft` in a fresh process, then reports on stderr which heavy packages it imported.
@@ -44,14 +33,6 @@ heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transform
 sys.stderr.write("HEAVY-MODULES " + json.dumps(heavy[:5]) + "\\n")
 sys.exit(code)
 """
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "model" / "config.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(TINY_LLAMA))
-    return str(path)
 
 
 def _chunkft(*argv: str) -> tuple[int, str, list[str]]:
@@ -74,9 +55,9 @@ def _entries(directory: Path, kind: str) -> list[Path]:
 
 # ------------------------------------------------------------------------------- whole command
 
-def test_warm_fit_imports_neither_torch_nor_transformers_and_answers_the_same(tmp_path, tiny_config, capsys):
+def test_warm_fit_imports_neither_torch_nor_transformers_and_answers_the_same(tmp_path, tiny_llama_config, capsys):
     cache_dir = tmp_path / "cache"
-    code, cold, heavy = _chunkft("fit", tiny_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
+    code, cold, heavy = _chunkft("fit", tiny_llama_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
     assert code == 0 and "torch" in heavy  # the cold run traced the model
     for kind in ("trace", "layout", "chunks", "model"):
         assert _entries(cache_dir, kind), kind
@@ -84,7 +65,7 @@ def test_warm_fit_imports_neither_torch_nor_transformers_and_answers_the_same(tm
     # between two runs makes the second one cold again (and the one after it warm).
     previous = cold
     for _ in range(3):
-        code, warm, heavy = _chunkft("fit", tiny_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
+        code, warm, heavy = _chunkft("fit", tiny_llama_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
         assert code == 0
         if heavy == []:
             break
@@ -93,14 +74,14 @@ def test_warm_fit_imports_neither_torch_nor_transformers_and_answers_the_same(tm
     assert json.loads(warm) == json.loads(previous) and warm == previous
     # --no-cache: the same answer, traced afresh, and the cache is left as it was
     before = {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.npz")}
-    code, fresh = _fit_in_process(capsys, tiny_config, *FIT_ARGS, "--no-cache")
+    code, fresh = _fit_in_process(capsys, tiny_llama_config, *FIT_ARGS, "--no-cache")
     assert code == 0 and fresh == previous
     assert {p: p.stat().st_mtime_ns for p in cache_dir.rglob("*.npz")} == before
 
 
-def test_corrupt_or_foreign_entries_are_ignored_and_rewritten(tmp_path, tiny_config, capsys):
+def test_corrupt_or_foreign_entries_are_ignored_and_rewritten(tmp_path, tiny_llama_config, capsys):
     cache_dir = tmp_path / "cache"
-    code, cold = _fit_in_process(capsys, tiny_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
+    code, cold = _fit_in_process(capsys, tiny_llama_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
     assert code == 0
     files = sorted(cache_dir.rglob("*.npz"))
     traces = _entries(cache_dir, "trace")
@@ -113,28 +94,28 @@ def test_corrupt_or_foreign_entries_are_ignored_and_rewritten(tmp_path, tiny_con
     files[2].write_bytes(b"")
     traces[0].write_bytes(traces[1].read_bytes())
     damaged = {p: p.read_bytes() for p in (files[0], files[1], files[2], traces[0])}
-    code, again = _fit_in_process(capsys, tiny_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
+    code, again = _fit_in_process(capsys, tiny_llama_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
     assert code == 0 and again == cold
     for path, bad in damaged.items():
         assert path.read_bytes() != bad, f"{path.name} was not rewritten"
     # and the rewritten entries are good: a third run reads them all
-    code, third = _fit_in_process(capsys, tiny_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
+    code, third = _fit_in_process(capsys, tiny_llama_config, *FIT_ARGS, "--cache-dir", str(cache_dir))
     assert third == cold
 
 
-def test_default_directory_follows_xdg_cache_home(tmp_path, tiny_config, capsys, monkeypatch):
+def test_default_directory_follows_xdg_cache_home(tmp_path, tiny_llama_config, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache.default_dir() == tmp_path / "xdg" / "chunkft"
-    code, _ = _fit_in_process(capsys, tiny_config, *FIT_ARGS)
+    code, _ = _fit_in_process(capsys, tiny_llama_config, *FIT_ARGS)
     assert code == 0 and _entries(tmp_path / "xdg" / "chunkft", "trace")
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # not absolute: ignored, as the XDG spec says
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache.default_dir() == tmp_path / "home" / ".cache" / "chunkft"
 
 
-def test_cache_clear_removes_only_its_entries(tmp_path, tiny_config, capsys):
+def test_cache_clear_removes_only_its_entries(tmp_path, tiny_llama_config, capsys):
     cache_dir = tmp_path / "cache"
-    assert _fit_in_process(capsys, tiny_config, *FIT_ARGS, "--cache-dir", str(cache_dir))[0] == 0
+    assert _fit_in_process(capsys, tiny_llama_config, *FIT_ARGS, "--cache-dir", str(cache_dir))[0] == 0
     mine = tmp_path / "cache" / "notes.txt"
     mine.write_text("not the cache's")
     assert main(["cache", "info", "--cache-dir", str(cache_dir)]) == 0
@@ -159,12 +140,12 @@ def test_a_cache_dir_that_is_a_file_is_one_line_error(tmp_path, capsys, argv):
 
 # ------------------------------------------------------------------------------- pieces
 
-def test_deferred_model_spec_knows_what_the_warm_path_needs_and_builds_the_config_on_use(tmp_path, tiny_config):
+def test_deferred_model_spec_knows_what_the_warm_path_needs_and_builds_the_config_on_use(tmp_path, tiny_llama_config):
     from planner.model import resolve_model
 
     # transformers changes a config's nested rope_scaling dict in place: the key is taken before
     rope = tmp_path / "rope.json"
-    rope.write_text(json.dumps({**TINY_LLAMA, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
+    rope.write_text(json.dumps({**json.loads(Path(tiny_llama_config).read_text()), "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
                                 "rope_type": "llama3"}}))
     with cache.using(tmp_path / "cache"):
@@ -174,8 +155,8 @@ def test_deferred_model_spec_knows_what_the_warm_path_needs_and_builds_the_confi
     assert again.config.to_dict() == first.config.to_dict()
 
     with cache.using(tmp_path / "cache"):
-        cold = resolve_model(tiny_config)
-        warm = resolve_model(tiny_config)
+        cold = resolve_model(tiny_llama_config)
+        warm = resolve_model(tiny_llama_config)
     assert type(cold) is not type(warm)  # the second is answered from the cache
     assert warm.__dict__["_config"] is None
     assert warm.fingerprint() == cold.fingerprint() and warm.num_layers == cold.num_layers == 4
@@ -187,7 +168,7 @@ def test_deferred_model_spec_knows_what_the_warm_path_needs_and_builds_the_confi
     assert two.num_layers == 2 and two.config.num_hidden_layers == 2
     assert two.fingerprint() == dataclasses.replace(cold, config=cold.config_for(2), num_layers=2).fingerprint()
     with cache.using(None):  # no cache: an ordinary spec
-        assert type(resolve_model(tiny_config)) is type(cold)
+        assert type(resolve_model(tiny_llama_config)) is type(cold)
 
 
 def test_codec_round_trips_planner_values(tmp_path):
@@ -252,10 +233,10 @@ def test_key_holds_versions_and_sources(monkeypatch, tmp_path):
         assert cache.load("model", "k") is None  # another transformers: another key
 
 
-def test_clear_caches_empties_the_process_caches(tiny_config):
+def test_clear_caches_empties_the_process_caches(tiny_llama_config):
     from planner.model import resolve_model
 
-    ev.param_layout(resolve_model(tiny_config), "bf16")
+    ev.param_layout(resolve_model(tiny_llama_config), "bf16")
     assert ev._LAYOUTS
     ev.clear_caches()
     assert not ev._LAYOUTS and not ev._TABLES and not ev._TRACES

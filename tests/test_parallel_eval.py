@@ -19,9 +19,6 @@ from planner.errors import ChunkftError
 from planner.parallel_eval import MAX_AUTO_JOBS, fork_is_safe, prepare_traces, resolve_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_LLAMA = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "tie_word_embeddings": False}
 
 SCRIPT = r"""
 import json, os, sys
@@ -56,22 +53,14 @@ print(json.dumps({"made": made, "same": parallel == serial, "rows": len(serial),
 """
 
 
-@pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "model" / "config.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(TINY_LLAMA))
-    return str(path)
-
-
 def _python(*argv: str) -> str:
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_workers_make_the_traces_and_the_estimates_equal_a_serial_run(tiny_config):
-    out = json.loads(_python("-c", SCRIPT, tiny_config).splitlines()[-1])
+def test_workers_make_the_traces_and_the_estimates_equal_a_serial_run(tiny_llama_config):
+    out = json.loads(_python("-c", SCRIPT, tiny_llama_config).splitlines()[-1])
     assert out["made"] > 0  # the exact chunk patterns of C=2 and the one-chunk steps, shared out
     assert out["rows"] == 6 and out["same"] and out["held_same"]  # fit's rows for chunks 2
     assert out["failed"] is None and out["killed"] is None and out["fine"] == [1, 2] and out["reaped"]
@@ -80,8 +69,8 @@ def test_workers_make_the_traces_and_the_estimates_equal_a_serial_run(tiny_confi
 @pytest.mark.parametrize("argv", [["fit", "--seq", "64", "--gpu", "1GiB", "--chunks", "2", "--json"],
                                   ["size", "--seq", "64", "--max-gpus", "4", "--chunk-traces", "bound"]],
                          ids=["fit", "size"])  # size's exact chunk traces of a tiny model take ~90 s: bound here
-def test_cli_answers_byte_for_byte_the_same_with_two_jobs(tiny_config, argv):
-    argv = [argv[0], tiny_config, *argv[1:], "--no-cache", "--no-progress"]
+def test_cli_answers_byte_for_byte_the_same_with_two_jobs(tiny_llama_config, argv):
+    argv = [argv[0], tiny_llama_config, *argv[1:], "--no-cache", "--no-progress"]
     one = _python("-m", "planner.cli", *argv, "--jobs", "1")
     two = _python("-m", "planner.cli", *argv, "--jobs", "2")
     assert one == two and len(one) > 200
@@ -95,7 +84,7 @@ def test_jobs_values():
             resolve_jobs(bad)
 
 
-def test_no_fork_while_another_thread_runs(tiny_config):
+def test_no_fork_while_another_thread_runs(tiny_llama_config):
     from planner.fit import fit_strategies
     from planner.hardware import hardware
     from planner.model import resolve_model
@@ -107,7 +96,7 @@ def test_no_fork_while_another_thread_runs(tiny_config):
     thread.start()
     try:
         assert not fork_is_safe()
-        model = resolve_model(tiny_config)
+        model = resolve_model(tiny_llama_config)
         made = prepare_traces(model, StepShape(batch=1, seq_len=64, dtype="bf16"),
                               fit_strategies((2,), Recipe(), None, "none"), hardware("rtx4090"), jobs=4)
         assert made == 0
