@@ -883,6 +883,9 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
             estimates.append(combine(traced, strategy, layout, actives[k], hw, dtype=shape.dtype,
                                      all_spans=spans, flops=flops[k], chunk_spans=by_chunk))
     worst = max(estimates, key=lambda e: (e.need_bytes(Tier.GPU), -(e.worst_chunk or 0)))
+    top = max(estimates, key=lambda e: (e.peak_bytes[Tier.GPU], -(e.worst_chunk or 0)))
+    if top.peak_bytes[Tier.GPU] > worst.peak_bytes[Tier.GPU]:
+        worst = dataclasses.replace(worst, highest_peak=(top.worst_chunk, top.peak_bytes[Tier.GPU]))
     # step time: the worst chunk's terms at the mean flops of all chunks (the other terms are
     # the same for every chunk of a balanced table, up to one row)
     parts = step_parts(layout, sum(spans) // table.num_chunks, int(sum(flops) / len(flops)), shape.dtype,

@@ -351,6 +351,10 @@ def print_report(r: dict, out=None) -> None:
     if row.get("worst_chunk") is not None:
         w(f" (worst chunk: {row['worst_chunk']})")
     w("\n")
+    if row.get("highest_peak"):
+        high = row["highest_peak"]
+        w(f"  chunk {high['chunk']} allocates more at its peak: {format_bytes(high['gpu_bytes'])} (needs less: the GPU "
+          "figures are the worst chunk's, by the least memory it needs)\n")
     for tier in TIERS:
         comps = row["components"].get(tier.value) or {}
         if not comps:

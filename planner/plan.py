@@ -11,7 +11,8 @@ A plan is JSON (written atomically):
      "strategy": {Strategy.to_json()},
      "chunk_table": {ChunkTable.to_json(): shapes + per chunk (param, dim, start, end, nbytes)},
      "predicted": {"peak_bytes": {"gpu": ..}, "components": {"gpu": {"weights": ..}},
-                   "reserved_bytes": .., "step_time_s": .., "worst_chunk": ..},
+                   "reserved_bytes": .., "step_time_s": .., "worst_chunk": ..,
+                   "highest_peak_chunk": .. | null, "highest_peak_bytes": .. | null},
      "parallel": {"gpus_per_node": 2, "nodes": 1, "shard_embeddings": true,
                   "all_gather_bytes": .., "reduce_scatter_bytes": .., "all_reduce_bytes": ..,
                   "interconnect_Bps": .., "chunk_traces": "auto"|"exact"|"bound",
@@ -78,6 +79,9 @@ class Plan:
     worst_chunk: int | None = None
     context_bytes: int = 0
     """CUDA context outside the allocator: a real card needs reserved + this."""
+    highest_peak: tuple[int, int] | None = None
+    """(chunk, GPU bytes) where another chunk allocates more at its peak than the worst chunk
+    (Estimate.highest_peak)."""
     step_time_parts_s: dict[str, float] = dataclasses.field(default_factory=dict)
     parallel: ParallelLayout | None = None
     """Several GPUs (FSDP2): the layout; predictions are then per rank."""
@@ -99,7 +103,7 @@ class Plan:
                         components={t: dict(c) for t, c in self.components.items()},
                         reserved_bytes=self.reserved_bytes, step_time_s=self.step_time_s,
                         worst_chunk=self.worst_chunk, context_bytes=self.context_bytes,
-                        step_time_parts_s=dict(self.step_time_parts_s))
+                        step_time_parts_s=dict(self.step_time_parts_s), highest_peak=self.highest_peak)
 
     def to_json(self) -> dict:
         out = {
@@ -122,6 +126,8 @@ class Plan:
                 "step_time_s": self.step_time_s,
                 "step_time_parts_s": dict(self.step_time_parts_s),
                 "worst_chunk": self.worst_chunk,
+                "highest_peak_chunk": None if self.highest_peak is None else self.highest_peak[0],
+                "highest_peak_bytes": None if self.highest_peak is None else self.highest_peak[1],
             },
         }
         if self.parallel is not None:
@@ -208,10 +214,21 @@ class Plan:
             reserved_bytes=pred.field("reserved_bytes", int),
             step_time_s=pred.field("step_time_s", float),
             worst_chunk=pred.field("worst_chunk", int, optional=True),
+            highest_peak=_highest_peak(*(pred.field(k, int, optional=True) if k in pred.keys() else None
+                                         for k in ("highest_peak_chunk", "highest_peak_bytes"))),
             context_bytes=pred.field("context_bytes", int),
             step_time_parts_s=pred.mapping("step_time_parts_s", float),
             planner_version=r.field("planner_version", str),
         )
+
+
+def _highest_peak(chunk: int | None, nbytes: int | None) -> tuple[int, int] | None:
+    if chunk is None and nbytes is None:
+        return None
+    if chunk is None or nbytes is None:
+        raise ChunkftError("plan file is malformed: predicted.highest_peak_chunk and highest_peak_bytes "
+                           "come together")
+    return chunk, nbytes
 
 
 def named_shapes(model: "ModelSpec", dtype: str) -> list[NamedShape]:
@@ -245,6 +262,7 @@ def make_plan(model: "ModelSpec", shape: StepShape, hardware: Hardware, budget: 
                 components={t: dict(c) for t, c in estimate.components.items()},
                 reserved_bytes=estimate.reserved_bytes, step_time_s=estimate.step_time_s,
                 worst_chunk=estimate.worst_chunk, context_bytes=estimate.context_bytes,
+                highest_peak=estimate.highest_peak,
                 step_time_parts_s=dict(estimate.step_time_parts_s), parallel=parallel,
                 communication=communication, chunk_traces=chunk_traces)
 

@@ -262,6 +262,10 @@ def print_estimate(est, budget=None) -> None:
         print(f"  {_TIERS_TEXT[tier.value]:<8} peak {format_bytes(peak)}{extra}{of}")
         if est.components.get(tier):
             print(f"           {_components(est.components[tier])}")
+        if tier == Tier.GPU and est.highest_peak is not None:
+            chunk, nbytes = est.highest_peak
+            print(f"           chunk {chunk} allocates more at its peak: {format_bytes(nbytes)} (needs less: the "
+                  f"GPU figures are chunk {est.worst_chunk}'s, by the least memory it needs)")
     parts = ", ".join(f"{k} {v:.3f}" for k, v in est.step_time_parts_s.items() if v)
     print(f"  step     {est.step_time_s:.3f} s predicted" + (f" ({parts})" if parts else ""))
 

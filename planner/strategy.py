@@ -251,6 +251,12 @@ class Estimate:
     request (peak_bytes[GPU] <= least_bytes <= reserved_bytes). What a GPU budget is held
     against. None (older plan files, estimates that do not search it): reserved_bytes."""
 
+    highest_peak: tuple[int, int] | None = None
+    """(chunk, bytes): where another evaluated chunk allocates more at its peak than the worst
+    chunk (worst by the least memory it needs, `need_bytes`), that chunk and its GPU peak; what
+    `torch.cuda.max_memory_allocated` reads over a whole run. None: the worst chunk's peak is
+    the highest (or C = 1)."""
+
     @property
     def least_gpu_bytes(self) -> int:
         """least_bytes, or reserved_bytes where it was not searched."""
@@ -292,6 +298,8 @@ class Estimate:
             "step_time_s": self.step_time_s,
             "step_time_parts_s": dict(self.step_time_parts_s),
             "worst_chunk": self.worst_chunk,
+            "highest_peak": None if self.highest_peak is None else
+            {"chunk": self.highest_peak[0], "gpu_bytes": self.highest_peak[1]},
         }
 
     @classmethod
@@ -308,6 +316,8 @@ class Estimate:
                 step_time_s=float(data["step_time_s"]),
                 step_time_parts_s={str(k): float(v) for k, v in data.get("step_time_parts_s", {}).items()},
                 worst_chunk=None if data.get("worst_chunk") is None else int(data["worst_chunk"]),
+                highest_peak=None if data.get("highest_peak") is None else
+                (int(data["highest_peak"]["chunk"]), int(data["highest_peak"]["gpu_bytes"])),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ChunkftError(f"estimate is malformed ({type(e).__name__}: {e})") from None

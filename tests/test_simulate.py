@@ -211,3 +211,31 @@ def test_simulate_picks_the_chunk(small):
             simulate(plan, small, chunk=bad)
     with pytest.raises(ChunkftError, match="one chunk"):
         simulate(plan_for(small, Strategy()), small, chunk=0)
+
+
+def test_a_chunk_that_allocates_more_than_the_worst_chunk_is_named(tmp_path):
+    """The worst chunk is the one that needs the most (least memory its allocator needs); another
+    chunk can allocate more at its peak. examples/tiny, fp32, C=4 with state on host and
+    checkpointing: chunk 3 allocates 54.12 MiB where the worst, chunk 1, allocates 53.18 MiB.
+    The estimate and the plan name chunk 3 and its peak, which is the peak of chunk 3's own
+    simulated step; simulating the plan's worst chunk still gives the plan's GPU peak."""
+    from pathlib import Path
+
+    model = resolve_model(str(Path(__file__).resolve().parents[1] / "examples" / "tiny"))
+    shape = StepShape(seq_len=256, batch=2, dtype="fp32")
+    strategy = Strategy(chunks=4, state_tier=Tier.HOST, checkpointing=True, prefetch_depth=1)
+    est = evaluate(model, shape, strategy, HW)
+    assert est.highest_peak is not None
+    chunk, nbytes = est.highest_peak
+    assert chunk != est.worst_chunk and nbytes > est.peak_bytes[Tier.GPU]
+    plan = make_plan(model, shape, HW, Budget(gpu_bytes=2**30), Objective.MEMORY, est)
+    path = tmp_path / "plan.json"
+    from planner.plan import save_plan
+
+    save_plan(plan, path)
+    loaded = load_plan(path)
+    assert loaded.highest_peak == (chunk, nbytes) and loaded.estimate().highest_peak == (chunk, nbytes)
+    assert simulate(loaded, model, chunk=chunk).peak_bytes(Tier.GPU) == nbytes
+    assert simulate(loaded, model).peak_bytes(Tier.GPU) == plan.peak_bytes[Tier.GPU]
+    # C = 1 has no other chunk
+    assert evaluate(model, shape, Strategy(checkpointing=True), HW).highest_peak is None
