@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import resource
 import shutil
@@ -63,14 +62,13 @@ def _snapshot(into: Path) -> Path:
     return into
 
 
-def _run(argv: list[str], cwd: Path, env: dict) -> tuple[float, float, int, str, list[str]]:
-    """(wall s, cpu s, exit code, stdout, heavy modules) of one `python -m planner.cli` process
-    (what the `chunkft` script runs); heavy modules (torch, transformers) come from a second,
-    untimed run of the same command under `-X importtime`."""
+def _run(argv: list[str], cwd: Path, env: dict) -> tuple[float, float, int, str]:
+    """(wall s, cpu s, exit code, stdout) of one `python -m planner.cli` process (what the
+    `chunkft` script runs); what it imports comes from `_heavy_modules`, an untimed run."""
     wall, cpu, proc = _timed([sys.executable, "-m", "planner.cli", *argv], cwd, env)
     if proc.returncode not in (0, 1):
         raise SystemExit(f"`chunkft {' '.join(argv)}` failed:\n{proc.stderr[-3000:]}")
-    return wall, cpu, proc.returncode, proc.stdout, []
+    return wall, cpu, proc.returncode, proc.stdout
 
 
 def _heavy_modules(argv: list[str], cwd: Path, env: dict) -> list[str]:
@@ -114,14 +112,16 @@ def main() -> int:
             walls = [r[0] for r in runs]
             best = min(range(len(runs)), key=lambda i: walls[i])
             target = TARGETS.get((what, cache), "") if bytecode == "cached" else ""
-            rows.append({"command": what if what.startswith("(") else f"chunkft {what}", "cache": cache, "bytecode": bytecode, "runs": len(runs),
+            command = what if what.startswith("(") else f"chunkft {what}"
+            rows.append({"command": command, "cache": cache, "bytecode": bytecode, "runs": len(runs),
                          "min_s": round(walls[best], 3), "max_s": round(max(walls), 3),
                          "cpu_s_of_min": round(runs[best][1], 3), "target_s": target,
                          "torch_imported": "" if heavy is None else "yes" if heavy else "no", "note": note})
             print(f"  {what:<24} {cache:<5} bytecode {bytecode:<6} min {walls[best]:.3f} s  "
                   f"(max {max(walls):.3f} s, cpu {runs[best][1]:.3f} s)", flush=True)
 
-        floor = [_timed([sys.executable, "-c", IMPORT_FLOOR], snap, envs["cached"])[:2] for _ in range(max(3, args.cold_runs))]
+        floor = [_timed([sys.executable, "-c", IMPORT_FLOOR], snap, envs["cached"])[:2]
+                 for _ in range(max(3, args.cold_runs))]
         record("(import torch + HF Llama)", "-", "cached", floor, ["torch"],
                note="the imports any cold answer needs, nothing else: the floor under a cold fit or size")
 
@@ -131,7 +131,8 @@ def main() -> int:
             cold = []
             for i in range(args.cold_runs):
                 cold.append(_run(argv + ["--cache-dir", str(tmp / f"cache-{model}-{i}")], snap, envs["cached"]))
-            record(what, "cold", "cached", cold, _heavy_modules(argv + ["--cache-dir", str(tmp / "cache-x")], snap, envs["cached"]))
+            fresh = argv + ["--cache-dir", str(tmp / f"cache-{model}-imports")]
+            record(what, "cold", "cached", cold, _heavy_modules(fresh, snap, envs["cached"]))
             warm_dir = ["--cache-dir", str(tmp / f"cache-{model}-0")]
             answer = cold[0][3]
             for bytecode, env in envs.items():
