@@ -101,11 +101,10 @@ def evaluate_all(model: "ModelSpec", shape: "StepShape", strategies: Sequence["S
 
 def prepare_traces(model: "ModelSpec", shape: "StepShape", strategies: Sequence["Strategy"], hw: Any, *,
                    chunk_traces: str = "auto", jobs: int = 1) -> int:
-    """Make the traced steps evaluating `strategies` reads that are not held yet (at most
-    BATCH_STEPS of them) in up to `jobs` processes; returns how many were made in workers."""
-    batches = list(_batches(model, shape, strategies, hw, chunk_traces, jobs))
-    requests = [r for _, rs in batches for r in rs]
-    return _make(model, shape, requests[:BATCH_STEPS], jobs)
+    """Make the first batch of traced steps evaluating `strategies` reads that are not held yet
+    (at most BATCH_STEPS) in up to `jobs` processes; returns how many were made in workers."""
+    _, requests = next(_batches(model, shape, strategies, hw, chunk_traces, jobs), (None, []))
+    return _make(model, shape, requests, jobs)
 
 
 def _batches(model, shape, strategies: Sequence["Strategy"], hw: Any, chunk_traces: str, jobs: int):
