@@ -68,6 +68,7 @@ from planner import cache as disk_cache
 from planner.errors import ChunkftError
 from planner.memory import (COMPONENTS, K_LARGE_BUFFER, K_MIN_BLOCK_SIZE, K_MIN_LARGE_ALLOC, K_ROUND_LARGE,
                             K_SMALL_BUFFER, K_SMALL_SIZE, AllocConf, round_size, segment_size, side_stream_pool)
+from planner.step_store import StepStore
 from planner.schema import Component, Event, EventKind, Phase, Tier
 from planner.steptime import StepWork, predict_step_time
 from planner.strategy import Estimate, OptimizerDevice, Strategy, WeightResidency
@@ -155,6 +156,13 @@ class TracedStep:
     """(2, num_ops): the offloaded activations' bytes after every op, raw and as the host
     allocator rounds them (planner.activations.host_series); None when nothing is offloaded."""
 
+    @property
+    def nbytes(self) -> int:
+        """Memory this step holds (its arrays, and a pointer per op in `phases` and `layers`):
+        what planner.step_store bounds."""
+        arrays = self.live.nbytes + self.reserved.nbytes + (0 if self.host_live is None else self.host_live.nbytes)
+        return arrays + 8 * (len(self.phases) + len(self.layers))
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ActiveSet:
@@ -171,11 +179,12 @@ class ActiveSet:
 
 _LAYOUTS: dict[tuple, ParamLayout] = {}
 _TABLES: dict[tuple, "ChunkTable"] = {}
-_TRACES: dict[tuple, TracedStep] = {}
-_TRACE_CACHE_SIZE = 96
+# Traced steps, bounded in bytes (planner.step_store: a 1B model's exact chunk traces number
+# hundreds, a 405B model's steps hold megabytes each).
+_TRACES = StepStore()
 # Traced steps replayed without the least-memory search (`traced_step(least=False)`: the sharded
 # model and the step-time path read no `least`); a full one in _TRACES answers them first.
-_LEAN_TRACES: dict[tuple, TracedStep] = {}
+_LEAN_TRACES = StepStore()
 # trace_step's graphs per model, shape and trace options: the GPU kind (cuBLAS workspace) and
 # streamed weights change only the replay, so one fake-tensor trace serves them all.
 _GRAPHS: dict[tuple, Any] = {}
@@ -361,10 +370,7 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
                       flops=int(graph.total_flops()), phases=tuple(op.phase for op in graph.ops),
                       layers=tuple(op.layer for op in graph.ops), host_activations=host_act, host_rounding=host_round,
                       host_live=None if series is None else np.stack(series))
-    store = _TRACES if least else _LEAN_TRACES
-    if len(store) >= _TRACE_CACHE_SIZE:
-        store.pop(next(iter(store)))
-    store[key] = step
+    (_TRACES if least else _LEAN_TRACES)[key] = step
     disk_cache.store("trace", (key, recipe) if least else (key, recipe, "lean"), step)
     return step
 
@@ -421,18 +427,15 @@ def holds_trace(key: tuple, recipe: "Recipe | None") -> bool:
 
 def held_traces() -> tuple[dict, dict]:
     """(full, lean) traced steps held in this process, by key (copies of the dicts)."""
-    return dict(_TRACES), dict(_LEAN_TRACES)
+    return dict(_TRACES.items()), dict(_LEAN_TRACES.items())
 
 
 def hold_traces(full: dict, lean: dict) -> None:
     """Hold traced steps another process made (planner.parallel_eval), as `traced_step` holds its own."""
     for store, new in ((_TRACES, full), (_LEAN_TRACES, lean)):
         for key, step in new.items():
-            if key in store:
-                continue
-            if len(store) >= _TRACE_CACHE_SIZE:
-                store.pop(next(iter(store)))
-            store[key] = step
+            if key not in store:
+                store[key] = step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,6 +638,7 @@ def _gpu_grad_cap(strategy: Strategy, layout: ParamLayout, active: ActiveSet) ->
 
 
 _TOTALS: dict[int, tuple] = {}
+_TOTALS_SIZE = 96  # a sum per traced step, remade when dropped
 
 
 def _adjusted_totals(traced: TracedStep, cap: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -643,7 +647,7 @@ def _adjusted_totals(traced: TracedStep, cap: int | None) -> tuple[np.ndarray, n
     only the gradient row changes (total = the trace's total - what the cap removes)."""
     hit = _TOTALS.get(id(traced))
     if hit is None or hit[0] is not traced:
-        if len(_TOTALS) >= _TRACE_CACHE_SIZE:
+        if len(_TOTALS) >= _TOTALS_SIZE:
             _TOTALS.pop(next(iter(_TOTALS)))
         hit = _TOTALS[id(traced)] = (traced, traced.live.sum(axis=0))
     total = hit[1]
