@@ -1,24 +1,28 @@
-"""Evaluate many strategies of one model, the steps they trace made ahead in parallel processes.
+"""Evaluate many strategies of one model, the steps they trace made ahead, in parallel processes.
 
-After the imports, a cold `chunkft fit` or `chunkft size` spends its time tracing the real model
-code (fake tensors) and replaying the traces through the allocator model, once per distinct
-traced step: checkpointing on or off, loss chunking, streamed weights, the recipe, and with
-exact chunk traces every chunk pattern. `evaluate_all` lists the traced steps evaluating the
-strategies will read (planner.evaluate.trace_requests), keeps those neither held in this
-process nor in the disk cache, and with `jobs` > 1, batch by batch (BATCH_STEPS steps), shares
-them out between this process and forked workers, then evaluates the batch's strategies here,
-in order, as a serial run does:
+After the imports, a cold `chunkft fit`, `chunkft size` or `chunkft plan` spends its time tracing
+the real model code (fake tensors) and replaying the traces through the allocator model, once per
+distinct traced step: checkpointing on or off, loss chunking, streamed weights, the recipe, and
+with exact chunk traces every chunk pattern. `evaluate_all` lists the traced steps evaluating
+the strategies will read (planner.evaluate.trace_requests), keeps those neither held in this
+process nor in the disk cache, and batch by batch (BATCH_STEPS steps) makes them ahead, then
+evaluates the batch's strategies here, in order, as a serial run does:
 
     estimates = evaluate_all(model, shape, strategies, hw, jobs=resolve_jobs("auto"))
 
-A worker is a fork of this process after the model was resolved (nothing is imported or built
+Steps that share one fake trace (they differ only in GPU kind or streamed weights) are made one
+after the other in one process, so the trace is made once: evaluated strategy by strategy, a
+step whose graph planner.evaluate no longer holds (it holds a few) is traced again. The solver
+does the same per chunk count (`make_ahead`, planner.solve.solve_model).
+
+With `jobs` > 1 a batch's steps are shared out between this process and forked workers. A
+worker is a fork of this process after the model was resolved (nothing is imported or built
 again); it makes its traced steps with planner.evaluate.traced_step, sends them back through a
 pipe and exits, and this process holds them as its own. Every estimate is then computed here by
 the same function from the same traced steps, so the answer is the same whatever `jobs` is
 (tests hold jobs=2 against jobs=1). A worker that fails (an error, a lost pipe) costs only
 time: the evaluation traces what is missing itself, and any error is raised there as a serial
-run raises it. Requests that share one fake trace (they differ only in GPU kind or streamed
-weights) go to one process.
+run raises it.
 
 Fork is used only where it is safe: on Linux, in a process with no other Python thread running
 at the fork (a thread could hold a lock that the worker would then wait on forever: pytest-xdist
@@ -68,30 +72,31 @@ def resolve_jobs(flag: str | int | None) -> int:
     return jobs
 
 
-def add_argument(parser: Any) -> None:
-    """`--jobs N|auto` on a planning subcommand."""
+def add_argument(parser: Any, note: str = "") -> None:
+    """`--jobs N|auto` on a planning subcommand (`note`: appended to its help)."""
     parser.add_argument("--jobs", default="auto", metavar="N",
                         help="at most this many processes trace distinct steps in parallel (forked workers, "
                              "Linux, when no other thread runs): a number >= 1, or auto (default: the CPUs "
-                             f"available, at most {MAX_AUTO_JOBS})")
+                             f"available, at most {MAX_AUTO_JOBS}){note}")
 
 
-BATCH_STEPS = 32
-"""Traced steps made ahead at a time: the batch's strategies are evaluated before the next batch
-is traced, so planner.evaluate's in-memory cache (96 steps) still holds them (a tiny model's
-`size` with exact chunk traces asks for ~400)."""
+BATCH_STEPS = 256
+"""Traced steps `evaluate_all` makes ahead at a time: the batch's strategies are evaluated before
+the next batch is traced, so the steps are still held in memory (planner.step_store bounds them in
+bytes) whatever the number of strategies (a tiny model's `size` with exact chunk traces asks for
+~400 steps), and the progress bar moves batch by batch."""
 
 
 def evaluate_all(model: "ModelSpec", shape: "StepShape", strategies: Sequence["Strategy"], hw: Any, *,
                  chunk_traces: str = "auto", jobs: int = 1, what: str = "evaluate strategies") -> list["Estimate"]:
     """[evaluate(model, shape, s, hw, chunk_traces) for s in strategies], in batches whose traced
-    steps are made ahead in `jobs` processes (module doc); `what`: the progress bar's text."""
+    steps are made ahead in up to `jobs` processes (module doc); `what`: the progress bar's text."""
     from planner import progress
     from planner.evaluate import evaluate
 
     out: list["Estimate"] = []
     with progress.counter(what, total=len(strategies), unit="strategy") as bar:
-        for batch, requests in _batches(model, shape, strategies, hw, chunk_traces, jobs):
+        for batch, requests in _batches(model, shape, strategies, hw, chunk_traces):
             _make(model, shape, requests, jobs)
             for s in batch:
                 out.append(evaluate(model, shape, s, hw, chunk_traces=chunk_traces))
@@ -103,33 +108,17 @@ def prepare_traces(model: "ModelSpec", shape: "StepShape", strategies: Sequence[
                    chunk_traces: str = "auto", jobs: int = 1) -> int:
     """Make the first batch of traced steps evaluating `strategies` reads that are not held yet
     (at most BATCH_STEPS) in up to `jobs` processes; returns how many were made in workers."""
-    _, requests = next(_batches(model, shape, strategies, hw, chunk_traces, jobs), (None, []))
+    _, requests = next(_batches(model, shape, strategies, hw, chunk_traces), (None, []))
     return _make(model, shape, requests, jobs)
 
 
-def _batches(model, shape, strategies: Sequence["Strategy"], hw: Any, chunk_traces: str, jobs: int):
-    """(strategies, their traced steps not held yet) in runs of at most BATCH_STEPS steps, in
-    order; one batch without steps where nothing is made ahead (one job, or forking not safe)."""
-    if jobs <= 1 or not fork_is_safe():
-        yield list(strategies), []
-        return
-    from planner.evaluate import holds_trace, request_keys, trace_requests
-
+def _batches(model, shape, strategies: Sequence["Strategy"], hw: Any, chunk_traces: str):
+    """(strategies, their traced steps not held yet) in runs of at most BATCH_STEPS steps, in order."""
     seen: set[tuple] = set()
     batch: list = []
     pending: list[dict] = []
     for s in strategies:
-        try:
-            requests = trace_requests(model, shape, s, hw, chunk_traces=chunk_traces)
-        except ChunkftError:  # refused when it is evaluated, in order, as serially
-            requests = []
-        missing = []
-        for request in requests:
-            key, _ = request_keys(model, shape, request)
-            if key not in seen:
-                seen.add(key)
-                if not holds_trace(key, request["recipe"]):
-                    missing.append(request)
+        missing = _missing(model, shape, s, hw, chunk_traces, seen)
         if batch and len(pending) + len(missing) > BATCH_STEPS:
             yield batch, pending
             batch, pending = [], []
@@ -139,14 +128,45 @@ def _batches(model, shape, strategies: Sequence["Strategy"], hw: Any, chunk_trac
         yield batch, pending
 
 
+def make_ahead(model: "ModelSpec", shape: "StepShape", strategies: Sequence["Strategy"], hw: Any, *,
+               chunk_traces: str = "auto", jobs: int = 1) -> int:
+    """Make every traced step evaluating `strategies` reads that is not held yet, grouped by fake
+    trace, in up to `jobs` processes (module doc): what the solver does before each chunk count.
+    Returns how many steps workers made."""
+    seen: set[tuple] = set()
+    requests = [r for s in strategies for r in _missing(model, shape, s, hw, chunk_traces, seen)]
+    return _make(model, shape, requests, jobs)
+
+
+def _missing(model, shape, strategy: "Strategy", hw: Any, chunk_traces: str, seen: set) -> list[dict]:
+    """The `traced_step` requests evaluating `strategy` makes whose steps are neither in `seen`
+    nor held in this process or the disk cache; their keys join `seen`."""
+    from planner.evaluate import holds_trace, request_keys, trace_requests
+
+    try:
+        requests = trace_requests(model, shape, strategy, hw, chunk_traces=chunk_traces)
+    except ChunkftError:  # refused when it is evaluated, in order, as serially
+        return []
+    missing = []
+    for request in requests:
+        key, _ = request_keys(model, shape, request)
+        if key not in seen:
+            seen.add(key)
+            if not holds_trace(key, request["recipe"]):
+                missing.append(request)
+    return missing
+
+
 def _make(model, shape, requests: list[dict], jobs: int) -> int:
-    """Make `requests` (traced_step keyword arguments): this process's share here, the others'
-    in forked workers, whose steps are then held here. Returns how many workers made."""
-    shares = _shares(model, shape, requests, jobs)
-    if len(shares) < 2:
+    """Make `requests` (traced_step keyword arguments), those sharing a fake trace one after the
+    other: this process's share here, the others' in forked workers, whose steps are then held
+    here (all here where there are fewer than two shares). Returns how many workers made."""
+    if not requests:
         return 0
     from planner import progress
     from planner.evaluate import traced_step
+
+    shares = _shares(model, shape, requests, jobs) or [[r for g in _groups(model, shape, requests) for r in g]]
 
     def make(share: list[dict]) -> list:
         for request in share:
@@ -157,7 +177,8 @@ def _make(model, shape, requests: list[dict], jobs: int) -> int:
     try:
         workers += [_Worker.start(lambda share=share: make(share)) for share in shares[1:]]
         total = sum(len(share) for share in shares)
-        with progress.counter(f"trace {total} steps in {len(shares)} processes", total=total, unit="step") as bar:
+        where = f" in {len(shares)} processes" if len(shares) > 1 else ""
+        with progress.counter(f"trace {total} steps{where}", total=total, unit="step") as bar:
             for request in shares[0]:
                 traced_step(model, shape, **request)
                 bar.update(1)
@@ -171,20 +192,25 @@ def _make(model, shape, requests: list[dict], jobs: int) -> int:
     return sum(len(share) for share in shares[1:])
 
 
-def _shares(model, shape, requests: list[dict], jobs: int) -> list[list[dict]]:
-    """`requests` per process (this one first): those sharing a fake trace stay together, in
-    order, split in runs of about equal size (neighbouring chunk patterns share the template
-    layers planner.replicate keeps)."""
-    if jobs <= 1 or not fork_is_safe():
-        return []
+def _groups(model, shape, requests: list[dict]) -> list[list[dict]]:
+    """`requests` by the fake trace they share (planner.evaluate.request_keys), in order."""
     from planner.evaluate import request_keys
 
     groups: dict[tuple, list[dict]] = {}
     for request in requests:
         groups.setdefault(request_keys(model, shape, request)[1], []).append(request)
-    if len(groups) < 2:
+    return list(groups.values())
+
+
+def _shares(model, shape, requests: list[dict], jobs: int) -> list[list[dict]]:
+    """`requests` per process (this one first): those sharing a fake trace stay together, in
+    order, split in runs of about equal size (neighbouring chunk patterns share the template
+    layers planner.replicate keeps); none where fewer than two processes would work."""
+    if jobs <= 1 or not fork_is_safe():
         return []
-    ordered = list(groups.values())
+    ordered = _groups(model, shape, requests)
+    if len(ordered) < 2:
+        return []
     count = min(jobs, len(ordered))
     total = sum(len(g) for g in ordered)
     shares: list[list[dict]] = [[] for _ in range(count)]

@@ -55,6 +55,9 @@ def add_parser(subparsers) -> None:
                    help="ChunkFT per-chunk traces: exact traces every chunk pattern; bound (auto above 2B "
                         "parameters) shares one full-FT trace, pessimistic by its free-block slack")
     p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
+    from planner import parallel_eval
+
+    parallel_eval.add_argument(p, "; one-GPU plans (several GPUs: one process)")
     add_run_args(p)
     p.set_defaults(run=run_plan)
 
@@ -283,7 +286,10 @@ def _run_plan(args) -> int:
     from planner.fsio import check_output_file
     from planner.strategy import Budget
 
+    from planner.parallel_eval import resolve_jobs
+
     check_shape_args(args)
+    jobs = resolve_jobs(args.jobs)
     layout = _layout(args)
     check_output_file(args.output, "-o/--output", inputs=[args.model])
     node = _node(args, layout)
@@ -311,7 +317,7 @@ def _run_plan(args) -> int:
     sharded = None
     if layout is None:
         solution = solve_model(model, shape, hw, budget, objective=objective, space=search_space(args, model),
-                               chunk_traces=args.chunk_traces)
+                               chunk_traces=args.chunk_traces, jobs=jobs)
     else:
         import dataclasses
 
@@ -377,7 +383,7 @@ def _run_plan(args) -> int:
         print("(--objective speed, the default, puts the predicted step time before the chunk count)")
     elif layout is None:  # the fidelity answer is cheap (its chunk levels prune): show it when it differs
         other = solve_model(model, shape, hw, budget, objective=Objective.FIDELITY, space=search_space(args, model),
-                            chunk_traces=args.chunk_traces).best
+                            chunk_traces=args.chunk_traces, jobs=jobs).best
         if other is not None and other.strategy != best.strategy:
             print(f"fewest chunks that fits (--objective fidelity): {other.strategy.label()}, "
                   f"{other.step_time_s:.3f} s per step")

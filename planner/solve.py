@@ -220,12 +220,15 @@ def _memory_group(s: Strategy) -> Strategy:
 
 
 def solve(strategies: Iterable[Strategy] | SearchSpace, evaluate_fn: EvaluateFn, budget: Budget, *,
-          objective: Objective = Objective.SPEED, prune: bool = True) -> Solution:
+          objective: Objective = Objective.SPEED, prune: bool = True,
+          prepare: Callable[[list[Strategy]], None] | None = None) -> Solution:
     """The best strategy under `objective` that fits `budget`, or the infeasibility report.
 
     `evaluate_fn` maps a strategy to its Estimate (planner.evaluate.evaluate bound to a model,
     shape and hardware, or a hand-made cost function in tests). With `prune=False` every
-    strategy is evaluated: brute force.
+    strategy is evaluated: brute force. `prepare`, when given, is called before each chunk
+    count's strategies are evaluated with one strategy per memory group (those that may be
+    evaluated read what these read: solve_model makes their traced steps ahead).
     """
     if isinstance(strategies, SearchSpace):
         strategies = strategies.strategies()
@@ -241,15 +244,19 @@ def solve(strategies: Iterable[Strategy] | SearchSpace, evaluate_fn: EvaluateFn,
 
     fitting: list[Estimate] = []
     pruned = 0
+    levels: dict[int, dict[Strategy, list[Strategy]]] = {}
+    for s in strategies:
+        levels.setdefault(s.chunks, {}).setdefault(_memory_group(s), []).append(s)
     if not prune:
         for s in strategies:
+            if prepare is not None and s.chunks in levels:
+                prepare([members[0] for members in levels.pop(s.chunks).values()])
             if ev(s).fits(budget):
                 fitting.append(ev(s))
     else:
-        levels: dict[int, dict[Strategy, list[Strategy]]] = {}
-        for s in strategies:
-            levels.setdefault(s.chunks, {}).setdefault(_memory_group(s), []).append(s)
         for c in sorted(levels):
+            if prepare is not None:
+                prepare([members[0] for members in levels[c].values()])
             for members in levels[c].values():
                 by_depth: dict[int, list[Strategy]] = {}
                 for s in members:
@@ -315,19 +322,28 @@ def memory_representatives(strategies: Iterable[Strategy]) -> list[Strategy]:
 
 def solve_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: Budget, *,
                 objective: Objective = Objective.SPEED, space: SearchSpace | None = None,
-                prune: bool = True, chunk_traces: str = "auto") -> Solution:
+                prune: bool = True, chunk_traces: str = "auto", jobs: int = 1) -> Solution:
     """`solve` over the default space of `model` with planner.evaluate as the cost model
-    (`chunk_traces`: how ChunkFT steps are traced, planner.evaluate.evaluate)."""
-    from planner import progress
+    (`chunk_traces`: how ChunkFT steps are traced, planner.evaluate.evaluate). Before each chunk
+    count, the traced steps its strategies read are made ahead (planner.parallel_eval.make_ahead,
+    in up to `jobs` processes), each fake trace once."""
+    from planner import cache, progress
+    from planner.parallel_eval import make_ahead
 
     if space is None:
         space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
+    memo = cache.bucket("estimates", (model.fingerprint(), shape, hw, chunk_traces))
+
+    def prepare(strategies: list[Strategy]) -> None:
+        todo = [s for s in strategies if memo is None or not isinstance(memo.get(s), Estimate)]
+        make_ahead(model, shape, todo, hw, chunk_traces=chunk_traces, jobs=jobs)
+
     with progress.counter(f"one-GPU plans for {model.name}", unit="plan") as bar:
         def cost(s: Strategy) -> Estimate:
             bar.update(1)
             return cached_evaluate(model, shape, s, hw, chunk_traces=chunk_traces)
 
-        return solve(space, cost, budget, objective=objective, prune=prune)
+        return solve(space, cost, budget, objective=objective, prune=prune, prepare=prepare)
 
 
 def cached_evaluate_all(model: "ModelSpec", shape: "StepShape", strategies: "Sequence[Strategy]", hw: "Hardware", *,

@@ -82,6 +82,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("fit-jobs-zero", ["fit", "--jobs", "0"], "invalid --jobs '0'"),
     ("fit-jobs-words", ["fit", "--jobs", "many"], "invalid --jobs 'many'"),
     ("size-jobs-float", ["size", "tiny.json", "--jobs", "1.5"], "invalid --jobs '1.5'"),
+    ("plan-jobs-negative", ["plan", "tiny.json", "--jobs", "-2"], "invalid --jobs '-2'"),
     ("fit-seq-zero", ["fit", "--seq", "0"], "sequence length 0"),
     ("fit-seq-negative", ["fit", "--seq", "-5"], "sequence length -5"),
     ("fit-seq-huge", ["fit", "--seq", "100000000"], "sequence length 100000000"),

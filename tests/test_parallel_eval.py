@@ -109,3 +109,30 @@ def test_bad_jobs_is_one_line_error(capsys):
     assert main(["fit", "--jobs", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "invalid --jobs '0'" in err
+
+
+def test_a_plan_makes_each_fake_trace_once_and_answers_as_before(tiny_llama_config, monkeypatch):
+    """solve_model makes each chunk count's steps ahead, grouped by fake trace: a graph is traced
+    once however many strategies (streamed weights or not, state on GPU or host) read it, where
+    strategy-by-strategy evaluation re-traced graphs dropped from evaluate's few held ones. The
+    answer equals plain strategy-by-strategy evaluation."""
+    from planner import evaluate as ev
+    from planner import trace
+    from planner.hardware import hardware
+    from planner.model import resolve_model
+    from planner.solve import SearchSpace, solve, solve_model
+    from planner.strategy import Budget
+    from planner.trace import StepShape
+
+    model, shape, hw = resolve_model(tiny_llama_config), StepShape(batch=1, seq_len=32), hardware("rtx4090")
+    space = SearchSpace(chunk_counts=(8,), update_intervals=(1,), loss_chunk_tokens=(0,))
+    budget = Budget(gpu_bytes=2**30)
+    real, graphs = trace.trace_step, []
+    monkeypatch.setattr(trace, "trace_step", lambda m, s, options: graphs.append(options.key()) or real(m, s, options))
+    ev.clear_caches()
+    made = solve_model(model, shape, hw, budget, space=space, chunk_traces="exact", prune=False)
+    assert len(graphs) == len(set(graphs)) > 4  # C = 8: 16 graphs, 32 traces without make_ahead
+    ev.clear_caches()
+    plain = solve(space, lambda s: ev.evaluate(model, shape, s, hw, chunk_traces="exact"), budget, prune=False)
+    assert [e.to_json() for e in made.estimates] == [e.to_json() for e in plain.estimates]
+    assert made.best.strategy == plain.best.strategy

@@ -139,6 +139,35 @@ def test_pruned_solver_equals_brute_force(objective):
     assert calls["n"] < len(BUDGETS) * len(SMALL_LIST)  # pruning did prune
 
 
+@pytest.mark.parametrize("prune", [True, False], ids=["pruned", "brute"])
+def test_prepare_sees_each_chunk_count_once_before_its_strategies(prune):
+    """solve_model makes a chunk count's traced steps ahead in `prepare`: it must be called once
+    per chunk count, before that count's first evaluation, with one strategy per memory group
+    (what the evaluated ones read), and change no answer."""
+    events = []
+
+    def cost(s):
+        events.append(("ev", s.chunks))
+        return toy_cost(s)
+
+    def prepare(strategies):
+        assert len({s.chunks for s in strategies}) == 1
+        assert len({(s.optimizer_device, s.state_tier, s.grad_staging, s.checkpointing, s.weights,
+                     s.loss_chunk_tokens) for s in strategies}) == len(strategies)
+        events.append(("prepare", strategies[0].chunks))
+
+    budget = BUDGETS[7]
+    plain = solve(SMALL_LIST, toy_cost, budget, prune=prune)
+    prepared = solve(SMALL_LIST, cost, budget, prune=prune, prepare=prepare)
+    assert [e.to_json() for e in prepared.estimates] == [e.to_json() for e in plain.estimates]
+    assert prepared.best.strategy == plain.best.strategy
+    prepares = [c for kind, c in events if kind == "prepare"]
+    assert sorted(prepares) == sorted({c for kind, c in events if kind == "ev"})  # once per count evaluated
+    for i, (kind, c) in enumerate(events):
+        if kind == "ev":
+            assert ("prepare", c) in events[:i]
+
+
 @pytest.mark.parametrize("objective", list(Objective))
 def test_more_budget_never_gives_a_worse_plan(objective):
     for host, disk in ((None, None), (6 * GIB, 2 * GIB), (13 * GIB, None)):
