@@ -466,14 +466,20 @@ def min_gpus(model: "ModelSpec", shape: "StepShape", strategy: Strategy | Sequen
     each node's host memory; None if `max_gpus` do not suffice. `chunk_traces` as in
     planner.evaluate.evaluate ("bound", auto's choice above 2B parameters, carries the full-FT
     trace's free-block slack into the reserved bytes). Strategies the sharded runtime does not
-    run (host optimizer, streamed weights, gradient staging) are skipped."""
+    run (host optimizer, streamed weights, gradient staging) are skipped, and so are world sizes
+    whose shard of the weights alone overfills a card (70B on one 80 GB card: nothing traced)."""
     from planner.hardware import hardware
 
     hw = hardware(gpu_profile, **(hw_overrides or {}))
     strategies = [strategy] if isinstance(strategy, Strategy) else list(strategy)
     if not strategies:
         raise ChunkftError("min_gpus needs at least one strategy")
+    from planner.evaluate import param_layout
+
+    weights = param_layout(model, shape.dtype).total_bytes
     for per_node, nodes in world_sizes(gpus_per_node, max_gpus):
+        if weights // (per_node * nodes) > hw.gpu.memory_bytes:
+            continue  # every rank holds its shard of the weights: that alone overfills a card
         for s in strategies:
             try:
                 est = evaluate_sharded(model, shape, s, hw, gpus_per_node=per_node, nodes=nodes,
