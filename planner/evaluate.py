@@ -378,7 +378,18 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
 def _trace_key(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, checkpointing: bool,
                loss_chunk_tokens: int, sm: int, loop: str, alloc_conf: str, stream: bool,
                recipe: "Recipe | None") -> tuple[Any, tuple]:
-    """(TraceOptions, cache key) of a `traced_step` call."""
+    """(TraceOptions, cache key) of a `traced_step` call, kept per GradSpec object (evaluate asks
+    for each chunk pattern's spec of a table once per strategy: `_group_specs`)."""
+    memo_key = ("trace-key", id(grad), model.fingerprint(), shape, checkpointing, loss_chunk_tokens, sm, loop,
+                alloc_conf, stream, recipe)
+    return _memo(memo_key, (grad,), lambda: _make_trace_key(model, shape, grad=grad, checkpointing=checkpointing,
+                                                             loss_chunk_tokens=loss_chunk_tokens, sm=sm, loop=loop,
+                                                             alloc_conf=alloc_conf, stream=stream, recipe=recipe))
+
+
+def _make_trace_key(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, checkpointing: bool,
+                    loss_chunk_tokens: int, sm: int, loop: str, alloc_conf: str, stream: bool,
+                    recipe: "Recipe | None") -> tuple[Any, tuple]:
     from planner.trace import TraceOptions
 
     if recipe is None:
@@ -400,7 +411,7 @@ def trace_requests(model: "ModelSpec", shape: "StepShape", strategy: Strategy, h
     grads = [trained_grad_spec(layout, recipe)]
     if strategy.chunks > 1 and chunk_mode(layout, chunk_traces) == "exact":
         table = chunk_table(model, shape.dtype, strategy.chunks, recipe)
-        grads = [table.grad_spec(group[0]) for group in chunk_groups(table, layout.layer_prefix)]
+        grads = [grad for _, grad in _group_specs(table, layout.layer_prefix)]
     return [dict(grad=grad, checkpointing=strategy.checkpointing, alloc_conf=recipe.alloc_conf,
                  loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm_arch(hw), loop=recipe.loop.value,
                  stream=strategy.weights == WeightResidency.STREAM, recipe=recipe) for grad in grads]
@@ -707,8 +718,7 @@ def host_and_disk_bytes(strategy: Strategy, layout: ParamLayout, active: ActiveS
             put(host, Component.ROUNDING, sum((_ceil_to(b, 64) - b) * n for _, b, n in cost.gpu_state))
         elif strategy.optimizer_device == OptimizerDevice.GPU:
             kinds = (master + moments) // FP32_BYTES
-            put(host, Component.ROUNDING, kinds * sum(_ceil_to(FP32_BYTES * (b // elem), 64) - FP32_BYTES * (b // elem)
-                                                      for b in (all_spans or layout.tensor_bytes)))
+            put(host, Component.ROUNDING, kinds * _fp32_padding(all_spans or layout.tensor_bytes, elem))
     if off_gpu and strategy.state_tier == Tier.DISK:
         put(disk, Component.MASTER, master_total)
         put(disk, Component.OPTIMIZER, moments_total)
@@ -737,6 +747,13 @@ def host_and_disk_bytes(strategy: Strategy, layout: ParamLayout, active: ActiveS
         put(host, Component.WEIGHTS, sum(packed_layer_bytes(layout.named_shapes, layout.layer_prefix,
                                                             layout.num_layers).values()))
     return host, disk
+
+
+def _fp32_padding(spans: tuple[int, ...], elem: int) -> int:
+    """Bytes that 64-byte offsets add to one fp32 tensor per span (of `elem`-byte parameters), kept
+    per spans tuple: every chunk of a strategy asks with the table's spans."""
+    return _memo(("fp32-padding", id(spans), elem), (spans,),
+                 lambda: sum(_ceil_to(FP32_BYTES * (b // elem), 64) - FP32_BYTES * (b // elem) for b in spans))
 
 
 def combine(traced: TracedStep, strategy: Strategy, layout: ParamLayout, active: ActiveSet,
@@ -873,8 +890,8 @@ def evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any
     estimates: list[Estimate] = []
     if chunk_traces == "exact":
         flops = []
-        for group in chunk_groups(table, layout.layer_prefix):
-            traced = trace(table.grad_spec(group[0]))
+        for group, grad in _group_specs(table, layout.layer_prefix):
+            traced = trace(grad)
             flops += [traced.flops] * len(group)
             for k in group:
                 estimates.append(combine(traced, strategy, layout, active_set_for(table, k, strategy), hw,
@@ -965,6 +982,13 @@ def _tracer(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any,
                            least=least)
 
     return trace
+
+
+def _group_specs(table: "ChunkTable", layer_prefix: str | None) -> list[tuple[list[int], dict]]:
+    """(`chunk_groups` group, its first chunk's GradSpec) of a table, kept per table: the same
+    dict objects each time, so `_trace_key` keeps their keys."""
+    return _memo(("group-specs", id(table), layer_prefix), (table,),
+                 lambda: [(group, table.grad_spec(group[0])) for group in chunk_groups(table, layer_prefix)])
 
 
 def _table_spans(table: "ChunkTable") -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
