@@ -166,7 +166,8 @@ def _make(model, shape, requests: list[dict], jobs: int) -> int:
     from planner import progress
     from planner.evaluate import traced_step
 
-    shares = _shares(model, shape, requests, jobs) or [[r for g in _groups(model, shape, requests) for r in g]]
+    groups = _groups(model, shape, requests)
+    shares = _shares(groups, jobs) or [[r for g in groups for r in g]]
 
     def make(share: list[dict]) -> list:
         for request in share:
@@ -202,14 +203,11 @@ def _groups(model, shape, requests: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
-def _shares(model, shape, requests: list[dict], jobs: int) -> list[list[dict]]:
-    """`requests` per process (this one first): those sharing a fake trace stay together, in
-    order, split in runs of about equal size (neighbouring chunk patterns share the template
+def _shares(ordered: list[list[dict]], jobs: int) -> list[list[dict]]:
+    """Requests per process (this one first) from their `_groups`: a group stays together, groups
+    in order, split in runs of about equal size (neighbouring chunk patterns share the template
     layers planner.replicate keeps); none where fewer than two processes would work."""
-    if jobs <= 1 or not fork_is_safe():
-        return []
-    ordered = _groups(model, shape, requests)
-    if len(ordered) < 2:
+    if jobs <= 1 or len(ordered) < 2 or not fork_is_safe():
         return []
     count = min(jobs, len(ordered))
     total = sum(len(g) for g in ordered)

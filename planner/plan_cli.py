@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
                         "(default with several GPUs: both layouts are searched)")
     p.add_argument("--chunk-traces", choices=["auto", "exact", "bound"], default="auto",
                    help="ChunkFT per-chunk traces: exact traces every chunk pattern; bound (auto above 2B "
-                        "parameters) shares one full-FT trace, pessimistic by its free-block slack")
+                        "parameters) shares one full-FT trace: fast, approximate (Llama 3.2 1B: -0.3 to +0.5 GiB)")
     p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
     from planner import parallel_eval
 
