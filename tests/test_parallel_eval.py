@@ -76,6 +76,17 @@ def test_cli_answers_byte_for_byte_the_same_with_two_jobs(tiny_llama_config, arg
     assert one == two and len(one) > 200
 
 
+def test_plan_writes_the_same_plan_with_two_jobs(tiny_llama_config, tmp_path):
+    """One-GPU `plan` makes each chunk count's steps ahead in the workers (exact chunk traces of
+    C = 4 here): the same stdout and the same plan file as one process."""
+    out = tmp_path / "plan.json"
+    argv = ["-m", "planner.cli", "plan", tiny_llama_config, "--seq", "64", "--gpu", "64MiB", "--chunks", "4",
+            "-o", str(out), "--no-cache", "--no-progress"]
+    one, plan_one = _python(*argv, "--jobs", "1"), out.read_bytes()
+    two, plan_two = _python(*argv, "--jobs", "2"), out.read_bytes()
+    assert one == two and "ChunkFT C=" in one and plan_one == plan_two
+
+
 def test_jobs_values():
     assert 1 <= resolve_jobs("auto") <= MAX_AUTO_JOBS and resolve_jobs(None) == resolve_jobs("auto")
     assert resolve_jobs("3") == 3 and resolve_jobs(1) == 1
