@@ -333,19 +333,9 @@ def traced_step(model: "ModelSpec", shape: "StepShape", *, grad: dict | None, ch
     options, key = _trace_key(model, shape, grad=grad, checkpointing=checkpointing,
                               loss_chunk_tokens=loss_chunk_tokens, sm=sm, loop=loop, alloc_conf=alloc_conf,
                               stream=stream, recipe=recipe)
-    if key in _TRACES:
-        return _TRACES[key]
-    if not least and key in _LEAN_TRACES:
-        return _LEAN_TRACES[key]
-    stored = disk_cache.load("trace", (key, recipe))
-    if isinstance(stored, TracedStep):
-        _TRACES[key] = stored
-        return stored
-    if not least:
-        stored = disk_cache.load("trace", (key, recipe, "lean"))
-        if isinstance(stored, TracedStep):
-            _LEAN_TRACES[key] = stored
-            return stored
+    held = _held(key, recipe, least)
+    if held is not None:
+        return held
     graph_key = (model.fingerprint(), shape, options.key())
     graph = _GRAPHS.get(graph_key)
     if graph is None:  # the graph is read only from here on (stream_weights and replay build new ones)
@@ -418,22 +408,36 @@ def trace_requests(model: "ModelSpec", shape: "StepShape", strategy: Strategy, h
 
 
 def request_keys(model: "ModelSpec", shape: "StepShape", request: dict) -> tuple[tuple, tuple]:
-    """(traced step key, fake-trace graph key) of a `trace_requests` entry: requests with one
-    graph key share one fake trace (they differ in GPU kind or streamed weights only)."""
-    options, key = _trace_key(model, shape, **request)
+    """(traced step key, fake-trace graph key) of a `traced_step` request (`trace_requests`,
+    planner.rank_step.chunk_requests): requests with one graph key share one fake trace (they
+    differ in GPU kind, streamed weights or `least` only)."""
+    options, key = _trace_key(model, shape, **{k: v for k, v in request.items() if k != "least"})
     return key, (model.fingerprint(), shape, options.key())
 
 
-def holds_trace(key: tuple, recipe: "Recipe | None") -> bool:
-    """Whether the traced step of `key` is held in this process or in the disk cache (then it
-    is loaded and held, as `traced_step` would)."""
+def holds_trace(key: tuple, recipe: "Recipe | None", least: bool = True) -> bool:
+    """Whether `traced_step` would answer `key` (and `least`) without tracing: the step is held in
+    this process or in the disk cache (then it is loaded and held)."""
+    return _held(key, recipe, least) is not None
+
+
+def _held(key: tuple, recipe: "Recipe | None", least: bool) -> TracedStep | None:
+    """`traced_step`'s lookup: a full step held here, a lean one (`least=False` only), then the
+    same from the disk cache, held here once loaded; None when the step must be traced."""
     if key in _TRACES:
-        return True
+        return _TRACES[key]
+    if not least and key in _LEAN_TRACES:
+        return _LEAN_TRACES[key]
     stored = disk_cache.load("trace", (key, recipe))
     if isinstance(stored, TracedStep):
         _TRACES[key] = stored
-        return True
-    return False
+        return stored
+    if not least:
+        stored = disk_cache.load("trace", (key, recipe, "lean"))
+        if isinstance(stored, TracedStep):
+            _LEAN_TRACES[key] = stored
+            return stored
+    return None
 
 
 def held_traces() -> tuple[dict, dict]:

@@ -72,12 +72,12 @@ def resolve_jobs(flag: str | int | None) -> int:
     return jobs
 
 
-def add_argument(parser: Any, note: str = "") -> None:
-    """`--jobs N|auto` on a planning subcommand (`note`: appended to its help)."""
+def add_argument(parser: Any) -> None:
+    """`--jobs N|auto` on a planning subcommand."""
     parser.add_argument("--jobs", default="auto", metavar="N",
                         help="at most this many processes trace distinct steps in parallel (forked workers, "
                              "Linux, when no other thread runs): a number >= 1, or auto (default: the CPUs "
-                             f"available, at most {MAX_AUTO_JOBS}){note}")
+                             f"available, at most {MAX_AUTO_JOBS})")
 
 
 BATCH_STEPS = 256
@@ -138,21 +138,36 @@ def make_ahead(model: "ModelSpec", shape: "StepShape", strategies: Sequence["Str
     return _make(model, shape, requests, jobs)
 
 
+def make_requests(model: "ModelSpec", shape: "StepShape", requests: Sequence[dict], *, jobs: int = 1) -> int:
+    """`make_ahead` for `traced_step` requests listed by the caller (planner.rank_step.chunk_requests:
+    the sharded solver's chunk patterns). Returns how many steps workers made."""
+    return _make(model, shape, _not_held(model, shape, list(requests), set()), jobs)
+
+
 def _missing(model, shape, strategy: "Strategy", hw: Any, chunk_traces: str, seen: set) -> list[dict]:
     """The `traced_step` requests evaluating `strategy` makes whose steps are neither in `seen`
     nor held in this process or the disk cache; their keys join `seen`."""
-    from planner.evaluate import holds_trace, request_keys, trace_requests
+    from planner.evaluate import trace_requests
 
     try:
         requests = trace_requests(model, shape, strategy, hw, chunk_traces=chunk_traces)
     except ChunkftError:  # refused when it is evaluated, in order, as serially
         return []
+    return _not_held(model, shape, requests, seen)
+
+
+def _not_held(model, shape, requests: list[dict], seen: set) -> list[dict]:
+    """`requests` whose steps are neither in `seen` nor held in this process or the disk cache;
+    their keys (with `least`) join `seen`."""
+    from planner.evaluate import holds_trace, request_keys
+
     missing = []
     for request in requests:
         key, _ = request_keys(model, shape, request)
-        if key not in seen:
-            seen.add(key)
-            if not holds_trace(key, request["recipe"]):
+        least = request.get("least", True)
+        if (key, least) not in seen:
+            seen.add((key, least))
+            if not holds_trace(key, request.get("recipe"), least):
                 missing.append(request)
     return missing
 
