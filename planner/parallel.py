@@ -137,13 +137,15 @@ def as_estimate(est: "ShardedEstimate") -> Estimate:
 def solve_parallel(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: Budget, layout: ParallelLayout, *,
                    objective: "Objective | None" = None, space: "SearchSpace | None" = None,
                    chunk_traces: str = "auto", extend_chunks: bool = True,
-                   known: "dict[Strategy, ShardedEstimate] | None" = None
+                   known: "dict[Strategy, ShardedEstimate] | None" = None, jobs: int = 1
                    ) -> "tuple[Solution, dict[Strategy, ShardedEstimate]]":
     """planner.solve.solve over the sharded strategies of `space`, each rank held against
     `per_rank_budget(budget, layout)`; with `extend_chunks` (and a SearchSpace), chunk counts
     past the space's when nothing fits for want of GPU memory (module doc). `known`: estimates
-    already made on this layout (reused, not re-evaluated). Returns the solution and the sharded
-    estimate of every strategy evaluated (the winner's communication figures go into the plan)."""
+    already made on this layout (reused, not re-evaluated). Before each chunk count the steps
+    its strategies trace are made ahead, in up to `jobs` processes. Returns the solution and the
+    sharded estimate of every strategy evaluated (the winner's communication figures go into
+    the plan)."""
     from planner.sharding import evaluate_sharded
     from planner.solve import Objective, SearchSpace, default_space, solve
 
@@ -171,16 +173,30 @@ def solve_parallel(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budge
                                           chunk_traces=chunk_traces)
         return as_estimate(sharded[s])
 
+    def prepare(level: list[Strategy]) -> None:  # the level's chunk pattern steps, made ahead
+        if layout.world_size == 1:  # evaluate_sharded asks planner.evaluate for one GPU
+            return
+        from planner.evaluate import sm_arch
+        from planner.parallel_eval import make_requests
+        from planner.rank_step import chunk_requests
+        from planner.sharding import cached_sharded
+
+        todo = [s for s in level if (known is None or s not in known) and cached_sharded(
+            model, shape, s, hw, gpus_per_node=layout.gpus_per_node, nodes=layout.nodes,
+            shard_embeddings=layout.shard_embeddings, chunk_traces=chunk_traces) is None]
+        make_requests(model, shape, [r for s in todo for r in chunk_requests(model, shape, s, sm_arch(hw),
+                                                                             chunk_traces)], jobs=jobs)
+
     with bar:
         return _solve_parallel(strategies, cost, per_rank_budget(budget, layout), space, objective, extend_chunks,
-                               sharded)
+                               sharded, prepare)
 
 
 def _solve_parallel(strategies: list[Strategy], cost, rank_budget: Budget, space, objective, extend_chunks: bool,
-                    sharded: dict) -> "tuple[Solution, dict[Strategy, ShardedEstimate]]":
+                    sharded: dict, prepare) -> "tuple[Solution, dict[Strategy, ShardedEstimate]]":
     from planner.solve import Objective, SearchSpace, solve
 
-    solution = solve(strategies, cost, rank_budget, objective=objective or Objective.SPEED)
+    solution = solve(strategies, cost, rank_budget, objective=objective or Objective.SPEED, prepare=prepare)
     if (solution.fits or not extend_chunks or not isinstance(space, SearchSpace)
             or Tier.GPU not in solution.missing_bytes):
         return solution, sharded
@@ -189,7 +205,7 @@ def _solve_parallel(strategies: list[Strategy], cost, rank_budget: Budget, space
         more = sharded_strategies(dataclasses.replace(space, chunk_counts=(c,)).strategies())
         if not more:
             break
-        tried = solve(more, cost, rank_budget, objective=objective or Objective.SPEED)
+        tried = solve(more, cost, rank_budget, objective=objective or Objective.SPEED, prepare=prepare)
         if tried.fits:
             return tried, sharded
         if Tier.GPU not in tried.missing_bytes or tried.closest.need_bytes(Tier.GPU) >= need:
@@ -200,8 +216,8 @@ def _solve_parallel(strategies: list[Strategy], cost, rank_budget: Budget, space
 
 def solve_layouts(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: Budget,
                   layouts: "Sequence[ParallelLayout]", *, objective: "Objective | None" = None,
-                  space: "SearchSpace | None" = None, chunk_traces: str = "auto", extend_chunks: bool = True
-                  ) -> "tuple[Solution, dict[Strategy, ShardedEstimate], ParallelLayout]":
+                  space: "SearchSpace | None" = None, chunk_traces: str = "auto", extend_chunks: bool = True,
+                  jobs: int = 1) -> "tuple[Solution, dict[Strategy, ShardedEstimate], ParallelLayout]":
     """`solve_parallel` on each layout (e.g. the embeddings inside the root unit, and as units of
     their own): the layout whose plan fits and is best under the objective (ties: the earlier
     layout); if none fits, the one whose closest strategy misses the fewest bytes."""
@@ -211,7 +227,7 @@ def solve_layouts(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget
     results = []
     for layout in layouts:
         solution, sharded = solve_parallel(model, shape, hw, budget, layout, objective=objective, space=space,
-                                           chunk_traces=chunk_traces, extend_chunks=extend_chunks)
+                                           chunk_traces=chunk_traces, extend_chunks=extend_chunks, jobs=jobs)
         results.append((solution, sharded, layout))
     fitting = [r for r in results if r[0].fits]
     if fitting:

@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("-o", "--output", default="plan.json", help="plan file to write (default plan.json)")
     from planner import parallel_eval
 
-    parallel_eval.add_argument(p, "; one-GPU plans (several GPUs: one process)")
+    parallel_eval.add_argument(p)
     add_run_args(p)
     p.set_defaults(run=run_plan)
 
@@ -328,7 +328,7 @@ def _run_plan(args) -> int:
                    ((False, True) if args.shard_embeddings is None else (args.shard_embeddings,))]
         solution, sharded, layout = solve_layouts(model, shape, hw, budget, layouts, objective=objective,
                                                   space=search_space(args, model), chunk_traces=args.chunk_traces,
-                                                  extend_chunks=not pinned)
+                                                  extend_chunks=not pinned, jobs=jobs)
     print(f"model     {model.name}, {shape.seq_len} tokens x batch {shape.batch}, {shape.dtype}; "
           f"times for {hw.gpu.name}")
     if layout is not None:

@@ -165,43 +165,36 @@ def prepare_chunks(model: "ModelSpec", shape: "StepShape", strategy: Strategy, s
     from planner import evaluate as ev
 
     layout = ev.param_layout(model, shape.dtype)
-    mode = ev.chunk_mode(layout, chunk_traces)
-    if strategy.chunks == 1:
-        mode = "exact"
+    mode = _mode(layout, strategy, chunk_traces)
     key = (model.fingerprint(), shape, strategy.chunks, strategy.checkpointing, strategy.loss_chunk_tokens,
            strategy.recipe, sm, mode)
     if key in _PREPARED:
         return _PREPARED[key]
-
-    def trace(grad):
-        # the per-rank model reads no least-memory figure: the replay skips that search
-        return ev.traced_step(model, shape, grad=grad, checkpointing=strategy.checkpointing,
-                              loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm, loop=strategy.recipe.loop.value,
-                              least=False)
-
     spans = chunk_spans(strategy, model, layout, shape.dtype)
     if strategy.chunks == 1:
         touched = (frozenset(n for n, _, _ in layout.named_shapes),)
         sliced: tuple = ((),)
     else:
         touched, sliced = _table_grads(ev.chunk_table(model, shape.dtype, strategy.chunks), layout)
+    requests = chunk_requests(model, shape, strategy, sm, chunk_traces)
     if strategy.chunks == 1:
-        traced = trace(None)
+        traced = ev.traced_step(model, shape, **requests[0])
         cases: list = [(traced, 0)]
         flops = [traced.flops]
     elif mode == "exact":
-        table = ev.chunk_table(model, shape.dtype, strategy.chunks)
         from planner import progress
 
         cases = []
-        groups = ev.chunk_groups(table, layout.layer_prefix)
-        for group in progress.bar(groups, f"trace chunk patterns of C={strategy.chunks}", unit="trace"):
-            traced = trace(sharded_grad_spec(table, group[0]))
+        groups = _pattern_specs(ev.chunk_table(model, shape.dtype, strategy.chunks), layout.layer_prefix)
+        bar = progress.bar(zip(groups, requests), f"trace chunk patterns of C={strategy.chunks}", unit="trace",
+                           total=len(requests))
+        for (group, _), request in bar:
+            traced = ev.traced_step(model, shape, **request)
             cases += [(traced, k) for k in group]
         cases.sort(key=lambda c: c[1])
         flops = [c[0].flops for c in cases]
     else:
-        traced = trace(None)
+        traced = ev.traced_step(model, shape, **requests[0])
         cases = [(traced, k) for k in range(len(spans))]
         flops = [traced.flops] * len(spans)
     grad_bytes = _grad_bytes(layout, touched, sliced)
@@ -211,6 +204,43 @@ def prepare_chunks(model: "ModelSpec", shape: "StepShape", strategy: Strategy, s
         _PREPARED.pop(next(iter(_PREPARED)))
     _PREPARED[key] = prepared
     return prepared
+
+
+def chunk_requests(model: "ModelSpec", shape: "StepShape", strategy: Strategy, sm: int,
+                   chunk_traces: str) -> list[dict]:
+    """The `traced_step` calls (keyword arguments) `prepare_chunks` makes for `strategy`: each
+    chunk pattern's with exact chunk traces, the one full-FT step otherwise. The per-rank model
+    reads no least-memory figure, so the replays skip that search (`least=False`). What
+    planner.parallel makes ahead, in parallel (planner.parallel_eval.make_requests)."""
+    from planner import evaluate as ev
+
+    layout = ev.param_layout(model, shape.dtype)
+    base = dict(checkpointing=strategy.checkpointing, loss_chunk_tokens=strategy.loss_chunk_tokens, sm=sm,
+                loop=strategy.recipe.loop.value, alloc_conf="", stream=False, recipe=None, least=False)
+    if strategy.chunks == 1 or _mode(layout, strategy, chunk_traces) != "exact":
+        return [dict(base, grad=None)]
+    table = ev.chunk_table(model, shape.dtype, strategy.chunks)
+    return [dict(base, grad=grad) for _, grad in _pattern_specs(table, layout.layer_prefix)]
+
+
+def _mode(layout: "ParamLayout", strategy: Strategy, chunk_traces: str) -> str:
+    """How `prepare_chunks` traces `strategy`: "exact" or "bound" (one chunk: its one exact step)."""
+    from planner import evaluate as ev
+
+    return "exact" if strategy.chunks == 1 else ev.chunk_mode(layout, chunk_traces)
+
+
+def _pattern_specs(table: "ChunkTable", layer_prefix: str | None) -> list[tuple[list[int], dict]]:
+    """(chunk group, its first chunk's `sharded_grad_spec`) of a table, kept per table: the same
+    GradSpec objects each time (planner.evaluate keeps trace keys per GradSpec object)."""
+    from planner import evaluate as ev
+
+    key = ("patterns", id(table), layer_prefix)
+    hit = _TABLE_GRADS.get(key)
+    if hit is None or hit[0] is not table:
+        groups = ev.chunk_groups(table, layer_prefix)
+        hit = _remember(_TABLE_GRADS, key, (table, [(group, sharded_grad_spec(table, group[0])) for group in groups]))
+    return hit[1]
 
 
 # Per chunk table and layout: every chunk's `chunk_grads` and gradient bytes (independent of the

@@ -244,16 +244,30 @@ def evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy,
     memo = None if interconnect_Bps is not None else cache.bucket("sharded", (model.fingerprint(), shape, hw,
                                                                              chunk_traces))
     memo_key = (strategy, gpus_per_node, nodes, shard_embeddings)
-    if memo is not None:
-        hit = memo.get(memo_key)
-        if isinstance(hit, ShardedEstimate) and hit.strategy == strategy:
-            return hit
+    hit = cached_sharded(model, shape, strategy, hw, gpus_per_node=gpus_per_node, nodes=nodes,
+                         shard_embeddings=shard_embeddings, chunk_traces=chunk_traces, memo=memo)
+    if hit is not None:
+        return hit
     est = _evaluate_sharded(model, shape, strategy, hw, gpus_per_node=gpus_per_node, nodes=nodes,
                             interconnect_Bps=interconnect_Bps, shard_embeddings=shard_embeddings,
                             chunk_traces=chunk_traces)
     if memo is not None:
         memo[memo_key] = est
     return est
+
+
+def cached_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: "Hardware", *,
+                   gpus_per_node: int, nodes: int = 1, shard_embeddings: bool = False, chunk_traces: str = "auto",
+                   memo: dict | None = None) -> ShardedEstimate | None:
+    """The estimate `evaluate_sharded` (default interconnect) keeps in the disk cache's "sharded"
+    bucket, or None (no cache in use, or not evaluated yet): planner.parallel traces nothing ahead
+    for a strategy answered from there. `memo`: the bucket, when the caller holds it."""
+    if memo is None:
+        from planner import cache
+
+        memo = cache.bucket("sharded", (model.fingerprint(), shape, hw, chunk_traces))
+    hit = None if memo is None else memo.get((strategy, gpus_per_node, nodes, shard_embeddings))
+    return hit if isinstance(hit, ShardedEstimate) and hit.strategy == strategy else None
 
 
 def _evaluate_sharded(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: "Hardware", *,

@@ -76,15 +76,37 @@ def test_cli_answers_byte_for_byte_the_same_with_two_jobs(tiny_llama_config, arg
     assert one == two and len(one) > 200
 
 
-def test_plan_writes_the_same_plan_with_two_jobs(tiny_llama_config, tmp_path):
-    """One-GPU `plan` makes each chunk count's steps ahead in the workers (exact chunk traces of
-    C = 4 here): the same stdout and the same plan file as one process."""
-    out = tmp_path / "plan.json"
-    argv = ["-m", "planner.cli", "plan", tiny_llama_config, "--seq", "64", "--gpu", "64MiB", "--chunks", "4",
-            "-o", str(out), "--no-cache", "--no-progress"]
-    one, plan_one = _python(*argv, "--jobs", "1"), out.read_bytes()
-    two, plan_two = _python(*argv, "--jobs", "2"), out.read_bytes()
-    assert one == two and "ChunkFT C=" in one and plan_one == plan_two
+PLAN_SCRIPT = r"""
+import contextlib, io, json, sys
+from pathlib import Path
+from planner import evaluate as ev, rank_step
+from planner.cli import main
+
+config, out = sys.argv[1], Path(sys.argv[2])
+result = {}
+for name, extra in (("one GPU", []), ("two GPUs", ["--gpus-per-node", "2"])):
+    runs = []
+    for jobs in ("1", "2"):
+        ev.clear_caches()
+        rank_step._PREPARED.clear()
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(["plan", config, "--seq", "64", "--gpu", "64MiB", "--chunks", "4", *extra, "-o", str(out),
+                         "--no-cache", "--progress", "--jobs", jobs])
+        runs.append((code, stdout.getvalue(), out.read_text(), "in 2 processes" in stderr.getvalue()))
+    result[name] = {"same": runs[0][:3] == runs[1][:3], "code": runs[0][0], "chunkft": "ChunkFT C=4" in runs[0][1],
+                    "forked": [r[3] for r in runs]}
+print(json.dumps(result))
+"""
+
+
+def test_plans_are_the_same_with_two_jobs(tiny_llama_config, tmp_path):
+    """One-GPU and sharded `plan` make each chunk count's steps ahead (exact chunk traces of C = 4
+    here), in a forked worker with --jobs 2: the same stdout and the same plan file as one process
+    making them itself."""
+    out = json.loads(_python("-c", PLAN_SCRIPT, tiny_llama_config, str(tmp_path / "plan.json")).splitlines()[-1])
+    for name in ("one GPU", "two GPUs"):
+        assert out[name] == {"same": True, "code": 0, "chunkft": True, "forked": [False, True]}, name
 
 
 def test_jobs_values():
