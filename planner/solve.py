@@ -327,16 +327,16 @@ def solve_model(model: "ModelSpec", shape: "StepShape", hw: "Hardware", budget: 
     (`chunk_traces`: how ChunkFT steps are traced, planner.evaluate.evaluate). Before each chunk
     count, the traced steps its strategies read are made ahead (planner.parallel_eval.make_ahead,
     in up to `jobs` processes), each fake trace once."""
-    from planner import cache, progress
+    from planner import progress
     from planner.parallel_eval import make_ahead
 
     if space is None:
         space = default_space(num_layers=model.num_layers, tokens=shape.batch * shape.seq_len)
-    memo = cache.bucket("estimates", (model.fingerprint(), shape, hw, chunk_traces))
+    memo = _estimates(model, shape, hw, chunk_traces)
 
     def prepare(strategies: list[Strategy]) -> None:
-        todo = [s for s in strategies if memo is None or not isinstance(memo.get(s), Estimate)]
-        make_ahead(model, shape, todo, hw, chunk_traces=chunk_traces, jobs=jobs)
+        make_ahead(model, shape, [s for s in strategies if _kept(memo, s) is None], hw, chunk_traces=chunk_traces,
+                   jobs=jobs)
 
     with progress.counter(f"one-GPU plans for {model.name}", unit="plan") as bar:
         def cost(s: Strategy) -> Estimate:
@@ -350,18 +350,11 @@ def cached_evaluate_all(model: "ModelSpec", shape: "StepShape", strategies: "Seq
                         chunk_traces: str = "auto", jobs: int = 1, what: str = "evaluate strategies") -> list[Estimate]:
     """[cached_evaluate(...) for s in strategies]: those not in the "estimates" bucket are
     evaluated by planner.parallel_eval.evaluate_all (`jobs` processes), then kept in it."""
-    from planner import cache
     from planner.parallel_eval import evaluate_all
 
-    memo = cache.bucket("estimates", (model.fingerprint(), shape, hw, chunk_traces))
-    out: list = [None] * len(strategies)
-    todo = []
-    for i, s in enumerate(strategies):
-        hit = None if memo is None else memo.get(s)
-        if isinstance(hit, Estimate) and hit.strategy == s:
-            out[i] = hit
-        else:
-            todo.append(i)
+    memo = _estimates(model, shape, hw, chunk_traces)
+    out: list = [_kept(memo, s) for s in strategies]
+    todo = [i for i, est in enumerate(out) if est is None]
     made = evaluate_all(model, shape, [strategies[i] for i in todo], hw, chunk_traces=chunk_traces, jobs=jobs,
                         what=what)
     for i, est in zip(todo, made):
@@ -376,15 +369,27 @@ def cached_evaluate(model: "ModelSpec", shape: "StepShape", strategy: Strategy, 
     """planner.evaluate.evaluate, kept in the disk cache's "estimates" bucket (planner.cache) of
     the model, shape, hardware and chunk trace mode when a cache is in use: a repeated `chunkft
     plan` or `chunkft size` evaluates nothing again."""
-    from planner import cache
     from planner.evaluate import evaluate
 
-    memo = cache.bucket("estimates", (model.fingerprint(), shape, hw, chunk_traces))
-    if memo is not None:
-        hit = memo.get(strategy)
-        if isinstance(hit, Estimate) and hit.strategy == strategy:
-            return hit
+    memo = _estimates(model, shape, hw, chunk_traces)
+    hit = _kept(memo, strategy)
+    if hit is not None:
+        return hit
     est = evaluate(model, shape, strategy, hw, chunk_traces=chunk_traces)
     if memo is not None:
         memo[strategy] = est
     return est
+
+
+def _estimates(model: "ModelSpec", shape: "StepShape", hw: "Hardware", chunk_traces: str) -> dict | None:
+    """The disk cache's "estimates" bucket of a model, shape, hardware and chunk trace mode (None:
+    no cache in use)."""
+    from planner import cache
+
+    return cache.bucket("estimates", (model.fingerprint(), shape, hw, chunk_traces))
+
+
+def _kept(memo: dict | None, strategy: Strategy) -> Estimate | None:
+    """`strategy`'s estimate in an "estimates" bucket, or None."""
+    hit = None if memo is None else memo.get(strategy)
+    return hit if isinstance(hit, Estimate) and hit.strategy == strategy else None
