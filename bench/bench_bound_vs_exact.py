@@ -6,8 +6,8 @@
 `--chunk-traces bound` evaluates every chunk of a ChunkFT strategy against one shared full-FT
 trace; `exact` traces each chunk pattern (planner.evaluate.evaluate). `auto` takes exact up to
 EXACT_CHUNK_TRACE_MAX_PARAMS parameters. For every `--every`-th memory group of each chunk count
-(planner.solve's default space of MODEL, default llama3.2-1b), this evaluates the group's first
-strategy both ways and prints the GPU need (least memory) of each and their difference. Both
+(planner.solve's default space of MODEL, default llama3.2-1b), this evaluates the group's
+representative (planner.solve.memory_representatives: its lowest peaks) both ways and prints the GPU need (least memory) of each and their difference. Both
 are predictions: this measures the shortcut against the full trace, not against a run.
 """
 
@@ -35,7 +35,7 @@ def main() -> int:
     from planner.model import resolve_model
     from planner.parallel_eval import make_ahead, resolve_jobs
     from planner.schema import Tier
-    from planner.solve import _memory_group, default_space
+    from planner.solve import default_space, memory_representatives
     from planner.trace import StepShape
 
     model, shape, hw = resolve_model(args.model), StepShape(batch=1, seq_len=args.seq), hardware("rtx4090")
@@ -43,11 +43,7 @@ def main() -> int:
     rows = []
     mib = 2**20
     for c in (int(x) for x in args.chunks.split(",")):
-        groups: dict = {}
-        for s in space.strategies():
-            if s.chunks == c:
-                groups.setdefault(_memory_group(s), s)
-        sample = list(groups.values())[::args.every]
+        sample = memory_representatives(s for s in space.strategies() if s.chunks == c)[::args.every]
         make_ahead(model, shape, sample, hw, chunk_traces="exact", jobs=resolve_jobs("auto"))
         for s in sample:
             exact = evaluate(model, shape, s, hw, chunk_traces="exact").need_bytes(Tier.GPU)
