@@ -60,7 +60,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -988,11 +988,14 @@ def _tracer(model: "ModelSpec", shape: "StepShape", strategy: Strategy, hw: Any,
     return trace
 
 
-def _group_specs(table: "ChunkTable", layer_prefix: str | None) -> list[tuple[list[int], dict]]:
+def _group_specs(table: "ChunkTable", layer_prefix: str | None,
+                 spec: "Callable[[ChunkTable, int], dict] | None" = None) -> list[tuple[list[int], dict]]:
     """(`chunk_groups` group, its first chunk's GradSpec) of a table, kept per table: the same
-    dict objects each time, so `_trace_key` keeps their keys."""
-    return _memo(("group-specs", id(table), layer_prefix), (table,),
-                 lambda: [(group, table.grad_spec(group[0])) for group in chunk_groups(table, layer_prefix)])
+    dict objects each time, so `_trace_key` keeps their keys. `spec(table, k)`: chunk k's
+    GradSpec (default `table.grad_spec(k)`; planner.rank_step passes its sharded one)."""
+    make = spec or (lambda t, k: t.grad_spec(k))
+    return _memo(("group-specs", id(table), layer_prefix, spec), (table,),
+                 lambda: [(group, make(table, group[0])) for group in chunk_groups(table, layer_prefix)])
 
 
 def _table_spans(table: "ChunkTable") -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:

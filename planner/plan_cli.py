@@ -284,9 +284,8 @@ def _run_plan(args) -> int:
     from planner.plan import make_plan, save_plan
     from planner.solve import Objective, solve_model
     from planner.fsio import check_output_file
-    from planner.strategy import Budget
-
     from planner.parallel_eval import resolve_jobs
+    from planner.strategy import Budget
 
     check_shape_args(args)
     jobs = resolve_jobs(args.jobs)

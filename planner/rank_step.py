@@ -231,16 +231,11 @@ def _mode(layout: "ParamLayout", strategy: Strategy, chunk_traces: str) -> str:
 
 
 def _pattern_specs(table: "ChunkTable", layer_prefix: str | None) -> list[tuple[list[int], dict]]:
-    """(chunk group, its first chunk's `sharded_grad_spec`) of a table, kept per table: the same
-    GradSpec objects each time (planner.evaluate keeps trace keys per GradSpec object)."""
+    """(chunk group, its first chunk's `sharded_grad_spec`) of a table, kept per table (the same
+    GradSpec objects each time: planner.evaluate keeps trace keys per GradSpec object)."""
     from planner import evaluate as ev
 
-    key = ("patterns", id(table), layer_prefix)
-    hit = _TABLE_GRADS.get(key)
-    if hit is None or hit[0] is not table:
-        groups = ev.chunk_groups(table, layer_prefix)
-        hit = _remember(_TABLE_GRADS, key, (table, [(group, sharded_grad_spec(table, group[0])) for group in groups]))
-    return hit[1]
+    return ev._group_specs(table, layer_prefix, sharded_grad_spec)
 
 
 # Per chunk table and layout: every chunk's `chunk_grads` and gradient bytes (independent of the
